@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine (see README):
+#   make figures   set up .venv, execute every notebook with papermill, write figures/
+#   make test      set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup figures test bench clean-executed
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+figures: setup
+	$(VENV)/bin/opdlab notebooks
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/bench_estimators.py

@@ -1,0 +1,261 @@
+"""The registry of f-divergences and the two per-token advantages built on them.
+
+Convention (DESIGN.md §2): at a sampled token the ratio is teacher over student,
+``u = pi_T(y|c) / pi_theta(y|c)``, always carried in log space as ``log_u = logp_teacher - logp_student``.
+The objective (minimised) is ``J_f = E_{y~pi_theta}[ sum_t f(u_t) ]`` with f convex and f(1) = 0, so that
+per context ``E_{a~pi_theta}[f(u_a)] = D_f(pi_T || pi_theta)`` in the f-divergence sense
+``sum_a pi_theta(a) f(pi_T(a) / pi_theta(a))``.
+
+The exact per-context gradient is (OPD+ paper, arXiv 2606.01039, Eq. 5)
+
+    grad E_{a~pi_theta}[f(u_a)] = E_{a~pi_theta}[ (f(u) - u f'(u)) grad log pi_theta(a) ],
+
+so the advantage to maximise is ``w_f(u) = -f(u) + u f'(u)`` (OPD+), while standard OPD puts a stop-gradient
+on the reward and uses ``-f(u)``. Their difference, the stop-gradient error ``u f'(u)``, is a constant
+(and so vanishes in expectation) only for f = -c log u, i.e. reverse KL.
+
+Each f is stored exactly as in the DESIGN table, not "self-normalised": adding c(u - 1) to f leaves D_f
+and w_f unchanged but changes the stop-gradient advantage, so the registry's f *defines* standard OPD.
+
+    >>> from opdlab.divergences import get
+    >>> div = get("forward_kl")
+    >>> div.opd_plus_advantage(torch.tensor([0.0]))   # w_f(u) = u, at u = 1
+    tensor([1.])
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Divergence", "get", "names", "validate_log_probs"]
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One f-divergence. All methods act elementwise on ``log_u`` (a tensor), with u = exp(log_u).
+
+    Attributes:
+        name: canonical registry name, e.g. ``"forward_kl"`` or ``"gjsd:0.1"``.
+        label: a human-readable name for plots and tables.
+        f_expr: f(u) written out, for tables.
+        w_expr: the OPD+ advantage w_f(u) written out, for tables.
+        parameter: the family parameter (GJSD weight on the teacher, Amari alpha), or None.
+        bounded_weight: False when w_f(u) grows without bound as u -> infinity (forward KL, Pearson),
+            the divergences for which a clip on log_u is worth having.
+    """
+
+    name: str
+    label: str
+    f_expr: str
+    w_expr: str
+    _f: Fn
+    _f_prime: Fn
+    _w: Fn
+    parameter: float | None = None
+    bounded_weight: bool = True
+
+    def f(self, log_u: torch.Tensor) -> torch.Tensor:
+        """f(u) at u = exp(log_u)."""
+        return self._f(_tensor(log_u))
+
+    def f_prime(self, log_u: torch.Tensor) -> torch.Tensor:
+        """f'(u) at u = exp(log_u) (a subgradient where f has a kink: total variation at u = 1 gives 0)."""
+        return self._f_prime(_tensor(log_u))
+
+    def opd_advantage(self, log_u: torch.Tensor) -> torch.Tensor:
+        """Standard (stop-gradient) OPD advantage ``-f(u)``: the per-token reward of the RL formulation."""
+        return -self.f(log_u)
+
+    def opd_plus_advantage(self, log_u: torch.Tensor) -> torch.Tensor:
+        """OPD+ advantage ``w_f(u) = -f(u) + u f'(u)`` (paper Eq. 7), in a closed form that is stable in log_u."""
+        return self._w(_tensor(log_u))
+
+    def stop_gradient_error(self, log_u: torch.Tensor) -> torch.Tensor:
+        """``u f'(u) = w_f(u) - (-f(u))``: what the stop-gradient drops. Constant only for reverse KL."""
+        return self.opd_plus_advantage(log_u) - self.opd_advantage(log_u)
+
+    def advantage(self, log_u: torch.Tensor, method: str) -> torch.Tensor:
+        """The advantage of ``method``: ``"opd"`` gives -f(u), ``"opd_plus"`` gives w_f(u)."""
+        if method == "opd":
+            return self.opd_advantage(log_u)
+        if method == "opd_plus":
+            return self.opd_plus_advantage(log_u)
+        raise ValueError(f"unknown method {method!r}; allowed: 'opd' (stop-gradient, -f(u)) or 'opd_plus' (w_f(u))")
+
+    def exact(self, logp_teacher: torch.Tensor, logp_student: torch.Tensor) -> torch.Tensor:
+        """``D_f = sum_a pi_student(a) f(pi_teacher(a) / pi_student(a))`` over the last axis.
+
+        Both arguments are log-probabilities over the same vocabulary (last axis). Differentiable in both,
+        so autograd through ``logp_student`` gives the exact per-context gradient. For ``reverse_kl`` this
+        is KL(student || teacher); for ``forward_kl`` it is KL(teacher || student).
+        """
+        logp_teacher, logp_student = _tensor(logp_teacher), _tensor(logp_student)
+        validate_log_probs(logp_teacher=logp_teacher, logp_student=logp_student)
+        if logp_teacher.shape[-1] != logp_student.shape[-1]:
+            raise ValueError(
+                f"teacher and student have different vocabularies: last axes {logp_teacher.shape[-1]} and "
+                f"{logp_student.shape[-1]}; exact D_f needs both distributions over the same tokens"
+            )
+        if logp_teacher.shape != logp_student.shape:
+            raise ValueError(f"shapes do not match: logp_teacher {tuple(logp_teacher.shape)}, "
+                             f"logp_student {tuple(logp_student.shape)}")
+        return (logp_student.exp() * self.f(logp_teacher - logp_student)).sum(-1)
+
+    def __repr__(self) -> str:  # the callables make the default repr unreadable
+        return f"Divergence({self.name!r})"
+
+
+def _tensor(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(x, dtype=torch.get_default_dtype())
+
+
+def validate_log_probs(**tensors: torch.Tensor) -> None:
+    """Raise a ValueError naming the argument if any log-probability is NaN, +inf or -inf."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not torch.is_floating_point(t):
+            raise TypeError(f"{name} must be a floating-point tensor of log-probabilities, got dtype {t.dtype}")
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(
+                f"{name} has {n_nan} NaN and {n_inf} infinite entries; log-probabilities must be finite "
+                f"(a token with probability 0 under the sampler cannot have been sampled; clamp or mask it)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The closed forms. Each takes log_u (L) and returns a tensor of the same shape.
+
+
+def _expm1_over(a: float, L: torch.Tensor) -> torch.Tensor:
+    """(u^a - 1) / a = expm1(a L) / a, with its limit L at a = 0."""
+    return L.clone() if a == 0.0 else torch.expm1(a * L) / a
+
+
+def _gjsd(weight: float) -> tuple[Fn, Fn, Fn]:
+    """Generalised JSD with weight ``weight`` (beta) on the teacher; m = beta u + 1 - beta.
+
+    f = beta u ln u - m ln m,  f' = beta (ln u - ln m),  w = (1 - beta) ln m.
+    """
+    b = weight
+
+    def log_m(L):
+        if b == 0.0:
+            return torch.zeros_like(L)
+        if b == 1.0:
+            return L.clone()
+        return torch.logaddexp(L + math.log(b), torch.full_like(L, math.log1p(-b)))
+
+    def f(L):
+        lm = log_m(L)
+        return b * L.exp() * L - lm.exp() * lm
+
+    return f, (lambda L: b * (L - log_m(L))), (lambda L: (1.0 - b) * log_m(L))
+
+
+def _amari(alpha: float) -> tuple[Fn, Fn, Fn]:
+    """Amari alpha family, f = (u^a - a u - (1 - a)) / (a (a - 1)), continuous through a = 0 and a = 1.
+
+    f' = (u^(a-1) - 1)/(a - 1),  w = (u^a - 1)/a.  Written with expm1 so both limits are exact:
+    a -> 0 gives f = u - 1 - ln u (reverse KL plus a linear term), a -> 1 gives f = u ln u - u + 1.
+    """
+    a = alpha
+
+    def f(L):
+        u = L.exp()
+        if abs(a) < 0.5:  # form valid for a != 1: ((u^a-1)/a - (u-1)) / (a-1)
+            return (_expm1_over(a, L) - (u - 1.0)) / (a - 1.0)
+        return (u * _expm1_over(a - 1.0, L) - (u - 1.0)) / a  # form valid for a != 0
+
+    return f, (lambda L: _expm1_over(a - 1.0, L)), (lambda L: _expm1_over(a, L))
+
+
+def _fixed() -> dict[str, Divergence]:
+    half = 0.5
+    jsd_f, jsd_fp, jsd_w = _gjsd(0.5)
+    table = [
+        Divergence("reverse_kl", "reverse KL", "-ln u", "ln u - 1",
+                   lambda L: -L, lambda L: -torch.exp(-L), lambda L: L - 1.0),
+        Divergence("forward_kl", "forward KL", "u ln u", "u",
+                   lambda L: L.exp() * L, lambda L: L + 1.0, lambda L: L.exp(), bounded_weight=False),
+        Divergence("jsd", "Jensen-Shannon", "½[u ln u - (1+u) ln((1+u)/2)]", "½ ln((1+u)/2)",
+                   jsd_f, jsd_fp, jsd_w),
+        Divergence("tv", "total variation", "½|u-1|", "½ sign(u-1)",
+                   lambda L: half * torch.expm1(L).abs(), lambda L: half * torch.sign(L),
+                   lambda L: half * torch.sign(L)),
+        Divergence("hellinger", "squared Hellinger", "(√u-1)²", "√u - 1",
+                   lambda L: torch.expm1(L / 2) ** 2, lambda L: -torch.expm1(-L / 2),
+                   lambda L: torch.expm1(L / 2)),
+        Divergence("pearson_chi2", "Pearson χ²", "(u-1)²", "u² - 1",
+                   lambda L: torch.expm1(L) ** 2, lambda L: 2.0 * torch.expm1(L),
+                   lambda L: torch.expm1(2.0 * L), bounded_weight=False),
+        Divergence("neyman_chi2", "Neyman χ²", "(1-u)²/u", "2(1 - 1/u)",
+                   lambda L: torch.expm1(L) ** 2 * torch.exp(-L), lambda L: -torch.expm1(-2.0 * L),
+                   lambda L: -2.0 * torch.expm1(-L)),
+    ]
+    return {d.name: d for d in table}
+
+
+_FIXED = _fixed()
+_FAMILIES = {
+    "gjsd": "generalised JSD with weight β on the teacher, β in [0, 1], e.g. 'gjsd:0.1' (gjsd:0.5 is jsd)",
+    "alpha": "Amari α-divergence, any finite α, e.g. 'alpha:0.5' (α=0 and α=1 are the continuous limits)",
+}
+
+
+def names() -> list[str]:
+    """The registry's names: fixed divergences, then the families as ``family:<parameter>`` templates."""
+    return list(_FIXED) + [f"{fam}:<{'β' if fam == 'gjsd' else 'α'}>" for fam in _FAMILIES]
+
+
+def _allowed() -> str:
+    return ", ".join(_FIXED) + "; families: " + "; ".join(f"{k} ({v})" for k, v in _FAMILIES.items())
+
+
+def get(name: str | Divergence) -> Divergence:
+    """Look up a divergence by name: one of ``names()``, or ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
+
+    Raises a ValueError that lists the allowed names for an unknown name, and one that states the
+    allowed range for a family parameter that is malformed or out of range.
+    """
+    if isinstance(name, Divergence):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"a divergence is named by a string, got {type(name).__name__}; allowed: {_allowed()}")
+    key = name.strip().lower()
+    if key in _FIXED:
+        return _FIXED[key]
+    family, sep, raw = key.partition(":")
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown divergence {name!r}; allowed: {_allowed()}")
+    if not sep or not raw:
+        raise ValueError(f"divergence family {family!r} needs a parameter: {_FAMILIES[family]}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"parameter of {family!r} must be a number, got {raw!r}: {_FAMILIES[family]}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"parameter of {family!r} must be finite, got {raw!r}: {_FAMILIES[family]}")
+    if family == "gjsd":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: {_FAMILIES['gjsd']}")
+        if value in (0.0, 1.0):
+            warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
+                          "distributions): it gives no learning signal. For the KL limits use forward_kl, "
+                          "reverse_kl, alpha:1 or alpha:0.", stacklevel=2)
+        f, fp, w = _gjsd(value)
+        return Divergence(f"gjsd:{value:g}", f"GJSD β={value:g}", "β u ln u - m ln m, m = βu+1-β",
+                          "(1-β) ln(βu+1-β)", f, fp, w, parameter=value, bounded_weight=True)
+    f, fp, w = _amari(value)
+    return Divergence(f"alpha:{value:g}", f"Amari α={value:g}", "(u^α - αu - (1-α))/(α(α-1))",
+                      "(u^α - 1)/α", f, fp, w, parameter=value, bounded_weight=value <= 0.0)

@@ -1,0 +1,265 @@
+"""Per-token advantages, baselines and the surrogate losses that turn them into gradients.
+
+Shapes are in suffixes: B sequences, T positions, V vocabulary. A sequence's tokens y_t were sampled from the
+student pi_theta at temperature 1; ``logp_student_BT`` and ``logp_teacher_BT`` are the two models'
+log-probabilities of those tokens, ``mask_BT`` is 1 on tokens that count (completion tokens, not prompt,
+padding or tool-result tokens).
+
+Advantage (DESIGN.md §2; OPD+ paper, arXiv 2606.01039, Eq. 7 and its sequence form):
+
+    A_t = a(u_t) - sum_{s>t, mask_s=1} gamma^(s-t) f(u_s) - b(c_t),
+
+with a = -f for standard OPD (stop-gradient) and a = w_f = -f + u f' for OPD+. gamma = 0 is the token-local
+form the paper trains with; gamma = 1 makes the REINFORCE gradient unbiased for the sequence objective
+E[sum_t f(u_t)]. Any baseline b(c_t) that depends only on the context keeps the estimator unbiased.
+
+Advantages are never z-scored per batch: rescaling by a batch statistic erases the difference between the
+two methods (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opdlab.divergences import Divergence, get, validate_log_probs
+
+__all__ = [
+    "Advantages", "compute_advantages", "token_advantages", "discounted_future_sum", "clip_log_u",
+    "expected_advantage_baseline", "leave_one_out_baseline", "full_vocabulary_loss", "reinforce_loss",
+    "importance_ratio_loss", "METHODS",
+]
+
+METHODS = ("opd", "opd_plus")
+REDUCTIONS = ("sequence", "token")
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """What ``compute_advantages`` returns.
+
+    Attributes:
+        A_BT: the advantages, zero where the mask is 0.
+        log_u_BT: log_u after the clip (what the advantages were computed from).
+        n_clipped: number of unmasked tokens whose log_u the clip moved.
+        n_tokens: number of unmasked tokens.
+    """
+
+    A_BT: torch.Tensor
+    log_u_BT: torch.Tensor
+    n_clipped: int
+    n_tokens: int
+
+    @property
+    def clip_fraction(self) -> float:
+        """Fraction of unmasked tokens at which the log_u clip binds."""
+        return self.n_clipped / max(self.n_tokens, 1)
+
+
+def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
+    if not isinstance(logp_student_BT, torch.Tensor) or not isinstance(logp_teacher_BT, torch.Tensor):
+        raise TypeError("logp_student_BT and logp_teacher_BT must be torch tensors")
+    if logp_student_BT.shape != logp_teacher_BT.shape:
+        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+                         f"logp_teacher_BT {tuple(logp_teacher_BT.shape)}")
+    if logp_student_BT.dim() != 2:
+        raise ValueError(f"expected (batch, time) tensors, got {logp_student_BT.dim()} dimensions "
+                         f"{tuple(logp_student_BT.shape)}")
+    if mask_BT is not None and tuple(mask_BT.shape) != tuple(logp_student_BT.shape):
+        raise ValueError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
+    validate_log_probs(logp_student_BT=logp_student_BT, logp_teacher_BT=logp_teacher_BT)
+
+
+def _check_gamma(gamma: float) -> float:
+    try:
+        gamma = float(gamma)
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma must be a number in [0, 1], got {gamma!r}") from None
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1] (0: token-local, 1: exact sequence gradient), got {gamma}")
+    return gamma
+
+
+def clip_log_u(log_u_BT: torch.Tensor, max_abs: float | None, mask_BT: torch.Tensor | None = None):
+    """Clamp log_u to [-max_abs, max_abs]; return the clipped tensor and how many unmasked entries moved.
+
+    A clip is for divergences whose OPD+ weight is unbounded in u (forward KL: w = u, Pearson: w = u^2 - 1),
+    where one token the student finds very unlikely but the teacher likes can dominate a batch. It trades
+    a bias for variance; log how often it binds.
+    """
+    if max_abs is None:
+        return log_u_BT, 0
+    if not max_abs > 0:
+        raise ValueError(f"log_u clip must be a positive number (or None for no clip), got {max_abs!r}")
+    clipped = log_u_BT.clamp(-max_abs, max_abs)
+    moved = clipped != log_u_BT
+    if mask_BT is not None:
+        moved = moved & (mask_BT > 0)
+    return clipped, int(moved.sum())
+
+
+def discounted_future_sum(x_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``R_t = sum_{s>t} gamma^(s-t) x_s`` along the last axis, with no Python loop over t.
+
+    gamma = 0 gives zeros, gamma = 1 a reversed cumulative sum; otherwise a causal correlation with the
+    kernel gamma^d (d >= 1), done by FFT in float64 (O(T log T); exact to rounding).
+    """
+    gamma = _check_gamma(gamma)
+    if gamma == 0.0:
+        return torch.zeros_like(x_BT)
+    if gamma == 1.0:
+        suffix = x_BT.flip(-1).cumsum(-1).flip(-1)  # sum_{s>=t}
+        return suffix - x_BT
+    T = x_BT.shape[-1]
+    n = 2 * T
+    x64 = x_BT.to(torch.float64)
+    kernel = gamma ** torch.arange(1, T + 1, dtype=torch.float64, device=x_BT.device)  # gamma^d, d = 1..T
+    # R_t = sum_{d>=1} k_d x_{t+d}: correlate by convolving the reversed sequence, then reverse back.
+    xr = torch.fft.rfft(x64.flip(-1), n=n)
+    kr = torch.fft.rfft(torch.cat([torch.zeros(1, dtype=torch.float64, device=x_BT.device), kernel]), n=n)
+    out = torch.fft.irfft(xr * kr, n=n)[..., :T].flip(-1)
+    return out.to(x_BT.dtype)
+
+
+def compute_advantages(
+    div: Divergence | str,
+    logp_student_BT: torch.Tensor,
+    logp_teacher_BT: torch.Tensor,
+    mask_BT: torch.Tensor | None = None,
+    method: str = "opd_plus",
+    gamma: float = 0.0,
+    baseline_BT: torch.Tensor | None = None,
+    log_u_clip: float | None = None,
+) -> Advantages:
+    """``A_t = a(u_t) - sum_{s>t, mask_s} gamma^(s-t) f(u_s) - b_t`` with its bookkeeping (see module doc).
+
+    Args:
+        div: a Divergence or its registry name.
+        logp_student_BT, logp_teacher_BT: log-probabilities of the sampled tokens, shape (B, T).
+        mask_BT: 1 where a token counts; None means every token counts.
+        method: ``"opd"`` (a = -f, stop-gradient) or ``"opd_plus"`` (a = w_f).
+        gamma: weight of the future terms, in [0, 1].
+        baseline_BT: b(c_t), subtracted at every unmasked token; must not depend on y_t.
+        log_u_clip: clamp log_u to [-log_u_clip, log_u_clip] first; None for no clip.
+
+    The result is computed without gradient tracking: advantages are constants of the surrogate.
+    """
+    div = get(div)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    gamma = _check_gamma(gamma)
+    _check_pair(logp_student_BT, logp_teacher_BT, mask_BT)
+    with torch.no_grad():
+        mask = torch.ones_like(logp_student_BT) if mask_BT is None else mask_BT.to(logp_student_BT.dtype)
+        log_u, n_clipped = clip_log_u(logp_teacher_BT - logp_student_BT, log_u_clip, mask)
+        A = div.advantage(log_u, method)
+        if gamma > 0.0:
+            A = A - discounted_future_sum(div.f(log_u) * mask, gamma)
+        if baseline_BT is not None:
+            if tuple(baseline_BT.shape) != tuple(A.shape):
+                raise ValueError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
+            A = A - baseline_BT
+        A = A * mask
+    return Advantages(A, log_u, n_clipped, int((mask > 0).sum()))
+
+
+def token_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, method="opd_plus", gamma=0.0,
+                     baseline_BT=None, log_u_clip=None) -> torch.Tensor:
+    """The advantages ``A_BT`` alone; see ``compute_advantages`` for the formula and arguments."""
+    return compute_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT, method, gamma,
+                              baseline_BT, log_u_clip).A_BT
+
+
+def _check_full(logp_student_BTV, logp_teacher_BTV):
+    if logp_student_BTV.shape[-1] != logp_teacher_BTV.shape[-1]:
+        raise ValueError(f"teacher and student have different vocabularies: {logp_teacher_BTV.shape[-1]} and "
+                         f"{logp_student_BTV.shape[-1]} tokens; distillation needs a shared vocabulary")
+    if logp_student_BTV.shape != logp_teacher_BTV.shape:
+        raise ValueError(f"shapes do not match: logp_student_BTV {tuple(logp_student_BTV.shape)}, "
+                         f"logp_teacher_BTV {tuple(logp_teacher_BTV.shape)}")
+
+
+def expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method="opd_plus") -> torch.Tensor:
+    """``b(c_t) = sum_a pi_theta(a|c_t) a(u_a)``: the exact per-context mean of the token-local advantage.
+
+    Needs the full distributions at each visited context. It depends only on c_t, so subtracting it keeps the
+    gradient unbiased; for OPD+ it is ``sum_a pi_theta w_f(u_a)``, and for reverse KL
+    (w = ln u - 1) it is -KL(pi_theta || pi_T) - 1, the vOPD baseline (arXiv 2605.07865) up to a constant.
+    For ``method="opd"`` it is -D_f(c_t). Returned without gradient, shape (B, T).
+    """
+    div = get(div)
+    _check_full(logp_student_BTV, logp_teacher_BTV)
+    with torch.no_grad():
+        log_u = logp_teacher_BTV - logp_student_BTV
+        return (logp_student_BTV.exp() * div.advantage(log_u, method)).sum(-1)
+
+
+def leave_one_out_baseline(A_GT: torch.Tensor, mask_GT: torch.Tensor | None = None) -> torch.Tensor:
+    """For G samples of the same prompt: ``b_i,t = mean_{j != i} A_j,t`` over the samples unmasked at t.
+
+    b_i is independent of sample i, so E[b_i grad log pi(y_i)] = 0 and the estimator stays unbiased.
+    Where no other sample is unmasked at t the baseline is 0. Needs G >= 2.
+    """
+    if A_GT.shape[0] < 2:
+        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {A_GT.shape[0]}")
+    m = torch.ones_like(A_GT) if mask_GT is None else mask_GT.to(A_GT.dtype)
+    total, count = (A_GT * m).sum(0, keepdim=True), m.sum(0, keepdim=True)
+    others = (count - m).clamp_min(1.0)
+    return torch.where(count - m > 0, (total - A_GT * m) / others, torch.zeros_like(A_GT))
+
+
+def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    m = torch.ones_like(x_BT) if mask_BT is None else mask_BT.to(x_BT.dtype)
+    if reduction == "sequence":
+        return (x_BT * m).sum() / x_BT.shape[0]
+    return (x_BT * m).sum() / m.sum().clamp_min(1.0)
+
+
+def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction="sequence") -> torch.Tensor:
+    """On-policy REINFORCE surrogate ``L = -(1/B) sum_b sum_t A_bt log pi_theta(y_bt|c_bt)`` (minimised).
+
+    Its gradient is ``-(1/B) sum A grad log pi``, an estimate of grad J_f when A is the OPD+ advantage.
+    ``reduction="sequence"`` sums over tokens and averages over sequences (unbiased for the sequence
+    objective); ``"token"`` averages over all unmasked tokens (common in practice; a per-batch rescaling).
+    """
+    if logp_student_BT.shape != A_BT.shape:
+        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+                         f"A_BT {tuple(A_BT.shape)}")
+    return -_reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
+
+
+def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, reduction="sequence",
+                          ratio_clip: float | None = None) -> torch.Tensor:
+    """Surrogate for reusing a batch sampled by an older policy: ``L = -(1/B) sum rho_t A_t``,
+    ``rho_t = pi_theta(y_t|c_t) / pi_old(y_t|c_t)``.
+
+    At theta = theta_old its gradient equals ``reinforce_loss``'s. With ``ratio_clip = eps`` it is the PPO
+    form ``-min(rho A, clip(rho, 1-eps, 1+eps) A)``. Departure from the exact gradient: the advantages stay
+    those computed at theta_old, while the OPD+ weight w_f(u) itself moves with theta.
+    """
+    if not (logp_student_BT.shape == logp_old_BT.shape == A_BT.shape):
+        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+                         f"logp_old_BT {tuple(logp_old_BT.shape)}, A_BT {tuple(A_BT.shape)}")
+    A = A_BT.detach()
+    rho = torch.exp(logp_student_BT - logp_old_BT.detach())
+    objective = rho * A
+    if ratio_clip is not None:
+        if not ratio_clip > 0:
+            raise ValueError(f"ratio_clip must be positive (or None), got {ratio_clip!r}")
+        objective = torch.minimum(objective, rho.clamp(1.0 - ratio_clip, 1.0 + ratio_clip) * A)
+    return -_reduce(objective, mask_BT, reduction)
+
+
+def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, reduction="sequence"):
+    """Exact per-token estimator: ``L = (1/B) sum_t D_f(pi_T(.|c_t) || pi_theta(.|c_t))`` over visited contexts.
+
+    With the full distributions at each sampled context the inner expectation over y_t is done exactly, so
+    autograd gives ``sum_t -E_{a~pi_theta}[w_f(u_a) grad log pi_theta(a|c_t)]``: the token-local (gamma = 0)
+    gradient with no sampling noise at the token, only over contexts. The teacher is detached.
+    """
+    div = get(div)
+    _check_full(logp_student_BTV, logp_teacher_BTV)
+    D_BT = div.exact(logp_teacher_BTV.detach(), logp_student_BTV)
+    return _reduce(D_BT, mask_BT, reduction)
