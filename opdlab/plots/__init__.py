@@ -8,14 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-if not os.environ.get("DISPLAY") and "ipykernel" not in os.environ.get("JPY_PARENT_PID", "ipykernel"):
-    matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-__all__ = ["save_figure", "METHOD_STYLE", "method_style", "figures_dir"]
+__all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir"]
 
 METHOD_STYLE = {
     "opd": dict(color="#d62728", linestyle="--", label="OPD (stop-gradient)"),
