@@ -1,0 +1,5 @@
+import sys
+
+from opdlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""Execute the numbered notebooks headlessly with papermill, with parameters checked before anything runs.
+
+A notebook's parameters are the flat literals of its cell tagged ``parameters``. ``execute_notebook`` checks
+every override against them first: an unknown name (the message lists the notebook's parameters) or a value of
+the wrong type (an int where the default is a list, ...) is rejected before a kernel starts.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+__all__ = ["NOTEBOOKS_DIR", "list_notebooks", "resolve_notebook", "notebook_parameters", "check_parameters",
+           "execute_notebook"]
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+EXECUTED_DIR = NOTEBOOKS_DIR / "_executed"
+
+
+def list_notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The numbered notebooks ``NN_topic.ipynb`` in ``directory``, in order."""
+    return sorted(p for p in Path(directory).glob("[0-9][0-9]_*.ipynb"))
+
+
+def resolve_notebook(name: str | os.PathLike, directory: Path = NOTEBOOKS_DIR) -> Path:
+    """A notebook by path, by file name, or by its number (``"2"``, ``"02"``, ``"02_categorical_toys"``)."""
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.exists():
+        return path
+    known = list_notebooks(directory)
+    key = str(name).removesuffix(".ipynb")
+    if key.isdigit():
+        key = f"{int(key):02d}"
+    matches = [p for p in known if p.stem == key or p.stem.split("_", 1)[0] == key]
+    if len(matches) != 1:
+        raise ValueError(f"no notebook {str(name)!r}; known: {', '.join(p.stem for p in known) or '(none)'}")
+    return matches[0]
+
+
+def notebook_parameters(path: Path) -> dict[str, object]:
+    """Name -> default value of the notebook's ``parameters`` cell (a ValueError if it has none)."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise ValueError(f"{path.name} has no cell tagged 'parameters'; papermill cannot rerun it with new values")
+    params: dict[str, object] = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            params[node.targets[0].id] = ast.literal_eval(node.value)
+    return params
+
+
+def _same_kind(default, value) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if default is None or value is None:
+        return True
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_parameters(path: Path, parameters: dict[str, object]) -> None:
+    """Reject overrides the notebook does not declare, or whose type differs from the default's."""
+    declared = notebook_parameters(path)
+    for key, value in parameters.items():
+        if key not in declared:
+            raise ValueError(f"{path.name} has no parameter {key!r}; its parameters are: "
+                             + ", ".join(f"{k}={v!r}" for k, v in declared.items()))
+        if not _same_kind(declared[key], value):
+            raise ValueError(f"parameter {key!r} of {path.name} must be a {type(declared[key]).__name__} "
+                             f"like its default {declared[key]!r}, got {value!r}")
+
+
+def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
+                     output_dir: str | os.PathLike | None = None, progress: bool = True,
+                     kernel_name: str | None = None) -> Path:
+    """Run one notebook with papermill (cwd = its folder); return the path of the executed copy.
+
+    The executed copy goes to ``output_dir`` (default ``notebooks/_executed/``, ignored by git), so the
+    committed notebooks stay without outputs. Figures go wherever the notebook's ``figures_dir`` says.
+    """
+    import papermill as pm
+
+    path = resolve_notebook(name)
+    parameters = dict(parameters or {})
+    check_parameters(path, parameters)
+    out_dir = Path(output_dir) if output_dir is not None else EXECUTED_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    start = time.perf_counter()
+    pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
+                        progress_bar=progress, kernel_name=kernel_name)
+    if progress:
+        print(f"{path.name}: {time.perf_counter() - start:.1f} s -> {out}")
+    return out
