@@ -1,0 +1,128 @@
+"""Teaching widgets: thin ipywidgets views over the plain functions of ``opdlab.plots.widgets``.
+
+In lecture order (notebook 05):
+
+- ``divergence_explorer()``: pick a divergence and see f(u), the stop-gradient advantage -f(u), the OPD+
+  advantage w_f(u) and their difference u f'(u) over a range of log u. Cheap, so it redraws on every change.
+- ``categorical_playground()``: a student and a teacher over a handful of tokens (a seed and a temperature);
+  bars of both, the exact gradient against the expected stop-gradient and OPD+ gradients, and a Monte Carlo
+  estimate from N samples with its spread (drawn on a button).
+- ``training_race()``: OPD and OPD+ trained side by side on the same toy; D_f over steps (run on a button).
+
+Every widget is a ``VBox`` subclass whose controls are attributes named after what they set, so a test or a
+notebook can set them and call ``update()``. A bad value (an unknown divergence, a parameter out of range)
+shows a message in the widget's ``message`` area instead of raising; the last good figure stays up.
+"""
+from __future__ import annotations
+
+import html
+import warnings
+
+import ipywidgets as widgets
+
+from opdlab import divergences
+from opdlab.plots import widgets as figures
+
+__all__ = ["divergence_explorer", "DivergenceExplorer", "FAMILIES", "resolve_divergence"]
+
+#: the parametrised families; a bare family name in a divergence box takes its parameter from the next box.
+FAMILIES = ("gjsd", "alpha")
+_DIVERGENCE_CHOICES = tuple(n for n in divergences.names() if ":" not in n) + FAMILIES
+
+
+def resolve_divergence(name: str, parameter: float) -> divergences.Divergence:
+    """The divergence a widget's two boxes name: ``name`` itself, or ``"<family>:<parameter>"`` for a bare family.
+
+    Raises ValueError (with the registry's list of allowed names and ranges) for a bad choice.
+    """
+    key = (name or "").strip().lower()
+    if key in FAMILIES:
+        key = f"{key}:{parameter!r}"
+    return divergences.get(key)
+
+
+class _View(widgets.VBox):
+    """Shared plumbing: a message area and ``_run``, which turns exceptions and warnings into messages."""
+
+    def __init__(self, children, css_class: str):
+        self.message = widgets.HTML(value="", layout=widgets.Layout(min_height="1.5em"))
+        self.message.add_class("opdlab-message")
+        super().__init__(children=[*children, self.message])
+        self.add_class("opdlab-widget")
+        self.add_class(css_class)
+
+    def _show(self, text: str, kind: str) -> None:
+        color = {"error": "#b00020", "note": "#8a6d00", "info": "#555"}[kind]
+        self.message.value = f'<span class="opdlab-{kind}" style="color:{color}">{html.escape(text)}</span>'
+
+    def _run(self, action) -> bool:
+        """Call ``action()``; show a ValueError/TypeError or a warning as a message. True if it succeeded."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                action()
+            except (ValueError, TypeError) as exc:
+                self._show(f"{exc} (the figure still shows the last valid choice)", "error")
+                return False
+        if caught:
+            self._show(" ".join(dict.fromkeys(str(w.message) for w in caught)), "note")
+        else:
+            self.message.value = ""
+        return True
+
+
+def _divergence_boxes(divergence: str, parameter: float) -> tuple[widgets.Combobox, widgets.FloatText]:
+    """The divergence name box (free text with suggestions) and the family-parameter box beside it."""
+    family, _, value = divergence.partition(":")
+    if value:
+        divergence, parameter = family, float(value)
+    name_box = widgets.Combobox(value=divergence, options=list(_DIVERGENCE_CHOICES), ensure_option=False,
+                                description="divergence", continuous_update=False,
+                                placeholder="e.g. forward_kl, gjsd:0.1, alpha:0.5")
+    name_box.add_class("opdlab-divergence")
+    parameter_box = widgets.FloatText(value=parameter, step=0.1, description="β or α",
+                                      layout=widgets.Layout(width="180px"))
+    parameter_box.add_class("opdlab-parameter")
+    return name_box, parameter_box
+
+
+class DivergenceExplorer(_View):
+    """f(u), -f(u), w_f(u) and u f'(u) against log u for the chosen divergence; redraws on every change.
+
+    Controls: ``divergence`` (name, or a family ``gjsd``/``alpha`` whose parameter is ``parameter``),
+    ``parameter``, ``log_u_range``. The figure is ``image``; ``formula`` shows f and w_f written out.
+    """
+
+    def __init__(self, divergence: str = "forward_kl", parameter: float = 0.5,
+                 log_u_range: tuple[float, float] = (-3.0, 3.0)):
+        self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
+        self.log_u_range = widgets.FloatRangeSlider(value=log_u_range, min=-8.0, max=8.0, step=0.25,
+                                                    description="log u", continuous_update=False,
+                                                    layout=widgets.Layout(width="420px"))
+        self.log_u_range.add_class("opdlab-log-u-range")
+        self.formula = widgets.HTML()
+        self.image = widgets.Image(format="png")
+        self.image.add_class("opdlab-figure")
+        super().__init__([widgets.HBox([self.divergence, self.parameter]), self.log_u_range, self.formula,
+                          self.image], "opdlab-divergence-explorer")
+        for control in (self.divergence, self.parameter, self.log_u_range):
+            control.observe(lambda _change: self.update(), names="value")
+        self.update()
+
+    def update(self) -> bool:
+        """Redraw from the current controls; on a bad value show a message and keep the last figure."""
+        def draw():
+            div = resolve_divergence(self.divergence.value, self.parameter.value)
+            low, high = self.log_u_range.value
+            df = figures.advantage_curves_frame(div, low, high)
+            self.image.value = figures.figure_png(figures.plot_advantage_curves(df))
+            self.formula.value = (f"<b>{html.escape(div.label)}</b>: f(u) = {html.escape(div.f_expr)}, "
+                                  f"&nbsp; w<sub>f</sub>(u) = {html.escape(div.w_expr)}")
+        return self._run(draw)
+
+
+def divergence_explorer(divergence: str = "forward_kl", parameter: float = 0.5,
+                        log_u_range: tuple[float, float] = (-3.0, 3.0)) -> DivergenceExplorer:
+    """The divergence explorer; the same figure as a plain call is
+    ``plot_advantage_curves(advantage_curves_frame(divergence, *log_u_range))``."""
+    return DivergenceExplorer(divergence, parameter, log_u_range)
