@@ -1,0 +1,193 @@
+"""The task interface shared by every benchmark: examples, scores, and batch scoring.
+
+A task hands out :class:`Example` objects (a prompt, the reference answer, and one correct completion split
+into model-written and environment-written pieces) and scores any completion string with :class:`Score`.
+Scoring never raises: whatever a model writes, the worst it gets is ``correct=False, malformed=True``.
+
+Splits. Every example is assigned to ``train`` or ``test`` by a hash of its prompt (a fixed fraction, 20% by
+default, goes to ``test``), independent of the seed, so the two splits are disjoint for every pair of seeds.
+``examples(split, n, seed)`` draws i.i.d. problems from a generator seeded by ``(task, split, seed)`` and
+keeps those that hash into the split; a list may repeat a problem when the problem space is small.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+SPLITS = ("train", "test")
+ANSWER_MARK = "A:"
+_INT_RE = re.compile(r"-?\d{1,30}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem.
+
+    ``prompt`` is what the model is given and ends exactly where the completion begins. ``target_segments``
+    is a correct completion as ``(text, is_environment)`` pieces; environment pieces (tool results) are
+    written by the harness, not the model, and are masked out of any loss. ``answer`` is the canonical final
+    answer and ``meta`` holds task-specific ground truth (e.g. the expected call).
+    """
+
+    prompt: str
+    answer: str
+    target_segments: tuple[tuple[str, bool], ...]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def target(self) -> str:
+        """The full correct completion: the segment texts joined."""
+        return "".join(text for text, _ in self.target_segments)
+
+
+@dataclass(frozen=True)
+class Score:
+    """How one completion did.
+
+    ``correct``: the final answer is right (always False when ``malformed``). ``malformed``: no answer was
+    found, or a call did not parse, named an unknown tool, or had bad argument names/types.
+    ``call_correct``: for tool tasks, the first call names the expected function with the expected argument
+    values (a BFCL-style AST check); None for tasks without calls. ``reason``: a short explanation.
+    """
+
+    correct: bool
+    malformed: bool
+    call_correct: bool | None
+    reason: str
+
+
+class Task:
+    """Base class: subclasses set the attributes and implement ``_generate`` and ``_score``.
+
+    Attributes: ``name``; ``has_tools`` (the harness must run :meth:`tool_result` whenever generation stops
+    at ``call_end``); ``alphabet`` (every character any prompt, target or tool result can contain, sorted,
+    for a character-level tokenizer); ``call_end`` (the string that ends a call, or None); ``stop`` (a
+    completion is finished once it has a final-answer line ending in this string, see :meth:`finished`);
+    ``test_fraction`` (share of the problem space hashed into the test split).
+    """
+
+    name: str = "task"
+    has_tools: bool = False
+    alphabet: str = ""
+    call_end: str | None = None
+    stop: str = "\n"
+    test_fraction: float = 0.2
+
+    # -- generation -------------------------------------------------------------------------------------
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        """``n`` examples of ``split`` ("train" or "test"), deterministic in ``seed``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        rng = random.Random(f"{self.name}/{split}/{seed}")
+        out: list[Example] = []
+        tries, max_tries = 0, 200 * n + 1000
+        while len(out) < n:
+            tries += 1
+            if tries > max_tries:
+                raise ValueError(f"{self.name}: could not draw {n} {split} examples in {max_tries} tries; "
+                                 "the problem space is too small for these options")
+            example = self._generate(rng)
+            if split_of(example.prompt, self.test_fraction) == split:
+                out.append(example)
+        return out
+
+    def _generate(self, rng: random.Random) -> Example:
+        raise NotImplementedError
+
+    # -- scoring ------------------------------------------------------------------------------------------
+    def score(self, example: Example, completion: str) -> Score:
+        """Score ``completion`` (everything after the prompt, tool results included). Never raises."""
+        try:
+            if not isinstance(completion, str):
+                return Score(False, True, self._no_call(), f"completion is {type(completion).__name__}, not str")
+            return self._score(example, completion)
+        except Exception as err:  # a scorer bug must not end a training run; it shows up as malformed
+            return Score(False, True, self._no_call(), f"scorer error: {type(err).__name__}: {err}"[:200])
+
+    def _score(self, example: Example, completion: str) -> Score:
+        raise NotImplementedError
+
+    def _no_call(self) -> bool | None:
+        return False if self.has_tools else None
+
+    def tool_result(self, completion_so_far: str) -> str | None:
+        """Environment text to append if ``completion_so_far`` ends with a complete call; None otherwise."""
+        return None
+
+    def finished(self, completion: str) -> bool:
+        """True once ``completion`` holds a final-answer line ``A:...`` ended by ``stop``."""
+        at = completion.find(ANSWER_MARK)
+        return at >= 0 and self.stop in completion[at:]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def split_of(key: str, test_fraction: float = 0.2) -> str:
+    """The split a problem belongs to: a stable hash of ``key`` (its prompt), the same for every seed."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return "test" if int.from_bytes(digest, "big") / 2.0**64 < test_fraction else "train"
+
+
+def final_answer(completion: str, start: int = 0) -> str | None:
+    """The text after the first ``A:`` at or after ``start``, up to the next newline; None if there is none."""
+    at = completion.find(ANSWER_MARK, start)
+    if at < 0:
+        return None
+    return completion[at + len(ANSWER_MARK):].split("\n", 1)[0].strip()
+
+
+def parse_int(text: str | None) -> int | None:
+    """``text`` as an int if it is exactly an optional minus sign and digits (at most 30), else None."""
+    if text is None or not _INT_RE.fullmatch(text):
+        return None
+    return int(text)
+
+
+def check_option(name: str, value, ok: bool, expected: str) -> None:
+    """Raise a ValueError naming the option, its value, and what was expected, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"option {name}={value!r}: expected {expected}")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- batch scoring -----------------------------------------------------------------------------------------
+def score_batch(task: Task, examples, completions) -> pd.DataFrame:
+    """Score ``completions[i]`` against ``examples[i]``: one tidy row per completion.
+
+    Columns: ``index``, ``prompt``, ``answer``, ``completion``, ``correct``, ``malformed``,
+    ``call_correct`` (None for tasks without calls), ``reason``.
+    """
+    examples, completions = list(examples), list(completions)
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+    rows = []
+    for i, (example, completion) in enumerate(zip(examples, completions)):
+        s = task.score(example, completion)
+        rows.append({"index": i, "prompt": example.prompt, "answer": example.answer, "completion": completion,
+                     "correct": s.correct, "malformed": s.malformed, "call_correct": s.call_correct,
+                     "reason": s.reason})
+    columns = ["index", "prompt", "answer", "completion", "correct", "malformed", "call_correct", "reason"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """``n``, ``accuracy``, ``malformed_rate`` and ``call_accuracy`` (NaN when no row has a call score)."""
+    n = len(df)
+    if n == 0:
+        return {"n": 0, "accuracy": math.nan, "malformed_rate": math.nan, "call_accuracy": math.nan}
+    calls = df["call_correct"].dropna()
+    return {"n": n, "accuracy": float(df["correct"].astype(float).mean()),
+            "malformed_rate": float(df["malformed"].astype(float).mean()),
+            "call_accuracy": float(calls.astype(float).mean()) if len(calls) else math.nan}

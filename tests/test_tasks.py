@@ -1,0 +1,149 @@
+"""Tasks: deterministic disjoint splits, targets that score correct, real tool execution, malformed input."""
+import math
+import random
+
+import pandas as pd
+import pytest
+
+from opdlab.tasks import TASK_NAMES, Example, Score, get_task, score_batch, split_of, summarize
+
+EMBEDDED = ["arithmetic"]
+
+GARBAGE = ["", " ", "\n", "A:", "A:\n", "A:abc\n", "A:--1\n", "A:1.5\n", "A:" + "9" * 5000, "\x00\x01",
+           "💥🙃 ünïcödé \u202e", "<call>", "</call>", "<call></call>", "<call>)(</call>A:1\n",
+           "<call>add(a=1,b=2)", "<call>nope(a=1)</call>A:3\n", "<call>add(1,2)</call>A:3\n",
+           "<call>add(a='1',b=2)</call>A:3\n", "<call>add(a=True,b=2)</call>A:3\n",
+           "<call>add(a=1,b=2,c=3)</call>A:3\n", "<call>add(a=1)</call>A:3\n", "<call>__import__('os')</call>",
+           "<call>add(a=1,b=2)</call><result>3</result>", "<call>" + "(" * 500 + "</call>",
+           "<call>add(a=" + "9" * 5000 + ",b=1)</call>", "<call>convert(value=1,unit=\"km\",to=\"kg\")</call>",
+           "<call>os.system(cmd='ls')</call>A:0\n", "<call>add(**{'a':1})</call>", "<call>lambda: 1</call>"]
+
+
+@pytest.fixture(params=EMBEDDED)
+def task(request):
+    return get_task(request.param)
+
+
+def test_names_and_unknown_task():
+    assert set(EMBEDDED) <= set(TASK_NAMES)
+    with pytest.raises(ValueError, match="known tasks"):
+        get_task("nope")
+
+
+def test_deterministic_by_seed(task):
+    a = task.examples("train", 50, seed=3)
+    assert a == task.examples("train", 50, seed=3)
+    assert a != task.examples("train", 50, seed=4)
+    assert [e.prompt for e in task.examples("test", 20, seed=1)] == [e.prompt for e in task.examples("test", 20, seed=1)]
+
+
+def test_train_test_disjoint(task):
+    train = {e.prompt for seed in range(3) for e in task.examples("train", 400, seed=seed)}
+    test = {e.prompt for seed in range(3) for e in task.examples("test", 200, seed=seed)}
+    assert train and test and not train & test
+    assert all(split_of(p) == "test" for p in test)
+
+
+def test_targets_score_correct(task):
+    for e in task.examples("train", 300) + task.examples("test", 100):
+        s = task.score(e, e.target)
+        assert s.correct and not s.malformed, (e, s)
+        if task.has_tools:
+            assert s.call_correct is True
+        else:
+            assert s.call_correct is None
+        assert task.finished(e.target)
+
+
+def test_alphabet_covers_everything(task):
+    seen = set()
+    for e in task.examples("train", 500) + task.examples("test", 100):
+        seen |= set(e.prompt) | set(e.target)
+    assert seen <= set(task.alphabet), seen - set(task.alphabet)
+    assert task.alphabet == "".join(sorted(set(task.alphabet)))
+
+
+@pytest.mark.parametrize("completion", GARBAGE)
+def test_malformed_never_raises(task, completion):
+    e = task.examples("test", 1)[0]
+    s = task.score(e, completion)
+    assert isinstance(s, Score) and not s.correct
+    assert task.tool_result(completion) is None or isinstance(task.tool_result(completion), str)
+
+
+def test_random_strings_never_raise(task):
+    rng = random.Random(0)
+    chars = task.alphabet + "<>/()=,\"' 'éλ💥\x00"
+    examples = task.examples("test", 20)
+    for i in range(400):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 80)))
+        e = examples[i % len(examples)]
+        s = task.score(e, text)
+        assert isinstance(s, Score) and (not s.correct or text.count("A:") >= 1)
+        assert not (s.correct and s.malformed)
+        r = task.tool_result(text)
+        assert r is None or isinstance(r, str)
+
+
+def test_wrong_answer_is_wrong_not_malformed(task):
+    e = task.examples("test", 1, seed=5)[0]
+    wrong = e.target.replace("A:" + e.answer, "A:" + e.answer + "7")
+    s = task.score(e, wrong)
+    assert not s.correct and not s.malformed
+
+
+def test_arithmetic_format_and_steps():
+    t = get_task("arithmetic", n_operands=3, max_value=99)
+    for e in t.examples("train", 200):
+        expr = e.prompt[2:-1]
+        assert e.prompt.startswith("Q:") and e.prompt.endswith("=")
+        assert int(e.answer) == eval(expr)  # left to right is ordinary evaluation for + and -
+        steps = e.target.split(";")
+        assert len(steps) == 3 and steps[-1] == f"A:{e.answer}\n"
+        for step in steps[:-1]:
+            lhs, rhs = step.split("=")
+            assert eval(lhs) == int(rhs) >= 0
+        assert len(e.prompt + e.target) < 64
+    e = t.examples("test", 1)[0]
+    assert t.score(e, "A:" + e.answer + "\n").correct  # the steps are not scored
+    assert t.score(e, "A: 0" + e.answer + " \n").correct  # spaces and leading zeros are tolerated
+    assert t.score(e, "no answer").malformed
+
+
+@pytest.mark.parametrize("options", [dict(n_operands=1), dict(n_operands=(3, 2)), dict(n_operands=7),
+                                     dict(n_operands="3"), dict(max_value=0), dict(max_value=1.5),
+                                     dict(ops="*"), dict(ops=""), dict(colour="red")])
+def test_arithmetic_bad_options(options):
+    with pytest.raises(ValueError, match="option|bad options"):
+        get_task("arithmetic", **options)
+
+
+def test_bad_split_and_n(task):
+    with pytest.raises(ValueError, match="split"):
+        task.examples("valid", 3)
+    with pytest.raises(ValueError, match="n must"):
+        task.examples("train", -1)
+    assert task.examples("train", 0) == []
+
+
+def test_score_batch_and_summarize(task):
+    examples = task.examples("test", 4)
+    completions = [examples[0].target, "garbage", examples[2].target, ""]
+    df = score_batch(task, examples, completions)
+    assert isinstance(df, pd.DataFrame) and len(df) == 4
+    assert list(df["correct"]) == [True, False, True, False]
+    assert list(df["malformed"]) == [False, True, False, True]
+    summary = summarize(df)
+    assert summary["accuracy"] == 0.5 and summary["malformed_rate"] == 0.5 and summary["n"] == 4
+    if task.has_tools:
+        assert summary["call_accuracy"] == 0.5
+    else:
+        assert math.isnan(summary["call_accuracy"])
+    with pytest.raises(ValueError, match="completions"):
+        score_batch(task, examples, completions[:2])
+    assert summarize(score_batch(task, [], []))["n"] == 0
+
+
+def test_example_target_joins_segments():
+    e = Example(prompt="p", answer="1", target_segments=(("a", False), ("b", True), ("c", False)), meta={})
+    assert e.target == "abc"
