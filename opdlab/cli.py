@@ -33,9 +33,9 @@ def _cmd_notebooks(args) -> int:
 
 
 def _cmd_divergences(args) -> int:
-    from opdlab.divergences import _FIXED, get
+    from opdlab.divergences import get, names
 
-    rows = [get(n) for n in list(_FIXED) + ["gjsd:0.1", "alpha:0.5"]]
+    rows = [get(n) for n in names() if ":" not in n] + [get("gjsd:0.1"), get("alpha:0.5")]
     width = max(len(d.name) for d in rows)
     print(f"{'name':<{width}}  {'f(u)':<32}  {'OPD+ advantage w_f(u)':<22}  bounded w")
     for d in rows:
