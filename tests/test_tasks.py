@@ -7,7 +7,7 @@ import pytest
 
 from opdlab.tasks import TASK_NAMES, Example, Score, get_task, score_batch, split_of, summarize
 
-EMBEDDED = ["arithmetic"]
+EMBEDDED = ["arithmetic", "tool_use"]
 
 GARBAGE = ["", " ", "\n", "A:", "A:\n", "A:abc\n", "A:--1\n", "A:1.5\n", "A:" + "9" * 5000, "\x00\x01",
            "💥🙃 ünïcödé \u202e", "<call>", "</call>", "<call></call>", "<call>)(</call>A:1\n",
@@ -147,3 +147,68 @@ def test_score_batch_and_summarize(task):
 def test_example_target_joins_segments():
     e = Example(prompt="p", answer="1", target_segments=(("a", False), ("b", True), ("c", False)), meta={})
     assert e.target == "abc"
+
+
+# -- tool use ---------------------------------------------------------------------------------------------
+def test_tool_use_format_and_segments():
+    t = get_task("tool_use")
+    assert t.has_tools and t.call_end == "</call>"
+    for e in t.examples("train", 400):
+        (call, env0), (result, env1), (answer, env2) = e.target_segments
+        assert (env0, env1, env2) == (False, True, False)
+        assert call.startswith("<call>" + e.meta["name"] + "(") and call.endswith("</call>")
+        assert result == f"<result>{e.answer}</result>" and answer == f"A:{e.answer}\n"
+        assert len(e.prompt + e.target) < 96
+        # the harness, run on the model's part so far, produces exactly the environment segment
+        assert t.tool_result(call) == result
+        assert t.tool_result(e.prompt + call) == result
+        assert t.tool_result(call[:-1]) is None and t.tool_result(e.target) is None
+
+
+@pytest.mark.parametrize("call,result", [
+    ("add(a=23,b=45)", "68"), ("add(a=-5,b=2)", "-3"), ("mul(a=12,b=7)", "84"), ("mul(b=0,a=999)", "0"),
+    ('convert(value=3,unit="km",to="m")', "3000"), ("convert(value=2, unit='h', to='min')", "120"),
+    ('capital(country="Peru")', "Lima"), (' [add(a=1,b=1)] ', "2"),
+    ("add(a=1,b=2", "error: parse"), ("add(1,2)", "error: parse"), ("add(a=x,b=2)", "error: parse"),
+    ("add(a=1,a=2)", "error: parse"), ("sub(a=1,b=2)", "error: unknown tool"), ("os.system(cmd='ls')", "error: unknown tool"),
+    ('add(a="1",b=2)', "error: bad arguments"), ("add(a=1.0,b=2)", "error: bad arguments"),
+    ("add(a=True,b=2)", "error: bad arguments"), ("add(a=1)", "error: bad arguments"),
+    ("add(a=1,b=2,c=3)", "error: bad arguments"), ('convert(value=3,unit="m",to="km")', "error: bad value"),
+    ('capital(country="Atlantis")', "error: bad value"), ("mul(a=10**20,b=1)", "error: parse"),
+    ("mul(a=100000000000,b=1)", "error: bad value"), ("", "error: parse"), ("💥", "error: parse"),
+])
+def test_tools_really_execute(call, result):
+    t = get_task("tool_use")
+    assert t.tool_result(f"Q:anything?<call>{call}</call>") == f"<result>{result}</result>"
+    assert set(result) <= set(t.alphabet)
+
+
+def test_tool_use_scoring_cases():
+    t = get_task("tool_use")
+    e = next(e for e in t.examples("test", 200) if e.meta["name"] == "add")
+    a, b = e.meta["arguments"]["a"], e.meta["arguments"]["b"]
+    right = f"<call>add(a={a},b={b})</call><result>{a + b}</result>A:{a + b}\n"
+    assert t.score(e, right) == Score(True, False, True, "correct")
+    swapped = t.score(e, f"<call>add(b={b}, a={a})</call><result>{a + b}</result>A:{a + b}\n")
+    assert swapped.correct and swapped.call_correct  # argument order does not matter
+    wrong_args = t.score(e, f"<call>add(a={a + 1},b={b})</call><result>0</result>A:{a + b}\n")
+    assert wrong_args.correct and not wrong_args.malformed and wrong_args.call_correct is False
+    wrong_tool = t.score(e, f"<call>mul(a={a},b={b})</call><result>0</result>A:0\n")
+    assert not wrong_tool.correct and not wrong_tool.malformed and wrong_tool.call_correct is False
+    for bad in [f"A:{a + b}\n", f"<call>add(a={a},b={b})</call><result>{a + b}</result>",
+                f"<call>add(a='{a}',b={b})</call>A:{a + b}\n", f"<call>plus(a={a},b={b})</call>A:{a + b}\n",
+                f"<call>add(a={a},b={b})A:{a + b}\n", f"<call>add(a={a} b={b})</call>A:{a + b}\n"]:
+        s = t.score(e, bad)
+        assert s.malformed and not s.correct and s.call_correct in (False, True), (bad, s)
+
+
+@pytest.mark.parametrize("options", [dict(tools=()), dict(tools=("add", "sub")), dict(tools="add"),
+                                     dict(max_value=0), dict(max_value=10**5), dict(n_operands=3)])
+def test_tool_use_bad_options(options):
+    with pytest.raises(ValueError, match="option|bad options"):
+        get_task("tool_use", **options)
+
+
+def test_tool_use_subset_of_tools():
+    t = get_task("tool_use", tools=["convert"], max_value=9)
+    assert {e.meta["name"] for e in t.examples("train", 50)} == {"convert"}

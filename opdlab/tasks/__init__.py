@@ -23,7 +23,13 @@ def _arithmetic(**options):
     return ArithmeticTask(**options)
 
 
+def _tool_use(**options):
+    from opdlab.tasks.tool_use import ToolUseTask
+    return ToolUseTask(**options)
+
+
 _BUILDERS["arithmetic"] = _arithmetic
+_BUILDERS["tool_use"] = _tool_use
 
 TASK_NAMES = tuple(_BUILDERS)
 
