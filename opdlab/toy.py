@@ -40,7 +40,8 @@ __all__ = [
     "CategoricalToy", "make_categorical", "exact_gradient", "expected_estimator_gradient", "sample_gradients",
     "train_categorical", "SequenceToy", "make_sequence", "sequence_objective", "exact_sequence_gradient",
     "token_local_gradient", "sample_sequences", "sequence_sample_gradients",
-    "expected_sequence_estimator_gradient", "BASELINES", "as_generator",
+    "expected_sequence_estimator_gradient", "sequence_estimator_moments", "sequence_log_probs", "BASELINES",
+    "as_generator",
 ]
 
 DTYPE = torch.float64
@@ -87,15 +88,25 @@ def _score_gradients(A_NT: torch.Tensor, tokens_NT: torch.Tensor, p_student_NTV:
 
 
 def _advantages(div, logp_student_NT, logp_teacher_NT, method, gamma, baseline, logp_student_NTV,
-                logp_teacher_NTV) -> torch.Tensor:
-    """``compute_advantages`` with one of the toy baselines (None, exact per-context mean, leave-one-out)."""
+                logp_teacher_NTV, group_size=None) -> torch.Tensor:
+    """``compute_advantages`` with one of the toy baselines (None, exact per-context mean, leave-one-out).
+
+    The leave-one-out baseline is taken within consecutive groups of ``group_size`` samples (all by default),
+    like G samples per prompt.
+    """
     _check_baseline(baseline)
     b = None
     if baseline == "expected":
         b = expected_advantage_baseline(div, logp_student_NTV, logp_teacher_NTV, method)
     A = compute_advantages(div, logp_student_NT, logp_teacher_NT, method=method, gamma=gamma, baseline_BT=b).A_BT
     if baseline == "loo":
-        A = A - leave_one_out_baseline(A)
+        n, T = A.shape
+        G = n if group_size is None else group_size
+        if G < 2 or n % G:
+            raise ValueError(f"leave-one-out needs groups of >= 2 samples that divide n_samples={n}, got {G}")
+        A_GrT = A.reshape(n // G, G, T).transpose(0, 1).reshape(G, -1)
+        b = leave_one_out_baseline(A_GrT).reshape(G, n // G, T).transpose(0, 1).reshape(n, T)
+        A = A - b
     return A
 
 
@@ -175,12 +186,13 @@ def expected_estimator_gradient(div: Divergence | str, toy: CategoricalToy, meth
 
 
 def sample_gradients(div: Divergence | str, toy: CategoricalToy, method: str, n_samples: int,
-                     generator: torch.Generator | int = 0, baseline: str | None = None) -> torch.Tensor:
+                     generator: torch.Generator | int = 0, baseline: str | None = None,
+                     group_size: int | None = None) -> torch.Tensor:
     """Per-sample estimator gradients ``g_i = -A_i (e_{a_i} - pi)``, a_i ~ pi_theta iid; shape (N, K).
 
     Their mean is the REINFORCE gradient of ``opdlab.estimators.reinforce_loss`` on the same samples
     (one token per sequence). ``baseline``: None, ``"expected"`` (b = sum_a pi(a) A(a), exact) or ``"loo"``
-    (b_i = mean of the other samples' advantages).
+    (b_i = mean of the other samples' advantages, within consecutive groups of ``group_size``, default all).
     """
     div = get(div)
     _check_method(method)
@@ -191,7 +203,7 @@ def sample_gradients(div: Divergence | str, toy: CategoricalToy, method: str, n_
     logp_student_N1V = logp_student.expand(n_samples, 1, -1)
     logp_teacher_N1V = toy.logp_teacher_K.expand(n_samples, 1, -1)
     A_N1 = _advantages(div, logp_student[tokens_N1], toy.logp_teacher_K[tokens_N1], method, 0.0, baseline,
-                       logp_student_N1V, logp_teacher_N1V)
+                       logp_student_N1V, logp_teacher_N1V, group_size)
     return _score_gradients(A_N1, tokens_N1, logp_student_N1V.exp())[:, 0, :]
 
 
@@ -201,8 +213,9 @@ def train_categorical(div: Divergence | str, method: str, toy: CategoricalToy, s
 
     Each step draws ``n_samples`` tokens and follows the mean per-sample gradient; ``n_samples=None`` follows
     the estimator's exact expectation instead (no sampling noise: what the estimator does on average).
-    Returns a tidy DataFrame, one row per step (0 = before training): step, divergence, method, D_f (the
-    trained divergence), reverse_kl, forward_kl, tv (common yardsticks across divergences).
+    Returns a tidy DataFrame, one row per step (0 = before training): step, divergence, method, diverged,
+    D_f (the trained divergence), reverse_kl, forward_kl, tv (common yardsticks across divergences). A run
+    whose logits overflow (a token's probability reaches 0) ends there with diverged = True and infinite D_f.
     """
     div = get(div)
     _check_method(method)
@@ -214,9 +227,11 @@ def train_categorical(div: Divergence | str, method: str, toy: CategoricalToy, s
     yardsticks = {name: get(name) for name in ("reverse_kl", "forward_kl", "tv")}
     for step in range(steps + 1):
         logp_s, logp_t = current.logp_student_K, current.logp_teacher_K
-        rows.append(dict(step=step, divergence=div.name, method=method, D_f=float(div.exact(logp_t, logp_s)),
-                         **{k: float(d.exact(logp_t, logp_s)) for k, d in yardsticks.items()}))
-        if step == steps:
+        finite = bool(torch.isfinite(logp_s).all())
+        measure = {k: float(d.exact(logp_t, logp_s)) if finite else float("inf")
+                   for k, d in dict(D_f=div, **yardsticks).items()}
+        rows.append(dict(step=step, divergence=div.name, method=method, diverged=not finite, **measure))
+        if step == steps or not finite:  # the student put zero mass on a token: the run has blown up
             break
         if n_samples is None:
             grad = expected_estimator_gradient(div, current, method)
@@ -357,14 +372,15 @@ def sample_sequences(toy: SequenceToy, n_samples: int, generator: torch.Generato
                              generator=as_generator(generator))
 
 
-def _gradients_of(div, toy: SequenceToy, index_n: torch.Tensor, method: str, gamma: float, baseline):
+def _gradients_of(div, toy: SequenceToy, index_n: torch.Tensor, method: str, gamma: float, baseline,
+                  group_size=None):
     """Per-sequence estimator gradients for the enumerated sequences ``index_n``; shape (n, N * V)."""
     tokens_SH, nodes_SH, _, _ = toy.tree
     tokens_nT, nodes_nT = tokens_SH[index_n], nodes_SH[index_n]
     logp_student_NV = toy.logp_student_NV.detach()
     logp_student_nTV, logp_teacher_nTV = logp_student_NV[nodes_nT], toy.logp_teacher_NV[nodes_nT]
     A_nT = _advantages(div, logp_student_NV[nodes_nT, tokens_nT], toy.logp_teacher_NV[nodes_nT, tokens_nT],
-                       method, gamma, baseline, logp_student_nTV, logp_teacher_nTV)
+                       method, gamma, baseline, logp_student_nTV, logp_teacher_nTV, group_size)
     terms_nTV = _score_gradients(A_nT, tokens_nT, logp_student_nTV.exp())
     n = index_n.shape[0]
     grad_nNV = torch.zeros((n,) + tuple(logp_student_NV.shape), dtype=DTYPE)
@@ -374,18 +390,39 @@ def _gradients_of(div, toy: SequenceToy, index_n: torch.Tensor, method: str, gam
 
 def sequence_sample_gradients(div: Divergence | str, toy: SequenceToy, method: str, n_samples: int,
                               gamma: float = 0.0, baseline: str | None = None,
-                              generator: torch.Generator | int = 0) -> torch.Tensor:
+                              generator: torch.Generator | int = 0, group_size: int | None = None) -> torch.Tensor:
     """Per-sample gradients ``g_i = -sum_t A_it grad log pi_theta(y_it|c_it)`` (w.r.t. the flattened
     logits), with ``A`` from ``compute_advantages(..., gamma)`` minus the chosen baseline; shape (n, N * V).
 
     E[g] is ``exact_sequence_gradient`` at gamma = 1 and ``token_local_gradient`` at gamma = 0 (for
-    ``opd_plus``; any baseline).
+    ``opd_plus``; any baseline). ``group_size``: leave-one-out within consecutive groups of that many samples.
     """
     div = get(div)
     _check_method(method)
     _check_baseline(baseline)
     _positive_int("n_samples", n_samples, minimum=2 if baseline == "loo" else 1)
-    return _gradients_of(div, toy, sample_sequences(toy, n_samples, generator), method, gamma, baseline)
+    return _gradients_of(div, toy, sample_sequences(toy, n_samples, generator), method, gamma, baseline,
+                         group_size)
+
+
+def sequence_estimator_moments(div: Divergence | str, toy: SequenceToy, method: str, gamma: float = 0.0,
+                               baseline: str | None = None) -> tuple[torch.Tensor, float]:
+    """Exact mean ``E_y[g(y)] = sum_y P_theta(y) g(y)`` (shape (N * V,)) and per-sample variance
+    ``tr Cov(g) = sum_y P_theta(y) ||g(y) - E g||^2``, by enumerating every sequence.
+
+    ``baseline`` is None or ``"expected"`` (it depends only on the context, so the mean is unchanged); the
+    leave-one-out baseline is built from other samples and has no per-sequence value, so it is refused here.
+    """
+    div = get(div)
+    _check_method(method)
+    _check_baseline(baseline)
+    if baseline == "loo":
+        raise ValueError("the leave-one-out baseline depends on the other samples; its exact mean is that of "
+                         "baseline=None, and its variance needs sampling (sequence_sample_gradients)")
+    P_S = sequence_log_probs(toy).exp()
+    grads_SD = _gradients_of(div, toy, torch.arange(P_S.shape[0]), method, gamma, baseline)
+    mean_D = P_S @ grads_SD
+    return mean_D, float(P_S @ (grads_SD - mean_D).pow(2).sum(-1))
 
 
 def expected_sequence_estimator_gradient(div: Divergence | str, toy: SequenceToy, method: str,
@@ -395,10 +432,5 @@ def expected_sequence_estimator_gradient(div: Divergence | str, toy: SequenceToy
     Baselines that depend only on the context leave it unchanged; the leave-one-out baseline, built from
     other samples, is unbiased too, so its expectation is that of ``baseline=None``.
     """
-    div = get(div)
-    _check_method(method)
-    _check_baseline(baseline)
     baseline = None if baseline == "loo" else baseline
-    P_S = sequence_log_probs(toy).exp()
-    grads = _gradients_of(div, toy, torch.arange(P_S.shape[0]), method, gamma, baseline)
-    return P_S @ grads
+    return sequence_estimator_moments(div, toy, method, gamma, baseline)[0]
