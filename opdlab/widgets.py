@@ -20,10 +20,11 @@ import warnings
 
 import ipywidgets as widgets
 
-from opdlab import divergences
+from opdlab import divergences, toy
 from opdlab.plots import widgets as figures
 
-__all__ = ["divergence_explorer", "DivergenceExplorer", "FAMILIES", "resolve_divergence"]
+__all__ = ["divergence_explorer", "DivergenceExplorer", "categorical_playground", "CategoricalPlayground",
+           "training_race", "TrainingRace", "FAMILIES", "resolve_divergence"]
 
 #: the parametrised families; a bare family name in a divergence box takes its parameter from the next box.
 FAMILIES = ("gjsd", "alpha")
@@ -86,6 +87,26 @@ def _divergence_boxes(divergence: str, parameter: float) -> tuple[widgets.Combob
     return name_box, parameter_box
 
 
+def _toy_boxes(n_tokens: int, temperature: float, seed: int):
+    """Sliders for the categorical toy of ``opdlab.toy.make_categorical``: K, temperature and seed."""
+    n_tokens_box = widgets.IntSlider(value=n_tokens, min=2, max=16, description="tokens K",
+                                     continuous_update=False)
+    n_tokens_box.add_class("opdlab-n-tokens")
+    temperature_box = widgets.FloatSlider(value=temperature, min=0.25, max=4.0, step=0.05, continuous_update=False,
+                                          description="temperature", readout_format=".2f")
+    temperature_box.add_class("opdlab-temperature")
+    seed_box = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
+    seed_box.add_class("opdlab-seed")
+    return n_tokens_box, temperature_box, seed_box
+
+
+def _button(description: str, css_class: str) -> widgets.Button:
+    button = widgets.Button(description=description, button_style="primary",
+                            layout=widgets.Layout(width="auto"))
+    button.add_class(css_class)
+    return button
+
+
 class DivergenceExplorer(_View):
     """f(u), -f(u), w_f(u) and u f'(u) against log u for the chosen divergence; redraws on every change.
 
@@ -126,3 +147,105 @@ def divergence_explorer(divergence: str = "forward_kl", parameter: float = 0.5,
     """The divergence explorer; the same figure as a plain call is
     ``plot_advantage_curves(advantage_curves_frame(divergence, *log_u_range))``."""
     return DivergenceExplorer(divergence, parameter, log_u_range)
+
+
+class CategoricalPlayground(_View):
+    """A student and a teacher over K tokens; the exact gradient against the two estimators.
+
+    Changing the divergence or the toy (``n_tokens``, ``temperature``, ``seed``) redraws the exact part at
+    once; ``sample_button`` (or ``sample()``) adds the mean of ``n_samples`` sampled gradients per method with
+    its spread. The figure is ``plot_categorical(categorical_frame(...))``.
+    """
+
+    def __init__(self, divergence: str = "forward_kl", parameter: float = 0.5, n_tokens: int = 8,
+                 temperature: float = 1.0, seed: int = 0, n_samples: int = 64):
+        self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
+        self.n_tokens, self.temperature, self.seed = _toy_boxes(n_tokens, temperature, seed)
+        self.n_samples = widgets.IntText(value=n_samples, description="samples N",
+                                         layout=widgets.Layout(width="180px"))
+        self.n_samples.add_class("opdlab-n-samples")
+        self.sample_button = _button("draw N samples", "opdlab-sample")
+        self.image = widgets.Image(format="png")
+        self.image.add_class("opdlab-figure")
+        super().__init__([widgets.HBox([self.divergence, self.parameter]),
+                          widgets.HBox([self.n_tokens, self.temperature, self.seed]),
+                          widgets.HBox([self.n_samples, self.sample_button]), self.image],
+                         "opdlab-categorical-playground")
+        for control in (self.divergence, self.parameter, self.n_tokens, self.temperature, self.seed):
+            control.observe(lambda _change: self.update(), names="value")
+        self.sample_button.on_click(lambda _button: self.sample())
+        self.update()
+
+    def _draw(self, n_samples: int | None) -> None:
+        div = resolve_divergence(self.divergence.value, self.parameter.value)
+        toy_ = toy.make_categorical(self.n_tokens.value, self.seed.value, self.temperature.value)
+        df = figures.categorical_frame(div, toy_, n_samples=n_samples, seed=self.seed.value)
+        self.image.value = figures.figure_png(figures.plot_categorical(df))
+
+    def update(self) -> bool:
+        """Redraw the exact part (distributions, exact and expected gradients) from the current controls."""
+        return self._run(lambda: self._draw(None))
+
+    def sample(self) -> bool:
+        """Redraw with ``n_samples`` sampled gradients per method (seeded by ``seed``)."""
+        return self._run(lambda: self._draw(self.n_samples.value))
+
+
+def categorical_playground(divergence: str = "forward_kl", parameter: float = 0.5, n_tokens: int = 8,
+                           temperature: float = 1.0, seed: int = 0, n_samples: int = 64) -> CategoricalPlayground:
+    """The categorical playground; the same figure as a plain call is ``plot_categorical(categorical_frame(
+    divergence, make_categorical(n_tokens, seed, temperature), n_samples, seed))``."""
+    return CategoricalPlayground(divergence, parameter, n_tokens, temperature, seed, n_samples)
+
+
+class TrainingRace(_View):
+    """Stop-gradient OPD and OPD+ trained from the same toy with the same seed; runs on ``run_button``.
+
+    Controls: the divergence, the toy (``n_tokens``, ``temperature``, ``seed``), ``steps``, ``lr`` and
+    ``n_samples`` per step. The figure is ``plot_training_race(training_race_frame(...))``.
+    """
+
+    def __init__(self, divergence: str = "forward_kl", parameter: float = 0.5, n_tokens: int = 8,
+                 temperature: float = 1.0, seed: int = 0, steps: int = 200, lr: float = 0.5,
+                 n_samples: int = 16, run: bool = True):
+        self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
+        self.n_tokens, self.temperature, self.seed = _toy_boxes(n_tokens, temperature, seed)
+        narrow = widgets.Layout(width="180px")
+        self.steps = widgets.IntText(value=steps, description="steps", layout=narrow)
+        self.lr = widgets.FloatText(value=lr, step=0.1, description="learning rate", layout=narrow)
+        self.n_samples = widgets.IntText(value=n_samples, description="samples/step", layout=narrow)
+        for box, css in ((self.steps, "opdlab-steps"), (self.lr, "opdlab-lr"), (self.n_samples, "opdlab-n-samples")):
+            box.add_class(css)
+        self.run_button = _button("run the race", "opdlab-run")
+        self.image = widgets.Image(format="png")
+        self.image.add_class("opdlab-figure")
+        super().__init__([widgets.HBox([self.divergence, self.parameter]),
+                          widgets.HBox([self.n_tokens, self.temperature, self.seed]),
+                          widgets.HBox([self.steps, self.lr, self.n_samples, self.run_button]), self.image],
+                         "opdlab-training-race")
+        self.run_button.on_click(lambda _button: self.update())
+        if run:
+            self.update()
+
+    def update(self) -> bool:
+        """Train both methods from the current controls and redraw (a message instead on a bad value)."""
+        def race():
+            div = resolve_divergence(self.divergence.value, self.parameter.value)
+            toy_ = toy.make_categorical(self.n_tokens.value, self.seed.value, self.temperature.value)
+            df = figures.training_race_frame(div, toy_, steps=self.steps.value, n_samples=self.n_samples.value,
+                                             lr=self.lr.value, seed=self.seed.value)
+            self.image.value = figures.figure_png(figures.plot_training_race(df))
+
+        self.run_button.disabled, self.run_button.description = True, "running…"
+        try:
+            return self._run(race)
+        finally:
+            self.run_button.disabled, self.run_button.description = False, "run the race"
+
+
+def training_race(divergence: str = "forward_kl", parameter: float = 0.5, n_tokens: int = 8,
+                  temperature: float = 1.0, seed: int = 0, steps: int = 200, lr: float = 0.5,
+                  n_samples: int = 16) -> TrainingRace:
+    """The training race; the same figure as a plain call is ``plot_training_race(training_race_frame(
+    divergence, make_categorical(n_tokens, seed, temperature), steps, n_samples, lr, seed))``."""
+    return TrainingRace(divergence, parameter, n_tokens, temperature, seed, steps, lr, n_samples)
