@@ -28,6 +28,7 @@ __all__ = ["divergence_explorer", "DivergenceExplorer", "categorical_playground"
 
 #: the parametrised families; a bare family name in a divergence box takes its parameter from the next box.
 FAMILIES = ("gjsd", "alpha")
+_LABEL = {"description_width": "initial"}  # show control labels in full ("temperature", not "temperat...")
 _DIVERGENCE_CHOICES = tuple(n for n in divergences.names() if ":" not in n) + FAMILIES
 
 
@@ -48,7 +49,8 @@ class _View(widgets.VBox):
     def __init__(self, children, css_class: str):
         self.message = widgets.HTML(value="", layout=widgets.Layout(min_height="1.5em"))
         self.message.add_class("opdlab-message")
-        super().__init__(children=[*children, self.message])
+        # flex-start: children keep their natural width, so a figure is shown at its own size, not stretched
+        super().__init__(children=[*children, self.message], layout=widgets.Layout(align_items="flex-start"))
         self.add_class("opdlab-widget")
         self.add_class(css_class)
 
@@ -78,10 +80,10 @@ def _divergence_boxes(divergence: str, parameter: float) -> tuple[widgets.Combob
     if value:
         divergence, parameter = family, float(value)
     name_box = widgets.Combobox(value=divergence, options=list(_DIVERGENCE_CHOICES), ensure_option=False,
-                                description="divergence", continuous_update=False,
+                                description="divergence", style=_LABEL, continuous_update=False,
                                 placeholder="e.g. forward_kl, gjsd:0.1, alpha:0.5")
     name_box.add_class("opdlab-divergence")
-    parameter_box = widgets.FloatText(value=parameter, step=0.1, description="β or α",
+    parameter_box = widgets.FloatText(value=parameter, step=0.1, description="β or α", style=_LABEL,
                                       layout=widgets.Layout(width="180px"))
     parameter_box.add_class("opdlab-parameter")
     return name_box, parameter_box
@@ -89,13 +91,13 @@ def _divergence_boxes(divergence: str, parameter: float) -> tuple[widgets.Combob
 
 def _toy_boxes(n_tokens: int, temperature: float, seed: int):
     """Sliders for the categorical toy of ``opdlab.toy.make_categorical``: K, temperature and seed."""
-    n_tokens_box = widgets.IntSlider(value=n_tokens, min=2, max=16, description="tokens K",
+    n_tokens_box = widgets.IntSlider(value=n_tokens, min=2, max=16, description="tokens K", style=_LABEL,
                                      continuous_update=False)
     n_tokens_box.add_class("opdlab-n-tokens")
     temperature_box = widgets.FloatSlider(value=temperature, min=0.25, max=4.0, step=0.05, continuous_update=False,
-                                          description="temperature", readout_format=".2f")
+                                          description="temperature", style=_LABEL, readout_format=".2f")
     temperature_box.add_class("opdlab-temperature")
-    seed_box = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
+    seed_box = widgets.IntText(value=seed, description="seed", style=_LABEL, layout=widgets.Layout(width="180px"))
     seed_box.add_class("opdlab-seed")
     return n_tokens_box, temperature_box, seed_box
 
@@ -118,7 +120,7 @@ class DivergenceExplorer(_View):
                  log_u_range: tuple[float, float] = (-3.0, 3.0)):
         self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
         self.log_u_range = widgets.FloatRangeSlider(value=log_u_range, min=-8.0, max=8.0, step=0.25,
-                                                    description="log u", continuous_update=False,
+                                                    description="log u", style=_LABEL, continuous_update=False,
                                                     layout=widgets.Layout(width="420px"))
         self.log_u_range.add_class("opdlab-log-u-range")
         self.formula = widgets.HTML()
@@ -161,7 +163,7 @@ class CategoricalPlayground(_View):
                  temperature: float = 1.0, seed: int = 0, n_samples: int = 64):
         self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
         self.n_tokens, self.temperature, self.seed = _toy_boxes(n_tokens, temperature, seed)
-        self.n_samples = widgets.IntText(value=n_samples, description="samples N",
+        self.n_samples = widgets.IntText(value=n_samples, description="samples N", style=_LABEL,
                                          layout=widgets.Layout(width="180px"))
         self.n_samples.add_class("opdlab-n-samples")
         self.sample_button = _button("draw N samples", "opdlab-sample")
@@ -210,10 +212,10 @@ class TrainingRace(_View):
                  n_samples: int = 16, run: bool = True):
         self.divergence, self.parameter = _divergence_boxes(divergence, parameter)
         self.n_tokens, self.temperature, self.seed = _toy_boxes(n_tokens, temperature, seed)
-        narrow = widgets.Layout(width="180px")
-        self.steps = widgets.IntText(value=steps, description="steps", layout=narrow)
-        self.lr = widgets.FloatText(value=lr, step=0.1, description="learning rate", layout=narrow)
-        self.n_samples = widgets.IntText(value=n_samples, description="samples/step", layout=narrow)
+        narrow = widgets.Layout(width="200px")
+        self.steps = widgets.IntText(value=steps, description="steps", style=_LABEL, layout=narrow)
+        self.lr = widgets.FloatText(value=lr, step=0.1, description="learning rate", style=_LABEL, layout=narrow)
+        self.n_samples = widgets.IntText(value=n_samples, description="samples/step", style=_LABEL, layout=narrow)
         for box, css in ((self.steps, "opdlab-steps"), (self.lr, "opdlab-lr"), (self.n_samples, "opdlab-n-samples")):
             box.add_class(css)
         self.run_button = _button("run the race", "opdlab-run")
