@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup figures test bench clean-executed
+.PHONY: setup figures test bench lab clean-executed
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ figures: setup
 
 test: setup
 	$(PY) -m pytest
+
+# JupyterLab on the notebooks with the package's kernel (--allow-root: needed when run as root, harmless otherwise)
+lab: setup
+	$(VENV)/bin/jupyter lab --allow-root notebooks/
 
 bench: setup
 	$(PY) benchmarks/bench_estimators.py
