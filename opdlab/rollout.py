@@ -1,0 +1,198 @@
+"""Sampling completions from a causal LM with a KV cache and tool pauses, and aligning log-probabilities.
+
+The OPD estimator needs samples from the student pi_theta itself (DESIGN.md §2): temperature 1 and no
+top-k/top-p truncation. ``transformers``' ``generate`` takes its defaults from ``generation_config`` (which
+may set ``top_k=50``) and cannot pause for a tool, so this module samples with its own small loop: one
+forward per position over the whole batch, reusing the KV cache, drawing ``y_t ~ softmax(logits / 1)`` over
+the full vocabulary with an explicit ``torch.Generator``.
+
+Tool use. When a sampled token completes ``task.call_end``, ``task.tool_result(text)`` runs the call and its
+result is *forced* into that sequence, one token per step, while the other sequences keep sampling; forced
+tokens are environment tokens and get ``mask = 0`` (never in the loss). A sequence ends at <eos>, when
+``task.finished(text)``, or at ``max_new_tokens``.
+
+Layout. Prompts are left-padded to P columns and completions right-padded to T columns, so completion token
+t of every row sits at column P + t and is predicted by the logits at column P + t - 1 (``completion_logits``).
+Position ids count real tokens only (``cumsum(attention) - 1``), the same in sampling and in scoring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opdlab.models import autocast, collate
+
+__all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and the completions sampled for them.
+
+    Attributes:
+        prompt_ids_BP: left-padded prompt tokens; prompt_attention_BP: 1 on real prompt tokens.
+        completion_ids_BT: right-padded completion tokens (sampled and environment).
+        mask_BT: 1 on tokens the model sampled (including a final <eos>), 0 on environment tokens and padding.
+        attention_BT: 1 on every real completion token (sampled or environment), 0 on padding.
+        logp_BT: the sampler's log-probability of each token (no gradient); meaningful where mask_BT = 1.
+        texts: the decoded completions, environment text included, <eos> excluded.
+    """
+
+    prompt_ids_BP: torch.Tensor
+    prompt_attention_BP: torch.Tensor
+    completion_ids_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    attention_BT: torch.Tensor
+    logp_BT: torch.Tensor
+    texts: list[str]
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids_BL, attention_BL, position_ids_BL)`` of prompt and completion side by side, L = P + T."""
+        ids = torch.cat([self.prompt_ids_BP, self.completion_ids_BT], 1)
+        attention = torch.cat([self.prompt_attention_BP, self.attention_BT], 1)
+        return ids, attention, positions(attention)
+
+    @property
+    def n_sampled(self) -> int:
+        """Number of tokens the model sampled (the tokens that carry a loss)."""
+        return int(self.mask_BT.sum())
+
+
+def positions(attention_BL: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only: ``cumsum(attention) - 1``, clamped at 0 on left padding."""
+    return (attention_BL.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _trigger_ids(tokenizer, chars: set[str]) -> torch.Tensor:
+    """Ids of the tokens whose text contains any of ``chars`` (only these can end a call or an answer)."""
+    hits = [i for tok, i in tokenizer.get_vocab().items() if any(c in tokenizer.decode([i]) for c in chars)]
+    return torch.tensor(sorted(hits), dtype=torch.long)
+
+
+def _cache_kwargs(model) -> dict:
+    """A fresh ``DynamicCache`` under the keyword this transformers version takes (``cache`` in 5.x,
+    ``past_key_values`` before); the model fills it in place."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
+
+
+def _next_token(logits_BV: torch.Tensor, greedy: bool, generator, temperature: float):
+    """Draw from softmax(logits / temperature) over the full vocabulary (no top-k, no top-p), or argmax."""
+    logp_BV = torch.log_softmax(logits_BV.float() / temperature, -1)
+    if greedy:
+        tok_B = logp_BV.argmax(-1)
+    else:
+        tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(1)
+    return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int = 64,
+           generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0) -> Rollout:
+    """Sample one completion per prompt from ``model`` (KV cache), pausing for tools; see the module doc.
+
+    ``temperature`` must stay 1.0 for the OPD estimator; it is a parameter only so that it is stated.
+    """
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids = collate([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad).to(device)
+    prompt_att = collate([[1] * len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts], 0).to(device)
+    B = len(prompts)
+    stops = {task.stop[-1]} if task is not None and getattr(task, "stop", None) else set()
+    call_end = getattr(task, "call_end", None) if task is not None and task.has_tools else None
+    triggers = _trigger_ids(tokenizer, stops | ({call_end[-1]} if call_end else set())).to(device)
+    tokens, masks, logps = [], [], []
+    done, forced = torch.zeros(B, dtype=torch.bool, device=device), [[] for _ in range(B)]
+    texts_ids: list[list[int]] = [[] for _ in range(B)]
+
+    attention, pos = prompt_att, positions(prompt_att)
+    ids, cache = prompt_ids, _cache_kwargs(model)
+    for _ in range(max_new_tokens):
+        with autocast(device):
+            out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **cache)
+        tok, logp = _next_token(out.logits[:, -1], greedy, generator, temperature)
+        sampled = ~done
+        for i in (i for i in range(B) if forced[i]):  # environment tokens override the draw
+            tok[i], sampled[i] = forced[i].pop(0), False
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tokens.append(tok), masks.append(sampled), logps.append(torch.where(sampled, logp, 0.0))
+        live = ~done
+        done = done | (sampled & (tok == eos))
+        _check_events(tok, sampled & ~done & torch.isin(tok, triggers), texts_ids, live, tokenizer, task,
+                      call_end, forced, done)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], 1)
+        pos, ids = pos[:, -1:] + 1, tok[:, None]
+    return _assemble(prompt_ids, prompt_att, tokens, masks, logps, texts_ids, tokenizer)
+
+
+def _check_events(tok, candidates, texts_ids, live, tokenizer, task, call_end, forced, done):
+    """Record each live row's token; where a token may end a call or an answer, decode the text so far and
+    queue the tool's result (forced environment tokens) or mark the row finished."""
+    tok_list, live_list = tok.tolist(), live.tolist()
+    for i in range(len(tok_list)):
+        if live_list[i] and tok_list[i] != tokenizer.eos_token_id:
+            texts_ids[i].append(tok_list[i])
+    for i in torch.nonzero(candidates).flatten().tolist():
+        text = tokenizer.decode(texts_ids[i], skip_special_tokens=True)
+        if call_end and text.endswith(call_end):
+            result = task.tool_result(text)
+            if result:
+                forced[i].extend(tokenizer.encode(result, add_special_tokens=False))
+                continue
+        if task.finished(text):
+            done[i] = True
+
+
+def _assemble(prompt_ids, prompt_att, tokens, masks, logps, texts_ids, tokenizer) -> Rollout:
+    ids_BT = torch.stack(tokens, 1)
+    mask_BT = torch.stack(masks, 1).float()
+    attention_BT = (ids_BT != tokenizer.pad_token_id).long() | mask_BT.long()
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in texts_ids]
+    return Rollout(prompt_ids, prompt_att, ids_BT, mask_BT, attention_BT, torch.stack(logps, 1), texts)
+
+
+def completion_logits(model, rollout: Rollout) -> torch.Tensor:
+    """Logits that predict each completion token, shape (B, T, V): one forward over prompt + completion,
+    keeping only the last T + 1 positions (``logits_to_keep``) and dropping the final one, so that
+    ``[:, t]`` comes from column P + t - 1 and predicts completion token t."""
+    ids, attention, pos = rollout.full()
+    T = rollout.completion_ids_BT.shape[1]
+    with autocast(ids.device):
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=pos, logits_to_keep=T + 1).logits
+    return logits[:, :-1].float()
+
+
+def gather_logp(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp_BT, logp_BTV)``: log-softmax over the vocabulary and the log-probability of each token."""
+    logp_BTV = torch.log_softmax(logits_BTV, -1)
+    return logp_BTV.gather(-1, ids_BT[..., None]).squeeze(-1), logp_BTV
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task, examples, max_new_tokens: int | None = None, batch: int = 128) -> float:
+    """Fraction of ``examples`` answered correctly with greedy decoding (tools executed)."""
+    return sampled_accuracy(model, tokenizer, task, examples, k=1, greedy=True, max_new_tokens=max_new_tokens,
+                            batch=batch)[0]
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tokenizer, task, examples, k: int = 1, greedy: bool = False, generator=None,
+                     max_new_tokens: int | None = None, batch: int = 128) -> tuple[float, list[Rollout]]:
+    """avg@k: the mean accuracy of k completions per example (greedy: k = 1), and the rollouts drawn."""
+    max_new_tokens = max_new_tokens or max(len(ex.target) for ex in examples) + 16
+    prompts = [ex.prompt for ex in examples for _ in range(k)]
+    refs = [ex for ex in examples for _ in range(k)]
+    correct, rollouts = 0, []
+    for s in range(0, len(prompts), batch):
+        r = sample(model, tokenizer, prompts[s:s + batch], task, max_new_tokens, generator, greedy=greedy)
+        correct += sum(task.score(ex, text).correct for ex, text in zip(refs[s:s + batch], r.texts))
+        rollouts.append(r)
+    return correct / max(len(prompts), 1), rollouts

@@ -1,0 +1,247 @@
+"""The OPD training loop: sample from the student, score with the teacher, advantage, update, evaluate.
+
+One step (``opd_step``), read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 1):
+
+1. sample ``G`` completions per prompt from the student pi_theta at temperature 1, full vocabulary
+   (``rollout.sample``); tool results are forced in as environment tokens with mask 0;
+2. score them with the teacher under no_grad: ``logp_teacher_BT = log pi_T(y_t|c_t)``;
+3. the student's ``logp_student_BT = log pi_theta(y_t|c_t)`` with gradient, from the same aligned logits;
+4. advantages ``A_t = a(u_t) - sum_{s>t} gamma^(s-t) f(u_s) - b(c_t)``, ``log u = logp_teacher - logp_student``,
+   with a = -f (``opd``, stop-gradient) or a = w_f = -f + u f' (``opd_plus``) (``estimators.compute_advantages``);
+   never z-scored;
+5. REINFORCE surrogate ``L = -mean A_t log pi_theta(y_t|c_t)``, gradient clipping, AdamW step.
+
+``train`` runs the steps, evaluates every ``eval_every`` steps on the held-out split (greedy accuracy, avg@k,
+exact per-token divergence to the teacher over the vocabulary), and checkpoints every ``checkpoint_every``
+steps. A run started again in the same directory resumes from its checkpoint and ends with the same metrics
+as an uninterrupted one: the training prompts are a fixed seeded list, sampling uses one explicit generator
+whose state is checkpointed, and evaluation draws from a generator seeded by the step.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from opdlab import divergences, estimators
+from opdlab.config import TrainConfig
+from opdlab.models import check_compatible, load_model, pick_device, teacher_and_student
+from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
+from opdlab.runlog import RunLog, read_metrics
+
+__all__ = ["train", "opd_step", "evaluate", "load_models", "Trainer", "EVAL_SEED"]
+
+EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
+
+
+def load_models(config: TrainConfig, task, progress: bool = True):
+    """``(teacher, student, tokenizer, meta)``: local checkpoints where the config names them, else the
+    task-trained teacher and warm-up student from the cache (trained on a miss)."""
+    device = pick_device(config.device)
+    teacher, student, tokenizer, meta = None, None, None, {}
+    if config.teacher_path is None or config.student_path is None:
+        teacher, student, tokenizer, meta = teacher_and_student(
+            task, config.recipe("teacher"), config.recipe("student"), device, config.cache, progress)
+    if config.teacher_path is not None:
+        teacher, t_tok = load_model(config.teacher_path, device)
+        tokenizer, meta["teacher"] = t_tok, {"path": config.teacher_path}
+    if config.student_path is not None:
+        student, s_tok = load_model(config.student_path, device)
+        check_compatible(teacher, student, tokenizer, s_tok)
+        meta["student"] = {"path": config.student_path}
+    return teacher.eval(), student, tokenizer, meta
+
+
+@dataclass
+class Trainer:
+    """What one run holds: config, task, models, optimizer, sampling generator, training prompts."""
+
+    config: TrainConfig
+    task: object
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer = None
+    generator: torch.Generator = None
+    prompts: list = field(default_factory=list)
+    div: divergences.Divergence = None
+
+    def __post_init__(self):
+        c, device = self.config, next(self.student.parameters()).device
+        self.div = divergences.get(c.divergence)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        self.generator = torch.Generator(device=device).manual_seed(c.seed)
+        self.prompts = self.task.examples("train", c.steps * c.prompts_per_step, seed=c.seed)
+        self.eval_examples = self.task.examples("test", c.eval_n, seed=EVAL_SEED)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    def batch(self, step: int) -> list:
+        """The training examples of ``step``, each repeated ``samples_per_prompt`` times (grouped)."""
+        P, G = self.config.prompts_per_step, self.config.samples_per_prompt
+        return [ex for ex in self.prompts[step * P:(step + 1) * P] for _ in range(G)]
+
+
+class _Clock:
+    """Wall-clock time per phase (synchronising CUDA so that asynchronous kernels are charged correctly)."""
+
+    def __init__(self, device):
+        self.device, self.times, self.t = device, {}, time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[f"time_{phase}"] = self.times.get(f"time_{phase}", 0.0) + now - self.t
+        self.t = now
+
+
+def _baseline(tr: Trainer, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT):
+    """b(c_t) of ``config.baseline``: None, the exact per-context mean, or the leave-one-out mean."""
+    c = tr.config
+    if c.baseline == "expected":
+        return estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method)
+    if c.baseline == "loo":
+        A_BT = estimators.compute_advantages(tr.div, logp_student_BT, logp_teacher_BT, mask_BT, c.method,
+                                             c.gamma, None, c.log_u_clip).A_BT
+        G, T = c.samples_per_prompt, A_BT.shape[1]
+        A_PGT, mask_PGT = A_BT.view(-1, G, T), mask_BT.view(-1, G, T)
+        return torch.cat([estimators.leave_one_out_baseline(a, m) for a, m in zip(A_PGT, mask_PGT)])
+    return None
+
+
+def opd_step(tr: Trainer, step: int) -> dict:
+    """One OPD / OPD+ update on the prompts of ``step``; returns its metrics (see the module doc)."""
+    c, clock = tr.config, _Clock(tr.device)
+    examples = tr.batch(step)
+    # 1. sample completions from the student itself: temperature 1, no top-k / top-p, tools executed
+    tr.student.eval()
+    rollout = sample(tr.student, tr.tokenizer, [ex.prompt for ex in examples], tr.task, c.max_new_tokens,
+                     tr.generator, greedy=False, temperature=1.0)
+    ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
+    clock.lap("sample")
+    # 2. teacher log-probabilities of the sampled tokens, no gradient
+    with torch.no_grad():
+        logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(tr.teacher, rollout), ids_BT)
+    clock.lap("teacher")
+    # 3. student log-probabilities with gradient, aligned with the same tokens
+    tr.student.train()
+    logp_student_BT, logp_student_BTV = gather_logp(completion_logits(tr.student, rollout), ids_BT)
+    clock.lap("student_forward")
+    # 4. advantages (never z-scored) and the REINFORCE surrogate
+    sg_student_BT, sg_student_BTV = logp_student_BT.detach(), logp_student_BTV.detach()
+    baseline_BT = _baseline(tr, sg_student_BT, sg_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT)
+    adv = estimators.compute_advantages(tr.div, sg_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
+                                        baseline_BT, c.log_u_clip)
+    loss = estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction)
+    clock.lap("advantage")
+    # 5. backward, clip, step
+    tr.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clock.lap("student_backward")
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip)
+    tr.optimizer.step()
+    clock.lap("optimizer")
+    metrics = _train_metrics(tr, examples, rollout, adv, loss, grad_norm, sg_student_BTV, logp_teacher_BTV)
+    clock.lap("bookkeeping")
+    return {**metrics, **clock.times}
+
+
+def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    return float((x_BT * mask_BT).sum() / mask_BT.sum().clamp_min(1.0))
+
+
+def _train_metrics(tr, examples, rollout, adv, loss, grad_norm, logp_student_BTV, logp_teacher_BTV) -> dict:
+    mask_BT = rollout.mask_BT
+    A = adv.A_BT[mask_BT > 0]
+    log_u = adv.log_u_BT[mask_BT > 0]
+    D_BT = tr.div.exact(logp_teacher_BTV, logp_student_BTV)
+    return dict(
+        loss=float(loss.detach()), grad_norm=float(grad_norm), adv_mean=float(A.mean()) if A.numel() else 0.0,
+        adv_std=float(A.std()) if A.numel() > 1 else 0.0, adv_abs_max=float(A.abs().max()) if A.numel() else 0.0,
+        log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0, clip_fraction=adv.clip_fraction,
+        exact_divergence=_masked_mean(D_BT, mask_BT), tokens=rollout.n_sampled,
+        completion_length=float(mask_BT.sum(1).mean()),
+        accuracy=sum(tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)) / len(examples))
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer, step: int) -> dict:
+    """Held-out greedy accuracy, sampled avg@k, and the exact per-token divergence to the teacher (the run's
+    divergence, reverse KL and forward KL) over the vocabulary at the contexts the student visits."""
+    c, t0 = tr.config, time.perf_counter()
+    tr.student.eval()
+    greedy, _ = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=1, greedy=True,
+                                 max_new_tokens=c.max_new_tokens)
+    gen = torch.Generator(device=tr.device).manual_seed(EVAL_SEED + 7919 * c.seed + step)
+    avg_k, rollouts = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=c.eval_samples,
+                                       generator=gen, max_new_tokens=c.max_new_tokens)
+    totals = {"exact_divergence": 0.0, "exact_reverse_kl": 0.0, "exact_forward_kl": 0.0}
+    n_tokens = sum(r.n_sampled for r in rollouts)
+    for r in rollouts:
+        _, lt = gather_logp(completion_logits(tr.teacher, r), r.completion_ids_BT)
+        _, ls = gather_logp(completion_logits(tr.student, r), r.completion_ids_BT)
+        for name, div in zip(totals, (tr.div, divergences.get("reverse_kl"), divergences.get("forward_kl"))):
+            D_BT = div.exact(lt, ls)
+            totals[name] += float((D_BT * r.mask_BT).sum())
+    lengths = torch.cat([r.mask_BT.sum(1) for r in rollouts])
+    return dict(greedy_accuracy=greedy, sampled_accuracy=avg_k, completion_length=float(lengths.mean()),
+                **{k: v / max(n_tokens, 1) for k, v in totals.items()},
+                time_eval=time.perf_counter() - t0)
+
+
+def _rng_state(tr: Trainer) -> dict:
+    return {"generator": tr.generator.get_state()}
+
+
+def _resume(tr: Trainer, log: RunLog) -> int:
+    """Load the checkpoint if the run directory has one; return the number of completed steps."""
+    state = log.load_state()
+    if state is None:
+        return 0
+    from transformers import AutoModelForCausalLM
+    weights = AutoModelForCausalLM.from_pretrained(log.checkpoint_dir, local_files_only=True).state_dict()
+    tr.student.load_state_dict(weights)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.generator.set_state(state["rng"]["generator"])
+    log.truncate_after(state["step"])
+    return state["step"]
+
+
+def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, progress: bool = True,
+          stop_after: int | None = None) -> pd.DataFrame:
+    """Run (or resume) OPD training as ``config`` says, writing ``run_dir``; return its metrics DataFrame.
+
+    Args:
+        task: a task object; default ``opdlab.tasks.get_task(config.task)``.
+        models: ``(teacher, student, tokenizer, meta)`` already loaded (e.g. by ``load_models``); the student
+            is copied, never modified. Default: ``load_models(config, task)``.
+        stop_after: stop once this many steps are done (as if interrupted); for tests and benchmarks.
+    """
+    from opdlab.tasks import get_task
+
+    task = task if task is not None else get_task(config.task)
+    teacher, student, tokenizer, meta = models if models is not None else load_models(config, task, progress)
+    tr = Trainer(config, task, teacher, copy.deepcopy(student), tokenizer)
+    log = RunLog(run_dir, config, device=str(tr.device))
+    log.write_json("run.json", {"models": meta, "train_prompts": len(tr.prompts)})
+    start = _resume(tr, log)
+    if start == 0:
+        log.log({"step": 0, "kind": "eval", **evaluate(tr, 0)})
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    for step in tqdm(range(start, end), desc=f"OPD {config.divergence}/{config.method}", disable=not progress,
+                     initial=start, total=config.steps, leave=False):
+        log.log({"step": step + 1, "kind": "train", **opd_step(tr, step)})
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            log.log({"step": done, "kind": "eval", **evaluate(tr, done)})
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, _rng_state(tr))
+    return read_metrics(run_dir)

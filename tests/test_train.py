@@ -1,0 +1,165 @@
+"""The OPD loop: sampling and log-prob alignment, one step per method, resume, teacher == student, config."""
+import copy
+
+import pytest
+import torch
+
+from opdlab import estimators
+from opdlab.config import TrainConfig
+from opdlab.models import ModelRecipe, build_model, char_tokenizer
+from opdlab.rollout import completion_logits, gather_logp, sample
+from opdlab.runlog import read_metrics, results
+from opdlab.tasks import Example, get_task
+from opdlab.train import Trainer, opd_step, train
+
+TASK = get_task("arithmetic")
+TOK = char_tokenizer(TASK.alphabet + "<>()")
+SMALL = dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_every=2, eval_n=4,
+             eval_samples=1, checkpoint_every=1, device="cpu", lr=3e-3)
+
+
+def tiny(seed=0, hidden=32):
+    return build_model(ModelRecipe(hidden=hidden, layers=1, heads=2, intermediate=2 * hidden, seed=seed), TOK).eval()
+
+
+def rollout_of(model, prompts, seed=0, task=TASK, max_new_tokens=10):
+    return sample(model, TOK, prompts, task, max_new_tokens, torch.Generator().manual_seed(seed))
+
+
+def test_logp_alignment_matches_a_naive_gather():
+    model = tiny()
+    r = rollout_of(model, ["Q:1+2=", "Q:12+34-5=", "Q:7="])
+    logp_BT, _ = gather_logp(completion_logits(model, r), r.completion_ids_BT)
+    ids, attention, pos = r.full()
+    P = r.prompt_ids_BP.shape[1]
+    for b in range(ids.shape[0]):  # one unpadded sequence at a time, read token by token
+        real = attention[b].bool()
+        seq = ids[b][real][None]
+        logp_all = torch.log_softmax(model(seq).logits[0], -1)
+        n_prompt = int(r.prompt_attention_BP[b].sum())
+        for t in range(int(r.attention_BT[b].sum())):
+            expect = logp_all[n_prompt + t - 1, seq[0, n_prompt + t]]
+            assert torch.allclose(logp_BT[b, t], expect, atol=1e-5), (b, t)
+    # and the sampler's own log-probabilities (KV cache) agree with the scoring pass
+    assert torch.allclose(logp_BT * r.mask_BT, r.logp_BT * r.mask_BT, atol=1e-5)
+    assert P + r.completion_ids_BT.shape[1] == ids.shape[1]
+
+
+def test_sampling_draws_from_the_full_distribution_at_temperature_one():
+    model = tiny(seed=3, hidden=16)
+    n = 3000
+    r = rollout_of(model, ["Q:5="] * n, max_new_tokens=1)
+    ids = torch.tensor([TOK.encode("Q:5=", add_special_tokens=False)])
+    p_V = torch.softmax(model(ids).logits[0, -1], -1).detach()
+    freq_V = torch.bincount(r.completion_ids_BT[:, 0], minlength=p_V.numel()).float() / n
+    se_V = (p_V * (1 - p_V) / n).sqrt()
+    assert ((freq_V - p_V).abs() <= 5 * se_V + 1e-3).all()  # every token, none truncated (no top-k / top-p)
+
+
+class EchoTool:
+    """A stand-in tool task for the sampler: a call ends with ``>`` and returns ``(n)``, n = its length."""
+
+    name, has_tools, call_end, stop, alphabet = "echo", True, ">", "\n", "<>()0123456789"
+
+    def tool_result(self, text):
+        return f"({len(text)})" if text.endswith(">") else None
+
+    def finished(self, text):
+        return text.endswith("\n")
+
+
+def test_tool_results_are_forced_in_and_masked():
+    model = tiny(seed=1)
+    task = EchoTool()
+    with torch.no_grad():  # make the call end ">" likely so that some samples call the tool
+        model.lm_head.weight[TOK.convert_tokens_to_ids(">")] += 2.0
+    r = rollout_of(model, ["<12"] * 16, task=task, max_new_tokens=12)
+    called = [i for i, t in enumerate(r.texts) if ">" in t]
+    assert called, "no sample ended a call"
+    for i in called:
+        text, ids = r.texts[i], r.completion_ids_BT[i].tolist()
+        k = ids.index(TOK.convert_tokens_to_ids(">"))  # the first call ends at completion token k
+        result = task.tool_result(text[:k + 1])
+        n_env = min(len(result), len(ids) - k - 1)
+        assert r.mask_BT[i, k] == 1 and (r.mask_BT[i, k + 1:k + 1 + n_env] == 0).all()
+        assert TOK.decode(ids[k + 1:k + 1 + n_env]) == result[:n_env] and text.startswith(text[:k + 1] + result[:n_env])
+
+
+def models_for_test(same=False):
+    teacher = tiny(seed=0)
+    student = copy.deepcopy(teacher) if same else tiny(seed=1)
+    return teacher, student, TOK, {}
+
+
+@pytest.mark.parametrize("method", ["opd", "opd_plus"])
+@pytest.mark.parametrize("divergence, baseline, gamma, clip", [
+    ("reverse_kl", "none", 0.0, None), ("forward_kl", "expected", 0.5, 2.0), ("jsd", "loo", 1.0, None)])
+def test_one_step_of_each_method_moves_the_student(method, divergence, baseline, gamma, clip):
+    config = TrainConfig(**SMALL, divergence=divergence, method=method, baseline=baseline, gamma=gamma,
+                         log_u_clip=clip)
+    teacher, student, tok, _ = models_for_test()
+    tr = Trainer(config, TASK, teacher, copy.deepcopy(student), tok)
+    before = [p.clone() for p in tr.student.parameters()]
+    m = opd_step(tr, 0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))
+    assert m["tokens"] > 0 and m["grad_norm"] > 0 and 0 <= m["clip_fraction"] <= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), models_for_test()[1].parameters()))
+
+
+def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradient():
+    teacher, student, tok, _ = models_for_test(same=True)
+    r = rollout_of(student, ["Q:1+2=", "Q:30-4="] * 4)
+    logp_t_BT, logp_t_BTV = gather_logp(completion_logits(teacher, r).detach(), r.completion_ids_BT)
+    logits_BTV = completion_logits(student, r)
+    logp_s_BT, logp_s_BTV = gather_logp(logits_BTV, r.completion_ids_BT)
+    for name in ("reverse_kl", "forward_kl", "jsd"):
+        from opdlab.divergences import get
+        div = get(name)
+        assert div.exact(logp_t_BTV, logp_s_BTV.detach()).abs().max() < 1e-6
+        opd = estimators.compute_advantages(div, logp_s_BT.detach(), logp_t_BT, r.mask_BT, "opd")
+        assert opd.A_BT.abs().max() < 1e-6  # -f(1) = 0 at every token
+        # OPD+ gives w_f(1) = f'(1) at every token: a constant, whose expected gradient vanishes
+        plus = estimators.compute_advantages(div, logp_s_BT.detach(), logp_t_BT, r.mask_BT, "opd_plus")
+        c = float(div.opd_plus_advantage(torch.zeros(())))
+        assert torch.allclose(plus.A_BT, c * r.mask_BT, atol=1e-6)
+        A_BTV = div.opd_plus_advantage(logp_t_BTV - logp_s_BTV.detach())
+        expected = -(logp_s_BTV.detach().exp() * A_BTV * logp_s_BTV).sum(-1).mul(r.mask_BT).sum()
+        grads = torch.autograd.grad(expected, list(student.parameters()), retain_graph=True, allow_unused=True)
+        assert max(g.abs().max() for g in grads if g is not None) < 1e-5
+    config = TrainConfig(**SMALL, divergence="forward_kl", method="opd_plus", baseline="expected")
+    m = opd_step(Trainer(config, TASK, teacher, copy.deepcopy(student), tok), 0)
+    assert m["exact_divergence"] < 1e-6 and m["adv_abs_max"] < 1e-6 and m["grad_norm"] < 1e-6
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
+    config = TrainConfig(**{**SMALL, "steps": 4, "checkpoint_every": 2}, divergence="jsd", method="opd")
+    models = models_for_test()
+    full = train(config, tmp_path / "full", TASK, models, progress=False)
+    train(config, tmp_path / "cut", TASK, models, progress=False, stop_after=3)  # dies after step 3, ckpt at 2
+    assert read_metrics(tmp_path / "cut")["step"].max() == 3
+    resumed = train(config, tmp_path / "cut", TASK, models, progress=False)
+    a = read_metrics(tmp_path / "full", volatile=False).drop(columns="run")
+    b = read_metrics(tmp_path / "cut", volatile=False).drop(columns="run")
+    assert len(resumed) == len(full) == len(a)
+    assert a.equals(b)
+    for name in ("config.json", "versions.json", "metrics.jsonl", "checkpoint/state.pt"):
+        assert (tmp_path / "full" / name).exists()
+    tidy = results([tmp_path / "full", tmp_path / "cut"], long=True)
+    assert {"run", "step", "metric", "value", "divergence", "method"} <= set(tidy.columns)
+    with pytest.raises(ValueError, match="different config"):
+        train(config.replace(lr=1e-2), tmp_path / "full", TASK, models, progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(divergence="kl_typo"), "divergence"), (dict(method="ppo"), "method"), (dict(gamma=1.5), "gamma"),
+    (dict(baseline="mean"), "baseline"), (dict(log_u_clip=0), "log_u_clip"), (dict(steps=-1), "steps"),
+    (dict(prompts_per_step=0), "prompts_per_step"), (dict(lr=0), "lr"), (dict(device="tpu"), "device"),
+    (dict(baseline="loo", samples_per_prompt=1), "leave-one-out"), (dict(steps=2.5), "steps"),
+    (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"),
+])
+def test_bad_config_values_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"stepz": 3})
