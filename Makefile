@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup figures test bench lab clean-executed
+.PHONY: setup figures test bench lab app clean-executed
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: setup
 # JupyterLab on the notebooks with the package's kernel (--allow-root: needed when run as root, harmless otherwise)
 lab: setup
 	$(VENV)/bin/jupyter lab --allow-root notebooks/
+
+# notebook 05 as a standalone app in the browser (Voila: widgets and text, no code)
+app: setup
+	$(VENV)/bin/voila notebooks/05_teaching.ipynb
 
 bench: setup
 	$(PY) benchmarks/bench_estimators.py

@@ -5,13 +5,15 @@ notebook 05, opens it in Debian's Chromium (``/usr/bin/chromium``, never a brows
 runs all cells from the Run menu, waits for the three widgets to render, then types a new divergence, moves a
 slider and clicks the buttons, and checks that each plot image really changed (its pixels, not only its
 source). It also types an unknown divergence and checks the widget shows a message. No cell may raise or
-write to stderr. Screenshots go to ``test-artifacts/`` (ignored by git).
+write to stderr. A second test serves the same notebook as a Voila app and checks a widget responds there.
+Screenshots go to ``test-artifacts/`` (ignored by git).
 
-Needs ``playwright`` (pip, the ``test`` extra) and ``chromium`` (apt). Without them the test is skipped,
+Needs ``playwright`` and ``voila`` (pip, the ``test`` extra) and ``chromium`` (apt). Without them the test is skipped,
 except when $CI is set: there it fails, so CI cannot pass without running it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,49 +68,98 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server over a temporary folder holding a copy of notebook 05; yields (base url, token)."""
+def _require_browser() -> None:
     missing = _missing()
     if missing:
         (pytest.fail if _in_ci() else pytest.skip)(f"browser test needs {missing}; CI={os.environ.get('CI')!r}")
-    tmp = tmp_path_factory.mktemp("lab")
+
+
+def _notebook_copy(tmp: Path) -> Path:
+    """A folder under ``tmp`` holding a copy of notebook 05 (the server's root: nothing else is served)."""
     root = tmp / "notebooks"
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    return root
+
+
+@contextlib.contextmanager
+def _serve(args: list[str], tmp: Path, ready_url: str | None = None, port: int | None = None, **env_overrides: str):
+    """Run ``python -m <args>`` with Jupyter's config, data and runtime folders under ``tmp`` and figures
+    written there too; yield once ``ready_url`` answers (or ``port`` accepts a connection); stop it after."""
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
+               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), OPDLAB_FIGURES=str(tmp / "figures"), **env_overrides)
+    log_path = tmp / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  cwd=tmp)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if ready_url is not None:
+                        urllib.request.urlopen(ready_url, timeout=2).close()
+                    else:
+                        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"{args[0]} did not start:\n{log_path.read_text()[-3000:]}")
+                    time.sleep(0.3)
+            yield
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server over a temporary folder holding a copy of notebook 05; yields (base url, token)."""
+    _require_browser()
+    tmp = tmp_path_factory.mktemp("lab")
+    root = _notebook_copy(tmp)
     for name, values in LAB_SETTINGS.items():
         path = tmp / "settings" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
-               JUPYTER_RUNTIME_DIR=str(tmp / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), OPDLAB_FIGURES=str(tmp / "figures"))
     port, token = _free_port(), secrets.token_hex(16)
-    log = open(tmp / "jupyterlab.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"JupyterLab did not start:\n{(tmp / 'jupyterlab.log').read_text()[-3000:]}")
-                time.sleep(0.3)
+    args = ["jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with _serve(args, tmp, f"{base}/api/status?token={token}", JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
+                JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces")):
         yield base, token
-    finally:
-        server.terminate()
+
+
+@contextlib.contextmanager
+def _chromium_page():
+    """A fresh page in headless Debian Chromium (1400x1000); on failure a screenshot goes to test-artifacts/."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            yield page
+        except BaseException:  # pytest.fail raises a BaseException
+            page.screenshot(path=str(ARTIFACTS / "05_failure.png"))
+            raise
+        finally:
+            browser.close()
+
+
+def _type_divergence(page, widget: str, name: str) -> None:
+    """Type ``name`` into the divergence box of ``widget`` (a combobox: the value is sent on Enter)."""
+    box = page.locator(f"{widget} .opdlab-divergence input")
+    box.fill(name)
+    box.press("Enter")
 
 
 def _image_png(page, widget: str) -> bytes:
@@ -158,67 +209,71 @@ def _all_cells_ran(page) -> None:
         pytest.fail(f"not every cell ran; prompts {prompts}; errors: {errors}")
 
 
-def test_notebook_05_runs_and_its_widgets_respond_in_chromium(lab):
-    from playwright.sync_api import sync_playwright
+EXPLORER, PLAYGROUND, RACE = (".opdlab-divergence-explorer", ".opdlab-categorical-playground",
+                             ".opdlab-training-race")
 
+
+def _no_errors_shown(page, container: str) -> None:
+    stderr = page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()
+    assert not stderr, f"cells wrote to stderr or raised: {stderr}"
+    text = page.locator(container).inner_text()
+    for sign in ("Traceback", "Error displaying widget", "Failed to load model"):
+        assert sign not in text, re.findall(f".*{sign}.*", text)
+    assert not page.errors, page.errors
+
+
+def test_notebook_05_runs_and_its_widgets_respond_in_jupyterlab(lab):
     base, token = lab
-    ARTIFACTS.mkdir(exist_ok=True)
     start = time.monotonic()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        console_errors = []
-        page.on("pageerror", lambda exc: console_errors.append(str(exc)))
-        try:
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell")
-            _wait_for_kernel(base, token)
-            page.click('.lm-MenuBar-itemLabel:text-is("Run")')
-            page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
-            _all_cells_ran(page)
-            explorer, playground, race = (".opdlab-divergence-explorer", ".opdlab-categorical-playground",
-                                          ".opdlab-training-race")
-            for widget in (explorer, playground, race):
-                _image_png(page, widget)
+    with _chromium_page() as page:
+        page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}")
+        page.wait_for_selector(".jp-NotebookPanel .jp-CodeCell")
+        _wait_for_kernel(base, token)
+        page.click('.lm-MenuBar-itemLabel:text-is("Run")')
+        page.click('.lm-Menu-itemLabel:text-is("Run All Cells")')
+        _all_cells_ran(page)
+        for widget in (EXPLORER, PLAYGROUND, RACE):
+            _image_png(page, widget)
+        # 1. Type another divergence into the explorer.
+        _changed(page, EXPLORER, lambda: _type_divergence(page, EXPLORER, "reverse_kl"), "explorer_reverse_kl")
+        assert "reverse KL" in page.locator(EXPLORER).inner_text()
+        # 2. Move the playground's temperature slider with the keyboard, then draw samples.
+        handle = page.locator(f"{PLAYGROUND} .opdlab-temperature .noUi-handle")
+        _changed(page, PLAYGROUND, lambda: (handle.focus(), [handle.press("ArrowLeft") for _ in range(10)]),
+                 "playground_temperature")
+        _changed(page, PLAYGROUND, lambda: page.click(f"{PLAYGROUND} button.opdlab-sample"), "playground_samples")
+        # 3. Rerun the race on another divergence with the button.
+        _type_divergence(page, RACE, "jsd")
+        _changed(page, RACE, lambda: page.click(f"{RACE} button.opdlab-run"), "race_jsd")
+        # 4. A bad name shows a message in the widget; nothing raises.
+        _type_divergence(page, EXPLORER, "not_a_divergence")
+        message = page.locator(f"{EXPLORER} .opdlab-message .opdlab-error")
+        message.wait_for(state="visible", timeout=30_000)
+        assert "unknown divergence" in message.inner_text()
 
-            # 1. Type another divergence into the explorer (a combobox: the value is sent on Enter).
-            def type_divergence(widget, name):
-                box = page.locator(f"{widget} .opdlab-divergence input")
-                box.fill(name)
-                box.press("Enter")
-
-            _changed(page, explorer, lambda: type_divergence(explorer, "reverse_kl"), "explorer_reverse_kl")
-            assert "reverse KL" in page.locator(explorer).inner_text()
-            # 2. Move the playground's temperature slider with the keyboard, then draw samples.
-            handle = page.locator(f"{playground} .opdlab-temperature .noUi-handle")
-            _changed(page, playground, lambda: (handle.focus(), [handle.press("ArrowLeft") for _ in range(10)]),
-                     "playground_temperature")
-            _changed(page, playground, lambda: page.click(f"{playground} button.opdlab-sample"),
-                     "playground_samples")
-            # 3. Rerun the race on another divergence with the button.
-            type_divergence(race, "jsd")
-            _changed(page, race, lambda: page.click(f"{race} button.opdlab-run"), "race_jsd")
-            # 4. A bad name shows a message in the widget; nothing raises.
-            type_divergence(explorer, "not_a_divergence")
-            message = page.locator(f"{explorer} .opdlab-message .opdlab-error")
-            message.wait_for(state="visible", timeout=30_000)
-            assert "unknown divergence" in message.inner_text()
-
-            page.locator(explorer).scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "05_teaching_jupyterlab.png"))
-            for widget in (explorer, playground, race):
-                page.locator(widget).screenshot(path=str(ARTIFACTS / f"05_widget_{widget.split('-', 1)[1]}.png"))
-
-            stderr = page.locator('[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()
-            assert not stderr, f"cells wrote to stderr or raised: {stderr}"
-            notebook_text = page.locator(".jp-Notebook").inner_text()
-            for sign in ("Traceback", "Error displaying widget", "Failed to load model"):
-                assert sign not in notebook_text, re.findall(f".*{sign}.*", notebook_text)
-            assert not console_errors, console_errors
-        except BaseException:  # pytest.fail raises a BaseException
-            page.screenshot(path=str(ARTIFACTS / "05_teaching_failure.png"))
-            raise
-        finally:
-            browser.close()
+        page.locator(EXPLORER).scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "05_teaching_jupyterlab.png"))
+        for widget in (EXPLORER, PLAYGROUND, RACE):
+            page.locator(widget).screenshot(path=str(ARTIFACTS / f"05_widget_{widget.split('-', 1)[1]}.png"))
+        _no_errors_shown(page, ".jp-Notebook")
     assert time.monotonic() - start < 120, "the browser test should stay under two minutes"
+
+
+def test_notebook_05_as_a_voila_app(tmp_path):
+    """``voila notebooks/05_teaching.ipynb`` (``make app``) serves the widgets without the notebook interface."""
+    _require_browser()
+    try:
+        import voila  # noqa: F401
+    except ImportError:
+        (pytest.fail if _in_ci() else pytest.skip)("voila is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ["voila", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1", "--Voila.port_retries=0",
+            str(_notebook_copy(tmp_path) / NOTEBOOK.name)]
+    with _serve(args, tmp_path, port=port), _chromium_page() as page:
+        page.goto(base)  # Voila runs every cell before it sends the page
+        for widget in (EXPLORER, PLAYGROUND, RACE):
+            _image_png(page, widget)
+        _changed(page, EXPLORER, lambda: _type_divergence(page, EXPLORER, "jsd"), "voila_explorer_jsd")
+        page.screenshot(path=str(ARTIFACTS / "05_teaching_voila.png"))
+        _no_errors_shown(page, "body")
