@@ -77,8 +77,9 @@ def test_advantage_curves_frame_is_the_registry():
     df = figures.advantage_curves_frame("forward_kl", -2.0, 2.0, n_points=5)
     opd_plus = df[df["quantity"] == "opd_plus"]
     np.testing.assert_allclose(opd_plus["value"], opd_plus["u"])  # w_f(u) = u for forward KL
-    gap = df[df["quantity"] == "stop_gradient_error"]["value"].to_numpy()
+    gap = df[df["quantity"] == "error"]["value"].to_numpy()
     np.testing.assert_allclose(gap, opd_plus["value"].to_numpy() - df[df["quantity"] == "opd"]["value"].to_numpy())
+    np.testing.assert_allclose(df[df["quantity"] == "f"]["value"], opd_plus["u"] * np.log(opd_plus["u"]))
     with pytest.raises(ValueError, match="min < max"):
         figures.advantage_curves_frame("jsd", 1.0, 1.0)
 

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
+from opdlab import symbolic
 from opdlab import toy as toys
 from opdlab.divergences import Divergence, get
 from opdlab.estimators import METHODS
@@ -30,34 +31,24 @@ ADVANTAGE_QUANTITIES = {
     "opd": ("-f(u), stop-gradient OPD advantage", method_style("opd")["color"], method_style("opd")["linestyle"]),
     "opd_plus": ("w_f(u) = -f(u) + u f'(u), OPD+ advantage", method_style("opd_plus")["color"],
                  method_style("opd_plus")["linestyle"]),
-    "stop_gradient_error": ("u f'(u), what the stop-gradient drops", "#2ca02c", ":"),
+    "error": ("u f'(u), what the stop-gradient drops", "#2ca02c", ":"),
 }
 
 
 def advantage_curves_frame(divergence: str | Divergence, log_u_min: float = -3.0, log_u_max: float = 3.0,
                            n_points: int = 241) -> pd.DataFrame:
-    """f(u), -f(u), w_f(u) and u f'(u) on a grid of log u, as a tidy DataFrame.
+    """f(u), -f(u), w_f(u) and u f'(u) on a grid of log u, as a tidy (long) DataFrame.
 
-    Columns: ``divergence`` (registry name), ``label`` (its readable name), ``log_u``, ``u``, ``quantity``
-    (a key of ADVANTAGE_QUANTITIES), ``value``. Raises ValueError for an unknown divergence or an empty/invalid range.
+    The curves are ``opdlab.symbolic.advantage_curves`` (sympy's derivation, checked against the registry)
+    with f = -(-f) added. Columns: ``divergence``, ``label``, ``log_u``, ``u``, ``quantity`` (a key of
+    ADVANTAGE_QUANTITIES), ``value``. Raises ValueError for an unknown divergence or an invalid range.
     """
-    div = get(divergence)
     if not (np.isfinite(log_u_min) and np.isfinite(log_u_max)) or not log_u_min < log_u_max:
         raise ValueError(f"the log u range must be finite with min < max, got [{log_u_min}, {log_u_max}]")
-    if int(n_points) < 2:
-        raise ValueError(f"n_points must be at least 2, got {n_points}")
-    log_u = torch.linspace(float(log_u_min), float(log_u_max), int(n_points), dtype=torch.float64)
-    values = {
-        "f": div.f(log_u),
-        "opd": div.opd_advantage(log_u),
-        "opd_plus": div.opd_plus_advantage(log_u),
-        "stop_gradient_error": div.stop_gradient_error(log_u),
-    }
-    return pd.concat(
-        [pd.DataFrame({"divergence": div.name, "label": div.label, "log_u": log_u.numpy(),
-                       "u": log_u.exp().numpy(), "quantity": q, "value": v.numpy()}) for q, v in values.items()],
-        ignore_index=True,
-    )
+    wide = symbolic.advantage_curves([get(divergence)], float(log_u_min), float(log_u_max), int(n_points))
+    wide["f"] = -wide["opd"]
+    return wide.melt(id_vars=["divergence", "label", "log_u", "u"], value_vars=list(ADVANTAGE_QUANTITIES),
+                     var_name="quantity", value_name="value")
 
 
 def plot_advantage_curves(df: pd.DataFrame, clip_abs: float | None = 10.0) -> Figure:
