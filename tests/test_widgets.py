@@ -3,8 +3,10 @@ message in the widget (never a traceback). The figures behind them come from pla
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from opdlab import toy, widgets
@@ -163,3 +165,24 @@ def test_race_frame_shows_the_forward_kl_collapse():
     final = df[df["step"] == 100].set_index("method")["D_f"]
     start = df[df["step"] == 0]["D_f"].iloc[0]
     assert final["opd_plus"] < 0.1 * start < start < final["opd"]
+
+
+# -- notebook 05 headless -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_notebook_05_runs_under_papermill_and_saves_its_figures(tmp_path):
+    """Papermill keeps no widget state: the figures of a headless run come from the plain calls."""
+    import papermill as pm
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    figures_dir = tmp_path / "figures"
+    pm.execute_notebook(str(notebooks / "05_teaching.ipynb"), str(tmp_path / "05_teaching.ipynb"),
+                        parameters=dict(divergence="alpha", parameter=0.5, n_tokens=5, steps=30, n_samples=16,
+                                        figures_dir=str(figures_dir)),
+                        cwd=str(notebooks), progress_bar=False, kernel_name="python3")
+    for stem in ("05_advantage_curves", "05_categorical_gradients", "05_training_race"):
+        assert (figures_dir / f"{stem}.png").stat().st_size > 0
+        assert (figures_dir / "data" / f"{stem}.csv").exists()
+    race = pd.read_csv(figures_dir / "data" / "05_training_race.csv")
+    assert set(race["divergence"]) == {"alpha:0.5"} and race["step"].max() == 30
