@@ -44,7 +44,10 @@ def resolve_divergence(name: str, parameter: float) -> divergences.Divergence:
 
 
 class _View(widgets.VBox):
-    """Shared plumbing: a message area and ``_run``, which turns exceptions and warnings into messages."""
+    """Shared plumbing: a message area and ``_run``, which turns exceptions and warnings into messages.
+
+    Subclasses set ``self.image`` (an ``ipywidgets.Image``) before calling this constructor.
+    """
 
     def __init__(self, children, css_class: str):
         self.message = widgets.HTML(value="", layout=widgets.Layout(min_height="1.5em"))
@@ -55,7 +58,7 @@ class _View(widgets.VBox):
         self.add_class(css_class)
 
     def _show(self, text: str, kind: str) -> None:
-        color = {"error": "#b00020", "note": "#8a6d00", "info": "#555"}[kind]
+        color = {"error": "#b00020", "note": "#8a6d00"}[kind]
         self.message.value = f'<span class="opdlab-{kind}" style="color:{color}">{html.escape(text)}</span>'
 
     def _run(self, action) -> bool:
@@ -65,7 +68,8 @@ class _View(widgets.VBox):
             try:
                 action()
             except (ValueError, TypeError) as exc:
-                self._show(f"{exc} (the figure still shows the last valid choice)", "error")
+                kept = " (the figure still shows the last valid choice)" if len(self.image.value) else ""
+                self._show(f"{exc}{kept}", "error")
                 return False
         if caught:
             self._show(" ".join(dict.fromkeys(str(w.message) for w in caught)), "note")
@@ -77,8 +81,11 @@ class _View(widgets.VBox):
 def _divergence_boxes(divergence: str, parameter: float) -> tuple[widgets.Combobox, widgets.FloatText]:
     """The divergence name box (free text with suggestions) and the family-parameter box beside it."""
     family, _, value = divergence.partition(":")
-    if value:
-        divergence, parameter = family, float(value)
+    if family in FAMILIES:
+        try:
+            divergence, parameter = family, float(value)
+        except ValueError:
+            pass  # keep the text as typed; update() shows the registry's message
     name_box = widgets.Combobox(value=divergence, options=list(_DIVERGENCE_CHOICES), ensure_option=False,
                                 description="divergence", style=_LABEL, continuous_update=False,
                                 placeholder="e.g. forward_kl, gjsd:0.1, alpha:0.5")

@@ -62,6 +62,18 @@ def test_explorer_bad_values_show_a_message_and_keep_the_last_figure(name, param
     assert view.message.value == ""
 
 
+@pytest.mark.parametrize("make", [widgets.divergence_explorer, widgets.categorical_playground,
+                                  lambda name: widgets.training_race(name, steps=3)])
+def test_a_bad_name_at_construction_is_a_message_too(make):
+    view = make("alpha:abc")
+    _error(view, "must be a number")
+    assert "last valid choice" not in view.message.value  # there was no figure yet
+    view.divergence.value = "alpha:2"
+    if isinstance(view, widgets.TrainingRace):
+        view.run_button.click()
+    _ok(view)
+
+
 def test_explorer_warning_is_a_note_not_an_error():
     view = widgets.divergence_explorer("gjsd:0")
     assert "opdlab-note" in view.message.value and "identically zero" in view.message.value
