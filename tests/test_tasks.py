@@ -212,3 +212,100 @@ def test_tool_use_bad_options(options):
 def test_tool_use_subset_of_tools():
     t = get_task("tool_use", tools=["convert"], max_value=9)
     assert {e.meta["name"] for e in t.examples("train", 50)} == {"convert"}
+
+
+# -- property-style fuzz -----------------------------------------------------------------------------------
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_FRAGMENTS = st.sampled_from(["<call>", "</call>", "<result>", "</result>", "A:", "\n", "add(", "mul(", "a=",
+                              "b=", ",", ")", '"km"', "1", "-", "99", "capital(country=", "'", "💥", "\x00"])
+_TEXT = st.one_of(st.text(max_size=120), st.lists(_FRAGMENTS, max_size=30).map("".join))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(EMBEDDED), completion=_TEXT, index=st.integers(0, 9))
+def test_fuzz_score_and_tool_result_never_raise(name, completion, index):
+    task = get_task(name)
+    example = task.examples("test", 10)[index]
+    s = task.score(example, completion)
+    assert isinstance(s, Score) and not (s.correct and s.malformed)
+    assert s.call_correct is None if not task.has_tools else s.call_correct in (True, False)
+    r = task.tool_result(completion)
+    assert r is None or (r.startswith("<result>") and r.endswith("</result>"))
+    if task.has_tools and completion.endswith("</call>"):
+        assert r is not None and set(r) <= set(task.alphabet) | set(completion)
+
+
+# -- external tasks (need the optional packages) -----------------------------------------------------------
+def test_gsm_symbolic():
+    pytest.importorskip("reasoning_gym")
+    t = get_task("gsm_symbolic")
+    train, test = t.examples("train", 60, seed=1), t.examples("test", 30, seed=1)
+    assert train == t.examples("train", 60, seed=1)
+    assert not {e.prompt for e in train} & {e.prompt for e in test}
+    for e in train + test:
+        assert e.prompt.startswith("Q: ") and e.target.endswith(f"A: {e.answer}\n")
+        assert t.score(e, e.target) == Score(True, False, None, "correct")
+    e = test[0]
+    assert t.score(e, "A: " + e.answer).correct and t.score(e, "work...\nA: 0" + e.answer + "1\n").correct is False
+    assert not t.score(e, "A: 0" + e.answer + "1").malformed
+    for bad in ["", "the answer is " + e.answer, "A: many\n", "💥" * 50]:
+        s = t.score(e, bad)
+        assert s.malformed and not s.correct
+    for options in [dict(dataset_seed="x"), dict(pool_size=0), dict(difficulty=2)]:
+        with pytest.raises(ValueError, match="option|bad options"):
+            get_task("gsm_symbolic", **options)
+
+
+@pytest.mark.parametrize("category", ["simple_python", "live_simple"])
+def test_bfcl_simple(category):
+    pytest.importorskip("bfcl_eval")
+    t = get_task("bfcl_simple", category=category)
+    train, test = t.examples("train", t.size("train")), t.examples("test", t.size("test"))
+    assert len(train) + len(test) + len(t.dropped) == {"simple_python": 400, "live_simple": 258}[category]
+    assert len(t.dropped) <= 5
+    assert not {e.meta["id"] for e in train} & {e.meta["id"] for e in test}
+    assert t.examples("test", 10, seed=2) == t.examples("test", 10, seed=2) != t.examples("test", 10, seed=3)
+    for e in train + test:
+        assert t.score(e, e.target) == Score(True, False, True, "call matches")
+        assert t.finished(e.target)
+    with pytest.raises(ValueError, match="split's size"):
+        t.examples("test", t.size("test") + 1)
+
+
+def test_bfcl_ast_check():
+    pytest.importorskip("bfcl_eval")
+    t = get_task("bfcl_simple")
+    e = next(e for e in t.examples("train", t.size("train")) if e.meta["id"] == "simple_python_0")
+    # calculate_triangle_area(base=10, height=5, unit="units" optional)
+    assert e.target == '<call>calculate_triangle_area(base=10,height=5,unit="units")</call>'
+    cases = {
+        "<call>calculate_triangle_area(base=10, height=5)</call>": (True, False),  # optional left out
+        "[calculate_triangle_area(height=5, base=10, unit='Units')]": (True, False),  # BFCL form, normalised
+        "<call>calculate_triangle_area(base=10,height=6)</call>": (False, False),  # wrong value
+        "<call>calculate_triangle_area(base=10,height=5,unit=\"cm\")</call>": (False, False),
+        "<call>calculate_area(base=10,height=5)</call>": (False, True),  # unknown function
+        "<call>calculate_triangle_area(base='10',height=5)</call>": (False, True),  # wrong type
+        "<call>calculate_triangle_area(base=10)</call>": (False, True),  # required argument missing
+        "<call>calculate_triangle_area(base=10,height=5,colour=1)</call>": (False, True),  # unknown argument
+        "<call>calculate_triangle_area(10, 5)</call>": (False, True),  # positional
+        "": (False, True), "I cannot help": (False, True), "<call>calculate_triangle_area(": (False, True),
+    }
+    for completion, (correct, malformed) in cases.items():
+        s = t.score(e, completion)
+        assert (s.correct, s.malformed, s.call_correct) == (correct, malformed, correct), (completion, s)
+
+
+def test_missing_package_hint(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("reasoning_gym"):
+            raise ImportError("no module")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"pip install -e \.\[pretrained\]"):
+        get_task("gsm_symbolic")

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 from opdlab.tasks.base import Example, Score, Task, score_batch, split_of, summarize
 
-_BUILDERS = {}
-
-
 def _arithmetic(**options):
     from opdlab.tasks.arithmetic import ArithmeticTask
     return ArithmeticTask(**options)
@@ -28,8 +25,18 @@ def _tool_use(**options):
     return ToolUseTask(**options)
 
 
-_BUILDERS["arithmetic"] = _arithmetic
-_BUILDERS["tool_use"] = _tool_use
+def _gsm_symbolic(**options):
+    from opdlab.tasks.external import GSMSymbolicTask
+    return GSMSymbolicTask(**options)
+
+
+def _bfcl_simple(**options):
+    from opdlab.tasks.external import BFCLSimpleTask
+    return BFCLSimpleTask(**options)
+
+
+_BUILDERS = {"arithmetic": _arithmetic, "tool_use": _tool_use, "gsm_symbolic": _gsm_symbolic,
+             "bfcl_simple": _bfcl_simple}
 
 TASK_NAMES = tuple(_BUILDERS)
 

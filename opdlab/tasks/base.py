@@ -68,11 +68,13 @@ class Task:
     at ``call_end``); ``alphabet`` (every character any prompt, target or tool result can contain, sorted,
     for a character-level tokenizer); ``call_end`` (the string that ends a call, or None); ``stop`` (a
     completion is finished once it has a final-answer line ending in this string, see :meth:`finished`);
-    ``test_fraction`` (share of the problem space hashed into the test split).
+    ``test_fraction`` (share of the problem space hashed into the test split); ``scores_calls`` (scores
+    carry ``call_correct``). Tasks meant for a pretrained model's tokenizer leave ``alphabet`` empty.
     """
 
     name: str = "task"
     has_tools: bool = False
+    scores_calls: bool = False
     alphabet: str = ""
     call_end: str | None = None
     stop: str = "\n"
@@ -115,7 +117,11 @@ class Task:
         raise NotImplementedError
 
     def _no_call(self) -> bool | None:
-        return False if self.has_tools else None
+        return False if self.scores_calls else None
+
+    def size(self, split: str) -> int | None:
+        """How many distinct examples ``split`` holds: None for generated tasks (unbounded)."""
+        return None
 
     def tool_result(self, completion_so_far: str) -> str | None:
         """Environment text to append if ``completion_so_far`` ends with a complete call; None otherwise."""
@@ -136,9 +142,10 @@ def split_of(key: str, test_fraction: float = 0.2) -> str:
     return "test" if int.from_bytes(digest, "big") / 2.0**64 < test_fraction else "train"
 
 
-def final_answer(completion: str, start: int = 0) -> str | None:
-    """The text after the first ``A:`` at or after ``start``, up to the next newline; None if there is none."""
-    at = completion.find(ANSWER_MARK, start)
+def final_answer(completion: str, start: int = 0, last: bool = False) -> str | None:
+    """The text after the first (or ``last``) ``A:`` at or after ``start``, up to the next newline, stripped;
+    None if there is none."""
+    at = completion.rfind(ANSWER_MARK, start) if last else completion.find(ANSWER_MARK, start)
     if at < 0:
         return None
     return completion[at + len(ANSWER_MARK):].split("\n", 1)[0].strip()

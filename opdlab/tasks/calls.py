@@ -143,15 +143,15 @@ def values_equal(got, want, normalise: bool = False) -> bool:
 
 
 def match_arguments(kwargs: dict, possible: dict[str, list], normalise: bool = False) -> tuple[bool, str]:
-    """BFCL-style check of arguments against ``possible`` (name -> list of acceptable values; ``""`` in the
-    list means the argument may be omitted). Returns ``(ok, reason)``."""
+    """BFCL-style check of arguments against ``possible`` (name -> list of acceptable values; ``""`` or
+    ``None`` in the list means the argument may be omitted or given as None). Returns ``(ok, reason)``."""
     for key in kwargs:
         if key not in possible:
             return False, f"unexpected argument {key}"
     for key, options in possible.items():
+        if kwargs.get(key) is None and ("" in options or None in options):
+            continue  # an optional argument left out, or given as None (its default)
         if key not in kwargs:
-            if "" in options:
-                continue
             return False, f"missing argument {key}"
         if not any(values_equal(kwargs[key], option, normalise) for option in options if option != ""):
             return False, f"wrong value for {key}"

@@ -113,6 +113,7 @@ class ToolUseTask(Task):
 
     name = "tool_use"
     has_tools = True
+    scores_calls = True
     call_end = CALL_END
 
     def __init__(self, tools=tuple(TOOLS), max_value: int = 999):
