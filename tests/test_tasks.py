@@ -34,7 +34,8 @@ def test_deterministic_by_seed(task):
     a = task.examples("train", 50, seed=3)
     assert a == task.examples("train", 50, seed=3)
     assert a != task.examples("train", 50, seed=4)
-    assert [e.prompt for e in task.examples("test", 20, seed=1)] == [e.prompt for e in task.examples("test", 20, seed=1)]
+    prompts = [e.prompt for e in task.examples("test", 20, seed=1)]
+    assert prompts == [e.prompt for e in task.examples("test", 20, seed=1)]
 
 
 def test_train_test_disjoint(task):
@@ -153,7 +154,7 @@ def test_example_target_joins_segments():
 def test_tool_use_format_and_segments():
     t = get_task("tool_use")
     assert t.has_tools and t.call_end == "</call>"
-    for e in t.examples("train", 400):
+    for e in t.examples("train", 3000):
         (call, env0), (result, env1), (answer, env2) = e.target_segments
         assert (env0, env1, env2) == (False, True, False)
         assert call.startswith("<call>" + e.meta["name"] + "(") and call.endswith("</call>")
@@ -170,7 +171,8 @@ def test_tool_use_format_and_segments():
     ('convert(value=3,unit="km",to="m")', "3000"), ("convert(value=2, unit='h', to='min')", "120"),
     ('capital(country="Peru")', "Lima"), (' [add(a=1,b=1)] ', "2"),
     ("add(a=1,b=2", "error: parse"), ("add(1,2)", "error: parse"), ("add(a=x,b=2)", "error: parse"),
-    ("add(a=1,a=2)", "error: parse"), ("sub(a=1,b=2)", "error: unknown tool"), ("os.system(cmd='ls')", "error: unknown tool"),
+    ("add(a=1,a=2)", "error: parse"), ("sub(a=1,b=2)", "error: unknown tool"),
+    ("os.system(cmd='ls')", "error: unknown tool"),
     ('add(a="1",b=2)', "error: bad arguments"), ("add(a=1.0,b=2)", "error: bad arguments"),
     ("add(a=True,b=2)", "error: bad arguments"), ("add(a=1)", "error: bad arguments"),
     ("add(a=1,b=2,c=3)", "error: bad arguments"), ('convert(value=3,unit="m",to="km")', "error: bad value"),
@@ -207,6 +209,16 @@ def test_tool_use_scoring_cases():
 def test_tool_use_bad_options(options):
     with pytest.raises(ValueError, match="option|bad options"):
         get_task("tool_use", **options)
+
+
+def test_tool_use_splits_have_the_same_tool_mix():
+    t = get_task("tool_use")
+    for split in ("train", "test"):
+        names = [e.meta["name"] for e in t.examples(split, 2000)]
+        assert all(abs(names.count(tool) / 2000 - 0.25) < 0.05 for tool in ("add", "mul", "convert", "capital"))
+    train_countries = {e.meta["arguments"].get("country") for e in t.examples("train", 3000)}
+    test_countries = {e.meta["arguments"].get("country") for e in t.examples("test", 1000)}
+    assert len(test_countries - train_countries) <= 1  # countries recur in train under another phrasing
 
 
 def test_tool_use_subset_of_tools():

@@ -7,7 +7,8 @@ Scoring never raises: whatever a model writes, the worst it gets is ``correct=Fa
 Splits. Every example is assigned to ``train`` or ``test`` by a hash of its prompt (a fixed fraction, 20% by
 default, goes to ``test``), independent of the seed, so the two splits are disjoint for every pair of seeds.
 ``examples(split, n, seed)`` draws i.i.d. problems from a generator seeded by ``(task, split, seed)`` and
-keeps those that hash into the split; a list may repeat a problem when the problem space is small.
+keeps those that hash into the split (a task may stratify, e.g. by tool, so both splits have the same mix);
+a list may repeat a problem when the problem space is small.
 """
 from __future__ import annotations
 
@@ -88,17 +89,17 @@ class Task:
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
-        out: list[Example] = []
-        tries, max_tries = 0, 200 * n + 1000
-        while len(out) < n:
-            tries += 1
-            if tries > max_tries:
-                raise ValueError(f"{self.name}: could not draw {n} {split} examples in {max_tries} tries; "
-                                 "the problem space is too small for these options")
-            example = self._generate(rng)
+        return [self._draw(rng, split) for _ in range(n)]
+
+    def _draw(self, rng: random.Random, split: str, generate=None) -> Example:
+        """Call ``generate`` (default :meth:`_generate`) until it gives an example of ``split``."""
+        generate = generate or self._generate
+        for _ in range(10_000):
+            example = generate(rng)
             if split_of(example.prompt, self.test_fraction) == split:
-                out.append(example)
-        return out
+                return example
+        raise ValueError(f"{self.name}: no {split} example in 10000 draws; the problem space is too small "
+                         "for these options")
 
     def _generate(self, rng: random.Random) -> Example:
         raise NotImplementedError

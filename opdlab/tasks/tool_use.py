@@ -10,7 +10,8 @@ Tools (typed, keyword arguments only):
   ``Q:12 times 7?``;
 - ``convert(value: integer, unit: string, to: string)``: km->m, m->cm, kg->g, h->min, min->s, day->h, asked as
   ``Q:3 km in m?``;
-- ``capital(country: string)``: a look-up in a small embedded table, asked as ``Q:capital of Peru?``.
+- ``capital(country: string)``: a look-up in a small embedded table, asked as ``Q:capital of Peru?``,
+  ``Q:Peru capital?`` or ``Q:Peru's capital?`` (so most countries appear in both splits).
 
 The model writes a call ending in ``</call>`` (:attr:`call_end`); the harness calls :meth:`tool_result`,
 which parses the call with ``ast``, checks it against the tool's signature, really runs the tool and returns
@@ -38,11 +39,11 @@ MAX_ABS_INT = 10**9
 CONVERSIONS = {("km", "m"): 1000, ("m", "cm"): 100, ("kg", "g"): 1000, ("h", "min"): 60, ("min", "s"): 60,
                ("day", "h"): 24}
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Norway": "Oslo",
-            "Finland": "Helsinki", "Poland": "Warsaw", "Greece": "Athens", "Egypt": "Cairo", "Kenya": "Nairobi",
+            "Laos": "Vientiane", "Poland": "Warsaw", "Greece": "Athens", "Egypt": "Cairo", "Kenya": "Nairobi",
             "Japan": "Tokyo", "China": "Beijing", "India": "Delhi", "Peru": "Lima", "Chile": "Santiago",
             "Canada": "Ottawa", "Cuba": "Havana", "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon",
-            "Hungary": "Budapest", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "Fiji": "Suva",
-            "Russia": "Moscow", "Ghana": "Accra", "Mali": "Bamako", "Belgium": "Brussels", "Latvia": "Riga",
+            "Togo": "Lome", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "Fiji": "Suva",
+            "Russia": "Moscow", "Ghana": "Accra", "Mali": "Bamako", "Syria": "Damascus", "Latvia": "Riga",
             "Qatar": "Doha", "Oman": "Muscat"}
 
 
@@ -87,6 +88,7 @@ TOOLS = {
     "convert": Tool("convert", (("value", "integer"), ("unit", "string"), ("to", "string")), _convert),
     "capital": Tool("capital", (("country", "string"),), _capital),
 }
+CAPITAL_QUESTIONS = ("capital of {}?", "{} capital?", "{}'s capital?")
 ERRORS = ("error: parse", "error: unknown tool", "error: bad arguments", "error: bad value")
 
 
@@ -124,8 +126,13 @@ class ToolUseTask(Task):
         self.max_value = max_value
         self.alphabet = _alphabet()
 
-    def _generate(self, rng: random.Random) -> Example:
+    def _draw(self, rng: random.Random, split: str, generate=None) -> Example:
+        """Stratified by tool: pick the tool, then draw its arguments until the prompt falls in ``split``."""
         tool = rng.choice(self.tools)
+        return super()._draw(rng, split, lambda r: self._generate(r, tool))
+
+    def _generate(self, rng: random.Random, tool: str | None = None) -> Example:
+        tool = tool or rng.choice(self.tools)
         if tool in ("add", "mul"):
             a, b = rng.randint(0, self.max_value), rng.randint(0, self.max_value)
             question, args = f"{a} {'plus' if tool == 'add' else 'times'} {b}?", {"a": a, "b": b}
@@ -134,7 +141,7 @@ class ToolUseTask(Task):
             question, args = f"{value} {unit} in {to}?", {"value": value, "unit": unit, "to": to}
         else:
             country = rng.choice(sorted(CAPITALS))
-            question, args = f"capital of {country}?", {"country": country}
+            question, args = rng.choice(CAPITAL_QUESTIONS).format(country), {"country": country}
         answer = str(TOOLS[tool](**args))
         segments = ((CALL_START + format_call(tool, args) + CALL_END, False),
                     (RESULT_START + answer + RESULT_END, True),
@@ -178,7 +185,7 @@ class ToolUseTask(Task):
 
 def _alphabet() -> str:
     """Every character a prompt, target or tool result can contain."""
-    text = ["0123456789-", " plus times in capital of?QA:\n", CALL_START, CALL_END, RESULT_START, RESULT_END,
+    text = ["0123456789-", " plus times in?QA:\n", *(q.format('') for q in CAPITAL_QUESTIONS), CALL_START, CALL_END, RESULT_START, RESULT_END,
             '(),="', *ERRORS, *TOOLS, *(p for t in TOOLS.values() for p, _ in t.params),
             *(u for pair in CONVERSIONS for u in pair), *CAPITALS, *CAPITALS.values()]
     return "".join(sorted(set("".join(text))))
