@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup figures test bench lab app clean-executed
+.PHONY: setup figures test browser bench lab app
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,18 @@ $(VENV)/.installed: pyproject.toml
 figures: setup
 	$(VENV)/bin/opdlab notebooks
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
+
+# Debian's Chromium for tests/test_browser.py (driven by Playwright from pip; never `playwright install`).
+# As root it is installed when missing; otherwise the browser test skips (it fails instead when CI is set).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found and not root: the browser test will skip"; fi; \
+	fi
 
 # JupyterLab on the notebooks with the package's kernel (--allow-root: needed when run as root, harmless otherwise)
 lab: setup
