@@ -170,13 +170,30 @@ def _image_png(page, widget: str) -> bytes:
     return image.screenshot()
 
 
-def _changed(page, widget: str, action, name: str) -> bytes:
-    """Do ``action``; wait until the plot in ``widget`` gets a new image; assert its pixels differ."""
+def _settled_src(page, widget: str, quiet_s: float = 1.0, timeout_s: float = 30.0) -> str:
+    """The plot's image source once it has stopped changing for ``quiet_s`` (a slider moved by ten key
+    presses sends ten updates; comparing against one of the intermediate images would race)."""
     image = page.locator(f"{widget} img.opdlab-figure")
-    before_src, before = image.get_attribute("src"), _image_png(page, widget)
+    src, since, deadline = image.get_attribute("src"), time.monotonic(), time.monotonic() + timeout_s
+    while time.monotonic() - since < quiet_s:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the plot in {widget} kept changing for {timeout_s} s")
+        page.wait_for_timeout(200)
+        now = image.get_attribute("src")
+        if now != src:
+            src, since = now, time.monotonic()
+    return src
+
+
+def _changed(page, widget: str, action, name: str) -> bytes:
+    """Do ``action``; wait until the plot in ``widget`` gets a new image and settles; assert its pixels differ."""
+    image = page.locator(f"{widget} img.opdlab-figure")
+    before_src = _settled_src(page, widget)
+    before = _image_png(page, widget)
     action()
     page.wait_for_function("([img, src]) => img.getAttribute('src') !== src", arg=[image.element_handle(), before_src],
                            timeout=30_000)
+    _settled_src(page, widget)
     after = _image_png(page, widget)
     assert after != before, f"{name}: the plot in {widget} got a new source but the same pixels"
     (ARTIFACTS / f"05_{name}.png").write_bytes(after)
