@@ -2,6 +2,7 @@
 
     opdlab notebooks [NAME ...] [-p KEY VALUE ...]   execute notebooks with papermill (all by default)
     opdlab divergences                              the registry: f, OPD+ advantage, bounded or not
+    opdlab train RUN_DIR [-p FIELD VALUE ...]       one OPD/OPD+ run (TrainConfig fields), resumable
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def _cmd_divergences(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from opdlab.config import TrainConfig
+    from opdlab.train import train
+
+    config = TrainConfig.from_dict({key: _literal(value) for key, value in args.parameter})
+    evals = train(config, args.run_dir, progress=not args.quiet)
+    last = evals[evals["kind"] == "eval"].iloc[-1]
+    print(f"{args.run_dir}: step {int(last['step'])}, held-out greedy accuracy {last['greedy_accuracy']:.3f}, "
+          f"avg@{config.eval_samples} {last['sampled_accuracy']:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dv = sub.add_parser("divergences", help="list the f-divergences in the registry")
     dv.set_defaults(func=_cmd_divergences)
+    tr = sub.add_parser("train", help="train a student by OPD/OPD+ (resumes if RUN_DIR holds a checkpoint)")
+    tr.add_argument("run_dir", help="run directory: config.json, metrics.jsonl, checkpoint/")
+    tr.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
+                    help="a TrainConfig field (e.g. -p divergence forward_kl -p method opd)")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -42,8 +42,8 @@ class TrainConfig:
     """Distinct training prompts per step."""
     samples_per_prompt: int = 4
     """Completions sampled per prompt (batch = prompts_per_step * samples_per_prompt)."""
-    max_new_tokens: int = 40
-    """Longest completion, environment tokens included."""
+    max_new_tokens: int | None = None
+    """Longest completion, environment tokens included; None: the longest of 500 training targets + 8."""
     lr: float = 1e-3
     """AdamW learning rate (constant)."""
     weight_decay: float = 0.0
@@ -148,7 +148,9 @@ def _validate(c: TrainConfig) -> None:
            "log_u_clip", c.log_u_clip, "None or a positive number")
     for name in ("steps", "teacher_sft_steps", "student_warmup_steps"):
         _check(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name), "an int >= 0")
-    for name in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "eval_every", "eval_n",
+    _check(c.max_new_tokens is None or (_is_int(c.max_new_tokens) and c.max_new_tokens >= 1), "max_new_tokens",
+           c.max_new_tokens, "None (automatic) or an int >= 1")
+    for name in ("prompts_per_step", "samples_per_prompt", "eval_every", "eval_n",
                  "eval_samples", "checkpoint_every", "teacher_hidden", "teacher_layers", "student_hidden",
                  "student_layers", "sft_batch"):
         _check(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, getattr(c, name), "an int >= 1")

@@ -34,7 +34,8 @@ from opdlab.models import check_compatible, load_model, pick_device, teacher_and
 from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.runlog import RunLog, read_metrics
 
-__all__ = ["train", "opd_step", "evaluate", "load_models", "Trainer", "EVAL_SEED"]
+__all__ = ["train", "opd_step", "evaluate", "load_models", "sweep", "run_name", "max_new_tokens", "Trainer",
+           "EVAL_SEED"]
 
 EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
 
@@ -55,6 +56,11 @@ def load_models(config: TrainConfig, task, progress: bool = True):
         check_compatible(teacher, student, tokenizer, s_tok)
         meta["student"] = {"path": config.student_path}
     return teacher.eval(), student, tokenizer, meta
+
+
+def max_new_tokens(task) -> int:
+    """A completion budget for ``task``: the longest of 500 training targets (tool results included) + 8."""
+    return max(len(ex.target) for ex in task.examples("train", 500, seed=0)) + 8
 
 
 @dataclass
@@ -78,6 +84,7 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(c.seed)
         self.prompts = self.task.examples("train", c.steps * c.prompts_per_step, seed=c.seed)
         self.eval_examples = self.task.examples("test", c.eval_n, seed=EVAL_SEED)
+        self.max_new_tokens = c.max_new_tokens or max_new_tokens(self.task)
 
     @property
     def device(self) -> torch.device:
@@ -123,7 +130,7 @@ def opd_step(tr: Trainer, step: int) -> dict:
     examples = tr.batch(step)
     # 1. sample completions from the student itself: temperature 1, no top-k / top-p, tools executed
     tr.student.eval()
-    rollout = sample(tr.student, tr.tokenizer, [ex.prompt for ex in examples], tr.task, c.max_new_tokens,
+    rollout = sample(tr.student, tr.tokenizer, [ex.prompt for ex in examples], tr.task, tr.max_new_tokens,
                      tr.generator, greedy=False, temperature=1.0)
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     clock.lap("sample")
@@ -179,10 +186,10 @@ def evaluate(tr: Trainer, step: int) -> dict:
     c, t0 = tr.config, time.perf_counter()
     tr.student.eval()
     greedy, _ = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=1, greedy=True,
-                                 max_new_tokens=c.max_new_tokens)
+                                 max_new_tokens=tr.max_new_tokens)
     gen = torch.Generator(device=tr.device).manual_seed(EVAL_SEED + 7919 * c.seed + step)
     avg_k, rollouts = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=c.eval_samples,
-                                       generator=gen, max_new_tokens=c.max_new_tokens)
+                                       generator=gen, max_new_tokens=tr.max_new_tokens)
     totals = {"exact_divergence": 0.0, "exact_reverse_kl": 0.0, "exact_forward_kl": 0.0}
     n_tokens = sum(r.n_sampled for r in rollouts)
     for r in rollouts:
@@ -245,3 +252,41 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
         if done % config.checkpoint_every == 0 or done == config.steps:
             log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, _rng_state(tr))
     return read_metrics(run_dir)
+
+
+def run_name(config: TrainConfig) -> str:
+    """``<task>-<divergence>-<method>-s<seed>-<hash of the whole config>``: a new directory for new settings."""
+    import hashlib
+    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
+    return f"{config.task}-{config.divergence.replace(':', '_')}-{config.method}-s{config.seed}-{digest}"
+
+
+def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True):
+    """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
+
+    ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
+    ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
+    examples. The teacher and the warm-up student of each task are loaded (or trained) once. A run whose
+    directory already holds a finished run is read back, not retrained.
+    """
+    from opdlab.rollout import greedy_accuracy
+    from opdlab.tasks import get_task
+
+    run_dirs, refs = [], []
+    for task_name in tasks:
+        task = get_task(task_name)
+        config = base.replace(task=task_name)
+        models = load_models(config, task, progress)
+        examples = task.examples("test", config.eval_n, seed=EVAL_SEED)
+        for role, model in (("teacher", models[0]), ("student", models[1])):
+            acc = greedy_accuracy(model.eval(), models[2], task, examples,
+                                  max_new_tokens=config.max_new_tokens or max_new_tokens(task))
+            refs.append(dict(task=task_name, role=role, value=acc))
+        for divergence in divergences:
+            for method in methods:
+                for seed in seeds:
+                    run = config.replace(divergence=divergence, method=method, seed=seed)
+                    run_dirs.append(Path(runs_dir) / run_name(run))
+                    train(run, run_dirs[-1], task, models, progress)
+    from opdlab.runlog import results
+    return results(run_dirs, kind="eval"), pd.DataFrame(refs)
