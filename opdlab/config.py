@@ -44,8 +44,9 @@ class TrainConfig:
     """Completions sampled per prompt (batch = prompts_per_step * samples_per_prompt)."""
     max_new_tokens: int | None = None
     """Longest completion, environment tokens included; None: the longest of 500 training targets + 8."""
-    lr: float = 1e-3
-    """AdamW learning rate (constant)."""
+    lr: float = 1e-4
+    """AdamW learning rate (constant). Small: Adam moves every weight by about lr per step whatever the
+    gradient's noise, and the REINFORCE gradient of these sharp teachers helps only within a short step."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -72,17 +73,17 @@ class TrainConfig:
     """Teacher width (hidden size); heads = hidden / 32, MLP width = 3 * hidden."""
     teacher_layers: int = 4
     """Teacher depth."""
-    teacher_sft_steps: int = 600
+    teacher_sft_steps: int = 1200
     """Supervised steps that train the teacher (cached on disk by a hash of its recipe)."""
-    student_hidden: int = 64
+    student_hidden: int = 96
     """Student width."""
-    student_layers: int = 2
+    student_layers: int = 4
     """Student depth."""
-    student_warmup_steps: int = 150
+    student_warmup_steps: int = 600
     """Supervised warm-up steps of the student: short, so it starts clearly weaker than the teacher."""
     sft_batch: int = 64
     """Sequences per supervised step (teacher and warm-up)."""
-    sft_lr: float = 3e-3
+    sft_lr: float = 5e-3
     """Peak learning rate of supervised training (teacher and warm-up)."""
     cache: str | None = None
     """Cache directory of trained teachers and warm-up students; None: $OPDLAB_CACHE or ~/.cache/opdlab."""

@@ -261,8 +261,12 @@ def run_name(config: TrainConfig) -> str:
     return f"{config.task}-{config.divergence.replace(':', '_')}-{config.method}-s{config.seed}-{digest}"
 
 
-def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True):
+def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True,
+          task_overrides: dict | None = None):
     """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
+
+    ``task_overrides`` maps a task name to TrainConfig fields that differ for it (e.g. fewer SFT steps for a
+    task with longer sequences).
 
     ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
     ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
@@ -275,7 +279,7 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     run_dirs, refs = [], []
     for task_name in tasks:
         task = get_task(task_name)
-        config = base.replace(task=task_name)
+        config = base.replace(task=task_name, **(task_overrides or {}).get(task_name, {}))
         models = load_models(config, task, progress)
         examples = task.examples("test", config.eval_n, seed=EVAL_SEED)
         for role, model in (("teacher", models[0]), ("student", models[1])):
