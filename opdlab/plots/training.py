@@ -44,10 +44,15 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
         for method, c in curves[(curves["task"] == task) & (curves["divergence"] == div)].groupby("method"):
             style = method_style(method)
             ax.plot(c["step"], c["mean"], color=style["color"], linestyle=style["linestyle"], label=style["label"])
-            ax.fill_between(c["step"], c["mean"] - c["ci"], c["mean"] + c["ci"], color=style["color"], alpha=0.18)
+            low, high = c["mean"] - c["ci"], c["mean"] + c["ci"]
+            if metric.endswith("accuracy"):  # a band never leaves [0, 1]; with 2 seeds t_0.975 = 12.7 is wide
+                low, high = low.clip(0, 1), high.clip(0, 1)
+            ax.fill_between(c["step"], low, high, color=style["color"], alpha=0.18)
         if references is not None:
             for _, ref in references[references["task"] == task].iterrows():
                 ax.axhline(ref["value"], **REFERENCE_STYLE.get(ref["role"], {}))
+        if metric.endswith("accuracy"):
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{task} · {_title(div)}", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
