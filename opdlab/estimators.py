@@ -160,6 +160,11 @@ def compute_advantages(
                 raise ValueError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
             A = A - baseline_BT
         A = A * mask
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError(
+                f"{div.name} advantages overflowed to inf/NaN (largest |log u| = "
+                f"{float(log_u.abs().max()):.1f}); its OPD+ weight grows without bound in u: pass log_u_clip "
+                f"(e.g. 10.0) to clamp log u, or compute in float64")
     return Advantages(A, log_u, n_clipped, int((mask > 0).sum()))
 
 
@@ -179,33 +184,42 @@ def _check_full(logp_student_BTV, logp_teacher_BTV):
                          f"logp_teacher_BTV {tuple(logp_teacher_BTV.shape)}")
 
 
-def expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method="opd_plus") -> torch.Tensor:
+def expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method="opd_plus",
+                                log_u_clip: float | None = None) -> torch.Tensor:
     """``b(c_t) = sum_a pi_theta(a|c_t) a(u_a)``: the exact per-context mean of the token-local advantage.
 
     Needs the full distributions at each visited context. It depends only on c_t, so subtracting it keeps the
     gradient unbiased; for OPD+ it is ``sum_a pi_theta w_f(u_a)``, and for reverse KL
     (w = ln u - 1) it is -KL(pi_theta || pi_T) - 1, the vOPD baseline (arXiv 2605.07865) up to a constant.
-    For ``method="opd"`` it is -D_f(c_t). Returned without gradient, shape (B, T).
+    For ``method="opd"`` it is -D_f(c_t). With ``log_u_clip`` it is the mean of the clipped advantage, the
+    one it is subtracted from. Returned without gradient, shape (B, T).
     """
     div = get(div)
     _check_full(logp_student_BTV, logp_teacher_BTV)
     with torch.no_grad():
-        log_u = logp_teacher_BTV - logp_student_BTV
+        log_u, _ = clip_log_u(logp_teacher_BTV - logp_student_BTV, log_u_clip)
         return (logp_student_BTV.exp() * div.advantage(log_u, method)).sum(-1)
 
 
-def leave_one_out_baseline(A_GT: torch.Tensor, mask_GT: torch.Tensor | None = None) -> torch.Tensor:
-    """For G samples of the same prompt: ``b_i,t = mean_{j != i} A_j,t`` over the samples unmasked at t.
+def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
+                           group_size: int | None = None) -> torch.Tensor:
+    """``b_i,t = mean_{j != i} A_j,t`` over the other samples of i's group that are unmasked at t.
 
-    b_i is independent of sample i, so E[b_i grad log pi(y_i)] = 0 and the estimator stays unbiased.
-    Where no other sample is unmasked at t the baseline is 0. Needs G >= 2.
+    Samples are grouped consecutively, ``group_size`` (G) at a time (G samples of the same prompt); None means
+    the whole batch is one group. b_i is independent of sample i, so E[b_i grad log pi(y_i)] = 0 and the
+    estimator stays unbiased. Where no other sample of the group is unmasked at t the baseline is 0.
     """
-    if A_GT.shape[0] < 2:
-        raise ValueError(f"a leave-one-out baseline needs at least 2 samples per prompt, got {A_GT.shape[0]}")
-    m = torch.ones_like(A_GT) if mask_GT is None else mask_GT.to(A_GT.dtype)
-    total, count = (A_GT * m).sum(0, keepdim=True), m.sum(0, keepdim=True)
-    others = (count - m).clamp_min(1.0)
-    return torch.where(count - m > 0, (total - A_GT * m) / others, torch.zeros_like(A_GT))
+    B, T = A_BT.shape
+    G = B if group_size is None else group_size
+    if G < 2 or B % G:
+        raise ValueError(f"a leave-one-out baseline needs groups of at least 2 samples that divide the batch; "
+                         f"got batch {B}, group size {G}")
+    m = torch.ones_like(A_BT) if mask_BT is None else mask_BT.to(A_BT.dtype)
+    A_PGT, m_PGT = A_BT.reshape(B // G, G, T), m.reshape(B // G, G, T)
+    total, count = (A_PGT * m_PGT).sum(1, keepdim=True), m_PGT.sum(1, keepdim=True)
+    others = count - m_PGT
+    b_PGT = torch.where(others > 0, (total - A_PGT * m_PGT) / others.clamp_min(1.0), torch.zeros_like(A_PGT))
+    return b_PGT.reshape(B, T)
 
 
 def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:

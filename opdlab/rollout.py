@@ -96,8 +96,13 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
            generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0) -> Rollout:
     """Sample one completion per prompt from ``model`` (KV cache), pausing for tools; see the module doc.
 
-    ``temperature`` must stay 1.0 for the OPD estimator; it is a parameter only so that it is stated.
+    ``temperature`` must stay 1.0 for the OPD estimator (``opd_step`` passes it explicitly); another value
+    samples from softmax(logits / temperature), and the rollout's log-probabilities are then of that
+    distribution, not of pi_theta.
     """
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number (1.0 samples from the model itself), "
+                         f"got {temperature!r}")
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompt_ids = collate([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad).to(device)

@@ -100,13 +100,7 @@ def _advantages(div, logp_student_NT, logp_teacher_NT, method, gamma, baseline, 
         b = expected_advantage_baseline(div, logp_student_NTV, logp_teacher_NTV, method)
     A = compute_advantages(div, logp_student_NT, logp_teacher_NT, method=method, gamma=gamma, baseline_BT=b).A_BT
     if baseline == "loo":
-        n, T = A.shape
-        G = n if group_size is None else group_size
-        if G < 2 or n % G:
-            raise ValueError(f"leave-one-out needs groups of >= 2 samples that divide n_samples={n}, got {G}")
-        A_GrT = A.reshape(n // G, G, T).transpose(0, 1).reshape(G, -1)
-        b = leave_one_out_baseline(A_GrT).reshape(G, n // G, T).transpose(0, 1).reshape(n, T)
-        A = A - b
+        A = A - leave_one_out_baseline(A, None, group_size)
     return A
 
 

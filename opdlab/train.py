@@ -48,6 +48,7 @@ def load_models(config: TrainConfig, task, progress: bool = True):
     if config.teacher_path is None or config.student_path is None:
         teacher, student, tokenizer, meta = teacher_and_student(
             task, config.recipe("teacher"), config.recipe("student"), device, config.cache, progress)
+    cached_tokenizer = tokenizer
     if config.teacher_path is not None:
         teacher, t_tok = load_model(config.teacher_path, device)
         tokenizer, meta["teacher"] = t_tok, {"path": config.teacher_path}
@@ -55,6 +56,8 @@ def load_models(config: TrainConfig, task, progress: bool = True):
         student, s_tok = load_model(config.student_path, device)
         check_compatible(teacher, student, tokenizer, s_tok)
         meta["student"] = {"path": config.student_path}
+    elif config.teacher_path is not None:  # a local teacher beside a cached student: same vocabulary?
+        check_compatible(teacher, student, tokenizer, cached_tokenizer)
     return teacher.eval(), student, tokenizer, meta
 
 
@@ -114,14 +117,15 @@ def _baseline(tr: Trainer, logp_student_BT, logp_student_BTV, logp_teacher_BT, l
     """b(c_t) of ``config.baseline``: None, the exact per-context mean, or the leave-one-out mean."""
     c = tr.config
     if c.baseline == "expected":
-        return estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method)
+        return estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method,
+                                                      c.log_u_clip)
     if c.baseline == "loo":
         A_BT = estimators.compute_advantages(tr.div, logp_student_BT, logp_teacher_BT, mask_BT, c.method,
                                              c.gamma, None, c.log_u_clip).A_BT
-        G, T = c.samples_per_prompt, A_BT.shape[1]
-        A_PGT, mask_PGT = A_BT.view(-1, G, T), mask_BT.view(-1, G, T)
-        return torch.cat([estimators.leave_one_out_baseline(a, m) for a, m in zip(A_PGT, mask_PGT)])
-    return None
+        return estimators.leave_one_out_baseline(A_BT, mask_BT, c.samples_per_prompt)
+    if c.baseline in (None, "none"):
+        return None
+    raise ValueError(f"unknown baseline {c.baseline!r}; allowed: 'none', 'expected', 'loo'")
 
 
 def opd_step(tr: Trainer, step: int) -> dict:
@@ -212,6 +216,7 @@ def _resume(tr: Trainer, log: RunLog) -> int:
     """Load the checkpoint if the run directory has one; return the number of completed steps."""
     state = log.load_state()
     if state is None:
+        log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
     from transformers import AutoModelForCausalLM
     weights = AutoModelForCausalLM.from_pretrained(log.checkpoint_dir, local_files_only=True).state_dict()

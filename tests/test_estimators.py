@@ -107,6 +107,20 @@ def test_leave_one_out_baseline_matches_a_loop():
             assert float(b[i, t]) == pytest.approx(float(expected))
     with pytest.raises(ValueError, match="at least 2 samples"):
         leave_one_out_baseline(A[:1])
+    with pytest.raises(ValueError, match="divide the batch"):
+        leave_one_out_baseline(A, mask, group_size=3)
+    # two groups of two: each sample's baseline is its partner's advantage where the partner is unmasked
+    b2 = leave_one_out_baseline(A, mask, group_size=2)
+    partner = A[[1, 0, 3, 2]] * mask[[1, 0, 3, 2]]
+    torch.testing.assert_close(b2, partner)
+
+
+def test_non_finite_advantages_ask_for_a_clip():
+    logp_s = torch.tensor([[-60.0, -1.0]], dtype=torch.float32)
+    logp_t = torch.tensor([[-1.0, -1.0]], dtype=torch.float32)
+    with pytest.raises(ValueError, match="pearson_chi2 advantages overflowed.*log_u_clip"):
+        token_advantages("pearson_chi2", logp_s, logp_t)
+    assert torch.isfinite(token_advantages("pearson_chi2", logp_s, logp_t, log_u_clip=10.0)).all()
 
 
 def test_reinforce_loss_gradient():

@@ -149,6 +149,11 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert {"run", "step", "metric", "value", "divergence", "method"} <= set(tidy.columns)
     with pytest.raises(ValueError, match="different config"):
         train(config.replace(lr=1e-2), tmp_path / "full", TASK, models, progress=False)
+    # interrupted before its first checkpoint: the restart starts over without keeping the orphan lines
+    train(config, tmp_path / "early", TASK, models, progress=False, stop_after=1)
+    assert not (tmp_path / "early" / "checkpoint" / "state.pt").exists()
+    train(config, tmp_path / "early", TASK, models, progress=False)
+    assert read_metrics(tmp_path / "early", volatile=False).drop(columns="run").equals(a)
 
 
 @pytest.mark.parametrize("bad, match", [
