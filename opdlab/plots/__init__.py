@@ -42,7 +42,8 @@ def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None 
     paths = []
     for fmt in formats:
         p = out / f"{name}.{fmt}"
-        fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+        with plt.rc_context({"svg.hashsalt": name}):  # stable element ids: a rerun rewrites the same SVG
+            fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
         paths.append(p)
     return paths
 
