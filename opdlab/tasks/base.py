@@ -16,6 +16,7 @@ import hashlib
 import math
 import random
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -62,8 +63,9 @@ class Score:
     reason: str
 
 
-class Task:
-    """Base class: subclasses set the attributes and implement ``_generate`` and ``_score``.
+class Task(ABC):
+    """Base class: subclasses set the attributes and implement ``_score``; generated tasks implement
+    ``_generate``, and tasks with a fixed list of items (BFCL) override ``examples`` instead.
 
     Attributes: ``name``; ``has_tools`` (the harness must run :meth:`tool_result` whenever generation stops
     at ``call_end``); ``alphabet`` (every character any prompt, target or tool result can contain, sorted,
@@ -102,7 +104,8 @@ class Task:
                          "for these options")
 
     def _generate(self, rng: random.Random) -> Example:
-        raise NotImplementedError
+        """One random example (generated tasks); a task with a fixed item list overrides ``examples``."""
+        raise TypeError(f"{type(self).__name__} neither generates examples (_generate) nor overrides examples()")
 
     # -- scoring ------------------------------------------------------------------------------------------
     def score(self, example: Example, completion: str) -> Score:
@@ -114,8 +117,9 @@ class Task:
         except Exception as err:  # a scorer bug must not end a training run; it shows up as malformed
             return Score(False, True, self._no_call(), f"scorer error: {type(err).__name__}: {err}"[:200])
 
+    @abstractmethod
     def _score(self, example: Example, completion: str) -> Score:
-        raise NotImplementedError
+        """The task's scoring rule; :meth:`score` wraps it so that it never raises."""
 
     def _no_call(self) -> bool | None:
         return False if self.scores_calls else None
