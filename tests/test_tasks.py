@@ -159,7 +159,7 @@ def test_tool_use_format_and_segments():
         assert (env0, env1, env2) == (False, True, False)
         assert call.startswith("<call>" + e.meta["name"] + "(") and call.endswith("</call>")
         assert result == f"<result>{e.answer}</result>" and answer == f"A:{e.answer}\n"
-        assert len(e.prompt + e.target) < 96
+        assert len(e.prompt + e.target) < 120  # longest: "Q:capital city of Netherlands?" + target, 111
         # the harness, run on the model's part so far, produces exactly the environment segment
         assert t.tool_result(call) == result
         assert t.tool_result(e.prompt + call) == result

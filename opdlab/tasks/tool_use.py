@@ -10,8 +10,11 @@ Tools (typed, keyword arguments only):
   ``Q:12 times 7?``;
 - ``convert(value: integer, unit: string, to: string)``: km->m, m->cm, kg->g, h->min, min->s, day->h, asked as
   ``Q:3 km in m?``;
-- ``capital(country: string)``: a look-up in a small embedded table, asked as ``Q:capital of Peru?``,
-  ``Q:Peru capital?`` or ``Q:Peru's capital?`` (so most countries appear in both splits).
+- ``capital(country: string)``: a look-up in an embedded table of 108 countries, asked in six phrasings
+  (``Q:capital of Peru?``, ``Q:Peru's capital?``, ``Q:Peru: capital?``, ...), so most countries
+  appear in both splits and the model has to learn to copy the name rather than memorise whole prompts (with
+  32 countries and 3 phrasings a 0.9M-parameter teacher memorised the training prompts and got only 36% of
+  held-out capital questions right).
 
 The model writes a call ending in ``</call>`` (:attr:`call_end`); the harness calls :meth:`tool_result`,
 which parses the call with ``ast``, checks it against the tool's signature, really runs the tool and returns
@@ -39,12 +42,30 @@ MAX_ABS_INT = 10**9
 CONVERSIONS = {("km", "m"): 1000, ("m", "cm"): 100, ("kg", "g"): 1000, ("h", "min"): 60, ("min", "s"): 60,
                ("day", "h"): 24}
 CAPITALS = {"France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Norway": "Oslo",
+            "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Iceland": "Reykjavik",
             "Laos": "Vientiane", "Poland": "Warsaw", "Greece": "Athens", "Egypt": "Cairo", "Kenya": "Nairobi",
             "Japan": "Tokyo", "China": "Beijing", "India": "Delhi", "Peru": "Lima", "Chile": "Santiago",
             "Canada": "Ottawa", "Cuba": "Havana", "Ireland": "Dublin", "Austria": "Vienna", "Portugal": "Lisbon",
             "Togo": "Lome", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad", "Fiji": "Suva",
             "Russia": "Moscow", "Ghana": "Accra", "Mali": "Bamako", "Syria": "Damascus", "Latvia": "Riga",
-            "Qatar": "Doha", "Oman": "Muscat"}
+            "Qatar": "Doha", "Oman": "Muscat", "Hungary": "Budapest", "Romania": "Bucharest", "Bulgaria": "Sofia",
+            "Serbia": "Belgrade", "Croatia": "Zagreb", "Slovakia": "Bratislava", "Estonia": "Tallinn",
+            "Lithuania": "Vilnius", "Ukraine": "Kyiv", "Belgium": "Brussels", "Netherlands": "Amsterdam",
+            "Switzerland": "Bern", "Albania": "Tirana", "Cyprus": "Nicosia", "Malta": "Valletta", "Morocco": "Rabat",
+            "Tunisia": "Tunis", "Algeria": "Algiers", "Libya": "Tripoli", "Sudan": "Khartoum", "Nigeria": "Abuja",
+            "Senegal": "Dakar", "Uganda": "Kampala", "Rwanda": "Kigali", "Angola": "Luanda", "Zambia": "Lusaka",
+            "Zimbabwe": "Harare", "Namibia": "Windhoek", "Botswana": "Gaborone", "Brazil": "Brasilia",
+            "Colombia": "Bogota", "Venezuela": "Caracas", "Ecuador": "Quito", "Uruguay": "Montevideo",
+            "Paraguay": "Asuncion", "Jamaica": "Kingston", "Nepal": "Kathmandu", "Bhutan": "Thimphu",
+            "Vietnam": "Hanoi", "Thailand": "Bangkok", "Indonesia": "Jakarta", "Philippines": "Manila",
+            "Mongolia": "Ulaanbaatar", "Pakistan": "Islamabad", "Afghanistan": "Kabul", "Jordan": "Amman",
+            "Lebanon": "Beirut", "Georgia": "Tbilisi", "Armenia": "Yerevan", "Azerbaijan": "Baku",
+            "Kazakhstan": "Astana", "Uzbekistan": "Tashkent", "Australia": "Canberra", "Samoa": "Apia",
+            "Niger": "Niamey", "Gabon": "Libreville", "Guinea": "Conakry", "Liberia": "Monrovia",
+            "Malawi": "Lilongwe", "Somalia": "Mogadishu", "Eritrea": "Asmara", "Bahrain": "Manama",
+            "Belize": "Belmopan", "Honduras": "Tegucigalpa", "Nicaragua": "Managua", "Guyana": "Georgetown",
+            "Suriname": "Paramaribo", "Moldova": "Chisinau", "Belarus": "Minsk", "Slovenia": "Ljubljana",
+            "Montenegro": "Podgorica", "Liechtenstein": "Vaduz"}
 
 
 class ToolError(ValueError):
@@ -88,7 +109,8 @@ TOOLS = {
     "convert": Tool("convert", (("value", "integer"), ("unit", "string"), ("to", "string")), _convert),
     "capital": Tool("capital", (("country", "string"),), _capital),
 }
-CAPITAL_QUESTIONS = ("capital of {}?", "{} capital?", "{}'s capital?")
+CAPITAL_QUESTIONS = ("capital of {}?", "{} capital?", "{}'s capital?", "capital city of {}?", "{}: capital?",
+                     "the capital of {}?")
 ERRORS = ("error: parse", "error: unknown tool", "error: bad arguments", "error: bad value")
 
 
