@@ -34,8 +34,7 @@ from opdlab.models import check_compatible, load_model, pick_device, teacher_and
 from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.runlog import RunLog, read_metrics
 
-__all__ = ["train", "opd_step", "evaluate", "load_models", "sweep", "run_name", "max_new_tokens", "Trainer",
-           "EVAL_SEED"]
+__all__ = ["train", "opd_step", "evaluate", "load_models", "run_name", "max_new_tokens", "Trainer", "EVAL_SEED"]
 
 EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
 
@@ -264,38 +263,3 @@ def run_name(config: TrainConfig) -> str:
     import hashlib
     digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
     return f"{config.task}-{config.divergence.replace(':', '_')}-{config.method}-s{config.seed}-{digest}"
-
-
-def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True,
-          task_overrides: dict | None = None):
-    """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
-
-    ``task_overrides`` maps a task name to TrainConfig fields that differ for it (e.g. fewer SFT steps for a
-    task with longer sequences).
-
-    ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
-    ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
-    examples. The teacher and the warm-up student of each task are loaded (or trained) once. A run whose
-    directory already holds a finished run is read back, not retrained.
-    """
-    from opdlab.rollout import greedy_accuracy
-    from opdlab.tasks import get_task
-
-    run_dirs, refs = [], []
-    for task_name in tasks:
-        task = get_task(task_name)
-        config = base.replace(task=task_name, **(task_overrides or {}).get(task_name, {}))
-        models = load_models(config, task, progress)
-        examples = task.examples("test", config.eval_n, seed=EVAL_SEED)
-        for role, model in (("teacher", models[0]), ("student", models[1])):
-            acc = greedy_accuracy(model.eval(), models[2], task, examples,
-                                  max_new_tokens=config.max_new_tokens or max_new_tokens(task))
-            refs.append(dict(task=task_name, role=role, value=acc))
-        for divergence in divergences:
-            for method in methods:
-                for seed in seeds:
-                    run = config.replace(divergence=divergence, method=method, seed=seed)
-                    run_dirs.append(Path(runs_dir) / run_name(run))
-                    train(run, run_dirs[-1], task, models, progress)
-    from opdlab.runlog import results
-    return results(run_dirs, kind="eval"), pd.DataFrame(refs)

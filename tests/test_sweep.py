@@ -1,0 +1,49 @@
+"""The sweep of notebook 04: worker processes, read-back of finished runs, reference lines, bad input."""
+import pandas as pd
+import pytest
+import torch
+
+from opdlab.config import TrainConfig
+from opdlab.sweep import resolve_workers, sweep
+
+pytestmark = pytest.mark.slow
+
+BASE = TrainConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=24, eval_every=1, eval_n=4,
+                   eval_samples=1, checkpoint_every=1, device="cpu", teacher_hidden=32, teacher_layers=1,
+                   teacher_sft_steps=3, student_hidden=16, student_layers=1, student_warmup_steps=2)
+
+
+def _sweep(tmp_path, workers):
+    return sweep(BASE.replace(cache=str(tmp_path / "cache")), ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"],
+                 [0], tmp_path / "runs", progress=False, workers=workers)
+
+
+def test_workers_give_every_run_and_the_references(tmp_path):
+    evals, refs = _sweep(tmp_path, workers=2)
+    assert sorted(evals["method"].unique()) == ["opd", "opd_plus"]
+    assert sorted(evals["step"].unique()) == [0, 1, 2] and len(evals) == 6
+    assert set(refs["role"]) == {"teacher", "student"} and refs["value"].between(0, 1).all()
+    # both methods start from the same warm-up student: identical step-0 evaluations
+    start = evals[evals["step"] == 0].set_index("method")
+    assert start.loc["opd", "exact_reverse_kl"] == start.loc["opd_plus", "exact_reverse_kl"]
+    # a second sweep reads the finished runs back instead of training them again
+    metrics = sorted((tmp_path / "runs").glob("*/metrics.jsonl"))
+    before = [p.read_text() for p in metrics]
+    again, refs_again = _sweep(tmp_path, workers=1)
+    assert [p.read_text() for p in metrics] == before
+    pd.testing.assert_frame_equal(again, evals)
+    pd.testing.assert_frame_equal(refs_again, refs)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True, None])
+def test_bad_worker_counts_are_refused(bad):
+    with pytest.raises(ValueError, match="workers must be a positive int or 'auto'"):
+        resolve_workers(bad)
+
+
+def test_auto_workers_is_one_process_on_cuda_and_the_cpus_on_cpu(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert resolve_workers("auto", "cpu") == 6
+    assert resolve_workers(3, "cpu") == 3
+    monkeypatch.setattr("opdlab.sweep.pick_device", lambda device: torch.device("cuda"))
+    assert resolve_workers("auto", "cuda") == 1
