@@ -1,14 +1,27 @@
 """Command line: ``opdlab <command>`` (or ``python -m opdlab``).
 
-    opdlab notebooks [NAME ...] [-p KEY VALUE ...]   execute notebooks with papermill (all by default)
-    opdlab divergences                              the registry: f, OPD+ advantage, bounded or not
-    opdlab train RUN_DIR [-p FIELD VALUE ...]       one OPD/OPD+ run (TrainConfig fields), resumable
+    opdlab toy [-d DIVERGENCE ...] [--seed S] [--n-toys N] [--csv PATH]
+                                         cos(E[g], grad D_f) of OPD and OPD+ on random categorical toys, exact
+    opdlab divergences                   the registry: f, OPD+ advantage, bounded or not
+    opdlab train RUN_DIR [-p FIELD VALUE ...]
+                                         one OPD/OPD+ run (TrainConfig fields), resumable
+    opdlab eval MODEL_DIR --task NAME [-n N] [--samples K] [--seed S] [--device D] [--csv PATH]
+                                         held-out greedy accuracy, avg@K (temperature 1), malformed rate,
+                                         call accuracy of a local checkpoint (or a run directory's)
+    opdlab notebooks [NAME ...] [-p KEY VALUE ...]
+                                         execute notebooks with papermill (all by default)
+
+Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
+``eval`` over ``models.load_model``, ``rollout.sampled_accuracy`` and ``tasks.score_batch`` / ``summarize``.
+Bad input (an unknown divergence or task, a missing checkpoint, a tokenizer that cannot write the task)
+prints ``opdlab <command>: error: ...`` and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import sys
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -19,6 +32,24 @@ def _literal(text: str):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _write_csv(frame, path: str) -> None:
+    """Write a tidy DataFrame to ``path`` (parent directories created) and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    print(f"wrote {len(frame)} rows to {path}")
 
 
 def _cmd_notebooks(args) -> int:
@@ -44,6 +75,27 @@ def _cmd_divergences(args) -> int:
     return 0
 
 
+def _cmd_toy(args) -> int:
+    from opdlab.montecarlo import DIVERGENCES, estimator_cosines
+
+    names = args.divergence or list(DIVERGENCES)
+    cosines = estimator_cosines(names, n_toys=args.n_toys, n_tokens=args.n_tokens, seed=args.seed,
+                                temperature=args.temperature)
+    stats = cosines.groupby(["divergence", "method"], sort=False).agg(
+        cosine=("cosine", "mean"), min_cosine=("cosine", "min"), relative_bias=("relative_bias", "mean"))
+    print(f"cos(E[g], grad D_f), exact, mean over {args.n_toys} random toys (K = {args.n_tokens} tokens, "
+          f"temperature {args.temperature}, seeds {args.seed}..{args.seed + args.n_toys - 1})")
+    width = max(len("divergence"), *(len(n) for n in cosines["divergence"].unique()))
+    print(f"{'divergence':<{width}}  {'OPD':>7}  {'OPD+':>7}  {'OPD min':>7}  {'OPD rel. bias':>13}")
+    for name in cosines["divergence"].unique():
+        opd, plus = stats.loc[(name, "opd")], stats.loc[(name, "opd_plus")]
+        print(f"{name:<{width}}  {opd.cosine:7.3f}  {plus.cosine:7.3f}  {opd.min_cosine:7.3f}  "
+              f"{opd.relative_bias:13.3f}")
+    if args.csv:
+        _write_csv(cosines, args.csv)
+    return 0
+
+
 def _cmd_train(args) -> int:
     from opdlab.config import TrainConfig
     from opdlab.train import train
@@ -56,18 +108,111 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _checkpoint_dir(path: str) -> Path:
+    """``path``, or its ``checkpoint/`` when ``path`` is a run directory written by ``opdlab train``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such directory: {path}")
+    return path / "checkpoint" if (path / "checkpoint" / "config.json").exists() else path
+
+
+def _check_tokenizer(model, tokenizer, task, path: Path) -> None:
+    """Raise a ValueError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
+    <unk>) and every token id it can produce has a row in the model's embedding."""
+    encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in task.alphabet}
+    missing = [ch for ch, ids in encoded.items() if not ids or tokenizer.unk_token_id in ids]
+    if missing:
+        raise ValueError(f"the tokenizer of {path} cannot encode {len(missing)} of the {len(task.alphabet)} "
+                         f"characters of task {task.name!r} ({''.join(missing)!r}); was it trained on another "
+                         "task?")
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_rows:
+        raise ValueError(f"the tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only "
+                         f"{n_rows}; they do not belong together")
+
+
+def _device(text: str):
+    """``models.pick_device`` with a ValueError for a device string torch does not know or cannot use."""
+    import torch
+
+    from opdlab.models import pick_device
+
+    try:
+        device = pick_device(text)
+    except RuntimeError as err:
+        raise ValueError(f"bad device {text!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {text!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _eval_rows(task, examples, rollouts, k: int, decoding: str):
+    """``tasks.score_batch`` of the rollouts' completions (k per example, in order), with the columns
+    ``decoding``, ``example`` (index into ``examples``) and ``sample`` (0..k-1) in front."""
+    from opdlab.tasks import score_batch
+
+    texts = [text for r in rollouts for text in r.texts]
+    rows = score_batch(task, [ex for ex in examples for _ in range(k)], texts)
+    rows.insert(0, "sample", rows.pop("index") % k)
+    rows.insert(0, "example", [i // k for i in range(len(rows))])
+    rows.insert(0, "decoding", decoding)
+    return rows
+
+
+def _cmd_eval(args) -> int:
+    import pandas as pd
+    import torch
+
+    from opdlab.config import TrainConfig
+    from opdlab.models import load_model
+    from opdlab.rollout import sampled_accuracy
+    from opdlab.tasks import get_task, summarize
+    from opdlab.train import EVAL_SEED, max_new_tokens
+
+    seed = EVAL_SEED if args.seed is None else args.seed
+    n, k = args.n or TrainConfig.eval_n, args.samples or TrainConfig.eval_samples
+    task, device = get_task(args.task), _device(args.device)
+    path = _checkpoint_dir(args.model_dir)
+    model, tokenizer = load_model(path, device)
+    _check_tokenizer(model, tokenizer, task, path)
+    model.eval()
+    examples = task.examples("test", n, seed=seed)
+    budget = args.max_new_tokens or max_new_tokens(task)
+    _, greedy = sampled_accuracy(model, tokenizer, task, examples, k=1, greedy=True, max_new_tokens=budget)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    _, sampled = sampled_accuracy(model, tokenizer, task, examples, k=k, generator=generator,
+                                  max_new_tokens=budget)
+    rows = pd.concat([_eval_rows(task, examples, greedy, 1, "greedy"),
+                      _eval_rows(task, examples, sampled, k, "sampled")], ignore_index=True)
+    print(f"{path} on {task.name}: {n} held-out examples (test split, seed {seed}), "
+          f"at most {budget} new tokens, {device}")
+    header = f"{'decoding':<14}  {'accuracy':>8}  {'malformed':>9}" + (f"  {'call accuracy':>13}"
+                                                                           if task.scores_calls else "")
+    print(header)
+    for decoding, label in (("greedy", "greedy"), ("sampled", f"avg@{k} (T=1)")):
+        s = summarize(rows[rows["decoding"] == decoding])
+        line = f"{label:<14}  {s['accuracy']:8.3f}  {s['malformed_rate']:9.3f}"
+        print(line + (f"  {s['call_accuracy']:13.3f}" if task.scores_calls else ""))
+    if args.csv:
+        _write_csv(rows, args.csv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    nb = sub.add_parser("notebooks", help="execute notebooks headlessly with papermill")
-    nb.add_argument("names", nargs="*", help="notebook numbers or names (default: all, in order)")
-    nb.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                    help="override a parameter (a Python literal, else a string); checked against the notebook")
-    nb.add_argument("--figures-dir", help="write figures here instead of the notebook's default (figures/)")
-    nb.add_argument("--output-dir", help="where executed copies go (default notebooks/_executed/)")
-    nb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    nb.set_defaults(func=_cmd_notebooks)
+    ty = sub.add_parser("toy", help="exact cosine of the OPD and OPD+ expected gradients to the true gradient "
+                                    "on random categorical toys")
+    ty.add_argument("-d", "--divergence", nargs="+", action="extend", metavar="DIVERGENCE",
+                    help="registry names, e.g. forward_kl gjsd:0.5 (default: the nine of notebook 02)")
+    ty.add_argument("--seed", type=int, default=0, help="first toy's seed; toys use seed, seed + 1, ...")
+    ty.add_argument("--n-toys", type=_positive_int, default=100, help="number of random toys (default 100)")
+    ty.add_argument("--n-tokens", type=_positive_int, default=8, help="vocabulary size K of each toy (default 8)")
+    ty.add_argument("--temperature", type=float, default=1.0,
+                    help="logits ~ N(0, 1) / temperature; lower is peakier (default 1)")
+    ty.add_argument("--csv", metavar="PATH", help="write the tidy table (one row per toy, divergence, method)")
+    ty.set_defaults(func=_cmd_toy)
 
     dv = sub.add_parser("divergences", help="list the f-divergences in the registry")
     dv.set_defaults(func=_cmd_divergences)
@@ -77,6 +222,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a TrainConfig field (e.g. -p divergence forward_kl -p method opd)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out accuracy of a local checkpoint on a task")
+    ev.add_argument("model_dir", help="a save_pretrained directory with its tokenizer, or a run directory")
+    ev.add_argument("--task", required=True, help="task name (arithmetic, tool_use, gsm_symbolic, bfcl_simple)")
+    ev.add_argument("-n", type=_positive_int, help="held-out examples (default: TrainConfig.eval_n, 128)")
+    ev.add_argument("--samples", type=_positive_int,
+                    help="K completions per example for avg@K (default: TrainConfig.eval_samples, 2)")
+    ev.add_argument("--seed", type=int, help="seed of the held-out examples and of sampling (default: "
+                                             "train.EVAL_SEED, the examples training evaluates on)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--max-new-tokens", type=_positive_int,
+                    help="completion budget (default: the task's, as in training)")
+    ev.add_argument("--csv", metavar="PATH", help="write per-completion scores (score_batch columns)")
+    ev.set_defaults(func=_cmd_eval)
+
+    nb = sub.add_parser("notebooks", help="execute notebooks headlessly with papermill")
+    nb.add_argument("names", nargs="*", help="notebook numbers or names (default: all, in order)")
+    nb.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="override a parameter (a Python literal, else a string); checked against the notebook")
+    nb.add_argument("--figures-dir", help="write figures here instead of the notebook's default (figures/)")
+    nb.add_argument("--output-dir", help="where executed copies go (default notebooks/_executed/)")
+    nb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    nb.set_defaults(func=_cmd_notebooks)
     return parser
 
 
