@@ -132,7 +132,7 @@ def save_model(model, tokenizer, path: str | os.PathLike, meta: dict | None = No
     """``save_pretrained`` the model and its tokenizer into one directory (plus an optional meta.json)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    with quiet_saves():
+    with quiet_progress():
         model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if meta is not None:
@@ -141,8 +141,9 @@ def save_model(model, tokenizer, path: str | os.PathLike, meta: dict | None = No
 
 
 @contextlib.contextmanager
-def quiet_saves():
-    """Silence transformers' per-save progress bar (a checkpoint every few steps would flood the output)."""
+def quiet_progress():
+    """Silence transformers' per-save and per-load progress bars (a checkpoint every few steps, or a model
+    loaded per run, would flood the output)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -162,7 +163,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint at {path} (expected a config.json from save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    with quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

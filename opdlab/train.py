@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from opdlab import divergences, estimators
 from opdlab.config import TrainConfig
-from opdlab.models import check_compatible, load_model, pick_device, teacher_and_student
+from opdlab.models import check_compatible, load_model, pick_device, quiet_progress, teacher_and_student
 from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.runlog import RunLog, read_metrics
 
@@ -218,7 +218,8 @@ def _resume(tr: Trainer, log: RunLog) -> int:
         log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
     from transformers import AutoModelForCausalLM
-    weights = AutoModelForCausalLM.from_pretrained(log.checkpoint_dir, local_files_only=True).state_dict()
+    with quiet_progress():
+        weights = AutoModelForCausalLM.from_pretrained(log.checkpoint_dir, local_files_only=True).state_dict()
     tr.student.load_state_dict(weights)
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.generator.set_state(state["rng"]["generator"])
