@@ -3,15 +3,17 @@
 ``sweep`` works in three phases:
 
 1. the teacher and the warm-up student of each task are loaded from the cache or trained
-   (``train.load_models``), one task per worker;
+   (``train.load_models``), in this process with all its threads;
 2. their held-out greedy accuracies on the evaluation examples become the reference lines;
 3. every run is trained (``train.train``) in its own directory ``runs_dir/<train.run_name(config)>``; a
    finished run is read back, an interrupted one resumes.
 
-Workers. Small models on a CPU keep two cores busier as two single-threaded processes than as one process
-with two threads (an OPD step of the default arithmetic student: 0.21 s with 2 threads against two
-concurrent steps of 0.28 s with 1 thread each, 1.5x the throughput), so on CPU the runs go to ``workers``
-spawned processes, each with ``cpu_count // workers`` threads. ``workers="auto"`` is the number of CPUs on
+Workers. An OPD step (sampling token by token, batches of 64 short sequences) keeps two cores busier as two
+single-threaded processes than as one process with two threads: for the default arithmetic student, 0.21 s
+per step with 2 threads against two concurrent steps of 0.28 s with 1 thread each, 1.5x the throughput. So
+the runs go to ``workers`` spawned processes, each with ``cpu_count // workers`` threads. Supervised
+training (batches of 64 whole sequences) is the other way round: 0.114 s per arithmetic-teacher step with 2
+threads, 0.198 s with 1, so phase 1 stays in this process. ``workers="auto"`` is the number of CPUs on
 CPU and 1 on CUDA (one process owns the GPU). With ``workers=1`` everything runs in this process with
 per-run progress bars. A run's numbers depend on its thread count only through floating-point summation
 order, so a rerun with the same ``workers`` reproduces them exactly.
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from opdlab.config import TrainConfig
 from opdlab.models import pick_device
 from opdlab.runlog import results
+from opdlab.tasks import get_task
 from opdlab.train import EVAL_SEED, load_models, max_new_tokens, run_name, train
 
 __all__ = ["sweep", "resolve_workers"]
@@ -47,13 +50,6 @@ def resolve_workers(workers, device: str = "auto") -> int:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-
-
-def _prepare(config: TrainConfig) -> dict:
-    """Worker: train (or load) the teacher and warm-up student of ``config.task``; return their metadata."""
-    from opdlab.tasks import get_task
-
-    return load_models(config, get_task(config.task), progress=False)[3]
 
 
 def _run(config: TrainConfig, run_dir: str) -> str:
@@ -86,30 +82,22 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     """
     workers = resolve_workers(workers, base.device)
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
-    runs = [(c.replace(divergence=d, method=m, seed=s), str(Path(runs_dir) / run_name(c.replace(
-        divergence=d, method=m, seed=s)))) for c in configs for d in divergences for m in methods for s in seeds]
+    runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d in divergences for m in methods
+            for s in seeds]
+    runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
+    refs, loaded = [], {}
+    for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
+        task = get_task(config.task)
+        loaded[config.task] = task, load_models(config, task, progress)
+        refs += _references(config, task, loaded[config.task][1])
     if workers == 1:
-        refs = []
-        for config in configs:
-            task = _task(config)
-            models = load_models(config, task, progress)
-            refs += _references(config, task, models)
-            for run, run_dir in runs:
-                if run.task == config.task:
-                    train(run, run_dir, task, models, progress)
+        for run, run_dir in runs:
+            train(run, run_dir, *loaded[run.task], progress)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
-            _wait(pool, [(_prepare, c) for c in configs], "teachers and warm-up students", progress)
-            refs = [r for c in configs for r in _references(c, _task(c), load_models(c, _task(c), progress=False))]
             _wait(pool, [(_run, run, run_dir) for run, run_dir in runs], f"runs ({workers} workers)", progress)
     return results([run_dir for _, run_dir in runs], kind="eval"), pd.DataFrame(refs)
-
-
-def _task(config: TrainConfig):
-    from opdlab.tasks import get_task
-
-    return get_task(config.task)
 
 
 def _wait(pool: ProcessPoolExecutor, jobs: list[tuple], desc: str, progress: bool) -> list:
