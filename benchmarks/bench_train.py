@@ -56,7 +56,8 @@ def model_flops_per_token(model) -> float:
 
 def run(args) -> dict:
     config = TrainConfig(task=args.task, divergence="forward_kl", method="opd_plus", steps=args.steps + 2,
-                         device=args.device, prompts_per_step=args.prompts, samples_per_prompt=args.samples)
+                         device=args.device, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
+                         baseline=args.baseline)
     task = get_task(config.task)
     teacher, student, tok, meta = load_models(config, task, progress=True)
     tr = Trainer(config, task, teacher, copy.deepcopy(student), tok)
@@ -104,12 +105,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--baseline", default="expected", help="none, expected (notebook 04's default) or loo")
     args = parser.parse_args()
     res = run(args)
     print(report(res))
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"bench_train-{res['device'].split(':')[0]}.json"
+    path = out / f"bench_train-{res['device'].split(':')[0]}-{args.baseline}.json"
     path.write_text(json.dumps(res, indent=2))
     print(f"wrote {path}")
     assert res["overhead_share"] < 0.10, f"non-model work is {res['overhead_share']:.1%} of a step (limit 10%)"
