@@ -116,21 +116,6 @@ def _checkpoint_dir(path: str) -> Path:
     return path / "checkpoint" if (path / "checkpoint" / "config.json").exists() else path
 
 
-def _check_tokenizer(model, tokenizer, task, path: Path) -> None:
-    """Raise a ValueError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
-    <unk>) and every token id it can produce has a row in the model's embedding."""
-    encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in task.alphabet}
-    missing = [ch for ch, ids in encoded.items() if not ids or tokenizer.unk_token_id in ids]
-    if missing:
-        raise ValueError(f"the tokenizer of {path} cannot encode {len(missing)} of the {len(task.alphabet)} "
-                         f"characters of task {task.name!r} ({''.join(missing)!r}); was it trained on another "
-                         "task?")
-    n_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > n_rows:
-        raise ValueError(f"the tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only "
-                         f"{n_rows}; they do not belong together")
-
-
 def _device(text: str):
     """``models.pick_device`` with a ValueError for a device string torch does not know or cannot use."""
     import torch
@@ -164,7 +149,7 @@ def _cmd_eval(args) -> int:
     import torch
 
     from opdlab.config import TrainConfig
-    from opdlab.models import load_model
+    from opdlab.models import check_task_tokenizer, load_model
     from opdlab.rollout import sampled_accuracy
     from opdlab.tasks import get_task, summarize
     from opdlab.train import EVAL_SEED, max_new_tokens
@@ -174,7 +159,7 @@ def _cmd_eval(args) -> int:
     task, device = get_task(args.task), _device(args.device)
     path = _checkpoint_dir(args.model_dir)
     model, tokenizer = load_model(path, device)
-    _check_tokenizer(model, tokenizer, task, path)
+    check_task_tokenizer(model, tokenizer, task, path)
     model.eval()
     examples = task.examples("test", n, seed=seed)
     budget = args.max_new_tokens or max_new_tokens(task)

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "ModelRecipe", "char_tokenizer", "build_model", "load_model", "save_model", "check_compatible",
-    "encode_example", "collate", "sft", "cached_model", "teacher_and_student", "cache_dir", "pick_device",
-    "count_parameters",
+    "check_task_tokenizer", "encode_example", "collate", "sft", "cached_model", "teacher_and_student",
+    "cache_dir", "pick_device", "count_parameters",
 ]
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -188,6 +188,23 @@ def check_compatible(teacher, student, teacher_tokenizer, student_tokenizer) -> 
     if n_t != n_s:
         raise ValueError(f"teacher and student vocabularies differ: output heads of {n_t} and {n_s} tokens; "
                          "on-policy distillation needs one shared vocabulary")
+
+
+def check_task_tokenizer(model, tokenizer, task, path) -> None:
+    """Raise a ValueError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
+    <unk>) and every token id it can produce has a row in the model's embedding. ``path`` names the checkpoint
+    in the message. Tasks for pretrained tokenizers have an empty alphabet and always pass."""
+    alphabet = getattr(task, "alphabet", "") or ""
+    encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in alphabet}
+    missing = [ch for ch, ids in encoded.items() if not ids or tokenizer.unk_token_id in ids]
+    if missing:
+        raise ValueError(f"the tokenizer of {path} cannot encode {len(missing)} of the {len(alphabet)} "
+                         f"characters of task {task.name!r} ({''.join(missing)!r}); was it trained on another "
+                         "task?")
+    n_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_rows:
+        raise ValueError(f"the tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only "
+                         f"{n_rows}; they do not belong together")
 
 
 def encode_example(tokenizer, example) -> tuple[list[int], list[int]]:

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from opdlab import divergences, estimators
 from opdlab.config import TrainConfig
-from opdlab.models import check_compatible, load_model, pick_device, quiet_progress, teacher_and_student
+from opdlab.models import (check_compatible, check_task_tokenizer, load_model, pick_device, quiet_progress,
+                           teacher_and_student)
 from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.runlog import RunLog, read_metrics
 
@@ -50,9 +51,11 @@ def load_models(config: TrainConfig, task, progress: bool = True):
     cached_tokenizer = tokenizer
     if config.teacher_path is not None:
         teacher, t_tok = load_model(config.teacher_path, device)
+        check_task_tokenizer(teacher, t_tok, task, config.teacher_path)
         tokenizer, meta["teacher"] = t_tok, {"path": config.teacher_path}
     if config.student_path is not None:
         student, s_tok = load_model(config.student_path, device)
+        check_task_tokenizer(student, s_tok, task, config.student_path)
         check_compatible(teacher, student, tokenizer, s_tok)
         meta["student"] = {"path": config.student_path}
     elif config.teacher_path is not None:  # a local teacher beside a cached student: same vocabulary?

@@ -61,6 +61,10 @@ def test_mismatched_vocabularies_are_refused(tmp_path):
     config = TrainConfig(teacher_path=str(tmp_path / "t"), student_path=str(tmp_path / "s"), device="cpu")
     with pytest.raises(ValueError, match="tokenizers differ"):
         load_models(config, task=None)
+    # a local checkpoint whose tokenizer cannot write the task's characters is refused before any training
+    models.save_model(m_a, tok_a, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"tokenizer of .*/t cannot encode 18 of the 18 characters of task 'arithmetic'"):
+        load_models(config, task=get_task("arithmetic"))
 
 
 def test_environment_segments_are_masked_out_of_sft():
