@@ -122,10 +122,10 @@ def sequence_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "js
 
     Exact columns (by enumeration): bias_sequence = ``||E[g] - grad J||``, bias_token_local =
     ``||E[g] - grad J_local||``, cosine_sequence = ``cos(E[g], grad J)``. Sampled columns: rmse_sequence and
-    relative_error of n-sample estimates over ``n_repeats`` repeats (leave-one-out within each group of n),
-    ``baselines`` holds None (or "none"), "expected", "loo". variance = per-sample ``tr Cov`` of the terms whose mean is the estimate (sampled), variance_exact = the
-    same by enumeration (NaN for leave-one-out, which has no per-sequence value). ``baseline`` is written
-    as "none", "expected" or "loo".
+    relative_error of n-sample estimates over ``n_repeats`` repeats (leave-one-out within each group of n);
+    variance = per-sample ``tr Cov`` of the terms whose mean is the estimate (sampled), variance_exact = the
+    same by enumeration (NaN for leave-one-out, which has no per-sequence value). ``baselines`` holds None
+    (or "none"), "expected", "loo"; the ``baseline`` column is written as "none", "expected" or "loo".
     """
     toy = make_sequence(vocab_size, horizon, seed, temperature)
     g = as_generator(seed)

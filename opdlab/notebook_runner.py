@@ -7,6 +7,7 @@ the wrong type (an int where the default is a list, ...) is rejected before a ke
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
     out = out_dir / path.name
     start = time.perf_counter()
     pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
-                        progress_bar=progress, kernel_name=kernel_name)
+                        progress_bar=progress, kernel_name=kernel_name,
+                        stdout_file=sys.stdout if progress else None)  # e.g. the sweep's one line per run
     if progress:
         print(f"{path.name}: {time.perf_counter() - start:.1f} s -> {out}")
     return out

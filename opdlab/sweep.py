@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from opdlab.config import TrainConfig
 from opdlab.models import pick_device
-from opdlab.runlog import results
+from opdlab.runlog import read_metrics, results
 from opdlab.tasks import get_task
 from opdlab.train import EVAL_SEED, load_models, max_new_tokens, run_name, train
 
@@ -87,12 +88,15 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
-        task = get_task(config.task)
+        task, start = get_task(config.task), time.perf_counter()
         loaded[config.task] = task, load_models(config, task, progress)
         refs += _references(config, task, loaded[config.task][1])
+        _log(progress, f"{config.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
+                       f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
     if workers == 1:
-        for run, run_dir in runs:
+        for i, (run, run_dir) in enumerate(runs):
             train(run, run_dir, *loaded[run.task], progress)
+            _log(progress, _summary(i + 1, len(runs), run_dir))
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
@@ -100,11 +104,31 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     return results([run_dir for _, run_dir in runs], kind="eval"), pd.DataFrame(refs)
 
 
+def _log(progress: bool, message: str) -> None:
+    """A plain line on stdout: ``opdlab notebooks`` streams it live, where a notebook's progress bars stay
+    inside the notebook."""
+    if progress:
+        print(message, flush=True)
+
+
+def _summary(i: int, n: int, run_dir: str) -> str:
+    """``[i/n] <run name>: greedy accuracy <first> -> <last> in <seconds> s``, from the run's metrics."""
+    df = read_metrics(run_dir)
+    evals = df[df["kind"] == "eval"]
+    seconds = df.filter(like="time_").sum().sum()
+    return (f"[{i:>{len(str(n))}}/{n}] {Path(run_dir).name}: greedy accuracy {evals['greedy_accuracy'].iloc[0]:.2f}"
+            f" -> {evals['greedy_accuracy'].iloc[-1]:.2f} ({seconds:.0f} s)")
+
+
 def _wait(pool: ProcessPoolExecutor, jobs: list[tuple], desc: str, progress: bool) -> list:
     """Submit ``jobs`` (function, *args) to ``pool`` and wait for all, with a progress bar; re-raise failures."""
     futures = [pool.submit(fn, *args) for fn, *args in jobs]
+    out = []
     try:
-        return [f.result() for f in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress)]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+            out.append(future.result())
+            _log(progress, _summary(len(out), len(futures), out[-1]))
+        return out
     except BaseException:  # an error or an interrupt: drop the queued jobs; running ones end at a checkpoint
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -63,7 +63,7 @@ def test_mismatched_vocabularies_are_refused(tmp_path):
         load_models(config, task=None)
     # a local checkpoint whose tokenizer cannot write the task's characters is refused before any training
     models.save_model(m_a, tok_a, tmp_path / "s")
-    with pytest.raises(ValueError, match=r"tokenizer of .*/t cannot encode 18 of the 18 characters of task 'arithmetic'"):
+    with pytest.raises(ValueError, match=r"tokenizer of .*/t cannot encode 18 of the 18 characters of task"):
         load_models(config, task=get_task("arithmetic"))
 
 

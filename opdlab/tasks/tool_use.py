@@ -207,7 +207,7 @@ class ToolUseTask(Task):
 
 def _alphabet() -> str:
     """Every character a prompt, target or tool result can contain."""
-    text = ["0123456789-", " plus times in?QA:\n", *(q.format('') for q in CAPITAL_QUESTIONS), CALL_START, CALL_END, RESULT_START, RESULT_END,
-            '(),="', *ERRORS, *TOOLS, *(p for t in TOOLS.values() for p, _ in t.params),
+    text = ["0123456789-", " plus times in?QA:\n", *(q.format('') for q in CAPITAL_QUESTIONS), CALL_START, CALL_END,
+            RESULT_START, RESULT_END, '(),="', *ERRORS, *TOOLS, *(p for t in TOOLS.values() for p, _ in t.params),
             *(u for pair in CONVERSIONS for u in pair), *CAPITALS, *CAPITALS.values()]
     return "".join(sorted(set("".join(text))))
