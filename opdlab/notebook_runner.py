@@ -79,6 +79,20 @@ def check_parameters(path: Path, parameters: dict[str, object]) -> None:
                              f"like its default {declared[key]!r}, got {value!r}")
 
 
+class _LinesAboveBar:
+    """A file-like stdout for papermill: the kernel's printed lines go above the cell progress bar
+    (``tqdm.write``) instead of being glued onto it."""
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        for line in text.splitlines():
+            tqdm.write(line, file=sys.stdout)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
                      output_dir: str | os.PathLike | None = None, progress: bool = True,
                      kernel_name: str | None = None) -> Path:
@@ -98,7 +112,7 @@ def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
     start = time.perf_counter()
     pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
                         progress_bar=progress, kernel_name=kernel_name,
-                        stdout_file=sys.stdout if progress else None)  # e.g. the sweep's one line per run
+                        stdout_file=_LinesAboveBar() if progress else None)  # e.g. the sweep's line per run
     if progress:
         print(f"{path.name}: {time.perf_counter() - start:.1f} s -> {out}")
     return out
