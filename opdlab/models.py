@@ -302,6 +302,9 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
         return model, tokenizer, json.loads((path / "meta.json").read_text())
     tokenizer = char_tokenizer(task.alphabet)
     model = build_model(recipe, tokenizer).to(device)
+    if progress:  # a plain line too: `opdlab notebooks` streams it where the notebook's bar does not show
+        print(f"training the {role} for {name}: {recipe.sft_steps} SFT steps, {count_parameters(model):,} "
+              f"parameters, cached at {path}", flush=True)
     losses = sft(model, tokenizer, task, recipe.sft_steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
                  desc=f"{role} SFT ({name})", progress=progress)
     examples = task.examples("test", eval_n, seed=recipe.seed + 10_000)
