@@ -14,9 +14,9 @@ per step with 2 threads against two concurrent steps of 0.28 s with 1 thread eac
 the runs go to ``workers`` spawned processes, each with ``cpu_count // workers`` threads. Supervised
 training (batches of 64 whole sequences) is the other way round: 0.114 s per arithmetic-teacher step with 2
 threads, 0.198 s with 1, so phase 1 stays in this process. ``workers="auto"`` is the number of CPUs on
-CPU and 1 on CUDA (one process owns the GPU). With ``workers=1`` everything runs in this process with
-per-run progress bars. A run's numbers depend on its thread count only through floating-point summation
-order, so a rerun with the same ``workers`` reproduces them exactly.
+CPU and 1 on CUDA (one process owns the GPU); there are never more workers than runs. With ``workers=1``
+everything runs in this process with per-run progress bars. A run's numbers depend on its thread count
+only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
 """
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d in divergences for m in methods
             for s in seeds]
     runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
+    workers = min(workers, len(runs)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
         task, start = get_task(config.task), time.perf_counter()
@@ -100,7 +101,7 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
-            _wait(pool, [(_run, run, run_dir) for run, run_dir in runs], f"runs ({workers} workers)", progress)
+            _wait(pool, runs, f"runs ({workers} workers)", progress)
     return results([run_dir for _, run_dir in runs], kind="eval"), pd.DataFrame(refs)
 
 
@@ -120,15 +121,14 @@ def _summary(i: int, n: int, run_dir: str) -> str:
             f" -> {evals['greedy_accuracy'].iloc[-1]:.2f} ({seconds:.0f} s)")
 
 
-def _wait(pool: ProcessPoolExecutor, jobs: list[tuple], desc: str, progress: bool) -> list:
-    """Submit ``jobs`` (function, *args) to ``pool`` and wait for all, with a progress bar; re-raise failures."""
-    futures = [pool.submit(fn, *args) for fn, *args in jobs]
-    out = []
+def _wait(pool: ProcessPoolExecutor, runs: list[tuple], desc: str, progress: bool) -> None:
+    """Train the ``(config, run_dir)`` pairs in ``pool`` and wait for all, with a progress bar and a line per
+    finished run; re-raise the first failure."""
+    futures = [pool.submit(_run, run, run_dir) for run, run_dir in runs]
     try:
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
-            out.append(future.result())
-            _log(progress, _summary(len(out), len(futures), out[-1]))
-        return out
+        bar = tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress)
+        for i, future in enumerate(bar):
+            _log(progress, _summary(i + 1, len(futures), future.result()))
     except BaseException:  # an error or an interrupt: drop the queued jobs; running ones end at a checkpoint
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 
 from opdlab import divergences, estimators
 from opdlab.config import TrainConfig
-from opdlab.models import (check_compatible, check_task_tokenizer, load_model, pick_device, quiet_progress,
-                           teacher_and_student)
+from opdlab.models import check_compatible, check_task_tokenizer, load_model, pick_device, teacher_and_student
 from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.runlog import RunLog, read_metrics
 
@@ -115,19 +114,19 @@ class _Clock:
         self.t = now
 
 
-def _baseline(tr: Trainer, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT):
-    """b(c_t) of ``config.baseline``: None, the exact per-context mean, or the leave-one-out mean."""
+def _advantages(tr: Trainer, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT):
+    """``compute_advantages`` less the baseline b(c_t) of ``config.baseline``: none, the exact per-context
+    mean over the vocabulary (``"expected"``), or the mean advantage of the other samples of the same prompt
+    at the same position (``"loo"``, computed from the baseline-free advantages)."""
     c = tr.config
-    if c.baseline == "expected":
-        return estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method,
-                                                      c.log_u_clip)
+    expected_BT = (estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method,
+                                                          c.log_u_clip) if c.baseline == "expected" else None)
+    adv = estimators.compute_advantages(tr.div, logp_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
+                                        expected_BT, c.log_u_clip)
     if c.baseline == "loo":
-        A_BT = estimators.compute_advantages(tr.div, logp_student_BT, logp_teacher_BT, mask_BT, c.method,
-                                             c.gamma, None, c.log_u_clip).A_BT
-        return estimators.leave_one_out_baseline(A_BT, mask_BT, c.samples_per_prompt)
-    if c.baseline in (None, "none"):
-        return None
-    raise ValueError(f"unknown baseline {c.baseline!r}; allowed: 'none', 'expected', 'loo'")
+        loo_BT = estimators.leave_one_out_baseline(adv.A_BT, mask_BT, c.samples_per_prompt)
+        adv = replace(adv, A_BT=(adv.A_BT - loo_BT) * mask_BT)
+    return adv
 
 
 def opd_step(tr: Trainer, step: int) -> dict:
@@ -150,9 +149,7 @@ def opd_step(tr: Trainer, step: int) -> dict:
     clock.lap("student_forward")
     # 4. advantages (never z-scored) and the REINFORCE surrogate
     sg_student_BT, sg_student_BTV = logp_student_BT.detach(), logp_student_BTV.detach()
-    baseline_BT = _baseline(tr, sg_student_BT, sg_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT)
-    adv = estimators.compute_advantages(tr.div, sg_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
-                                        baseline_BT, c.log_u_clip)
+    adv = _advantages(tr, sg_student_BT, sg_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT)
     loss = estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction)
     clock.lap("advantage")
     # 5. backward, clip, step
@@ -220,10 +217,7 @@ def _resume(tr: Trainer, log: RunLog) -> int:
     if state is None:
         log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
-    from transformers import AutoModelForCausalLM
-    with quiet_progress():
-        weights = AutoModelForCausalLM.from_pretrained(log.checkpoint_dir, local_files_only=True).state_dict()
-    tr.student.load_state_dict(weights)
+    tr.student.load_state_dict(load_model(log.checkpoint_dir)[0].state_dict())
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.generator.set_state(state["rng"]["generator"])
     log.truncate_after(state["step"])

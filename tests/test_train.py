@@ -10,7 +10,7 @@ from opdlab.models import ModelRecipe, build_model, char_tokenizer
 from opdlab.rollout import completion_logits, gather_logp, sample
 from opdlab.runlog import read_metrics, results
 from opdlab.tasks import Example, get_task
-from opdlab.train import Trainer, opd_step, train
+from opdlab.train import Trainer, _advantages, opd_step, train
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
@@ -105,6 +105,25 @@ def test_one_step_of_each_method_moves_the_student(method, divergence, baseline,
     assert m["tokens"] > 0 and m["grad_norm"] > 0 and 0 <= m["clip_fraction"] <= 1
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), models_for_test()[1].parameters()))
+
+
+@pytest.mark.parametrize("baseline", ["none", "expected", "loo"])
+def test_step_advantages_subtract_the_configured_baseline(baseline):
+    config = TrainConfig(**SMALL, divergence="jsd", method="opd_plus", baseline=baseline, gamma=0.5)
+    teacher, student, tok, _ = models_for_test()
+    tr = Trainer(config, TASK, teacher, student, tok)
+    r = rollout_of(student, [ex.prompt for ex in tr.batch(0)])
+    with torch.no_grad():
+        lt_BT, lt_BTV = gather_logp(completion_logits(teacher, r), r.completion_ids_BT)
+        ls_BT, ls_BTV = gather_logp(completion_logits(student, r), r.completion_ids_BT)
+    got = _advantages(tr, ls_BT, ls_BTV, lt_BT, lt_BTV, r.mask_BT)
+    plain = estimators.compute_advantages("jsd", ls_BT, lt_BT, r.mask_BT, "opd_plus", 0.5)
+    expect = {"none": None,
+              "expected": estimators.expected_advantage_baseline("jsd", ls_BTV, lt_BTV, "opd_plus"),
+              "loo": estimators.leave_one_out_baseline(plain.A_BT, r.mask_BT, SMALL["samples_per_prompt"])}
+    want = estimators.compute_advantages("jsd", ls_BT, lt_BT, r.mask_BT, "opd_plus", 0.5, expect[baseline])
+    torch.testing.assert_close(got.A_BT, want.A_BT)
+    assert baseline == "none" or not torch.allclose(got.A_BT, plain.A_BT)
 
 
 def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradient():
