@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, fields
 
 from opdlab.models import ARCHITECTURES, ModelRecipe
+from opdlab.tasks.base import is_int
 
 __all__ = ["TrainConfig", "BASELINES", "REDUCTIONS"]
 
@@ -127,10 +128,6 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"TrainConfig.{name} = {value!r} is invalid: expected {allowed}")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _validate(c: TrainConfig) -> None:
     from opdlab.divergences import get
     from opdlab.estimators import METHODS
@@ -148,13 +145,13 @@ def _validate(c: TrainConfig) -> None:
     _check(c.log_u_clip is None or (isinstance(c.log_u_clip, (int, float)) and c.log_u_clip > 0),
            "log_u_clip", c.log_u_clip, "None or a positive number")
     for name in ("steps", "teacher_sft_steps", "student_warmup_steps"):
-        _check(_is_int(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name), "an int >= 0")
-    _check(c.max_new_tokens is None or (_is_int(c.max_new_tokens) and c.max_new_tokens >= 1), "max_new_tokens",
+        _check(is_int(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name), "an int >= 0")
+    _check(c.max_new_tokens is None or (is_int(c.max_new_tokens) and c.max_new_tokens >= 1), "max_new_tokens",
            c.max_new_tokens, "None (automatic) or an int >= 1")
     for name in ("prompts_per_step", "samples_per_prompt", "eval_every", "eval_n",
                  "eval_samples", "checkpoint_every", "teacher_hidden", "teacher_layers", "student_hidden",
                  "student_layers", "sft_batch"):
-        _check(_is_int(getattr(c, name)) and getattr(c, name) >= 1, name, getattr(c, name), "an int >= 1")
+        _check(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, getattr(c, name), "an int >= 1")
     for name in ("teacher_hidden", "student_hidden"):
         _check(getattr(c, name) % 32 == 0 or getattr(c, name) < 32, name, getattr(c, name),
                "a multiple of 32 (heads of width 32), or less than 32 for a single head")
@@ -165,6 +162,7 @@ def _validate(c: TrainConfig) -> None:
            "a number >= 0")
     _check(c.baseline != "loo" or c.samples_per_prompt >= 2, "baseline", c.baseline,
            "'none' or 'expected' when samples_per_prompt is 1 (a leave-one-out baseline needs >= 2 samples)")
-    _check(_is_int(c.seed) and c.seed >= 0, "seed", c.seed, "an int >= 0")
-    _check(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device,
+    _check(is_int(c.seed) and c.seed >= 0, "seed", c.seed, "an int >= 0")
+    _check(isinstance(c.device, str) and (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")),
+           "device", c.device,
            "'auto', 'cpu', 'cuda' or 'cuda:N'")

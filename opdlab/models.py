@@ -66,17 +66,22 @@ class ModelRecipe:
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+        from opdlab.tasks.base import is_int
+
         for name in ("hidden", "layers", "heads", "intermediate", "sft_batch", "max_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.sft_steps < 0 or not self.sft_lr > 0:
-            raise ValueError(f"sft_steps must be >= 0 and sft_lr > 0, got {self.sft_steps}, {self.sft_lr}")
+        for name in ("sft_steps", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.sft_lr, (int, float)) and self.sft_lr > 0):
+            raise ValueError(f"sft_lr must be a positive number, got {self.sft_lr!r}")
 
-    def key(self, task_name: str, alphabet: str, parent: str | None = None) -> str:
-        """A short hash of the recipe, the task and the parent model (for a warm-up), naming the cache entry."""
-        blob = json.dumps([asdict(self), task_name, alphabet, parent, 1], sort_keys=True)
+    def key(self, task_name: str, alphabet: str) -> str:
+        """A short hash of the recipe, the task and its alphabet, naming the cache entry."""
+        blob = json.dumps([asdict(self), task_name, alphabet, None, 1], sort_keys=True)  # None, 1: the format
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -296,6 +301,9 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
 
     device = pick_device(device) if isinstance(device, str) else device
     name = getattr(task, "name", type(task).__name__)
+    if not getattr(task, "alphabet", ""):
+        raise ValueError(f"task {name!r} is meant for a pretrained model's tokenizer (it has no character "
+                         "alphabet to build one from); set teacher_path and student_path to local checkpoints")
     path = cache_dir(cache) / f"{role}-{name}-{recipe.key(name, task.alphabet)}"
     if (path / "meta.json").exists():
         model, tokenizer = load_model(path, device)

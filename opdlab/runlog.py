@@ -28,6 +28,8 @@ from opdlab.models import save_model
 __all__ = ["RunLog", "read_metrics", "results", "versions"]
 
 VOLATILE = ("time_",)  # metric names starting with these differ between runs (wall-clock)
+CONFIG_COLUMNS = ("task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip", "reduction")
+"""The config fields copied onto every metrics row: what tells runs apart in a table or a figure."""
 
 
 def versions(device: str | None = None) -> dict:
@@ -89,7 +91,7 @@ class RunLog:
         if not self.checkpoint_dir.exists() and (self.dir / "checkpoint.old").exists():
             os.replace(self.dir / "checkpoint.old", self.checkpoint_dir)  # interrupted between the renames
         path = self.checkpoint_dir / "state.pt"
-        return torch.load(path, weights_only=False) if path.exists() else None
+        return torch.load(path, weights_only=False, map_location="cpu") if path.exists() else None
 
 
 def read_metrics(run_dir: str | os.PathLike, volatile: bool = True) -> pd.DataFrame:
@@ -103,7 +105,7 @@ def read_metrics(run_dir: str | os.PathLike, volatile: bool = True) -> pd.DataFr
     if not volatile:
         df = df[[c for c in df.columns if not c.startswith(VOLATILE)]]
     config = json.loads((run_dir / "config.json").read_text())
-    for key in ("task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip"):
+    for key in CONFIG_COLUMNS:
         df[key] = config[key]
     df["run"] = run_dir.name
     return df
@@ -121,6 +123,6 @@ def results(run_dirs, kind: str | None = "eval", long: bool = False) -> pd.DataF
     if kind is not None:
         df = df[df["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
     if long:
-        ids = ["run", "task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip", "step", "kind"]
+        ids = ["run", *CONFIG_COLUMNS, "step", "kind"]
         df = df.melt(id_vars=[c for c in ids if c in df], var_name="metric", value_name="value")
     return df

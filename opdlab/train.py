@@ -208,7 +208,7 @@ def evaluate(tr: Trainer, step: int) -> dict:
 
 
 def _rng_state(tr: Trainer) -> dict:
-    return {"generator": tr.generator.get_state()}
+    return {"generator": tr.generator.get_state(), "device": tr.device.type}
 
 
 def _resume(tr: Trainer, log: RunLog) -> int:
@@ -217,6 +217,10 @@ def _resume(tr: Trainer, log: RunLog) -> int:
     if state is None:
         log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
+    saved = state["rng"].get("device", tr.device.type)
+    if saved != tr.device.type:
+        raise ValueError(f"{log.dir} was started on {saved} and is being resumed on {tr.device.type}; its sampling "
+                         f"generator belongs to {saved}: resume it there (device={saved!r}) or use a new run directory")
     tr.student.load_state_dict(load_model(log.checkpoint_dir)[0].state_dict())
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.generator.set_state(state["rng"]["generator"])

@@ -93,7 +93,17 @@ def test_sft_lowers_the_loss_and_the_cache_trains_once(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bad, match", [
     (dict(arch="gpt9"), "unknown architecture"), (dict(hidden=30, heads=4), "divisible"),
     (dict(layers=0), "layers must be a positive"), (dict(sft_lr=0.0), "sft_lr"),
+    (dict(layers=True), "layers must be a positive"), (dict(sft_steps=1.5), "sft_steps must be an integer"),
+    (dict(seed=-1), "seed must be an integer"), (dict(sft_lr="fast"), "sft_lr must be a positive number"),
 ])
 def test_bad_recipes(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelRecipe(**bad)
+
+
+def test_a_task_without_an_alphabet_asks_for_pretrained_checkpoints(tmp_path):
+    class Pretrained:
+        name, alphabet = "pretrained_only", ""
+    with pytest.raises(ValueError, match="'pretrained_only' is meant for a pretrained model's tokenizer"):
+        models.cached_model(Pretrained(), TINY, "teacher", "cpu", tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -1,6 +1,8 @@
 """The OPD loop: sampling and log-prob alignment, one step per method, resume, teacher == student, config."""
 import copy
+import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -173,6 +175,24 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert not (tmp_path / "early" / "checkpoint" / "state.pt").exists()
     train(config, tmp_path / "early", TASK, models, progress=False)
     assert read_metrics(tmp_path / "early", volatile=False).drop(columns="run").equals(a)
+    # a run started on another device is refused with a message, not a torch error from the generator state
+    state_path = tmp_path / "cut" / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    torch.save({**state, "rng": {**state["rng"], "device": "cuda"}}, state_path)
+    with pytest.raises(ValueError, match="was started on cuda and is being resumed on cpu"):
+        train(config, tmp_path / "cut", TASK, models, progress=False)
+
+
+def test_final_table_has_no_interval_for_a_single_seed():
+    from opdlab.plots.training import final_table, mean_band
+    evals = pd.DataFrame(dict(task="t", divergence="jsd", method=["opd"] * 2 + ["opd_plus"] * 4,
+                              seed=[0, 0, 0, 0, 1, 1], step=[0, 5] * 3, greedy_accuracy=[.5, .4, .5, .6, .5, .8],
+                              run=["a", "a", "b", "b", "c", "c"]))
+    table = final_table(evals).set_index("method")
+    assert math.isnan(table.loc["opd", "ci"]) and table.loc["opd", "n"] == 1
+    assert table.loc["opd_plus", "mean"] == pytest.approx(0.7)
+    assert table.loc["opd_plus", "ci"] == pytest.approx(12.706 * (0.02 ** 0.5) / 2 ** 0.5, rel=1e-4)
+    assert mean_band(evals, ["method", "step"], "greedy_accuracy")["ci"].isna().sum() == 2
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -180,7 +200,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     (dict(baseline="mean"), "baseline"), (dict(log_u_clip=0), "log_u_clip"), (dict(steps=-1), "steps"),
     (dict(prompts_per_step=0), "prompts_per_step"), (dict(lr=0), "lr"), (dict(device="tpu"), "device"),
     (dict(baseline="loo", samples_per_prompt=1), "leave-one-out"), (dict(steps=2.5), "steps"),
-    (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"),
+    (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"), (dict(device=None), "device"),
 ])
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

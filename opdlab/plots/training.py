@@ -22,11 +22,12 @@ REFERENCE_STYLE = {
 
 
 def mean_band(df: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
-    """Mean of ``metric`` over seeds per group, with n, sd and the 95% t-interval half-width ``ci``."""
+    """Mean of ``metric`` over seeds per group, with n, sd and the 95% t-interval half-width ``ci`` (NaN for a
+    single seed, where no interval exists; the figures then draw no band)."""
     g = df.groupby(by)[metric]
     out = g.agg(mean="mean", sd="std", n="count").reset_index()
     tq = out["n"].map(lambda n: stats.t.ppf(0.975, n - 1) if n > 1 else float("nan"))
-    out["ci"] = (tq * out["sd"] / out["n"] ** 0.5).fillna(0.0)
+    out["ci"] = tq * out["sd"] / out["n"] ** 0.5
     return out
 
 
