@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import re
 
+CALL_START, CALL_END = "<call>", "</call>"  # how a model writes a call in the tool tasks
 MAX_CALL_CHARS = 2000
 
 _TYPES = {

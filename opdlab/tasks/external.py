@@ -15,10 +15,10 @@ import random
 import re
 
 from opdlab.tasks.base import SPLITS, Example, Score, Task, check_option, final_answer, is_int, split_of
-from opdlab.tasks.calls import CallError, check_signature, format_call, match_call, parse_call, type_ok
+from opdlab.tasks.calls import (CALL_END, CALL_START, CallError, check_signature, format_call, match_call, parse_call,
+                                type_ok)
 
 INSTALL_HINT = "pip install -e .[pretrained]"
-CALL_START, CALL_END = "<call>", "</call>"
 
 
 # -- GSM-Symbolic ------------------------------------------------------------------------------------------

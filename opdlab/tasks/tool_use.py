@@ -33,9 +33,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from opdlab.tasks.base import Example, Score, Task, check_option, final_answer, is_int
-from opdlab.tasks.calls import CallError, check_signature, format_call, match_call, parse_call
+from opdlab.tasks.calls import CALL_END, CALL_START, CallError, check_signature, format_call, match_call, parse_call
 
-CALL_START, CALL_END = "<call>", "</call>"
 RESULT_START, RESULT_END = "<result>", "</result>"
 MAX_ABS_INT = 10**9
 
@@ -114,21 +113,26 @@ CAPITAL_QUESTIONS = ("capital of {}?", "{} capital?", "{}'s capital?", "capital 
 ERRORS = ("error: parse", "error: unknown tool", "error: bad arguments", "error: bad value")
 
 
-def run_call(text: str, tools: dict[str, Tool] = TOOLS) -> tuple[str, str | None]:
-    """Parse, check and execute the call in ``text``: ``(result_text, error_kind)``. Never raises.
+def checked_call(text: str) -> tuple[str, dict]:
+    """``(name, kwargs)`` of the call in ``text``, parsed and checked against the tool's signature; raises
+    ``CallError`` ("parse", "unknown tool" or "bad arguments")."""
+    name, kwargs = parse_call(text)
+    if name not in TOOLS:
+        raise CallError("unknown tool", name)
+    check_signature(kwargs, dict(TOOLS[name].params))
+    return name, kwargs
 
-    ``error_kind`` is None on success, else "parse", "unknown tool", "bad arguments" or "bad value", and
-    ``result_text`` is then ``"error: <kind>"``.
-    """
+
+def run_call(text: str) -> str:
+    """Parse, check and execute the call in ``text``; the tool's result as text, or ``"error: <kind>"`` with
+    kind "parse", "unknown tool", "bad arguments" or "bad value". Never raises."""
     try:
-        name, kwargs = parse_call(text)
-        if name not in tools:
-            raise CallError("unknown tool", name)
-        return str(tools[name](**kwargs)), None
+        name, kwargs = checked_call(text)
+        return str(TOOLS[name].fn(**kwargs))
     except CallError as err:
-        return f"error: {err.kind}", err.kind
+        return f"error: {err.kind}"
     except Exception:  # ToolError, or anything the tool raised on a strange but well-typed value
-        return "error: bad value", "bad value"
+        return "error: bad value"
 
 
 class ToolUseTask(Task):
@@ -178,8 +182,7 @@ class ToolUseTask(Task):
         start = completion_so_far.rfind(CALL_START)
         if start < 0:
             return RESULT_START + ERRORS[0] + RESULT_END
-        text, _ = run_call(completion_so_far[start + len(CALL_START):-len(CALL_END)])
-        return RESULT_START + text + RESULT_END
+        return RESULT_START + run_call(completion_so_far[start + len(CALL_START):-len(CALL_END)]) + RESULT_END
 
     def _score(self, example: Example, completion: str) -> Score:
         start = completion.find(CALL_START)
@@ -189,10 +192,7 @@ class ToolUseTask(Task):
         if end < 0:
             return Score(False, True, False, "call not closed")
         try:
-            name, kwargs = parse_call(completion[start + len(CALL_START):end])
-            if name not in TOOLS:
-                raise CallError("unknown tool", name)
-            check_signature(kwargs, dict(TOOLS[name].params))
+            name, kwargs = checked_call(completion[start + len(CALL_START):end])
         except CallError as err:
             return Score(False, True, False, f"malformed call: {err}"[:120])
         expected = example.meta["name"], {k: [v] for k, v in example.meta["arguments"].items()}
