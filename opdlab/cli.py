@@ -10,6 +10,8 @@
                                          call accuracy of a local checkpoint (or a run directory's)
     opdlab notebooks [NAME ...] [-p KEY VALUE ...]
                                          execute notebooks with papermill (all by default)
+    opdlab audit [ESTIMATOR ...] [--function MODULE:FUNCTION --mode MODE [--claims DIVERGENCE]] [--list]
+                                         what a per-token estimator's expected gradient follows, exactly on toys
 
 Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
 ``eval`` over ``models.load_model``, ``rollout.sampled_accuracy`` and ``tasks.score_batch`` / ``summarize``.
@@ -183,6 +185,37 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    from opdlab.audit import audit, catalogue, estimator, format_verdicts, load_function, verdicts
+
+    entries = catalogue()
+    if args.list:
+        for e in entries.values():
+            print(f"{e.name:<30} {e.mode:<26} claims {e.claims or '-'}")
+        return 0
+    unknown = [n for n in args.names if n not in entries]
+    if unknown:
+        raise ValueError(f"unknown catalogue estimator {unknown[0]!r}; known: {', '.join(entries)}")
+    chosen = [entries[n] for n in args.names]
+    if args.function:
+        if not args.mode:
+            raise ValueError("--function needs --mode: backprop, policy_gradient or importance_ratio")
+        chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
+                                scope="sequence" if args.sequence_scope else "token_local"))
+    frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
+                  seed=args.seed)
+    print(f"exact expected gradients on {args.n_toys} random toys per kind (seeds {args.seed}..."
+          f"{args.seed + args.n_toys - 1}); cosines are means over toys")
+    print(format_verdicts(verdicts(frame)))
+    if len(chosen) == 1:
+        print(f"\n{chosen[0].name}: {chosen[0].doc or '(no docstring)'}\n")
+        print(frame.groupby(["kind", "target", "divergence"], sort=False)[["cosine", "relative_error", "scale"]]
+              .mean().round(4).to_string())
+    if args.csv:
+        _write_csv(frame, args.csv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="completion budget (default: the task's, as in training)")
     ev.add_argument("--csv", metavar="PATH", help="write per-completion scores (score_batch columns)")
     ev.set_defaults(func=_cmd_eval)
+
+    au = sub.add_parser("audit", help="which divergence's gradient a per-token estimator follows (exact toys)")
+    au.add_argument("names", nargs="*", help="catalogue estimators (default: the whole catalogue; see --list)")
+    au.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    au.add_argument("--function", metavar="MODULE:FUNCTION",
+                    help="your estimator: a function of logp_student_BT, logp_teacher_BT (and optionally "
+                         "logp_student_BTV, logp_teacher_BTV) returning per-token values (B, T)")
+    au.add_argument("--mode", choices=("backprop", "policy_gradient", "importance_ratio"),
+                    help="how --function's gradient is taken")
+    au.add_argument("--claims", metavar="DIVERGENCE", help="the registry divergence --function is meant to follow")
+    au.add_argument("--sequence-scope", action="store_true",
+                    help="--function claims the sequence-level gradient (default: token-local)")
+    au.add_argument("--kind", nargs="+", choices=("categorical", "sequence"),
+                    help="toy kinds (default: both)")
+    au.add_argument("--n-toys", type=_positive_int, default=50, help="random toys per kind (default 50)")
+    au.add_argument("--seed", type=int, default=0, help="first toy's seed (default 0)")
+    au.add_argument("--csv", metavar="PATH", help="write the tidy audit table")
+    au.set_defaults(func=_cmd_audit)
 
     nb = sub.add_parser("notebooks", help="execute notebooks headlessly with papermill")
     nb.add_argument("names", nargs="*", help="notebook numbers or names (default: all, in order)")
