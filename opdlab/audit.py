@@ -44,7 +44,7 @@ from opdlab.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_seque
                         make_sequence, sequence_log_probs, token_local_gradient)
 
 __all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Term", "Estimator", "estimator",
-           "catalogue", "get_estimator", "load_function", "expected_gradient", "audit", "verdicts",
+           "catalogue", "get_estimator", "load_function", "expected_gradient", "audit", "cosine_summary", "verdicts",
            "format_verdicts"]
 
 MODES = ("backprop", "policy_gradient", "importance_ratio")
@@ -359,6 +359,17 @@ def audit(estimators=None, kinds: str | Sequence[str] = KINDS, n_toys: int = 50,
     cols = ["kind", "toy_seed", "estimator", "mode", "claims", "scope", "divergence", "target", "cosine",
             "relative_error", "scale", "variance", "mean_norm", "rms_norm", "hand_error"]
     return pd.DataFrame(rows)[cols]
+
+
+def cosine_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """An ``audit`` frame summarised over toys: per kind x estimator x divergence x target, the mean, min and
+    max cosine, and the mean relative error and scale (what the heatmap of notebook 07 draws)."""
+    keys = ["kind", "estimator", "mode", "claims", "divergence", "target"]
+    g = frame.groupby(keys, sort=False)
+    out = g.cosine.agg(cosine="mean", cosine_min="min", cosine_max="max")
+    out[["relative_error", "scale"]] = g[["relative_error", "scale"]].mean()
+    out["n_toys"] = g.toy_seed.nunique()
+    return out.reset_index()
 
 
 def verdicts(frame: pd.DataFrame) -> pd.DataFrame:

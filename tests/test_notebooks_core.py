@@ -1,4 +1,4 @@
-"""Notebooks 01-03 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
+"""Notebooks 01-03 and 07 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
 from pathlib import Path
 
 import pytest
@@ -13,11 +13,13 @@ TINY = {
                                 n_cosine_toys=5, train_divergences=["forward_kl"], train_steps=25),
     "03_sequences": dict(divergences=["reverse_kl", "forward_kl"], gammas=[0.0, 0.5, 1.0],
                          baselines=["none", "expected"], n_repeats=5, vocab_size=2, horizon=3),
+    "07_estimator_audit": dict(n_toys=2, n_tokens=4, vocab_size=2, horizon=2),
 }
 FIGURES = {
     "01_bias_derivation": ["01_advantage_curves"],
     "02_categorical_toys": ["02_error_vs_samples", "02_variance", "02_cosines", "02_training"],
     "03_sequences": ["03_gamma_tradeoff"],
+    "07_estimator_audit": ["07_cosine_heatmap", "07_cosine_heatmap_sequence"],
 }
 
 

@@ -1,5 +1,6 @@
 """Figure of notebook 07: the estimator audit's cosines as a heatmap. Takes the tidy frame of
-``opdlab.audit.audit`` (the CSV in ``figures/data/07_audit.csv``) and returns a Figure."""
+``opdlab.audit.audit`` or its ``cosine_summary`` (the CSV in ``figures/data/07_cosines.csv``) and returns a
+Figure."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
