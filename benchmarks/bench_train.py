@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from opdlab.config import TrainConfig
-from opdlab.models import count_parameters
+from opdlab.lm.modeling import count_parameters
 from opdlab.tasks import get_task
 from opdlab.train import Trainer, load_models, opd_step
 

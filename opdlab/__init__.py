@@ -1,7 +1,9 @@
 """opdlab: on-policy distillation with any f-divergence, the stop-gradient bias, and OPD+.
 
-Modules: ``divergences`` (the registry), ``estimators`` (advantages, baselines, surrogates), ``toy`` (exact
-toy problems), ``symbolic`` (the derivation), ``tasks``, ``models``, ``train``, ``runlog``, ``plots``,
-``widgets``, ``cli``.
+Modules: ``choices`` (the names of methods, baselines, reductions), ``divergences`` (the registry),
+``estimators`` (advantages, baselines, surrogates), ``toy`` (exact toy problems), ``symbolic`` (the
+derivation), ``montecarlo``, ``tasks``, ``lm`` (tokenizer, models, SFT, sampling, cache), ``config``,
+``train``, ``runlog``, ``sweep``, ``plots``, ``widgets``, ``cli``. The README's map gives the layers; the math
+is in docs/math.md.
 """
 __version__ = "0.1.0"

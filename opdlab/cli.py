@@ -14,7 +14,8 @@
                                          what a per-token estimator's expected gradient follows, exactly on toys
 
 Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
-``eval`` over ``models.load_model``, ``rollout.sampled_accuracy`` and ``tasks.score_batch`` / ``summarize``.
+``eval`` over ``lm.modeling.load_model``, ``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` /
+``summarize``.
 Bad input (an unknown divergence or task, a missing checkpoint, a tokenizer that cannot write the task)
 prints ``opdlab <command>: error: ...`` and exits with status 2.
 """
@@ -119,10 +120,10 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 def _device(text: str):
-    """``models.pick_device`` with a ValueError for a device string torch does not know or cannot use."""
+    """``lm.device.pick_device`` with a ValueError for a device string torch does not know or cannot use."""
     import torch
 
-    from opdlab.models import pick_device
+    from opdlab.lm.device import pick_device
 
     try:
         device = pick_device(text)
@@ -151,10 +152,11 @@ def _cmd_eval(args) -> int:
     import torch
 
     from opdlab.config import TrainConfig
-    from opdlab.models import check_task_tokenizer, load_model
-    from opdlab.rollout import sampled_accuracy
+    from opdlab.lm.modeling import load_model
+    from opdlab.lm.sampling import sampled_accuracy
+    from opdlab.lm.tokenizer import check_task_tokenizer
     from opdlab.tasks import get_task, summarize
-    from opdlab.train import EVAL_SEED, max_new_tokens
+    from opdlab.train import EVAL_SEED, eval_examples, max_new_tokens
 
     seed = EVAL_SEED if args.seed is None else args.seed
     n, k = args.n or TrainConfig.eval_n, args.samples or TrainConfig.eval_samples
@@ -163,7 +165,7 @@ def _cmd_eval(args) -> int:
     model, tokenizer = load_model(path, device)
     check_task_tokenizer(model, tokenizer, task, path)
     model.eval()
-    examples = task.examples("test", n, seed=seed)
+    examples = eval_examples(task, n, seed)
     budget = args.max_new_tokens or max_new_tokens(task)
     _, greedy = sampled_accuracy(model, tokenizer, task, examples, k=1, greedy=True, max_new_tokens=budget)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -1,7 +1,8 @@
 """``TrainConfig``: every setting of an OPD training run, shared by the CLI and the notebooks.
 
 A frozen dataclass of flat literals (so papermill parameters and ``--flag value`` map onto it one to one).
-Building one validates every field and raises a ValueError that names the field and what it accepts.
+Building one validates every field and raises a ValueError that names the field and what it accepts. It
+imports no torch: the allowed values come from ``opdlab.choices`` and ``opdlab.lm.recipe``.
 """
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 
-from opdlab.models import ARCHITECTURES, ModelRecipe
+from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, parse_divergence
+from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
 
-__all__ = ["TrainConfig", "BASELINES", "REDUCTIONS"]
-
-BASELINES = ("none", "expected", "loo")
-REDUCTIONS = ("token", "sequence")
+__all__ = ["TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -27,16 +26,20 @@ class TrainConfig:
     divergence: str = "reverse_kl"
     """f-divergence, any name ``opdlab.divergences.get`` accepts (``"forward_kl"``, ``"jsd"``, ``"gjsd:0.1"``)."""
     method: str = "opd_plus"
-    """``"opd"``: stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (arXiv 2606.01039)."""
+    """``"opd"``: stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (arXiv 2606.01039;
+    docs/math.md §3)."""
     gamma: float = 0.0
-    """Weight of the future terms sum_{s>t} gamma^(s-t) f(u_s), in [0, 1]; 0 is the paper's token-local form."""
+    """Weight of the future terms sum_{s>t} gamma^(s-t) f(u_s), in [0, 1]; 0 is the paper's token-local form,
+    1 the sequence gradient (unbiased only with ``reduction="sequence"``, docs/math.md §4)."""
     baseline: str = "none"
     """``"none"``; ``"expected"``: b(c_t) = sum_a pi_theta(a) A(a) over the vocabulary; ``"loo"``: leave-one-out
     mean over the samples of the same prompt (needs samples_per_prompt >= 2)."""
     log_u_clip: float | None = None
     """Clamp log u to [-c, c] before the advantage (for unbounded weights such as forward KL's w = u); None: off."""
-    reduction: str = "token"
-    """Surrogate reduction: ``"token"`` averages over unmasked tokens, ``"sequence"`` sums per sequence."""
+    reduction: str = DEFAULT_REDUCTION
+    """Surrogate reduction: ``"token"`` (the default) divides the summed terms by the number of unmasked tokens,
+    ``"sequence"`` by the number of sequences. Only ``"sequence"`` keeps the estimate unbiased: for grad J with
+    gamma = 1, for the token-local gradient with gamma = 0 (docs/math.md §4)."""
     steps: int = 40
     """Optimizer steps of distillation."""
     prompts_per_step: int = 16
@@ -129,11 +132,8 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
 
 
 def _validate(c: TrainConfig) -> None:
-    from opdlab.divergences import get
-    from opdlab.estimators import METHODS
-
     try:
-        get(c.divergence)
+        parse_divergence(c.divergence)
     except (ValueError, TypeError) as err:
         raise ValueError(f"TrainConfig.divergence = {c.divergence!r} is invalid: {err}") from None
     _check(isinstance(c.task, str) and c.task != "", "task", c.task, "a task name such as 'arithmetic'")

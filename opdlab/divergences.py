@@ -1,12 +1,12 @@
 """The registry of f-divergences and the two per-token advantages built on them.
 
-Convention (DESIGN.md §2): at a sampled token the ratio is teacher over student,
+Convention (docs/math.md §1): at a sampled token the ratio is teacher over student,
 ``u = pi_T(y|c) / pi_theta(y|c)``, always carried in log space as ``log_u = logp_teacher - logp_student``.
 The objective (minimised) is ``J_f = E_{y~pi_theta}[ sum_t f(u_t) ]`` with f convex and f(1) = 0, so that
 per context ``E_{a~pi_theta}[f(u_a)] = D_f(pi_T || pi_theta)`` in the f-divergence sense
 ``sum_a pi_theta(a) f(pi_T(a) / pi_theta(a))``.
 
-The exact per-context gradient is (OPD+ paper, arXiv 2606.01039, Eq. 5)
+The exact per-context gradient is (docs/math.md §2; OPD+ paper, arXiv 2606.01039, Eq. 5)
 
     grad E_{a~pi_theta}[f(u_a)] = E_{a~pi_theta}[ (f(u) - u f'(u)) grad log pi_theta(a) ],
 
@@ -14,7 +14,7 @@ so the advantage to maximise is ``w_f(u) = -f(u) + u f'(u)`` (OPD+), while stand
 on the reward and uses ``-f(u)``. Their difference, the stop-gradient error ``u f'(u)``, is a constant
 (and so vanishes in expectation) only for f = -c log u, i.e. reverse KL.
 
-Each f is stored exactly as in the DESIGN table, not "self-normalised": adding c(u - 1) to f leaves D_f
+Each f is stored exactly as in the table of docs/math.md §3, not "self-normalised": adding c(u - 1) to f leaves D_f
 and w_f unchanged but changes the stop-gradient advantage, so the registry's f *defines* standard OPD.
 
     >>> from opdlab.divergences import get
@@ -25,11 +25,12 @@ and w_f unchanged but changes the stop-gradient advantage, so the registry's f *
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from opdlab.choices import DIVERGENCE_FAMILIES, FIXED_DIVERGENCES, parse_divergence
 
 __all__ = ["Divergence", "get", "names", "validate_log_probs"]
 
@@ -207,19 +208,12 @@ def _fixed() -> dict[str, Divergence]:
 
 
 _FIXED = _fixed()
-_FAMILIES = {
-    "gjsd": "generalised JSD with weight β on the teacher, β in [0, 1], e.g. 'gjsd:0.1' (gjsd:0.5 is jsd)",
-    "alpha": "Amari α-divergence, any finite α, e.g. 'alpha:0.5' (α=0 and α=1 are the continuous limits)",
-}
+assert tuple(_FIXED) == FIXED_DIVERGENCES, "the registry and opdlab.choices name the same divergences"
 
 
 def names() -> list[str]:
     """The registry's names: fixed divergences, then the families as ``family:<parameter>`` templates."""
-    return list(_FIXED) + [f"{fam}:<{'β' if fam == 'gjsd' else 'α'}>" for fam in _FAMILIES]
-
-
-def _allowed() -> str:
-    return ", ".join(_FIXED) + "; families: " + "; ".join(f"{k} ({v})" for k, v in _FAMILIES.items())
+    return list(_FIXED) + [f"{fam}:<{'β' if fam == 'gjsd' else 'α'}>" for fam in DIVERGENCE_FAMILIES]
 
 
 def get(name: str | Divergence) -> Divergence:
@@ -230,29 +224,10 @@ def get(name: str | Divergence) -> Divergence:
     """
     if isinstance(name, Divergence):
         return name
-    if not isinstance(name, str):
-        raise TypeError(f"a divergence is named by a string, got {type(name).__name__}; allowed: {_allowed()}")
-    key = name.strip().lower()
-    if key in _FIXED:
-        return _FIXED[key]
-    family, sep, raw = key.partition(":")
-    if family not in _FAMILIES:
-        raise ValueError(f"unknown divergence {name!r}; allowed: {_allowed()}")
-    if not sep or not raw:
-        raise ValueError(f"divergence family {family!r} needs a parameter: {_FAMILIES[family]}")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"parameter of {family!r} must be a number, got {raw!r}: {_FAMILIES[family]}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"parameter of {family!r} must be finite, got {raw!r}: {_FAMILIES[family]}")
+    family, value = parse_divergence(name)
+    if value is None:
+        return _FIXED[family]
     if family == "gjsd":
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: {_FAMILIES['gjsd']}")
-        if value in (0.0, 1.0):
-            warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
-                          "distributions): it gives no learning signal. For the KL limits use forward_kl, "
-                          "reverse_kl, alpha:1 or alpha:0.", stacklevel=2)
         f, fp, w = _gjsd(value)
         return Divergence(f"gjsd:{value:g}", f"GJSD β={value:g}", "β u ln u - m ln m, m = βu+1-β",
                           "(1-β) ln(βu+1-β)", f, fp, w, parameter=value, bounded_weight=True)

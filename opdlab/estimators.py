@@ -5,33 +5,38 @@ student pi_theta at temperature 1; ``logp_student_BT`` and ``logp_teacher_BT`` a
 log-probabilities of those tokens, ``mask_BT`` is 1 on tokens that count (completion tokens, not prompt,
 padding or tool-result tokens).
 
-Advantage (DESIGN.md §2; OPD+ paper, arXiv 2606.01039, Eq. 7 and its sequence form):
+Advantage (docs/math.md §3-§5; OPD+ paper, arXiv 2606.01039, Eq. 7 and its sequence form):
 
     A_t = a(u_t) - sum_{s>t, mask_s=1} gamma^(s-t) f(u_s) - b(c_t),
 
-with a = -f for standard OPD (stop-gradient) and a = w_f = -f + u f' for OPD+. gamma = 0 is the token-local
-form the paper trains with; gamma = 1 makes the REINFORCE gradient unbiased for the sequence objective
-E[sum_t f(u_t)]. Any baseline b(c_t) that depends only on the context keeps the estimator unbiased.
+with a = -f for standard OPD (stop-gradient) and a = w_f = -f + u f' for OPD+. Any baseline b(c_t) that
+depends only on the context keeps the estimator unbiased. ``compute_advantages`` takes b(c_t) as a tensor;
+``baselined_advantages`` builds it from a name in ``BASELINES`` and is what the training loop and the toys
+both call.
+
+Reductions (docs/math.md §4). A surrogate sums A_t log pi_theta(y_t|c_t) over unmasked tokens and divides by
+the number of sequences (``"sequence"``) or of unmasked tokens (``"token"``, the default ``DEFAULT_REDUCTION``).
+Under ``"sequence"`` gamma = 1 is unbiased for the sequence gradient grad E[sum_t f(u_t)] and gamma = 0 for
+the token-local gradient (the paper's form); ``"token"`` divides by a random count and is unbiased for
+neither unless every sequence has the same length (then it is the ``"sequence"`` gradient over T).
 
 Advantages are never z-scored per batch: rescaling by a batch statistic erases the difference between the
-two methods (DESIGN.md §2).
+two methods (docs/math.md §6).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, check_baseline, check_method
 from opdlab.divergences import Divergence, get, validate_log_probs
 
 __all__ = [
-    "Advantages", "compute_advantages", "token_advantages", "discounted_future_sum", "clip_log_u",
-    "expected_advantage_baseline", "leave_one_out_baseline", "full_vocabulary_loss", "reinforce_loss",
-    "importance_ratio_loss", "METHODS",
+    "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
+    "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "full_vocabulary_loss",
+    "reinforce_loss", "importance_ratio_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
-
-METHODS = ("opd", "opd_plus")
-REDUCTIONS = ("sequence", "token")
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,7 @@ def compute_advantages(
     The result is computed without gradient tracking: advantages are constants of the surrogate.
     """
     div = get(div)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    check_method(method)
     gamma = _check_gamma(gamma)
     _check_pair(logp_student_BT, logp_teacher_BT, mask_BT)
     with torch.no_grad():
@@ -173,6 +177,34 @@ def token_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, method
     """The advantages ``A_BT`` alone; see ``compute_advantages`` for the formula and arguments."""
     return compute_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT, method, gamma,
                               baseline_BT, log_u_clip).A_BT
+
+
+def baselined_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, method="opd_plus",
+                         gamma: float = 0.0, baseline: str = "none", logp_student_BTV=None, logp_teacher_BTV=None,
+                         group_size: int | None = None, log_u_clip: float | None = None) -> Advantages:
+    """``compute_advantages`` less the baseline b(c_t) named by ``baseline`` (one of ``BASELINES``):
+
+    - ``"none"``: b = 0;
+    - ``"expected"``: ``expected_advantage_baseline``, the exact per-context mean of the token-local advantage,
+      from the full distributions ``logp_student_BTV`` and ``logp_teacher_BTV`` (needed then);
+    - ``"loo"``: ``leave_one_out_baseline`` of the baseline-free advantages, within consecutive groups of
+      ``group_size`` samples (the G samples of one prompt; None: the whole batch is one group).
+
+    Both keep the estimator unbiased (docs/math.md §5). Returns ``Advantages`` like ``compute_advantages``.
+    """
+    check_baseline(baseline)
+    expected_BT = None
+    if baseline == "expected":
+        if logp_student_BTV is None or logp_teacher_BTV is None:
+            raise ValueError("the expected baseline needs the full distributions logp_student_BTV and "
+                             "logp_teacher_BTV")
+        expected_BT = expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method, log_u_clip)
+    adv = compute_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT, method, gamma, expected_BT,
+                             log_u_clip)
+    if baseline == "loo":
+        mask = torch.ones_like(adv.A_BT) if mask_BT is None else mask_BT.to(adv.A_BT.dtype)
+        adv = replace(adv, A_BT=(adv.A_BT - leave_one_out_baseline(adv.A_BT, mask, group_size)) * mask)
+    return adv
 
 
 def _check_full(logp_student_BTV, logp_teacher_BTV):
@@ -231,12 +263,13 @@ def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) ->
     return (x_BT * m).sum() / m.sum().clamp_min(1.0)
 
 
-def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction="sequence") -> torch.Tensor:
+def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCTION) -> torch.Tensor:
     """On-policy REINFORCE surrogate ``L = -(1/B) sum_b sum_t A_bt log pi_theta(y_bt|c_bt)`` (minimised).
 
-    Its gradient is ``-(1/B) sum A grad log pi``, an estimate of grad J_f when A is the OPD+ advantage.
-    ``reduction="sequence"`` sums over tokens and averages over sequences (unbiased for the sequence
-    objective); ``"token"`` averages over all unmasked tokens (common in practice; a per-batch rescaling).
+    With ``reduction="sequence"`` (written above) its gradient ``-(1/B) sum A grad log pi`` is an unbiased
+    estimate of grad J_f at gamma = 1 and of the token-local gradient at gamma = 0, when A is the OPD+
+    advantage; ``"token"`` (the default, ``DEFAULT_REDUCTION``) divides by the number of unmasked tokens
+    instead of B, a per-batch rescaling common in practice (docs/math.md §4).
     """
     if logp_student_BT.shape != A_BT.shape:
         raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
@@ -244,10 +277,11 @@ def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction="sequence") ->
     return -_reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
 
 
-def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, reduction="sequence",
+def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCTION,
                           ratio_clip: float | None = None) -> torch.Tensor:
     """Surrogate for reusing a batch sampled by an older policy: ``L = -(1/B) sum rho_t A_t``,
-    ``rho_t = pi_theta(y_t|c_t) / pi_old(y_t|c_t)``.
+    ``rho_t = pi_theta(y_t|c_t) / pi_old(y_t|c_t)`` (written for ``reduction="sequence"``; the reductions are
+    those of ``reinforce_loss``).
 
     At theta = theta_old its gradient equals ``reinforce_loss``'s. With ``ratio_clip = eps`` it is the PPO
     form ``-min(rho A, clip(rho, 1-eps, 1+eps) A)``. Departure from the exact gradient: the advantages stay
@@ -266,12 +300,13 @@ def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, redu
     return -_reduce(objective, mask_BT, reduction)
 
 
-def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, reduction="sequence"):
+def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, reduction=DEFAULT_REDUCTION):
     """Exact per-token estimator: ``L = (1/B) sum_t D_f(pi_T(.|c_t) || pi_theta(.|c_t))`` over visited contexts.
 
     With the full distributions at each sampled context the inner expectation over y_t is done exactly, so
     autograd gives ``sum_t -E_{a~pi_theta}[w_f(u_a) grad log pi_theta(a|c_t)]``: the token-local (gamma = 0)
-    gradient with no sampling noise at the token, only over contexts. The teacher is detached.
+    gradient with no sampling noise at the token, only over contexts. The teacher is detached. Written for
+    ``reduction="sequence"``; ``"token"`` divides by the number of unmasked tokens instead of B.
     """
     div = get(div)
     _check_full(logp_student_BTV, logp_teacher_BTV)

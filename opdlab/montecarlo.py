@@ -23,19 +23,20 @@ import pandas as pd
 import torch
 
 from opdlab.divergences import get
-from opdlab.estimators import METHODS
+from opdlab.choices import METHODS
 from opdlab.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
                         make_categorical, sequence_estimator_moments, make_sequence, sample_gradients,
                         sequence_sample_gradients, token_local_gradient, train_categorical)
 
 __all__ = ["DIVERGENCES", "categorical_study", "estimator_cosines", "sequence_study", "training_study",
-           "summarise_estimates"]
+           "summarise_estimates", "cosine"]
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2",
                "gjsd:0.1", "alpha:0.5")
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each row of ``a`` (or ``a`` itself) to the vector ``b``, along the last axis."""
     return torch.nn.functional.cosine_similarity(a, b.expand_as(a), dim=-1)
 
 
@@ -44,7 +45,7 @@ def summarise_estimates(estimates_RD: torch.Tensor, target_D: torch.Tensor) -> d
     err_RD = estimates_RD - target_D
     rmse = float(err_RD.pow(2).sum(-1).mean().sqrt())
     return dict(bias=float(err_RD.mean(0).norm()), rmse=rmse, relative_error=rmse / float(target_D.norm()),
-                cosine=float(_cosine(estimates_RD, target_D).mean()))
+                cosine=float(cosine(estimates_RD, target_D).mean()))
 
 
 def _per_sample_variance(g_ND: torch.Tensor) -> float:
@@ -83,7 +84,7 @@ def categorical_study(divergences: Sequence[str] = DIVERGENCES, methods: Sequenc
                 running_RnK = g_RnK.cumsum(1)
                 common = dict(toy_seed=toy_seed, divergence=div.name, method=method,
                               bias_exact=float((expected - exact).norm()),
-                              cosine_exact=float(_cosine(expected, exact)),
+                              cosine_exact=float(cosine(expected, exact)),
                               variance=_per_sample_variance(g_RnK.reshape(-1, g_RnK.shape[-1])),
                               exact_norm=float(exact.norm()))
                 for n in counts:
@@ -108,14 +109,14 @@ def estimator_cosines(divergences: Sequence[str] = DIVERGENCES, methods: Sequenc
             for method in methods:
                 expected = expected_estimator_gradient(div, toy, method)
                 rows.append(dict(toy_seed=toy_seed, divergence=div.name, method=method,
-                                 cosine=float(_cosine(expected, exact)),
+                                 cosine=float(cosine(expected, exact)),
                                  relative_bias=float((expected - exact).norm() / exact.norm())))
     return pd.DataFrame(rows)
 
 
 def sequence_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "jsd"),
                    methods: Sequence[str] = METHODS, gammas: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                   baselines: Sequence[str | None] = (None, "expected", "loo"), n_samples: int = 16,
+                   baselines: Sequence[str] = ("none", "expected", "loo"), n_samples: int = 16,
                    n_repeats: int = 200, vocab_size: int = 3, horizon: int = 4, seed: int = 0,
                    temperature: float = 1.0) -> pd.DataFrame:
     """Bias and variance of the sequence estimator as gamma goes from 0 (token-local) to 1 (exact).
@@ -124,12 +125,11 @@ def sequence_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "js
     ``||E[g] - grad J_local||``, cosine_sequence = ``cos(E[g], grad J)``. Sampled columns: rmse_sequence and
     relative_error of n-sample estimates over ``n_repeats`` repeats (leave-one-out within each group of n);
     variance = per-sample ``tr Cov`` of the terms whose mean is the estimate (sampled), variance_exact = the
-    same by enumeration (NaN for leave-one-out, which has no per-sequence value). ``baselines`` holds None
-    (or "none"), "expected", "loo"; the ``baseline`` column is written as "none", "expected" or "loo".
+    same by enumeration (NaN for leave-one-out, which has no per-sequence value). ``baselines`` holds names
+    of ``opdlab.choices.BASELINES`` ("none", "expected", "loo"), written as given in the ``baseline`` column.
     """
     toy = make_sequence(vocab_size, horizon, seed, temperature)
     g = as_generator(seed)
-    baselines = [None if b in (None, "none") else b for b in baselines]
     rows = []
     for name in divergences:
         div = get(name)
@@ -138,7 +138,7 @@ def sequence_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "js
             for gamma in gammas:
                 expected, variance_none = sequence_estimator_moments(div, toy, method, gamma)
                 for baseline in baselines:
-                    variance_exact = {None: variance_none, "loo": float("nan")}.get(baseline)
+                    variance_exact = {"none": variance_none, "loo": float("nan")}.get(baseline)
                     if variance_exact is None:
                         variance_exact = sequence_estimator_moments(div, toy, method, gamma, baseline)[1]
                     g_N = sequence_sample_gradients(div, toy, method, n_repeats * n_samples, gamma, baseline, g,
@@ -146,10 +146,10 @@ def sequence_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "js
                     est_RD = g_N.reshape(n_repeats, n_samples, -1).mean(1)
                     mc = summarise_estimates(est_RD, exact_seq)
                     rows.append(dict(divergence=div.name, method=method, gamma=float(gamma),
-                                     baseline=baseline or "none", n_samples=n_samples,
+                                     baseline=baseline, n_samples=n_samples,
                                      bias_sequence=float((expected - exact_seq).norm()),
                                      bias_token_local=float((expected - exact_local).norm()),
-                                     cosine_sequence=float(_cosine(expected, exact_seq)),
+                                     cosine_sequence=float(cosine(expected, exact_seq)),
                                      rmse_sequence=mc["rmse"], relative_error=mc["relative_error"],
                                      variance=_per_sample_variance(g_N), variance_exact=variance_exact,
                                      exact_norm=float(exact_seq.norm())))

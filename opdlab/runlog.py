@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opdlab.models import save_model
+from opdlab.lm.modeling import save_model
 
 __all__ = ["RunLog", "read_metrics", "results", "versions"]
 

@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlab.config import TrainConfig
-from opdlab.models import pick_device
+from opdlab.lm.device import pick_device
+from opdlab.lm.sampling import greedy_accuracy
 from opdlab.runlog import read_metrics, results
 from opdlab.tasks import get_task
-from opdlab.train import EVAL_SEED, load_models, max_new_tokens, run_name, train
+from opdlab.train import eval_examples, load_models, max_new_tokens, run_name, train
 
 __all__ = ["sweep", "resolve_workers"]
 
@@ -61,9 +62,7 @@ def _run(config: TrainConfig, run_dir: str) -> str:
 
 def _references(config: TrainConfig, task, models) -> list[dict]:
     """The teacher's and the warm-up student's held-out greedy accuracy on the runs' evaluation examples."""
-    from opdlab.rollout import greedy_accuracy
-
-    examples = task.examples("test", config.eval_n, seed=EVAL_SEED)
+    examples = eval_examples(task, config.eval_n)
     budget = config.max_new_tokens or max_new_tokens(task)
     return [dict(task=config.task, role=role, value=greedy_accuracy(model.eval(), models[2], task, examples,
                                                                      max_new_tokens=budget))

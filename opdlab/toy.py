@@ -21,8 +21,9 @@ Two policies, both in float64, both parameterised directly by logits:
   with P_theta(c) the probability of reaching c. Holding P_theta(c) fixed (detached) gives the token-local
   objective whose gradient the gamma = 0 estimator targets; gamma = 1 targets grad J.
 
-Sampled estimators call ``opdlab.estimators.compute_advantages`` (and its baselines) so that the code under
-test is the code that trains models. Randomness only through an explicit seed or ``torch.Generator``.
+Sampled estimators call ``opdlab.estimators.baselined_advantages``, the function the training loop calls, so
+that the exact tests on these toys cover the advantages that train models. Randomness only through an
+explicit seed or ``torch.Generator``. Notation and derivations: docs/math.md.
 """
 from __future__ import annotations
 
@@ -32,20 +33,18 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from opdlab.choices import check_baseline, check_method
 from opdlab.divergences import Divergence, get
-from opdlab.estimators import (METHODS, compute_advantages, expected_advantage_baseline,
-                               leave_one_out_baseline)
+from opdlab.estimators import baselined_advantages
 
 __all__ = [
     "CategoricalToy", "make_categorical", "exact_gradient", "expected_estimator_gradient", "sample_gradients",
     "train_categorical", "SequenceToy", "make_sequence", "sequence_objective", "exact_sequence_gradient",
     "token_local_gradient", "sample_sequences", "sequence_sample_gradients",
-    "expected_sequence_estimator_gradient", "sequence_estimator_moments", "sequence_log_probs", "BASELINES",
-    "as_generator",
+    "expected_sequence_estimator_gradient", "sequence_estimator_moments", "sequence_log_probs", "as_generator",
 ]
 
 DTYPE = torch.float64
-BASELINES = (None, "expected", "loo")
 
 
 def as_generator(generator: torch.Generator | int) -> torch.Generator:
@@ -55,17 +54,6 @@ def as_generator(generator: torch.Generator | int) -> torch.Generator:
     if isinstance(generator, bool) or not isinstance(generator, int):
         raise TypeError(f"pass a torch.Generator or an int seed, got {type(generator).__name__}")
     return torch.Generator().manual_seed(generator)
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-
-
-def _check_baseline(baseline) -> None:
-    if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; allowed: None, 'expected' (exact per-context mean of "
-                         "the advantage), 'loo' (leave-one-out over the other samples)")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -85,23 +73,6 @@ def _score_gradients(A_NT: torch.Tensor, tokens_NT: torch.Tensor, p_student_NTV:
     """Per-sample, per-token REINFORCE gradient w.r.t. logits: ``-A_t (e_{y_t} - pi_theta(.|c_t))``."""
     onehot = torch.nn.functional.one_hot(tokens_NT, p_student_NTV.shape[-1]).to(DTYPE)
     return -A_NT[..., None] * (onehot - p_student_NTV)
-
-
-def _advantages(div, logp_student_NT, logp_teacher_NT, method, gamma, baseline, logp_student_NTV,
-                logp_teacher_NTV, group_size=None) -> torch.Tensor:
-    """``compute_advantages`` with one of the toy baselines (None, exact per-context mean, leave-one-out).
-
-    The leave-one-out baseline is taken within consecutive groups of ``group_size`` samples (all by default),
-    like G samples per prompt.
-    """
-    _check_baseline(baseline)
-    b = None
-    if baseline == "expected":
-        b = expected_advantage_baseline(div, logp_student_NTV, logp_teacher_NTV, method)
-    A = compute_advantages(div, logp_student_NT, logp_teacher_NT, method=method, gamma=gamma, baseline_BT=b).A_BT
-    if baseline == "loo":
-        A = A - leave_one_out_baseline(A, None, group_size)
-    return A
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -172,7 +143,7 @@ def expected_estimator_gradient(div: Divergence | str, toy: CategoricalToy, meth
     weighted by pi is 0), which is why reverse KL's stop-gradient error, the constant u f' = -1, is harmless.
     """
     div = get(div)
-    _check_method(method)
+    check_method(method)
     with torch.no_grad():
         pi = toy.logp_student_K.exp()
         A = div.advantage(toy.log_u_K, method)
@@ -180,24 +151,25 @@ def expected_estimator_gradient(div: Divergence | str, toy: CategoricalToy, meth
 
 
 def sample_gradients(div: Divergence | str, toy: CategoricalToy, method: str, n_samples: int,
-                     generator: torch.Generator | int = 0, baseline: str | None = None,
+                     generator: torch.Generator | int = 0, baseline: str = "none",
                      group_size: int | None = None) -> torch.Tensor:
     """Per-sample estimator gradients ``g_i = -A_i (e_{a_i} - pi)``, a_i ~ pi_theta iid; shape (N, K).
 
     Their mean is the REINFORCE gradient of ``opdlab.estimators.reinforce_loss`` on the same samples
-    (one token per sequence). ``baseline``: None, ``"expected"`` (b = sum_a pi(a) A(a), exact) or ``"loo"``
+    (one token per sequence). ``baseline``: ``"none"``, ``"expected"`` (b = sum_a pi(a) A(a), exact) or ``"loo"``
     (b_i = mean of the other samples' advantages, within consecutive groups of ``group_size``, default all).
     """
     div = get(div)
-    _check_method(method)
+    check_method(method)
+    check_baseline(baseline)
     _positive_int("n_samples", n_samples, minimum=2 if baseline == "loo" else 1)
     logp_student = toy.logp_student_K.detach()
     tokens_N1 = torch.multinomial(logp_student.exp(), n_samples, replacement=True,
                                   generator=as_generator(generator))[:, None]
     logp_student_N1V = logp_student.expand(n_samples, 1, -1)
     logp_teacher_N1V = toy.logp_teacher_K.expand(n_samples, 1, -1)
-    A_N1 = _advantages(div, logp_student[tokens_N1], toy.logp_teacher_K[tokens_N1], method, 0.0, baseline,
-                       logp_student_N1V, logp_teacher_N1V, group_size)
+    A_N1 = baselined_advantages(div, logp_student[tokens_N1], toy.logp_teacher_K[tokens_N1], None, method, 0.0,
+                                baseline, logp_student_N1V, logp_teacher_N1V, group_size).A_BT
     return _score_gradients(A_N1, tokens_N1, logp_student_N1V.exp())[:, 0, :]
 
 
@@ -212,7 +184,7 @@ def train_categorical(div: Divergence | str, method: str, toy: CategoricalToy, s
     whose logits overflow (a token's probability reaches 0) ends there with diverged = True and infinite D_f.
     """
     div = get(div)
-    _check_method(method)
+    check_method(method)
     _positive_int("steps", steps, minimum=0)
     if n_samples is not None:
         _positive_int("n_samples", n_samples)
@@ -373,8 +345,9 @@ def _gradients_of(div, toy: SequenceToy, index_n: torch.Tensor, method: str, gam
     tokens_nT, nodes_nT = tokens_SH[index_n], nodes_SH[index_n]
     logp_student_NV = toy.logp_student_NV.detach()
     logp_student_nTV, logp_teacher_nTV = logp_student_NV[nodes_nT], toy.logp_teacher_NV[nodes_nT]
-    A_nT = _advantages(div, logp_student_NV[nodes_nT, tokens_nT], toy.logp_teacher_NV[nodes_nT, tokens_nT],
-                       method, gamma, baseline, logp_student_nTV, logp_teacher_nTV, group_size)
+    logp_student_nT, logp_teacher_nT = logp_student_NV[nodes_nT, tokens_nT], toy.logp_teacher_NV[nodes_nT, tokens_nT]
+    A_nT = baselined_advantages(div, logp_student_nT, logp_teacher_nT, None, method, gamma, baseline,
+                                logp_student_nTV, logp_teacher_nTV, group_size).A_BT
     terms_nTV = _score_gradients(A_nT, tokens_nT, logp_student_nTV.exp())
     n = index_n.shape[0]
     grad_nNV = torch.zeros((n,) + tuple(logp_student_NV.shape), dtype=DTYPE)
@@ -383,36 +356,36 @@ def _gradients_of(div, toy: SequenceToy, index_n: torch.Tensor, method: str, gam
 
 
 def sequence_sample_gradients(div: Divergence | str, toy: SequenceToy, method: str, n_samples: int,
-                              gamma: float = 0.0, baseline: str | None = None,
+                              gamma: float = 0.0, baseline: str = "none",
                               generator: torch.Generator | int = 0, group_size: int | None = None) -> torch.Tensor:
     """Per-sample gradients ``g_i = -sum_t A_it grad log pi_theta(y_it|c_it)`` (w.r.t. the flattened
-    logits), with ``A`` from ``compute_advantages(..., gamma)`` minus the chosen baseline; shape (n, N * V).
+    logits), with ``A`` from ``estimators.baselined_advantages(..., gamma, baseline)``; shape (n, N * V).
 
     E[g] is ``exact_sequence_gradient`` at gamma = 1 and ``token_local_gradient`` at gamma = 0 (for
     ``opd_plus``; any baseline). ``group_size``: leave-one-out within consecutive groups of that many samples.
     """
     div = get(div)
-    _check_method(method)
-    _check_baseline(baseline)
+    check_method(method)
+    check_baseline(baseline)
     _positive_int("n_samples", n_samples, minimum=2 if baseline == "loo" else 1)
     return _gradients_of(div, toy, sample_sequences(toy, n_samples, generator), method, gamma, baseline,
                          group_size)
 
 
 def sequence_estimator_moments(div: Divergence | str, toy: SequenceToy, method: str, gamma: float = 0.0,
-                               baseline: str | None = None) -> tuple[torch.Tensor, float]:
+                               baseline: str = "none") -> tuple[torch.Tensor, float]:
     """Exact mean ``E_y[g(y)] = sum_y P_theta(y) g(y)`` (shape (N * V,)) and per-sample variance
     ``tr Cov(g) = sum_y P_theta(y) ||g(y) - E g||^2``, by enumerating every sequence.
 
-    ``baseline`` is None or ``"expected"`` (it depends only on the context, so the mean is unchanged); the
+    ``baseline`` is ``"none"`` or ``"expected"`` (it depends only on the context, so the mean is unchanged); the
     leave-one-out baseline is built from other samples and has no per-sequence value, so it is refused here.
     """
     div = get(div)
-    _check_method(method)
-    _check_baseline(baseline)
+    check_method(method)
+    check_baseline(baseline)
     if baseline == "loo":
         raise ValueError("the leave-one-out baseline depends on the other samples; its exact mean is that of "
-                         "baseline=None, and its variance needs sampling (sequence_sample_gradients)")
+                         "baseline='none', and its variance needs sampling (sequence_sample_gradients)")
     P_S = sequence_log_probs(toy).exp()
     grads_SD = _gradients_of(div, toy, torch.arange(P_S.shape[0]), method, gamma, baseline)
     mean_D = P_S @ grads_SD
@@ -420,11 +393,11 @@ def sequence_estimator_moments(div: Divergence | str, toy: SequenceToy, method: 
 
 
 def expected_sequence_estimator_gradient(div: Divergence | str, toy: SequenceToy, method: str,
-                                         gamma: float = 0.0, baseline: str | None = None) -> torch.Tensor:
+                                         gamma: float = 0.0, baseline: str = "none") -> torch.Tensor:
     """Exact ``E_y[g(y)]`` by enumeration: ``sum_y P_theta(y) g(y)``; shape (N * V,).
 
     Baselines that depend only on the context leave it unchanged; the leave-one-out baseline, built from
-    other samples, is unbiased too, so its expectation is that of ``baseline=None``.
+    other samples, is unbiased too, so its expectation is that of ``baseline="none"``.
     """
-    baseline = None if baseline == "loo" else baseline
+    baseline = "none" if baseline == "loo" else baseline
     return sequence_estimator_moments(div, toy, method, gamma, baseline)[0]

@@ -3,13 +3,15 @@
 One step (``opd_step``), read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 1):
 
 1. sample ``G`` completions per prompt from the student pi_theta at temperature 1, full vocabulary
-   (``rollout.sample``); tool results are forced in as environment tokens with mask 0;
+   (``lm.sampling.sample``); tool results are forced in as environment tokens with mask 0;
 2. score them with the teacher under no_grad: ``logp_teacher_BT = log pi_T(y_t|c_t)``;
 3. the student's ``logp_student_BT = log pi_theta(y_t|c_t)`` with gradient, from the same aligned logits;
 4. advantages ``A_t = a(u_t) - sum_{s>t} gamma^(s-t) f(u_s) - b(c_t)``, ``log u = logp_teacher - logp_student``,
-   with a = -f (``opd``, stop-gradient) or a = w_f = -f + u f' (``opd_plus``) (``estimators.compute_advantages``);
-   never z-scored;
-5. REINFORCE surrogate ``L = -mean A_t log pi_theta(y_t|c_t)``, gradient clipping, AdamW step.
+   with a = -f (``opd``, stop-gradient) or a = w_f = -f + u f' (``opd_plus``) and the baseline b of
+   ``config.baseline`` (``estimators.baselined_advantages``, the function the exact toy tests cover); never
+   z-scored (docs/math.md §3-§6);
+5. REINFORCE surrogate ``L = -sum A_t log pi_theta(y_t|c_t) / n`` with n the number of unmasked tokens
+   (``reduction="token"``) or of sequences (``"sequence"``), gradient clipping, AdamW step.
 
 ``train`` runs the steps, evaluates every ``eval_every`` steps on the held-out split (greedy accuracy, avg@k,
 exact per-token divergence to the teacher over the vocabulary), and checkpoints every ``checkpoint_every``
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -30,11 +32,15 @@ from tqdm.auto import tqdm
 
 from opdlab import divergences, estimators
 from opdlab.config import TrainConfig
-from opdlab.models import check_compatible, check_task_tokenizer, load_model, pick_device, teacher_and_student
-from opdlab.rollout import completion_logits, gather_logp, sample, sampled_accuracy
+from opdlab.lm.cache import teacher_and_student
+from opdlab.lm.device import pick_device
+from opdlab.lm.modeling import load_model
+from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_accuracy
+from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
 from opdlab.runlog import RunLog, read_metrics
 
-__all__ = ["train", "opd_step", "evaluate", "load_models", "run_name", "max_new_tokens", "Trainer", "EVAL_SEED"]
+__all__ = ["train", "opd_step", "evaluate", "load_models", "run_name", "max_new_tokens", "eval_examples", "Trainer",
+           "EVAL_SEED"]
 
 EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
 
@@ -62,6 +68,12 @@ def load_models(config: TrainConfig, task, progress: bool = True):
     return teacher.eval(), student, tokenizer, meta
 
 
+def eval_examples(task, n: int, seed: int = EVAL_SEED) -> list:
+    """The ``n`` held-out examples a run evaluates on (``task.examples("test", n, seed)``); the default seed
+    gives every run, the sweep's reference lines and ``opdlab eval`` one common set."""
+    return task.examples("test", n, seed=seed)
+
+
 def max_new_tokens(task) -> int:
     """A completion budget for ``task``: the longest of 500 training targets (tool results included) + 8."""
     return max(len(ex.target) for ex in task.examples("train", 500, seed=0)) + 8
@@ -69,17 +81,21 @@ def max_new_tokens(task) -> int:
 
 @dataclass
 class Trainer:
-    """What one run holds: config, task, models, optimizer, sampling generator, training prompts."""
+    """What one run holds: config, task and models (given), and what follows from them (derived, not arguments):
+    the divergence, the optimizer, the sampling generator, the training prompts, the held-out examples and
+    the completion budget."""
 
     config: TrainConfig
     task: object
     teacher: torch.nn.Module
     student: torch.nn.Module
     tokenizer: object
-    optimizer: torch.optim.Optimizer = None
-    generator: torch.Generator = None
-    prompts: list = field(default_factory=list)
-    div: divergences.Divergence = None
+    div: divergences.Divergence = field(init=False)
+    optimizer: torch.optim.Optimizer = field(init=False)
+    generator: torch.Generator = field(init=False)
+    prompts: list = field(init=False)
+    eval_examples: list = field(init=False)
+    max_new_tokens: int = field(init=False)
 
     def __post_init__(self):
         c, device = self.config, next(self.student.parameters()).device
@@ -87,7 +103,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.generator = torch.Generator(device=device).manual_seed(c.seed)
         self.prompts = self.task.examples("train", c.steps * c.prompts_per_step, seed=c.seed)
-        self.eval_examples = self.task.examples("test", c.eval_n, seed=EVAL_SEED)
+        self.eval_examples = eval_examples(self.task, c.eval_n)
         self.max_new_tokens = c.max_new_tokens or max_new_tokens(self.task)
 
     @property
@@ -114,21 +130,6 @@ class _Clock:
         self.t = now
 
 
-def _advantages(tr: Trainer, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT):
-    """``compute_advantages`` less the baseline b(c_t) of ``config.baseline``: none, the exact per-context
-    mean over the vocabulary (``"expected"``), or the mean advantage of the other samples of the same prompt
-    at the same position (``"loo"``, computed from the baseline-free advantages)."""
-    c = tr.config
-    expected_BT = (estimators.expected_advantage_baseline(tr.div, logp_student_BTV, logp_teacher_BTV, c.method,
-                                                          c.log_u_clip) if c.baseline == "expected" else None)
-    adv = estimators.compute_advantages(tr.div, logp_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
-                                        expected_BT, c.log_u_clip)
-    if c.baseline == "loo":
-        loo_BT = estimators.leave_one_out_baseline(adv.A_BT, mask_BT, c.samples_per_prompt)
-        adv = replace(adv, A_BT=(adv.A_BT - loo_BT) * mask_BT)
-    return adv
-
-
 def opd_step(tr: Trainer, step: int) -> dict:
     """One OPD / OPD+ update on the prompts of ``step``; returns its metrics (see the module doc)."""
     c, clock = tr.config, _Clock(tr.device)
@@ -149,7 +150,9 @@ def opd_step(tr: Trainer, step: int) -> dict:
     clock.lap("student_forward")
     # 4. advantages (never z-scored) and the REINFORCE surrogate
     sg_student_BT, sg_student_BTV = logp_student_BT.detach(), logp_student_BTV.detach()
-    adv = _advantages(tr, sg_student_BT, sg_student_BTV, logp_teacher_BT, logp_teacher_BTV, mask_BT)
+    adv = estimators.baselined_advantages(tr.div, sg_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
+                                          c.baseline, sg_student_BTV, logp_teacher_BTV, c.samples_per_prompt,
+                                          c.log_u_clip)
     loss = estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction)
     clock.lap("advantage")
     # 5. backward, clip, step

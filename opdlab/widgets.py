@@ -1,4 +1,4 @@
-"""Teaching widgets: thin ipywidgets views over the plain functions of ``opdlab.plots.widgets``.
+"""Teaching widgets: thin ipywidgets views over the plain functions of ``opdlab.plots.teaching``.
 
 In lecture order (notebook 05):
 
@@ -21,7 +21,7 @@ import warnings
 import ipywidgets as widgets
 
 from opdlab import divergences, toy
-from opdlab.plots import widgets as figures
+from opdlab.plots import teaching as figures
 
 __all__ = ["divergence_explorer", "DivergenceExplorer", "categorical_playground", "CategoricalPlayground",
            "training_race", "TrainingRace", "FAMILIES", "resolve_divergence"]

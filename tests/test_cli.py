@@ -99,7 +99,7 @@ def test_cli_toy_prints_the_exact_cosines(capsys, tmp_path):
     opd, plus = {k: v[0] for k, v in rows.items()}, {k: v[1] for k, v in rows.items()}
     assert opd["reverse_kl"] == pytest.approx(1.0, abs=1e-3)  # its stop-gradient error is a constant: no bias
     assert all(v == pytest.approx(1.0, abs=1e-3) for v in plus.values())  # OPD+ is the exact gradient
-    assert opd["forward_kl"] < 0  # points the wrong way (DESIGN.md: about -0.96), while OPD+ is exact
+    assert opd["forward_kl"] < 0  # points the wrong way (docs/math.md §3: about -0.95), while OPD+ is exact
     assert opd["jsd"] < plus["jsd"] - 0.1
     saved = pd.read_csv(csv)
     direct = estimator_cosines(["reverse_kl", "forward_kl", "jsd"], n_toys=4, seed=3)
@@ -124,7 +124,9 @@ def test_cli_toy_bad_numbers(capsys, argv, match):
 
 # -- opdlab eval -----------------------------------------------------------------------------------------------
 def _save_tiny(path, alphabet):
-    from opdlab.models import ModelRecipe, build_model, char_tokenizer, save_model
+    from opdlab.lm.modeling import build_model, save_model
+    from opdlab.lm.recipe import ModelRecipe
+    from opdlab.lm.tokenizer import char_tokenizer
 
     tok = char_tokenizer(alphabet)
     return save_model(build_model(ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32), tok), tok, path)

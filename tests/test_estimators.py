@@ -2,10 +2,12 @@
 import pytest
 import torch
 
+from naive import naive_advantages
 from opdlab.divergences import get
 from opdlab.estimators import (
-    compute_advantages, discounted_future_sum, expected_advantage_baseline, full_vocabulary_loss,
-    importance_ratio_loss, leave_one_out_baseline, reinforce_loss, token_advantages,
+    DEFAULT_REDUCTION, baselined_advantages, compute_advantages, discounted_future_sum,
+    expected_advantage_baseline, full_vocabulary_loss, importance_ratio_loss, leave_one_out_baseline,
+    reinforce_loss, token_advantages,
 )
 
 
@@ -130,12 +132,50 @@ def test_reinforce_loss_gradient():
     A = torch.randn(3, 4)
     mask = torch.ones(3, 4)
     mask[1, 2:] = 0
-    (grad,) = torch.autograd.grad(reinforce_loss(logp, A, mask), logits)
+    (grad,) = torch.autograd.grad(reinforce_loss(logp, A, mask, reduction="sequence"), logits)
     onehot = torch.nn.functional.one_hot(y, 6).double()
     expected = -(A * mask)[..., None] * (onehot - torch.softmax(logits, -1).detach()) / 3
     torch.testing.assert_close(grad, expected)
-    token_loss = reinforce_loss(logp, A, mask, reduction="token")
+    token_loss = reinforce_loss(logp, A, mask)  # the default reduction divides by the unmasked tokens
     torch.testing.assert_close(token_loss, -(A * mask * logp).sum() / mask.sum())
+
+
+def test_one_default_reduction_everywhere():
+    import inspect
+
+    from opdlab.config import TrainConfig
+    assert DEFAULT_REDUCTION == "token" == TrainConfig().reduction
+    for fn in (reinforce_loss, importance_ratio_loss, full_vocabulary_loss):
+        assert inspect.signature(fn).parameters["reduction"].default == DEFAULT_REDUCTION
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "forward_kl"])
+@pytest.mark.parametrize("method", ["opd", "opd_plus"])
+@pytest.mark.parametrize("baseline, gamma, clip", [("none", 0.0, None), ("expected", 0.5, 0.7), ("loo", 1.0, None),
+                                                   ("loo", 0.3, 0.7)])
+def test_baselined_advantages_match_a_naive_loop(name, method, baseline, gamma, clip):
+    """The function the training loop and the toys share, against plain Python loops over the closed forms."""
+    g = torch.Generator().manual_seed(4)
+    ls_BTV = torch.log_softmax(torch.randn(6, 5, 7, generator=g, dtype=torch.float64), -1)
+    lt_BTV = torch.log_softmax(2 * torch.randn(6, 5, 7, generator=g, dtype=torch.float64), -1)
+    y_BT = torch.randint(0, 7, (6, 5), generator=g)
+    ls_BT, lt_BT = ls_BTV.gather(-1, y_BT[..., None])[..., 0], lt_BTV.gather(-1, y_BT[..., None])[..., 0]
+    mask_BT = torch.ones(6, 5, dtype=torch.float64)
+    mask_BT[1, 3:], mask_BT[4, 1:], mask_BT[5, 2] = 0, 0, 0  # ragged ends and a masked environment token
+    adv = baselined_advantages(name, ls_BT, lt_BT, mask_BT, method, gamma, baseline, ls_BTV, lt_BTV, group_size=3,
+                               log_u_clip=clip)
+    want, n_clipped = naive_advantages(name, method, gamma, baseline, ls_BT, lt_BT, mask_BT, ls_BTV, lt_BTV, 3, clip)
+    torch.testing.assert_close(adv.A_BT, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert adv.n_clipped == n_clipped and adv.n_tokens == int(mask_BT.sum())
+    assert clip is None or n_clipped > 0
+
+
+def test_baselined_advantages_refuse_unknown_names_and_missing_distributions():
+    logp_s, logp_t, mask = _batch()
+    with pytest.raises(ValueError, match="unknown baseline 'mean'"):
+        baselined_advantages("jsd", logp_s, logp_t, mask, baseline="mean")
+    with pytest.raises(ValueError, match="needs the full distributions"):
+        baselined_advantages("jsd", logp_s, logp_t, mask, baseline="expected")
 
 
 def test_importance_ratio_loss_equals_reinforce_at_the_sampling_policy():
@@ -163,7 +203,7 @@ def test_full_vocabulary_loss_gives_the_exact_token_local_gradient(name):
     logits = torch.randn(2, 3, 5, generator=g, requires_grad=True)
     logp_t = torch.log_softmax(torch.randn(2, 3, 5, generator=g), -1)
     logp_s = torch.log_softmax(logits, -1)
-    (grad,) = torch.autograd.grad(full_vocabulary_loss(name, logp_s, logp_t), logits)
+    (grad,) = torch.autograd.grad(full_vocabulary_loss(name, logp_s, logp_t, reduction="sequence"), logits)
     # d D_f / d z = sum_a pi(a) (-w(u_a)) (e_a - pi) = -pi * (w - E_pi[w])
     pi = logp_s.exp().detach()
     w = get(name).opd_plus_advantage(logp_t - logp_s.detach())

@@ -1,13 +1,15 @@
-"""Models: character tokenizer round-trip, save/load, the vocabulary check, SFT masks and the recipe cache."""
+"""opdlab.lm: character tokenizer round-trip, save/load, the vocabulary check, SFT masks and the recipe cache."""
 import json
 import math
 
 import pytest
 import torch
 
-from opdlab import models
 from opdlab.config import TrainConfig
-from opdlab.models import ModelRecipe, build_model, char_tokenizer, check_compatible, encode_example, load_model
+from opdlab.lm import cache
+from opdlab.lm.modeling import build_model, load_model, save_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.tokenizer import char_tokenizer, check_compatible, encode_example
 from opdlab.tasks import Example, get_task
 
 TINY = ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, sft_steps=3, sft_batch=4, max_len=64)
@@ -30,7 +32,7 @@ def test_tokenizer_round_trip(tmp_path):
 def test_save_and_load_local_checkpoint(tmp_path):
     tok = char_tokenizer("ab\n")
     model = build_model(TINY, tok).eval()
-    models.save_model(model, tok, tmp_path / "ckpt", meta={"note": 1})
+    save_model(model, tok, tmp_path / "ckpt", meta={"note": 1})
     loaded, tok2 = load_model(tmp_path / "ckpt")
     ids = torch.tensor([tok.encode("abba\nab", add_special_tokens=False)])
     assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -55,14 +57,14 @@ def test_mismatched_vocabularies_are_refused(tmp_path):
     with pytest.raises(ValueError, match="vocabularies differ"):
         check_compatible(m_a, m_big, tok_a, tok_a)
     # and through the config, with local checkpoint directories
-    models.save_model(m_a, tok_a, tmp_path / "t")
-    models.save_model(m_b, tok_b, tmp_path / "s")
+    save_model(m_a, tok_a, tmp_path / "t")
+    save_model(m_b, tok_b, tmp_path / "s")
     from opdlab.train import load_models
     config = TrainConfig(teacher_path=str(tmp_path / "t"), student_path=str(tmp_path / "s"), device="cpu")
     with pytest.raises(ValueError, match="tokenizers differ"):
         load_models(config, task=None)
     # a local checkpoint whose tokenizer cannot write the task's characters is refused before any training
-    models.save_model(m_a, tok_a, tmp_path / "s")
+    save_model(m_a, tok_a, tmp_path / "s")
     with pytest.raises(ValueError, match=r"tokenizer of .*/t cannot encode 18 of the 18 characters of task"):
         load_models(config, task=get_task("arithmetic"))
 
@@ -79,11 +81,11 @@ def test_sft_lowers_the_loss_and_the_cache_trains_once(tmp_path, monkeypatch):
     task = get_task("arithmetic")
     recipe = ModelRecipe(hidden=32, layers=1, heads=1, intermediate=64, sft_steps=20, sft_batch=16, sft_lr=1e-2)
     calls = []
-    real_sft = models.sft
-    monkeypatch.setattr(models, "sft", lambda *a, **k: calls.append(1) or real_sft(*a, **k))
-    model, tok, meta = models.cached_model(task, recipe, "teacher", "cpu", tmp_path, eval_n=8, progress=False)
+    real_sft = cache.sft
+    monkeypatch.setattr(cache, "sft", lambda *a, **k: calls.append(1) or real_sft(*a, **k))
+    model, tok, meta = cache.cached_model(task, recipe, "teacher", "cpu", tmp_path, eval_n=8, progress=False)
     assert meta["final_sft_loss"] < math.log(len(tok)) - 0.5 and 0 <= meta["greedy_accuracy"] <= 1 and len(calls) == 1
-    again, _, meta2 = models.cached_model(task, recipe, "teacher", "cpu", tmp_path, eval_n=8, progress=False)
+    again, _, meta2 = cache.cached_model(task, recipe, "teacher", "cpu", tmp_path, eval_n=8, progress=False)
     assert len(calls) == 1 and meta2 == meta
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
     assert recipe.key("arithmetic", task.alphabet) != ModelRecipe(**{**recipe.__dict__, "seed": 1}).key(
@@ -105,5 +107,5 @@ def test_a_task_without_an_alphabet_asks_for_pretrained_checkpoints(tmp_path):
     class Pretrained:
         name, alphabet = "pretrained_only", ""
     with pytest.raises(ValueError, match="'pretrained_only' is meant for a pretrained model's tokenizer"):
-        models.cached_model(Pretrained(), TINY, "teacher", "cpu", tmp_path, progress=False)
+        cache.cached_model(Pretrained(), TINY, "teacher", "cpu", tmp_path, progress=False)
     assert not any(tmp_path.iterdir())

@@ -52,7 +52,7 @@ def test_categorical_sample_gradients_equal_reinforce_loss_autograd(toy, method)
     theta = toy.logits_student_K.clone().requires_grad_(True)
     logp_student_N1 = torch.log_softmax(theta, -1)[tokens]
     A = compute_advantages(div, logp_student_N1.detach(), toy.logp_teacher_K[tokens], method=method).A_BT
-    reinforce_loss(logp_student_N1, A).backward()
+    reinforce_loss(logp_student_N1, A, reduction="sequence").backward()
     torch.testing.assert_close(sample_gradients(div, toy, method, n, seed).mean(0), theta.grad)
 
 
@@ -66,7 +66,7 @@ def test_sequence_sample_gradients_equal_reinforce_loss_autograd(seq_toy, gamma)
     logp_student_BT = torch.log_softmax(theta, -1)[nodes, tokens]
     A = compute_advantages(div, logp_student_BT.detach(), seq_toy.logp_teacher_NV[nodes, tokens],
                            method="opd_plus", gamma=gamma).A_BT
-    reinforce_loss(logp_student_BT, A).backward()
+    reinforce_loss(logp_student_BT, A, reduction="sequence").backward()
     mean = sequence_sample_gradients(div, seq_toy, "opd_plus", n, gamma, generator=seed).mean(0)
     torch.testing.assert_close(mean, theta.grad.reshape(-1))
 
@@ -144,7 +144,7 @@ def test_sequence_baselines_keep_the_mean_and_lower_the_variance(seq_toy, baseli
     name = "reverse_kl"
     target = exact_sequence_gradient(name, seq_toy) if gamma == 1.0 else token_local_gradient(name, seq_toy)
     g = sequence_sample_gradients(name, seq_toy, "opd_plus", N_SEQ, gamma, baseline, generator=6, group_size=16)
-    plain = sequence_sample_gradients(name, seq_toy, "opd_plus", N_SEQ, gamma, None, generator=6)
+    plain = sequence_sample_gradients(name, seq_toy, "opd_plus", N_SEQ, gamma, "none", generator=6)
     assert z_scores(g, target).max() <= 5
     # total variance tr Cov(g) = E||g - Eg||^2, estimated by the mean of q_i = ||g_i - mean g||^2, whose
     # standard error is std(q) / sqrt(N): the baseline must lower it by more than 5 combined standard errors

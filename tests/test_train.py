@@ -6,13 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
+from naive import naive_advantages
 from opdlab import estimators
 from opdlab.config import TrainConfig
-from opdlab.models import ModelRecipe, build_model, char_tokenizer
-from opdlab.rollout import completion_logits, gather_logp, sample
+from opdlab.lm.modeling import build_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.sampling import completion_logits, gather_logp, sample
+from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.runlog import read_metrics, results
-from opdlab.tasks import Example, get_task
-from opdlab.train import Trainer, _advantages, opd_step, train
+from opdlab.tasks import get_task
+from opdlab.train import Trainer, opd_step, train
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
@@ -94,38 +97,58 @@ def models_for_test(same=False):
 
 
 @pytest.mark.parametrize("method", ["opd", "opd_plus"])
-@pytest.mark.parametrize("divergence, baseline, gamma, clip", [
-    ("reverse_kl", "none", 0.0, None), ("forward_kl", "expected", 0.5, 2.0), ("jsd", "loo", 1.0, None)])
-def test_one_step_of_each_method_moves_the_student(method, divergence, baseline, gamma, clip):
+@pytest.mark.parametrize("divergence, baseline, gamma, clip, reduction", [
+    ("reverse_kl", "none", 0.0, None, "token"), ("forward_kl", "expected", 0.5, 0.5, "token"),
+    ("jsd", "loo", 1.0, None, "sequence")])
+def test_one_step_applies_the_independently_computed_update(method, divergence, baseline, gamma, clip, reduction):
+    """One opd_step against a second computation: the same samples (same seed), advantages from plain loops over
+    the closed forms, the surrogate and its gradient, the gradient clip, and Adam's first step."""
     config = TrainConfig(**SMALL, divergence=divergence, method=method, baseline=baseline, gamma=gamma,
-                         log_u_clip=clip)
+                         log_u_clip=clip, reduction=reduction, grad_clip=0.05)
     teacher, student, tok, _ = models_for_test()
     tr = Trainer(config, TASK, teacher, copy.deepcopy(student), tok)
-    before = [p.clone() for p in tr.student.parameters()]
+    # the reference, on an untouched copy of the student
+    ref = copy.deepcopy(student)
+    r = sample(ref, tok, [ex.prompt for ex in tr.batch(0)], TASK, tr.max_new_tokens,
+               torch.Generator().manual_seed(config.seed), temperature=1.0)
+    with torch.no_grad():
+        lt_BTV = torch.log_softmax(completion_logits(teacher, r), -1)
+    ls_BTV = torch.log_softmax(completion_logits(ref.train(), r), -1)
+    ids = r.completion_ids_BT[..., None]
+    lt_BT, ls_BT = lt_BTV.gather(-1, ids)[..., 0], ls_BTV.gather(-1, ids)[..., 0]
+    A, n_clipped = naive_advantages(divergence, method, gamma, baseline, ls_BT.detach(), lt_BT, r.mask_BT,
+                                    ls_BTV.detach(), lt_BTV, SMALL["samples_per_prompt"], clip)
+    A_BT = torch.tensor(A)
+    n = r.mask_BT.sum() if reduction == "token" else r.mask_BT.shape[0]
+    loss = -(A_BT * ls_BT * r.mask_BT).sum() / n
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    clipped = [g * min(1.0, config.grad_clip / (norm + 1e-6)) for g in grads]
+    before = [p.detach().clone() for p in tr.student.parameters()]
+
     m = opd_step(tr, 0)
-    assert all(torch.isfinite(torch.tensor(v)) for v in m.values() if isinstance(v, float))
-    assert m["tokens"] > 0 and m["grad_norm"] > 0 and 0 <= m["clip_fraction"] <= 1
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.student.parameters()))
+
+    assert m["tokens"] == int(r.mask_BT.sum()) > 0 and m["clip_fraction"] == n_clipped / m["tokens"]
+    assert m["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
+    assert m["grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > config.grad_clip  # the clip binds
+    assert m["adv_abs_max"] == pytest.approx(float(A_BT.abs().max()), rel=1e-4)
+    for p, p0, g in zip(tr.student.parameters(), before, clipped):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-9)
+        big = g.abs() > 1e-5  # Adam's first step moves each weight by lr * g / (|g| + eps): about lr * sign(g)
+        torch.testing.assert_close(p.detach()[big] - p0[big], -config.lr * g[big] / (g[big].abs() + 1e-8),
+                                   rtol=1e-2, atol=1e-3 * config.lr)
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), models_for_test()[1].parameters()))
 
 
-@pytest.mark.parametrize("baseline", ["none", "expected", "loo"])
-def test_step_advantages_subtract_the_configured_baseline(baseline):
-    config = TrainConfig(**SMALL, divergence="jsd", method="opd_plus", baseline=baseline, gamma=0.5)
+def test_trainer_derives_its_state_from_the_config():
+    config = TrainConfig(**SMALL, divergence="jsd", seed=3)
     teacher, student, tok, _ = models_for_test()
     tr = Trainer(config, TASK, teacher, student, tok)
-    r = rollout_of(student, [ex.prompt for ex in tr.batch(0)])
-    with torch.no_grad():
-        lt_BT, lt_BTV = gather_logp(completion_logits(teacher, r), r.completion_ids_BT)
-        ls_BT, ls_BTV = gather_logp(completion_logits(student, r), r.completion_ids_BT)
-    got = _advantages(tr, ls_BT, ls_BTV, lt_BT, lt_BTV, r.mask_BT)
-    plain = estimators.compute_advantages("jsd", ls_BT, lt_BT, r.mask_BT, "opd_plus", 0.5)
-    expect = {"none": None,
-              "expected": estimators.expected_advantage_baseline("jsd", ls_BTV, lt_BTV, "opd_plus"),
-              "loo": estimators.leave_one_out_baseline(plain.A_BT, r.mask_BT, SMALL["samples_per_prompt"])}
-    want = estimators.compute_advantages("jsd", ls_BT, lt_BT, r.mask_BT, "opd_plus", 0.5, expect[baseline])
-    torch.testing.assert_close(got.A_BT, want.A_BT)
-    assert baseline == "none" or not torch.allclose(got.A_BT, plain.A_BT)
+    assert tr.div.name == "jsd" and tr.max_new_tokens == SMALL["max_new_tokens"]
+    assert [ex.prompt for ex in tr.prompts] == [ex.prompt for ex in TASK.examples("train", 6, seed=3)]
+    assert len(tr.eval_examples) == SMALL["eval_n"]
+    with pytest.raises(TypeError):
+        Trainer(config, TASK, teacher, student, tok, optimizer=None)
 
 
 def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradient():

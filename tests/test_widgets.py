@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from opdlab import toy, widgets
-from opdlab.plots import widgets as figures
+from opdlab.plots import teaching as figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -172,7 +172,7 @@ def test_race_bad_values_show_a_message(name, value, words):
 
 
 def test_race_frame_shows_the_forward_kl_collapse():
-    """The reference point of DESIGN §2 as the race draws it: stop-gradient forward KL does not converge."""
+    """The reference point of docs/math.md §3 as the race draws it: stop-gradient forward KL does not converge."""
     df = figures.training_race_frame("forward_kl", toy.make_categorical(8, seed=0), steps=100)
     final = df[df["step"] == 100].set_index("method")["D_f"]
     start = df[df["step"] == 0]["D_f"].iloc[0]

@@ -1,16 +1,20 @@
 """Plotting: tidy DataFrame in, matplotlib Figure out. ``save_figure`` writes PNG and SVG.
 
-Submodules hold the figures of one part of the project (``plots.toy``, ``plots.training``); every function
+Submodules hold the figures of one part of the project (``plots.toy``: notebooks 01-03, ``plots.training``:
+notebook 04, ``plots.teaching``: notebook 05 and its widgets); every function
 takes a tidy DataFrame (the same one written to ``figures/data/*.csv``) and returns a Figure.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-__all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir"]
+from opdlab.divergences import get
+
+__all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir", "grid", "divergence_title"]
 
 METHOD_STYLE = {
     "opd": dict(color="#d62728", linestyle="--", label="OPD (stop-gradient)"),
@@ -21,6 +25,25 @@ METHOD_STYLE = {
 def method_style(method: str) -> dict:
     """Colour, line style and legend label of a method, the same in every figure."""
     return METHOD_STYLE.get(method, dict(color="gray", linestyle=":", label=method))
+
+
+def grid(n_panels: int, n_cols: int = 3, size: tuple[float, float] = (3.6, 2.8), **kwargs):
+    """A figure with ``n_panels`` axes in rows of ``n_cols`` (unused cells hidden); returns (fig, axes list)."""
+    n_cols = min(n_cols, n_panels)
+    n_rows = math.ceil(n_panels / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows), squeeze=False,
+                             **kwargs)
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n_panels])
+
+
+def divergence_title(name: str) -> str:
+    """The registry's human-readable label of a divergence name (the name itself if unknown)."""
+    try:
+        return get(name).label
+    except (ValueError, TypeError):
+        return str(name)
 
 
 def figures_dir(path: str | os.PathLike | None = None) -> Path:

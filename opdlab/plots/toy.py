@@ -4,14 +4,11 @@ the gamma trade-off on sequences. Every function takes the tidy DataFrame writte
 """
 from __future__ import annotations
 
-import math
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from opdlab.divergences import get
-from opdlab.plots import method_style
+from opdlab.plots import divergence_title, grid, method_style
 
 __all__ = ["advantage_curves_figure", "error_vs_samples_figure", "cosine_figure", "variance_figure",
            "training_figure", "gamma_tradeoff_figure"]
@@ -23,28 +20,10 @@ BASELINE_STYLE = {
 }
 
 
-def _grid(n_panels: int, n_cols: int = 3, size: tuple[float, float] = (3.6, 2.8), **kwargs):
-    n_cols = min(n_cols, n_panels)
-    n_rows = math.ceil(n_panels / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows), squeeze=False,
-                             **kwargs)
-    for ax in axes.flat[n_panels:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat[:n_panels])
-
-
 def _style(method: str, **overrides) -> dict:
     style = dict(method_style(method))
     style.update(overrides)
     return style
-
-
-def _title(name: str) -> str:
-    """The registry's human-readable label of a divergence name (the name itself if unknown)."""
-    try:
-        return get(name).label
-    except (ValueError, TypeError):
-        return str(name)
 
 
 def advantage_curves_figure(curves: pd.DataFrame) -> plt.Figure:
@@ -54,7 +33,7 @@ def advantage_curves_figure(curves: pd.DataFrame) -> plt.Figure:
     (reverse KL) do the curves stay parallel.
     """
     names = list(dict.fromkeys(curves["divergence"]))
-    fig, axes = _grid(len(names))
+    fig, axes = grid(len(names))
     for ax, name in zip(axes, names):
         d = curves[curves["divergence"] == name]
         for method in ("opd", "opd_plus"):
@@ -65,7 +44,7 @@ def advantage_curves_figure(curves: pd.DataFrame) -> plt.Figure:
         lo, hi = np.nanpercentile(d[["opd", "opd_plus"]].to_numpy(), [2, 98])
         pad = 0.1 * (hi - lo + 1e-9)
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_title(_title(name))
+        ax.set_title(divergence_title(name))
         ax.set_xlabel("log u = log π_T − log π_θ")
     axes[0].set_ylabel("advantage")
     axes[0].legend(fontsize=8, loc="upper left")
@@ -80,7 +59,7 @@ def error_vs_samples_figure(study: pd.DataFrame, metric: str = "relative_error")
     """
     mean = study.groupby(["divergence", "method", "n_samples"], sort=False)[metric].mean().reset_index()
     names = list(dict.fromkeys(mean["divergence"]))
-    fig, axes = _grid(len(names), sharex=True)
+    fig, axes = grid(len(names), sharex=True)
     for ax, name in zip(axes, names):
         d = mean[mean["divergence"] == name]
         for method, dm in d.groupby("method", sort=False):
@@ -92,7 +71,7 @@ def error_vs_samples_figure(study: pd.DataFrame, metric: str = "relative_error")
             ax.plot(n, scale / np.sqrt(n), color="black", linestyle=":", linewidth=1, label="∝ 1/√N")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(_title(name))
+        ax.set_title(divergence_title(name))
         ax.set_xlabel("samples N")
     axes[0].set_ylabel(metric.replace("_", " "))
     axes[0].legend(fontsize=8)
@@ -153,7 +132,7 @@ def training_figure(history: pd.DataFrame, value: str = "D_f") -> plt.Figure:
     A run that blew up (a token's probability reached 0) ends with an x.
     """
     names = list(dict.fromkeys(history["divergence"]))
-    fig, axes = _grid(len(names), sharex=True)
+    fig, axes = grid(len(names), sharex=True)
     for ax, name in zip(axes, names):
         d = history[history["divergence"] == name]
         for method, dm in d.groupby("method", sort=False):
@@ -164,7 +143,7 @@ def training_figure(history: pd.DataFrame, value: str = "D_f") -> plt.Figure:
                 ax.plot(finite["step"].iloc[-1:], finite[value].iloc[-1:], marker="x", markersize=9,
                         color=style["color"], linestyle="none")
         ax.set_yscale("log")
-        ax.set_title(_title(name))
+        ax.set_title(divergence_title(name))
         ax.set_xlabel("step")
     axes[0].set_ylabel(value if value != "D_f" else "D_f(π_T ‖ π_θ)")
     axes[0].legend(fontsize=8)
@@ -192,7 +171,7 @@ def gamma_tradeoff_figure(study: pd.DataFrame, method: str = "opd_plus") -> plt.
             exact = db["variance_exact"] if "variance_exact" in db else db["variance"]
             row[1].plot(db["gamma"], exact.fillna(db["variance"]), **style)
             row[2].plot(db["gamma"], db["rmse_sequence"], **style)
-        row[0].set_ylabel(f"{_title(name)}\n‖E[g] − target‖")
+        row[0].set_ylabel(f"{divergence_title(name)}\n‖E[g] − target‖")
         row[1].set_ylabel("per-sample variance")
         row[2].set_ylabel(f"RMSE vs ∇J, N={int(d['n_samples'].iloc[0])}")
         for ax in row:

@@ -10,8 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from scipy import stats
 
-from opdlab.plots import method_style
-from opdlab.plots.toy import _grid, _title
+from opdlab.plots import divergence_title, grid, method_style
 
 __all__ = ["mean_band", "curves_figure", "final_table"]
 
@@ -39,7 +38,7 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
     """
     panels = list(dict.fromkeys(zip(evals["task"], evals["divergence"])))
     n_cols = len(dict.fromkeys(evals["divergence"]))
-    fig, axes = _grid(len(panels), n_cols=n_cols, size=(3.4, 2.7), sharey=True)
+    fig, axes = grid(len(panels), n_cols=n_cols, size=(3.4, 2.7), sharey=True)
     curves = mean_band(evals, ["task", "divergence", "method", "step"], metric)
     for ax, (task, div) in zip(axes, panels):
         for method, c in curves[(curves["task"] == task) & (curves["divergence"] == div)].groupby("method"):
@@ -54,7 +53,7 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
                 ax.axhline(ref["value"], **REFERENCE_STYLE.get(ref["role"], {}))
         if metric.endswith("accuracy"):
             ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{task} · {_title(div)}", fontsize=9)
+        ax.set_title(f"{task} · {divergence_title(div)}", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel or metric.replace("_", " "))

@@ -1,6 +1,6 @@
 """Sampling completions from a causal LM with a KV cache and tool pauses, and aligning log-probabilities.
 
-The OPD estimator needs samples from the student pi_theta itself (DESIGN.md §2): temperature 1 and no
+The OPD estimator needs samples from the student pi_theta itself (docs/math.md §6): temperature 1 and no
 top-k/top-p truncation. ``transformers``' ``generate`` takes its defaults from ``generation_config`` (which
 may set ``top_k=50``) and cannot pause for a tool, so this module samples with its own small loop: one
 forward per position over the whole batch, reusing the KV cache, drawing ``y_t ~ softmax(logits / 1)`` over
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opdlab.models import autocast, collate
+from opdlab.lm.device import autocast
+from opdlab.lm.tokenizer import collate
 
 __all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
 

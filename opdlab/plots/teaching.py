@@ -4,7 +4,7 @@ Each widget in ``opdlab.widgets`` is a view over one ``*_frame`` function (retur
 ``plot_*`` function (DataFrame in, Figure out). The figures are built on ``matplotlib.figure.Figure``, not
 pyplot, so a widget callback that makes one leaves nothing behind for the inline backend to show twice.
 
-    >>> from opdlab.plots.widgets import advantage_curves_frame, plot_advantage_curves
+    >>> from opdlab.plots.teaching import advantage_curves_frame, plot_advantage_curves
     >>> fig = plot_advantage_curves(advantage_curves_frame("forward_kl"))
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from opdlab import symbolic
 from opdlab import toy as toys
 from opdlab.divergences import Divergence, get
-from opdlab.estimators import METHODS
+from opdlab.choices import METHODS
+from opdlab.montecarlo import cosine
 from opdlab.plots import method_style
 
 __all__ = ["ADVANTAGE_QUANTITIES", "advantage_curves_frame", "plot_advantage_curves", "categorical_frame",
@@ -109,10 +110,6 @@ def categorical_frame(divergence: str | Divergence, toy: toys.CategoricalToy, n_
     )
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300))
-
-
 def plot_categorical(df: pd.DataFrame) -> Figure:
     """The playground's figure from ``categorical_frame``.
 
@@ -132,20 +129,23 @@ def plot_categorical(df: pd.DataFrame) -> Figure:
     ax_p.set(xlabel="token a", ylabel="probability", title="the two distributions", xticks=tokens)
     ax_p.legend(frameon=False, fontsize=8)
 
+    def cos_to_exact(x: np.ndarray) -> float:
+        return float(cosine(torch.from_numpy(x), torch.from_numpy(exact)))
+
     width = 0.27
     ax_g.bar(tokens - width, -exact, width, color="black", label="exact, -∇D_f")
     for shift, method in zip((0.0, width), METHODS):
         style = method_style(method)
         expected = value[f"expected_{method}"]["value"].to_numpy()
         ax_g.bar(tokens + shift, -expected, width, color=style["color"], alpha=0.85,
-                 label=f"{style['label']}, expected (cos to exact {_cosine(expected, exact):+.2f})")
+                 label=f"{style['label']}, expected (cos to exact {cos_to_exact(expected):+.2f})")
         sampled = value.get(f"sampled_{method}")
         if sampled is not None:
             n = int(sampled["n_samples"].iloc[0])
             ax_g.errorbar(tokens + shift, -sampled["value"], yerr=2 * sampled["stderr"], fmt="o", ms=4,
                           color="#ff7f0e" if method == "opd" else "#17becf", capsize=2, elinewidth=1,
                           label=f"{style['label']}, mean of N={n} samples ± 2 s.e. "
-                                f"(cos {_cosine(sampled['value'].to_numpy(), exact):+.2f})")
+                                f"(cos {cos_to_exact(sampled['value'].to_numpy()):+.2f})")
     ax_g.axhline(0.0, color="0.6", lw=0.8)
     ax_g.set(xlabel="token a", ylabel="logit update  -∇θ D_f", xticks=tokens,
              title=f"{df['label'].iloc[0]}: where each estimator moves the student")

@@ -1,0 +1,91 @@
+"""The named choices of an estimator and of a run, in one torch-free place: methods, baselines, reductions,
+and the divergence names the registry accepts.
+
+``opdlab.config`` validates a ``TrainConfig`` against these without loading torch; ``opdlab.estimators``,
+``opdlab.toy`` and ``opdlab.divergences`` use the same tuples. The math behind each choice is in
+docs/math.md (§3 methods, §4 γ and reductions, §5 baselines).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+__all__ = ["METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
+           "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
+
+METHODS = ("opd", "opd_plus")
+"""``"opd"``: the stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (docs/math.md §3)."""
+
+BASELINES = ("none", "expected", "loo")
+"""``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the
+mean advantage of the other samples of the same group at the same position (docs/math.md §5)."""
+
+REDUCTIONS = ("token", "sequence")
+"""How a surrogate sums its per-token terms: ``"token"`` divides by the number of unmasked tokens in the batch,
+``"sequence"`` by the number of sequences. Only ``"sequence"`` is unbiased: with it gamma = 1 estimates the
+sequence gradient grad J and gamma = 0 the token-local one; ``"token"`` rescales each batch by a random count
+(docs/math.md §4)."""
+
+DEFAULT_REDUCTION = "token"
+"""The reduction of ``TrainConfig`` and of every surrogate loss when none is named."""
+
+FIXED_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2")
+DIVERGENCE_FAMILIES = {
+    "gjsd": "generalised JSD with weight β on the teacher, β in [0, 1], e.g. 'gjsd:0.1' (gjsd:0.5 is jsd)",
+    "alpha": "Amari α-divergence, any finite α, e.g. 'alpha:0.5' (α=0 and α=1 are the continuous limits)",
+}
+
+
+def allowed_divergences() -> str:
+    """The accepted divergence names, for error messages."""
+    return (", ".join(FIXED_DIVERGENCES) + "; families: "
+            + "; ".join(f"{k} ({v})" for k, v in DIVERGENCE_FAMILIES.items()))
+
+
+def parse_divergence(name: str) -> tuple[str, float | None]:
+    """``(key, None)`` for a fixed divergence, ``(family, parameter)`` for ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
+
+    Raises a TypeError for a name that is not a string, and a ValueError that lists the allowed names for an
+    unknown name or states the allowed range for a family parameter that is malformed or out of range.
+    Warns that gjsd:0 and gjsd:1 are identically zero.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a divergence is named by a string, got {type(name).__name__}; "
+                        f"allowed: {allowed_divergences()}")
+    key = name.strip().lower()
+    if key in FIXED_DIVERGENCES:
+        return key, None
+    family, sep, raw = key.partition(":")
+    if family not in DIVERGENCE_FAMILIES:
+        raise ValueError(f"unknown divergence {name!r}; allowed: {allowed_divergences()}")
+    if not sep or not raw:
+        raise ValueError(f"divergence family {family!r} needs a parameter: {DIVERGENCE_FAMILIES[family]}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"parameter of {family!r} must be a number, got {raw!r}: "
+                         f"{DIVERGENCE_FAMILIES[family]}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"parameter of {family!r} must be finite, got {raw!r}: {DIVERGENCE_FAMILIES[family]}")
+    if family == "gjsd":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: "
+                             f"{DIVERGENCE_FAMILIES['gjsd']}")
+        if value in (0.0, 1.0):
+            warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
+                          "distributions): it gives no learning signal. For the KL limits use forward_kl, "
+                          "reverse_kl, alpha:1 or alpha:0.", stacklevel=3)
+    return family, value
+
+
+def check_method(method: str) -> None:
+    """Raise a ValueError unless ``method`` is one of ``METHODS``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+
+
+def check_baseline(baseline: str) -> None:
+    """Raise a ValueError unless ``baseline`` is one of ``BASELINES``."""
+    if baseline not in BASELINES:
+        raise ValueError(f"unknown baseline {baseline!r}; allowed: 'none', 'expected' (exact per-context mean of "
+                         "the advantage), 'loo' (leave-one-out over the other samples)")
