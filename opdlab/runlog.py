@@ -3,17 +3,34 @@
 Layout of ``runs/<name>/``::
 
     config.json       the TrainConfig (plus teacher/student facts in run.json)
+    fingerprint.json  what determines the run: the config and sha256 digests of the teacher's and the initial
+                      student's weights
     versions.json     python, torch, transformers, opdlab, platform, device
     metrics.jsonl     one JSON object per line: {"step": s, "kind": "train" | "eval", ...}
-    checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step
+    checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint
+    lock              held (flock) by the one process writing the run; the kernel releases it when that process
+                      ends, however it ends
 
-A checkpoint is written to a temporary directory and renamed into place, so an interruption leaves either the
-old checkpoint or the new one. On resume, metric lines logged after the checkpoint's step are dropped (they
-are recomputed), so a resumed run's metrics.jsonl equals an uninterrupted one's.
+Nothing is lost or mixed:
+
+- one process at a time: a second one is refused while the first holds ``lock``;
+- an append writes a whole line or nothing (a failed write is cut back); a torn last line, from a crash or a
+  full disk, is dropped with a message when the file is read;
+- every rewrite (config, metrics on resume) goes to a temporary file renamed into place, and a checkpoint to a
+  temporary directory renamed into place, so an interruption leaves the old version or the new one; temporary
+  copies left by an interruption are removed on the next start;
+- a run records its fingerprint and refuses, naming what differs, to continue under another one.
+
+On resume, metric lines logged after the checkpoint's step are dropped (they are recomputed), so a resumed
+run's metrics.jsonl equals an uninterrupted one's. Non-finite metric values are written as ``null`` and named
+under the record's ``"nonfinite"`` key (JSON has no NaN).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -23,13 +40,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opdlab.lm.modeling import save_model
+from opdlab.lm.modeling import load_model, save_model
 
-__all__ = ["RunLog", "read_metrics", "results", "versions"]
+__all__ = ["RunLog", "read_metrics", "read_records", "results", "versions", "stored_config", "weights_digest",
+           "fingerprint"]
 
 VOLATILE = ("time_",)  # metric names starting with these differ between runs (wall-clock)
 CONFIG_COLUMNS = ("task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip", "reduction")
 """The config fields copied onto every metrics row: what tells runs apart in a table or a figure."""
+TEMPORARY = ("checkpoint.tmp*", ".*.tmp*")
+"""Names of the temporary copies an interrupted write leaves; removed when the next process takes the lock."""
 
 
 def versions(device: str | None = None) -> dict:
@@ -42,43 +62,208 @@ def versions(device: str | None = None) -> dict:
                 device=device, threads=torch.get_num_threads())
 
 
-class RunLog:
-    """Writes one run's directory; see the module doc for the layout."""
+def weights_digest(model) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, run_dir: str | os.PathLike, config, device: str | None = None):
-        self.dir = Path(run_dir)
+
+def fingerprint(config, teacher, student) -> dict:
+    """Everything that determines a run: its config and the digests of the teacher's and the initial student's
+    weights (a teacher is known by its weights, not only by the recipe that made it)."""
+    return {"config": config.to_dict(), "teacher": weights_digest(teacher), "student": weights_digest(student)}
+
+
+def _differences(recorded: dict, current: dict) -> list[str]:
+    """``field (recorded -> current)`` for each entry of two fingerprints (or configs) that differs."""
+    if "config" in recorded or "config" in current:
+        out = _differences(recorded.get("config", {}), current.get("config", {}))
+        return out + [f"{role} weights (sha256 {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]})"
+                      for role in ("teacher", "student") if recorded.get(role) != current.get(role)]
+    return [f"{key} ({recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
+            for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key)]
+
+
+def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str) -> None:
+    if recorded is None:
+        return
+    diff = _differences(recorded, current)
+    if diff:
+        raise ValueError(f"{run_dir} holds a run with a different config or models ({source} differs in "
+                         f"{', '.join(diff)}); resume it with what it started with (`opdlab train {run_dir}` "
+                         "without -p reads its config.json) or use a new run directory")
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, None when the file is absent; a ValueError naming the file if damaged."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged ({err}); delete it to have it written again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} should hold a JSON object, holds {type(value).__name__}")
+    return value
+
+
+def stored_config(run_dir: str | os.PathLike) -> dict | None:
+    """The config a run directory recorded: config.json, else the one in fingerprint.json; None for a new one."""
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json")
+    if config is None:
+        config = (_read_json(run_dir / "fingerprint.json") or {}).get("config")
+    return config
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _json_line(record: dict) -> tuple[str, list[str]]:
+    """A record as one line of strict JSON: non-finite floats become null and are named under "nonfinite"."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        record = {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+    return json.dumps(record, allow_nan=False), bad
+
+
+def _run_dir(run_dir) -> Path:
+    if not isinstance(run_dir, (str, os.PathLike)) or str(run_dir).strip() == "":
+        raise ValueError(f"run directory {run_dir!r} is invalid: expected a non-empty path "
+                         "(a new directory, or one that holds a run to resume)")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run directory {path} is a file: expected a directory (new, or holding a run to resume)")
+    return path
+
+
+def _lock(run_dir: Path) -> int:
+    """Take ``run_dir/lock`` (flock, released by the kernel when the process ends); return its descriptor."""
+    import fcntl
+
+    fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
+                         "one writer at a time: wait for it to finish, or use another run directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+class RunLog:
+    """Writes one run's directory, holding its lock from creation to ``close`` (or the end of a ``with``
+    block); see the module doc for the layout and the guarantees.
+
+    Creating one refuses a path that is empty or a file, a directory another process is writing, and a config
+    that differs from the one the directory recorded (naming the fields); it then removes temporary copies an
+    interruption left behind. ``start`` records (or checks) the full fingerprint, with the models.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, config):
+        self.dir = _run_dir(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        config_json = config.to_json()
-        old = self.dir / "config.json"
-        if old.exists() and json.loads(old.read_text()) != json.loads(config_json):
-            raise ValueError(f"{self.dir} holds a run with a different config; use a new run directory")
-        old.write_text(config_json)
-        (self.dir / "versions.json").write_text(json.dumps(versions(device), indent=2))
+        self._lock_fd = _lock(self.dir)
+        try:
+            for pattern in TEMPORARY:
+                for orphan in self.dir.glob(pattern):
+                    shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
+            _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config")
+            write_atomic(self.dir / "config.json", config.to_json())
+        except BaseException:
+            self.close()
+            raise
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_dir = self.dir / "checkpoint"
+        self.fingerprint: dict | None = None
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def start(self, fingerprint: dict, device: str | None = None, run: dict | None = None) -> None:
+        """Check ``fingerprint`` against the recorded one (refusing a different one), record it, the versions
+        and ``run`` (run.json)."""
+        _check_same(self.dir, _read_json(self.dir / "fingerprint.json"), fingerprint, "fingerprint.json")
+        self.fingerprint = fingerprint
+        self.write_json("fingerprint.json", fingerprint)
+        self.write_json("versions.json", versions(device))
+        if run is not None:
+            self.write_json("run.json", run)
 
     def write_json(self, name: str, obj: dict) -> None:
-        (self.dir / name).write_text(json.dumps(obj, indent=2, default=str))
+        write_atomic(self.dir / name, json.dumps(obj, indent=2, default=str))
 
-    def log(self, record: dict) -> None:
-        """Append one metrics record (a flat dict with ``step`` and ``kind``)."""
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    def log(self, record: dict) -> list[str]:
+        """Append one metrics record (a flat dict with ``step`` and ``kind``) as a whole line, or nothing if the
+        write fails; return the names of its non-finite values (written as null, and said on stderr)."""
+        line, bad = _json_line(record)
+        data = (line + "\n").encode()
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size, written = os.fstat(fd).st_size, 0
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+            finally:
+                if written != len(data):
+                    os.ftruncate(fd, size)  # a whole line or nothing
+        finally:
+            os.close(fd)
+        if bad:
+            print(f"opdlab: {self.dir}: step {record.get('step')} ({record.get('kind')}): non-finite "
+                  f"{', '.join(bad)} (logged as null)", file=sys.stderr)
+        return bad
 
     def truncate_after(self, step: int) -> None:
-        """Drop metric lines of steps after ``step`` (logged before an interruption, not checkpointed)."""
-        if not self.metrics_path.exists():
+        """Drop metric lines of steps after ``step`` (logged before an interruption, not checkpointed), by an
+        atomic rewrite; refuse when the lines up to ``step`` are not all there."""
+        if not self.metrics_path.exists() and step < 0:
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = [r for r in read_records(self.metrics_path) if r["step"] <= step]
+        trained = [r["step"] for r in keep if r["kind"] == "train"]
+        if step >= 0 and trained != list(range(1, step + 1)):
+            raise ValueError(f"{self.metrics_path} does not hold the train records of steps 1..{step} that its "
+                             f"checkpoint has done (it holds {len(trained)}): the run's early metrics are lost; "
+                             "start it over in a new run directory")
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def save_checkpoint(self, model, tokenizer, optimizer, step: int, rng: dict) -> None:
-        """Model, tokenizer, optimizer state, RNG states and the number of completed steps, atomically."""
+        """Model, tokenizer, optimizer state, RNG states, the number of completed steps and the run's fingerprint,
+        written to a temporary directory and renamed into place."""
         tmp = self.dir / f"checkpoint.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tokenizer, tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt")
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint},
+                   tmp / "state.pt")
         old = self.dir / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
         if self.checkpoint_dir.exists():
@@ -86,12 +271,55 @@ class RunLog:
         os.replace(tmp, self.checkpoint_dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_state(self) -> dict | None:
-        """The checkpoint's ``{"step", "optimizer", "rng"}``, or None when there is none yet."""
+    def load_checkpoint(self, device="cpu"):
+        """``(state, model)`` of the checkpoint, ``state = {"step", "optimizer", "rng", "fingerprint"}``, or None
+        when there is none yet. A checkpoint that cannot be read, or whose fingerprint differs from the one
+        ``start`` was given, is refused with a message."""
         if not self.checkpoint_dir.exists() and (self.dir / "checkpoint.old").exists():
             os.replace(self.dir / "checkpoint.old", self.checkpoint_dir)  # interrupted between the renames
         path = self.checkpoint_dir / "state.pt"
-        return torch.load(path, weights_only=False, map_location="cpu") if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, weights_only=False, map_location="cpu")
+            model = load_model(self.checkpoint_dir, device)[0]
+        except Exception as err:  # torch, safetensors and transformers each raise their own kind
+            raise ValueError(f"the checkpoint {self.checkpoint_dir} cannot be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); restore it, or delete it to "
+                             "start the run over from step 0") from None
+        if self.fingerprint is not None:
+            _check_same(self.dir, state.get("fingerprint"), self.fingerprint, "its checkpoint")
+        return state, model
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A last line that is not a whole JSON record (torn by a crash or a full
+    disk) is dropped with a message on stderr; a bad line elsewhere, or two records of one step and kind
+    (two writers), is a ValueError naming the file and the line."""
+    path = Path(path)
+    lines = path.read_text().split("\n")
+    records, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and "step" in record and "kind" in record):
+                raise ValueError("not a record with step and kind")
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: the append was cut short
+                print(f"opdlab: {path}: dropped a torn last line ({len(line)} characters); the rest is intact",
+                      file=sys.stderr)
+                break
+            raise ValueError(f"{path}, line {number}: not a metrics record ({err}); fix or delete that line") \
+                from None
+        key = (record["step"], record["kind"])
+        if key in seen:
+            raise ValueError(f"{path}, lines {seen[key]} and {number}: two {key[1]} records of step {key[0]} "
+                             "(written by two processes at once); rerun the run in a new directory")
+        seen[key] = number
+        records.append(record)
+    return records
 
 
 def read_metrics(run_dir: str | os.PathLike, volatile: bool = True) -> pd.DataFrame:
@@ -100,13 +328,14 @@ def read_metrics(run_dir: str | os.PathLike, volatile: bool = True) -> pd.DataFr
     ``volatile=False`` drops wall-clock columns (``time_*``), which differ between otherwise equal runs.
     """
     run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(read_records(run_dir / "metrics.jsonl"))
+    if "nonfinite" in df:  # the names of a record's non-finite (null) values, as one string
+        df["nonfinite"] = [",".join(v) if isinstance(v, list) else "" for v in df["nonfinite"]]
     if not volatile:
         df = df[[c for c in df.columns if not c.startswith(VOLATILE)]]
-    config = json.loads((run_dir / "config.json").read_text())
+    config = stored_config(run_dir) or {}
     for key in CONFIG_COLUMNS:
-        df[key] = config[key]
+        df[key] = config.get(key)
     df["run"] = run_dir.name
     return df
 
@@ -123,6 +352,6 @@ def results(run_dirs, kind: str | None = "eval", long: bool = False) -> pd.DataF
     if kind is not None:
         df = df[df["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
     if long:
-        ids = ["run", *CONFIG_COLUMNS, "step", "kind"]
+        ids = ["run", *CONFIG_COLUMNS, "step", "kind", "nonfinite"]
         df = df.melt(id_vars=[c for c in ids if c in df], var_name="metric", value_name="value")
     return df

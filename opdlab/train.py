@@ -22,6 +22,7 @@ whose state is checkpointed, and evaluation draws from a generator seeded by the
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +38,10 @@ from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
-from opdlab.runlog import RunLog, read_metrics
+from opdlab.runlog import RunLog, fingerprint, read_metrics
 
 __all__ = ["train", "opd_step", "evaluate", "load_models", "run_name", "max_new_tokens", "eval_examples", "Trainer",
-           "EVAL_SEED"]
+           "EVAL_SEED", "Interrupted"]
 
 EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
 
@@ -216,24 +217,33 @@ def _rng_state(tr: Trainer) -> dict:
 
 def _resume(tr: Trainer, log: RunLog) -> int:
     """Load the checkpoint if the run directory has one; return the number of completed steps."""
-    state = log.load_state()
-    if state is None:
+    loaded = log.load_checkpoint()
+    if loaded is None:
         log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
+    state, model = loaded
     saved = state["rng"].get("device", tr.device.type)
     if saved != tr.device.type:
         raise ValueError(f"{log.dir} was started on {saved} and is being resumed on {tr.device.type}; its sampling "
                          f"generator belongs to {saved}: resume it there (device={saved!r}) or use a new run directory")
-    tr.student.load_state_dict(load_model(log.checkpoint_dir)[0].state_dict())
+    tr.student.load_state_dict(model.state_dict())
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.generator.set_state(state["rng"]["generator"])
     log.truncate_after(state["step"])
     return state["step"]
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``; its message says how to resume."""
+
+
 def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, progress: bool = True,
           stop_after: int | None = None) -> pd.DataFrame:
     """Run (or resume) OPD training as ``config`` says, writing ``run_dir``; return its metrics DataFrame.
+
+    The run directory is locked for the duration (``runlog.RunLog``); a run resumes only under the fingerprint
+    it started with (config, teacher and initial student weights). A non-finite gradient norm stops the run
+    with a ValueError before the step is checkpointed; Ctrl-C raises ``Interrupted`` saying how to resume.
 
     Args:
         task: a task object; default ``opdlab.tasks.get_task(config.task)``.
@@ -243,23 +253,34 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
     """
     from opdlab.tasks import get_task
 
-    task = task if task is not None else get_task(config.task)
-    teacher, student, tokenizer, meta = models if models is not None else load_models(config, task, progress)
-    tr = Trainer(config, task, teacher, copy.deepcopy(student), tokenizer)
-    log = RunLog(run_dir, config, device=str(tr.device))
-    log.write_json("run.json", {"models": meta, "train_prompts": len(tr.prompts)})
-    start = _resume(tr, log)
-    if start == 0:
-        log.log({"step": 0, "kind": "eval", **evaluate(tr, 0)})
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    for step in tqdm(range(start, end), desc=f"OPD {config.divergence}/{config.method}", disable=not progress,
-                     initial=start, total=config.steps, leave=False):
-        log.log({"step": step + 1, "kind": "train", **opd_step(tr, step)})
-        done = step + 1
-        if done % config.eval_every == 0 or done == config.steps:
-            log.log({"step": done, "kind": "eval", **evaluate(tr, done)})
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, _rng_state(tr))
+    with RunLog(run_dir, config) as log:
+        task = task if task is not None else get_task(config.task)
+        teacher, student, tokenizer, meta = models if models is not None else load_models(config, task, progress)
+        tr = Trainer(config, task, teacher, copy.deepcopy(student), tokenizer)
+        log.start(fingerprint(config, teacher, student), str(tr.device),
+                  {"models": meta, "train_prompts": len(tr.prompts)})
+        start = saved = _resume(tr, log)
+        try:
+            if start == 0:
+                log.log({"step": 0, "kind": "eval", **evaluate(tr, 0)})
+            end = config.steps if stop_after is None else min(config.steps, stop_after)
+            for step in tqdm(range(start, end), desc=f"OPD {config.divergence}/{config.method}",
+                             disable=not progress, initial=start, total=config.steps, leave=False):
+                metrics = opd_step(tr, step)
+                log.log({"step": step + 1, "kind": "train", **metrics})
+                if not math.isfinite(metrics["grad_norm"]):
+                    raise ValueError(f"step {step + 1} of {log.dir}: the gradient norm is {metrics['grad_norm']}, so "
+                                     f"the run stops before checkpointing it (last checkpoint: step {saved}); "
+                                     f"lower lr (now {config.lr}) or set log_u_clip, in a new run directory")
+                done = step + 1
+                if done % config.eval_every == 0 or done == config.steps:
+                    log.log({"step": done, "kind": "eval", **evaluate(tr, done)})
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, _rng_state(tr))
+                    saved = done
+        except KeyboardInterrupt:
+            raise Interrupted(f"{log.dir} stopped; its last checkpoint is step {saved} of {config.steps}: run "
+                              f"`opdlab train {log.dir}` again to resume from there") from None
     return read_metrics(run_dir)
 
 
