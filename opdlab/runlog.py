@@ -176,7 +176,8 @@ class RunLog:
 
     Creating one refuses a path that is empty or a file, a directory another process is writing, and a config
     that differs from the one the directory recorded (naming the fields); it then removes temporary copies an
-    interruption left behind. ``start`` records (or checks) the full fingerprint, with the models.
+    interruption left behind. ``start`` checks the full fingerprint (with the models), reads the checkpoint
+    into ``checkpoint`` (``(state, model)`` or None) and records the run.
     """
 
     def __init__(self, run_dir: str | os.PathLike, config):
@@ -188,13 +189,12 @@ class RunLog:
                 for orphan in self.dir.glob(pattern):
                     shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
             _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config")
-            write_atomic(self.dir / "config.json", config.to_json())
         except BaseException:
             self.close()
             raise
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_dir = self.dir / "checkpoint"
-        self.fingerprint: dict | None = None
+        self.config, self.fingerprint, self.checkpoint = config, None, None
 
     def __enter__(self) -> "RunLog":
         return self
@@ -209,10 +209,15 @@ class RunLog:
             self._lock_fd = None
 
     def start(self, fingerprint: dict, device: str | None = None, run: dict | None = None) -> None:
-        """Check ``fingerprint`` against the recorded one (refusing a different one), record it, the versions
-        and ``run`` (run.json)."""
+        """Check ``fingerprint`` against the recorded one and the checkpoint's (refusing a different one), read
+        the checkpoint into ``self.checkpoint``; then record the fingerprint, the config, the versions and ``run``
+        (run.json). Nothing is recorded before the models are known and agree."""
         _check_same(self.dir, _read_json(self.dir / "fingerprint.json"), fingerprint, "fingerprint.json")
+        self.checkpoint = self._load_checkpoint()
+        if self.checkpoint is not None:
+            _check_same(self.dir, self.checkpoint[0].get("fingerprint"), fingerprint, "its checkpoint")
         self.fingerprint = fingerprint
+        write_atomic(self.dir / "config.json", self.config.to_json())
         self.write_json("fingerprint.json", fingerprint)
         self.write_json("versions.json", versions(device))
         if run is not None:
@@ -271,10 +276,9 @@ class RunLog:
         os.replace(tmp, self.checkpoint_dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, device="cpu"):
-        """``(state, model)`` of the checkpoint, ``state = {"step", "optimizer", "rng", "fingerprint"}``, or None
-        when there is none yet. A checkpoint that cannot be read, or whose fingerprint differs from the one
-        ``start`` was given, is refused with a message."""
+    def _load_checkpoint(self):
+        """``(state, model)`` of the checkpoint (on the CPU), ``state = {"step", "optimizer", "rng",
+        "fingerprint"}``, or None when there is none yet; a ValueError when it cannot be read."""
         if not self.checkpoint_dir.exists() and (self.dir / "checkpoint.old").exists():
             os.replace(self.dir / "checkpoint.old", self.checkpoint_dir)  # interrupted between the renames
         path = self.checkpoint_dir / "state.pt"
@@ -282,13 +286,11 @@ class RunLog:
             return None
         try:
             state = torch.load(path, weights_only=False, map_location="cpu")
-            model = load_model(self.checkpoint_dir, device)[0]
+            model = load_model(self.checkpoint_dir)[0]
         except Exception as err:  # torch, safetensors and transformers each raise their own kind
             raise ValueError(f"the checkpoint {self.checkpoint_dir} cannot be read ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}); restore it, or delete it to "
-                             "start the run over from step 0") from None
-        if self.fingerprint is not None:
-            _check_same(self.dir, state.get("fingerprint"), self.fingerprint, "its checkpoint")
+                             f"{(str(err).splitlines() or [''])[0]}); restore it, or delete it to start the run "
+                             "over from step 0") from None
         return state, model
 
 

@@ -217,7 +217,7 @@ def _rng_state(tr: Trainer) -> dict:
 
 def _resume(tr: Trainer, log: RunLog) -> int:
     """Load the checkpoint if the run directory has one; return the number of completed steps."""
-    loaded = log.load_checkpoint()
+    loaded = log.checkpoint
     if loaded is None:
         log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
