@@ -16,13 +16,17 @@
 Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
 ``eval`` over ``lm.modeling.load_model``, ``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` /
 ``summarize``.
-Bad input (an unknown divergence or task, a missing checkpoint, a tokenizer that cannot write the task)
-prints ``opdlab <command>: error: ...`` and exits with status 2.
+Bad input (an unknown divergence or task, a missing or damaged checkpoint, a tokenizer that cannot write the
+task, a run directory in use or holding another run, a disk that is full or read-only) prints one line
+``opdlab <command>: error: ...`` saying what is wrong and what is allowed, and exits with status 2. Ctrl-C
+stops with ``opdlab <command>: interrupted`` (for ``train``: how to resume) and status 130.
+``opdlab train RUN_DIR`` on a directory that holds a run resumes it with its recorded config.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import sys
 from pathlib import Path
 
@@ -103,7 +107,13 @@ def _cmd_train(args) -> int:
     from opdlab.config import TrainConfig
     from opdlab.train import train
 
-    config = TrainConfig.from_dict({key: _literal(value) for key, value in args.parameter})
+    from opdlab.runlog import stored_config
+
+    if not args.run_dir.strip():
+        raise ValueError("RUN_DIR is empty: give a new directory, or one that holds a run to resume")
+    recorded = stored_config(args.run_dir) if Path(args.run_dir).is_dir() else None
+    # resuming: the recorded config is the truth, and -p may only repeat it (RunLog names any field that differs)
+    config = TrainConfig.from_dict({**(recorded or {}), **{key: _literal(value) for key, value in args.parameter}})
     evals = train(config, args.run_dir, progress=not args.quiet)
     last = evals[evals["kind"] == "eval"].iloc[-1]
     print(f"{args.run_dir}: step {int(last['step'])}, held-out greedy accuracy {last['greedy_accuracy']:.3f}, "
@@ -117,21 +127,6 @@ def _checkpoint_dir(path: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {path}")
     return path / "checkpoint" if (path / "checkpoint" / "config.json").exists() else path
-
-
-def _device(text: str):
-    """``lm.device.pick_device`` with a ValueError for a device string torch does not know or cannot use."""
-    import torch
-
-    from opdlab.lm.device import pick_device
-
-    try:
-        device = pick_device(text)
-    except RuntimeError as err:
-        raise ValueError(f"bad device {text!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {text!r} asked for, but CUDA is not available here")
-    return device
 
 
 def _eval_rows(task, examples, rollouts, k: int, decoding: str):
@@ -152,6 +147,7 @@ def _cmd_eval(args) -> int:
     import torch
 
     from opdlab.config import TrainConfig
+    from opdlab.lm.device import pick_device
     from opdlab.lm.modeling import load_model
     from opdlab.lm.sampling import sampled_accuracy
     from opdlab.lm.tokenizer import check_task_tokenizer
@@ -160,7 +156,7 @@ def _cmd_eval(args) -> int:
 
     seed = EVAL_SEED if args.seed is None else args.seed
     n, k = args.n or TrainConfig.eval_n, args.samples or TrainConfig.eval_samples
-    task, device = get_task(args.task), _device(args.device)
+    task, device = get_task(args.task), pick_device(args.device)
     path = _checkpoint_dir(args.model_dir)
     model, tokenizer = load_model(path, device)
     check_task_tokenizer(model, tokenizer, task, path)
@@ -286,14 +282,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_HINTS = {errno.ENOSPC: "free space on that disk and run the same command again (a run resumes from its "
+                          "last checkpoint)",
+             errno.EDQUOT: "free space in your quota and run the same command again",
+             errno.EACCES: "choose a path you may write to", errno.EPERM: "choose a path you may write to",
+             errno.EROFS: "the file system is read-only: choose a path on a writable one",
+             errno.ENOTDIR: "a part of the path is a file, not a directory",
+             errno.EISDIR: "a directory stands where a file is expected"}
+
+
+def _os_message(err: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and what to do (``_OS_HINTS``)."""
+    if err.errno is None or err.strerror is None:  # raised by opdlab with a message of its own
+        return str(err)
+    where = f" ({err.filename})" if err.filename else ""
+    hint = _OS_HINTS.get(err.errno)
+    return f"{err.strerror.lower()}{where}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input exits with status 2 and a one-line message, Ctrl-C with status 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError) as err:
         print(f"opdlab {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:
+        print(f"opdlab {args.command}: error: {_os_message(err)}", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"opdlab {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

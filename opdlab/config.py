@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, fields
 
 from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, parse_divergence
@@ -131,6 +133,11 @@ def _check(cond: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"TrainConfig.{name} = {value!r} is invalid: expected {allowed}")
 
 
+def _number(value) -> bool:
+    """A finite int or float (not a bool): inf and NaN pass a ``> 0`` test but break the run later."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(c: TrainConfig) -> None:
     try:
         parse_divergence(c.divergence)
@@ -141,9 +148,9 @@ def _validate(c: TrainConfig) -> None:
     _check(c.baseline in BASELINES, "baseline", c.baseline, f"one of {BASELINES}")
     _check(c.reduction in REDUCTIONS, "reduction", c.reduction, f"one of {REDUCTIONS}")
     _check(c.arch in ARCHITECTURES, "arch", c.arch, f"one of {ARCHITECTURES}")
-    _check(isinstance(c.gamma, (int, float)) and 0 <= c.gamma <= 1, "gamma", c.gamma, "a number in [0, 1]")
-    _check(c.log_u_clip is None or (isinstance(c.log_u_clip, (int, float)) and c.log_u_clip > 0),
-           "log_u_clip", c.log_u_clip, "None or a positive number")
+    _check(_number(c.gamma) and 0 <= c.gamma <= 1, "gamma", c.gamma, "a number in [0, 1]")
+    _check(c.log_u_clip is None or (_number(c.log_u_clip) and c.log_u_clip > 0),
+           "log_u_clip", c.log_u_clip, "None or a positive finite number")
     for name in ("steps", "teacher_sft_steps", "student_warmup_steps"):
         _check(is_int(getattr(c, name)) and getattr(c, name) >= 0, name, getattr(c, name), "an int >= 0")
     _check(c.max_new_tokens is None or (is_int(c.max_new_tokens) and c.max_new_tokens >= 1), "max_new_tokens",
@@ -156,13 +163,16 @@ def _validate(c: TrainConfig) -> None:
         _check(getattr(c, name) % 32 == 0 or getattr(c, name) < 32, name, getattr(c, name),
                "a multiple of 32 (heads of width 32), or less than 32 for a single head")
     for name in ("lr", "grad_clip", "sft_lr"):
-        _check(isinstance(getattr(c, name), (int, float)) and getattr(c, name) > 0, name, getattr(c, name),
-               "a positive number")
-    _check(isinstance(c.weight_decay, (int, float)) and c.weight_decay >= 0, "weight_decay", c.weight_decay,
-           "a number >= 0")
+        _check(_number(getattr(c, name)) and getattr(c, name) > 0, name, getattr(c, name),
+               "a positive finite number")
+    _check(_number(c.weight_decay) and c.weight_decay >= 0, "weight_decay", c.weight_decay,
+           "a finite number >= 0")
     _check(c.baseline != "loo" or c.samples_per_prompt >= 2, "baseline", c.baseline,
            "'none' or 'expected' when samples_per_prompt is 1 (a leave-one-out baseline needs >= 2 samples)")
     _check(is_int(c.seed) and c.seed >= 0, "seed", c.seed, "an int >= 0")
-    _check(isinstance(c.device, str) and (c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:")),
-           "device", c.device,
-           "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _check(isinstance(c.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device) is not None,
+           "device", c.device, "'auto', 'cpu', 'cuda' or 'cuda:N' with N a device number")
+    for name in ("teacher_path", "student_path", "cache"):
+        value = getattr(c, name)
+        _check(value is None or (isinstance(value, str) and value.strip() != ""), name, value,
+               "None or the path of a directory, as a non-empty string")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 __all__ = ["NOTEBOOKS_DIR", "list_notebooks", "resolve_notebook", "notebook_parameters", "check_parameters",
-           "execute_notebook"]
+           "execute_notebook", "failure_message"]
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 EXECUTED_DIR = NOTEBOOKS_DIR / "_executed"
@@ -93,13 +93,22 @@ class _LinesAboveBar:
         sys.stdout.flush()
 
 
+def failure_message(path: Path, err, out: Path) -> str:
+    """One line for a notebook that raised: where, the exception's type and message (a value the notebook's
+    own code refused, such as a TrainConfig field), and where the executed copy keeps the full traceback."""
+    evalue = (str(err.evalue).splitlines() or [""])[0]
+    return (f"{path.name} raised {err.ename}: {evalue} (in cell [{err.exec_count}] of the executed copy {out}, "
+            "with the full traceback)")
+
+
 def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
                      output_dir: str | os.PathLike | None = None, progress: bool = True,
                      kernel_name: str | None = None) -> Path:
     """Run one notebook with papermill (cwd = its folder); return the path of the executed copy.
 
     The executed copy goes to ``output_dir`` (default ``notebooks/_executed/``, ignored by git), so the
-    committed notebooks stay without outputs. Figures go wherever the notebook's ``figures_dir`` says.
+    committed notebooks stay without outputs. Figures go wherever the notebook's ``figures_dir`` says. A cell
+    that raises becomes a ValueError of one line (``failure_message``).
     """
     import papermill as pm
 
@@ -110,9 +119,12 @@ def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
     start = time.perf_counter()
-    pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
-                        progress_bar=progress, kernel_name=kernel_name,
-                        stdout_file=_LinesAboveBar() if progress else None)  # e.g. the sweep's line per run
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=parameters, cwd=str(path.parent),
+                            progress_bar=progress, kernel_name=kernel_name,
+                            stdout_file=_LinesAboveBar() if progress else None)  # e.g. the sweep's line per run
+    except pm.PapermillExecutionError as err:
+        raise ValueError(failure_message(path, err, out)) from None
     if progress:
         print(f"{path.name}: {time.perf_counter() - start:.1f} s -> {out}")
     return out

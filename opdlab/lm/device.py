@@ -9,10 +9,20 @@ __all__ = ["pick_device", "autocast"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"`` gives CUDA when present, else CPU; anything else is passed to torch.device."""
+    """``"auto"`` gives CUDA when present, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` name one. A ValueError
+    says so when torch does not know the string, or it asks for CUDA (or a CUDA device) this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"bad device {device!r} ({err}); allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return chosen
 
 
 def autocast(device: torch.device):
