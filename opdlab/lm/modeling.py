@@ -16,7 +16,10 @@ import torch
 
 from opdlab.lm.recipe import ModelRecipe
 
-__all__ = ["build_model", "count_parameters", "save_model", "load_model", "quiet_progress"]
+__all__ = ["build_model", "count_parameters", "save_model", "load_model", "quiet_progress", "TOKENIZER_FILES"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""A checkpoint's tokenizer is one of these (fast tokenizer, sentencepiece model, or a BPE vocabulary)."""
 
 
 def build_model(recipe: ModelRecipe, tokenizer):
@@ -72,9 +75,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint at {path} (expected a config.json from save_pretrained)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    with quiet_progress():
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    hint = (f"; {path} looks like a run directory, its model is in {path / 'checkpoint'}"
+            if (path / "checkpoint" / "config.json").exists() else "")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer beside the model at {path} (expected {' or '.join(TOKENIZER_FILES)}, "
+                                f"as save_pretrained writes it){hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        with quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    except Exception as err:  # transformers, tokenizers and safetensors each raise their own kind
+        raise ValueError(f"{path} is not a loadable model checkpoint ({type(err).__name__}: "
+                         f"{(str(err).splitlines() or [''])[0]}){hint}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -12,6 +12,8 @@ __all__ = ["PAD", "EOS", "UNK", "char_tokenizer", "encode_example", "collate", "
            "check_task_tokenizer"]
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+UNK_LIMIT = 0.01
+"""The largest share of <unk> tokens ``check_task_tokenizer`` accepts in a task without an alphabet."""
 
 
 def char_tokenizer(alphabet: str):
@@ -73,8 +75,17 @@ def check_compatible(teacher, student, teacher_tokenizer, student_tokenizer) -> 
 def check_task_tokenizer(model, tokenizer, task, path) -> None:
     """Raise a ValueError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
     <unk>) and every token id it can produce has a row in the model's embedding. ``path`` names the checkpoint
-    in the message. Tasks for pretrained tokenizers have an empty alphabet and always pass."""
+    in the message. A task for pretrained tokenizers has no alphabet: there at most ``UNK_LIMIT`` of the tokens
+    of a few training examples may be <unk>."""
     alphabet = getattr(task, "alphabet", "") or ""
+    if not alphabet and hasattr(task, "examples") and tokenizer.unk_token_id is not None:
+        texts = [ex.prompt + ex.target for ex in task.examples("train", 8, seed=0)]
+        ids = [i for text in texts for i in tokenizer.encode(text, add_special_tokens=False)]
+        share = ids.count(tokenizer.unk_token_id) / max(len(ids), 1)
+        if share > UNK_LIMIT:
+            raise ValueError(f"the tokenizer of {path} turns {share:.0%} of the tokens of task {task.name!r} into "
+                             f"{tokenizer.unk_token!r} (at most {UNK_LIMIT:.0%} allowed); it was made for another "
+                             "task: use a checkpoint whose tokenizer can write this task's text")
     encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in alphabet}
     missing = [ch for ch, ids in encoded.items() if not ids or tokenizer.unk_token_id in ids]
     if missing:
