@@ -118,8 +118,13 @@ def _tensor(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.get_default_dtype())
 
 
+LOGP_TOLERANCE = 1e-6
+"""How far above 0 a log-probability may lie (rounding); ``log_softmax`` itself never exceeds 0."""
+
+
 def validate_log_probs(**tensors: torch.Tensor) -> None:
-    """Raise a ValueError naming the argument if any log-probability is NaN, +inf or -inf."""
+    """Raise a ValueError naming the argument if any log-probability is NaN, +inf or -inf, or above 0 by more
+    than ``LOGP_TOLERANCE`` (a probability above 1: logits, or a log-ratio, passed by mistake)."""
     for name, t in tensors.items():
         if t is None:
             continue
@@ -131,6 +136,12 @@ def validate_log_probs(**tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{name} has {n_nan} NaN and {n_inf} infinite entries; log-probabilities must be finite "
                 f"(a token with probability 0 under the sampler cannot have been sampled; clamp or mask it)"
+            )
+        above = t > LOGP_TOLERANCE
+        if bool(above.any()):
+            raise ValueError(
+                f"{name} has {int(above.sum())} entries above 0 (largest {float(t.max()):.4g}); log-probabilities "
+                f"must be <= 0 (to within {LOGP_TOLERANCE:g}): were logits or log-ratios passed instead?"
             )
 
 

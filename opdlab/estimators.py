@@ -70,9 +70,20 @@ def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
     if logp_student_BT.dim() != 2:
         raise ValueError(f"expected (batch, time) tensors, got {logp_student_BT.dim()} dimensions "
                          f"{tuple(logp_student_BT.shape)}")
+    if logp_student_BT.numel() == 0:
+        raise ValueError(f"empty batch: log-probabilities of shape {tuple(logp_student_BT.shape)}; advantages need "
+                         "at least one sequence and one position")
     if mask_BT is not None and tuple(mask_BT.shape) != tuple(logp_student_BT.shape):
         raise ValueError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
+    _check_mask(mask_BT)
     validate_log_probs(logp_student_BT=logp_student_BT, logp_teacher_BT=logp_teacher_BT)
+
+
+def _check_mask(mask_BT) -> None:
+    """A mask holds 0 (the token does not count) and 1 (it counts), nothing else: 2 or -1 would scale A."""
+    if mask_BT is not None and not bool(((mask_BT == 0) | (mask_BT == 1)).all()):
+        values = sorted({float(v) for v in mask_BT.unique()[:6]})
+        raise ValueError(f"mask_BT must hold only 0 and 1 (or False and True), got values {values}")
 
 
 def _check_gamma(gamma: float) -> float:
@@ -257,6 +268,9 @@ def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = No
 def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    if x_BT.numel() == 0:
+        raise ValueError(f"empty batch of shape {tuple(x_BT.shape)}: nothing to reduce")
+    _check_mask(mask_BT)
     m = torch.ones_like(x_BT) if mask_BT is None else mask_BT.to(x_BT.dtype)
     if reduction == "sequence":
         return (x_BT * m).sum() / x_BT.shape[0]

@@ -62,10 +62,18 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+TEMPERATURES = (0.25, 1e4)
+"""The temperatures of the random toys, lowest and highest, within which float64 keeps them exact: OPD+'s
+expected gradient has cosine 1 to grad D_f to within 1e-14 for every registry divergence (checked on 100 toys
+of 8 and of 1024 tokens). Below, |log u| reaches ~50 and probabilities of e^-50 vanish beside 1 (the cosine
+falls to 0.95 at 0.1 and is NaN at 0.001); above, the logits differ by less than the rounding of their sum."""
+
+
 def _random_logits(shape: tuple[int, ...], generator: torch.Generator, temperature: float) -> torch.Tensor:
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number (logits ~ N(0, 1) / temperature), "
-                         f"got {temperature!r}")
+    low, high = TEMPERATURES
+    if not (isinstance(temperature, (int, float)) and low <= temperature <= high):
+        raise ValueError(f"temperature must be a number in [{low}, {high:g}] (logits ~ N(0, 1) / temperature; "
+                         f"outside, float64 no longer keeps the toy exact), got {temperature!r}")
     return torch.randn(shape, generator=generator, dtype=DTYPE) / temperature
 
 
