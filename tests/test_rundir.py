@@ -1,0 +1,383 @@
+"""Run directories that never lose or mix data: one writer, whole lines, atomic rewrites, fingerprints, orphans;
+and real interruptions (SIGINT, kill -9 at random points) of real `opdlab train` processes."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from opdlab import cli
+from opdlab.config import TrainConfig
+from opdlab.lm.modeling import build_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.tokenizer import char_tokenizer
+from opdlab.runlog import RunLog, read_metrics, read_records
+from opdlab.tasks import get_task
+from opdlab.train import train
+
+TASK = get_task("arithmetic")
+TOK = char_tokenizer(TASK.alphabet + "<>()")
+SMALL = dict(steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=10, eval_every=2, eval_n=4,
+             eval_samples=1, checkpoint_every=2, device="cpu", lr=3e-3)
+CONFIG = TrainConfig(**SMALL)
+# the same tiny run from the command line: models trained into a cache once per module (see `cache`)
+CLI_FIELDS = dict(SMALL, steps=6, checkpoint_every=1, eval_every=3, teacher_hidden=16, teacher_layers=1,
+                  teacher_sft_steps=5, student_hidden=16, student_layers=1, student_warmup_steps=2, sft_batch=8)
+
+
+def tiny(seed):
+    return build_model(ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, seed=seed), TOK).eval()
+
+
+MODELS = (tiny(0), tiny(1), TOK, {})
+
+
+def metrics(run_dir):
+    return read_metrics(run_dir, volatile=False).drop(columns="run")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """An uninterrupted run of CONFIG: the reference every interrupted run must end equal to."""
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    return metrics(run_dir)
+
+
+def cut(tmp_path, steps=3):
+    """A run of CONFIG that stopped after ``steps`` steps (checkpoint at step 2)."""
+    train(CONFIG, tmp_path / "run", TASK, MODELS, progress=False, stop_after=steps)
+    return tmp_path / "run"
+
+
+# -- one writer ------------------------------------------------------------------------------------------------
+HOLD = ("import sys; from opdlab.config import TrainConfig; from opdlab.runlog import RunLog; "
+        "log = RunLog(sys.argv[1], TrainConfig(**%s)); print('locked', flush=True); sys.stdin.read()")
+
+
+def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, full, capsys):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD % repr(SMALL), str(run_dir)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=f"being written by another process \\(pid {holder.pid}\\)"):
+            train(CONFIG, run_dir, TASK, MODELS, progress=False)
+        assert cli.main(["train", str(run_dir), *sum((["-p", k, str(v)] for k, v in SMALL.items()), [])]) == 2
+        assert "one writer at a time" in capsys.readouterr().err
+        assert not (run_dir / "metrics.jsonl").exists()
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock with the process
+        holder.wait()
+    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    assert metrics(run_dir).equals(full)
+
+
+# -- whole lines, atomic rewrites --------------------------------------------------------------------------------
+def test_a_torn_last_line_is_dropped_with_a_message_and_the_run_resumes(tmp_path, full, capsys):
+    run_dir = cut(tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "kind": "train", "loss": 0.12')  # kill -9 or a full disk mid-append
+    assert read_metrics(run_dir)["step"].max() == 3
+    assert "dropped a torn last line" in capsys.readouterr().err
+    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    assert metrics(run_dir).equals(full)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match="metrics.jsonl, line 3: not a metrics record"):
+        read_metrics(run_dir)
+
+
+def test_two_records_of_one_step_are_refused(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "kind": "eval"}\n{"step": 0, "kind": "eval"}\n')
+    with pytest.raises(ValueError, match="lines 1 and 2: two eval records of step 0"):
+        read_records(path)
+
+
+def test_a_failed_append_leaves_no_partial_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    log = RunLog(tmp_path / "run", CONFIG)
+    log.log({"step": 0, "kind": "eval", "x": 1.0})
+    before = log.metrics_path.read_bytes()
+    real_write = os.write
+    monkeypatch.setattr("opdlab.runlog.os.write", lambda fd, data: real_write(fd, data[:7]))  # a full disk
+    with pytest.raises(OSError) as err:
+        log.log({"step": 1, "kind": "train", "x": 2.0})
+    assert err.value.errno == errno.ENOSPC and log.metrics_path.read_bytes() == before
+    assert cli._os_message(err.value).startswith("no space left on device")
+    assert "free space on that disk and run the same command again" in cli._os_message(err.value)
+    log.close()
+
+
+def test_a_resume_rewrites_metrics_atomically_and_refuses_lost_metrics(tmp_path, full, monkeypatch):
+    run_dir = cut(tmp_path)
+    before = (run_dir / "metrics.jsonl").read_text()
+
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if str(dst).endswith("metrics.jsonl"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr("opdlab.runlog.os.replace", killed)  # interrupted while the resume rewrites metrics.jsonl
+        with pytest.raises(KeyboardInterrupt):
+            train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert not list(run_dir.glob(".*.tmp*"))
+    (run_dir / "metrics.jsonl").write_text("")  # what a non-atomic rewrite could leave
+    with pytest.raises(ValueError, match="does not hold the train records of steps 1..2"):
+        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+
+
+def test_orphaned_temporary_checkpoints_are_removed_on_the_next_start(tmp_path, full):
+    run_dir = cut(tmp_path)
+    shutil.copytree(run_dir / "checkpoint", run_dir / "checkpoint.tmp99999")  # killed mid-checkpoint
+    (run_dir / ".config.json.tmp99999").write_text("{")
+    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    assert not (run_dir / "checkpoint.tmp99999").exists() and not (run_dir / ".config.json.tmp99999").exists()
+    assert metrics(run_dir).equals(full)
+
+
+# -- fingerprints ----------------------------------------------------------------------------------------------
+def test_a_run_resumes_only_under_its_own_fingerprint(tmp_path):
+    run_dir = cut(tmp_path)
+    (run_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"differs in divergence \('reverse_kl' -> 'forward_kl'\)"):
+        train(CONFIG.replace(divergence="forward_kl"), run_dir, TASK, MODELS, progress=False)
+    with pytest.raises(ValueError, match=r"lr \(0.003 -> 0.01\)"):  # not the optimizer state's lr, silently
+        train(CONFIG.replace(lr=1e-2), run_dir, TASK, MODELS, progress=False)
+    (run_dir / "fingerprint.json").unlink()  # the checkpoint still knows
+    with pytest.raises(ValueError, match=r"its checkpoint differs in divergence"):
+        train(CONFIG.replace(divergence="forward_kl"), run_dir, TASK, MODELS, progress=False)
+    other_teacher = (tiny(2), MODELS[1], TOK, {})  # same recipe, other weights
+    with pytest.raises(ValueError, match="teacher weights"):
+        train(CONFIG, run_dir, TASK, other_teacher, progress=False)
+
+
+@pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
+def test_a_damaged_checkpoint_is_named(tmp_path, name):
+    run_dir = cut(tmp_path)
+    path = run_dir / "checkpoint" / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="the checkpoint .*checkpoint cannot be read .*delete it to start the run"):
+        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import opdlab.train as train_module
+
+    real = train_module.opd_step
+
+    def step(tr, i):
+        m = real(tr, i)
+        return {**m, "grad_norm": float("nan")} if i == 2 else m
+
+    monkeypatch.setattr(train_module, "opd_step", step)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="step 3 .*gradient norm is nan.*last checkpoint: step 2"):
+        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    assert torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    record = json.loads(last, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record["grad_norm"] is None and record["nonfinite"] == ["grad_norm"]
+    assert "non-finite grad_norm (logged as null)" in capsys.readouterr().err
+    assert read_metrics(run_dir)["nonfinite"].tolist()[-1] == "grad_norm"
+
+
+# -- bad input: one line, status 2 -----------------------------------------------------------------------------
+def _train_argv(run_dir, **fields):
+    return ["train", str(run_dir), *sum((["-p", k, str(v)] for k, v in {**SMALL, **fields}.items()), [])]
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(lr="1e999"), "TrainConfig.lr = inf is invalid: expected a positive finite number"),
+    (dict(device="cuda:x"), "TrainConfig.device = 'cuda:x' is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(teacher_path=3), "TrainConfig.teacher_path = 3 is invalid"),
+])
+def test_cli_train_refuses_bad_values(tmp_path, capsys, fields, match):
+    assert cli.main(_train_argv(tmp_path / "run", **fields)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opdlab train: error: ") and match in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_cli_train_without_cuda(tmp_path, capsys):
+    assert cli.main(_train_argv(tmp_path / "run", device="cuda")) == 2
+    assert "CUDA is not available here; use 'auto' or 'cpu'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()  # a start that failed records nothing
+
+
+def test_cli_train_refuses_bad_run_directories(tmp_path, capsys, monkeypatch):
+    import errno
+
+    assert cli.main(_train_argv("")) == 2
+    assert "RUN_DIR is empty" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli.main(_train_argv(tmp_path / "file")) == 2
+    assert "is a file: expected a directory" in capsys.readouterr().err
+    assert cli.main(_train_argv(tmp_path / "file" / "run")) == 2
+    assert "a part of the path is a file, not a directory" in capsys.readouterr().err
+
+    def read_only(path, *args, **kwargs):
+        raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("opdlab.runlog.os.open", read_only)  # root may write anywhere: stand in for a read-only disk
+    assert cli.main(_train_argv(tmp_path / "ro")) == 2
+    err = capsys.readouterr().err
+    assert err == (f"opdlab train: error: read-only file system ({tmp_path / 'ro' / 'lock'}); the file system is "
+                   "read-only: choose a path on a writable one\n")
+
+
+def test_garbage_checkpoints_are_named(tmp_path, capsys):
+    from opdlab.lm.modeling import load_model, save_model
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "config.json").write_text('{"model_type": "nonsense"}')
+    (tmp_path / "junk" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="junk is not a loadable model checkpoint"):
+        load_model(tmp_path / "junk")
+    save_model(tiny(0), TOK, tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").unlink()
+    assert cli.main(["eval", str(tmp_path / "model"), "--task", "arithmetic", "--device", "cpu"]) == 2
+    assert "no tokenizer beside the model at" in capsys.readouterr().err  # not sentencepiece
+    assert cli.main(["eval", str(tmp_path / "model"), "--task", "arithmetic", "--device", "cuda:x"]) == 2
+    assert "bad device 'cuda:x'" in capsys.readouterr().err
+
+
+def test_a_character_tokenizer_is_refused_for_a_pretrained_task():
+    pytest.importorskip("reasoning_gym")
+    from opdlab.lm.tokenizer import check_task_tokenizer
+
+    with pytest.raises(ValueError, match=r"turns \d+% of the tokens of task 'gsm_symbolic' into '<unk>'"):
+        check_task_tokenizer(tiny(0), TOK, get_task("gsm_symbolic"), "char-model")
+
+
+def test_a_notebook_that_raises_is_one_line(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("n = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("if n < 0:\n    raise ValueError(f'n = {n} must be >= 0')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "09_check.ipynb")
+    argv = ["notebooks", str(tmp_path / "09_check.ipynb"), "-p", "n", "-1", "--output-dir", str(tmp_path), "-q"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"opdlab notebooks: error: 09_check.ipynb raised ValueError: n = -1 must be >= 0 (in cell [3] "
+                   f"of the executed copy {tmp_path / '09_check.ipynb'}, with the full traceback)\n")
+
+
+@pytest.mark.parametrize("temperature, ok", [(0.1, False), (0.001, False), (0.25, True), (1e5, False)])
+def test_cli_toy_keeps_its_temperature_where_the_toys_are_exact(capsys, temperature, ok):
+    code = cli.main(["toy", "-d", "jsd", "tv", "--n-toys", "20", "--temperature", str(temperature)])
+    out, err = capsys.readouterr()
+    if ok:
+        assert code == 0 and [line.split()[2] for line in out.splitlines()[2:]] == ["1.000", "1.000"]
+    else:
+        assert code == 2 and "temperature must be a number in [0.25, 10000]" in err
+
+
+# -- numerical domains -----------------------------------------------------------------------------------------
+def test_log_probabilities_above_zero_masks_outside_0_1_and_empty_batches_are_refused():
+    from opdlab.estimators import compute_advantages, reinforce_loss
+
+    logp_BT = torch.log_softmax(torch.randn(3, 5, 7) * 30, -1)[..., 0]
+    compute_advantages("reverse_kl", logp_BT, logp_BT.flip(0), None, "opd_plus", 0.5)  # log_softmax's own output passes
+    above_BT = logp_BT.clone()
+    above_BT[0, 0] = 0.5  # a probability of e^0.5 > 1: a logit passed by mistake
+    with pytest.raises(ValueError, match="logp_teacher_BT has 1 entries above 0 .*must be <= 0"):
+        compute_advantages("jsd", logp_BT, above_BT)
+    for bad in (2.0, -1.0):
+        mask_BT = torch.ones(3, 5)
+        mask_BT[1, 2] = bad
+        with pytest.raises(ValueError, match="mask_BT must hold only 0 and 1"):
+            compute_advantages("jsd", logp_BT, logp_BT, mask_BT)
+        with pytest.raises(ValueError, match="mask_BT must hold only 0 and 1"):
+            reinforce_loss(logp_BT, torch.ones(3, 5), mask_BT)
+    for shape in ((0, 5), (3, 0)):
+        with pytest.raises(ValueError, match="empty batch"):
+            compute_advantages("jsd", torch.zeros(shape), torch.zeros(shape), None, "opd", 0.5)
+
+
+# -- real interruptions ------------------------------------------------------------------------------------------
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def cli_argv(tmp_path_factory):
+    """argv of a tiny `opdlab train` (models cached in a temporary directory), and its uninterrupted metrics."""
+    root = tmp_path_factory.mktemp("cli")
+    fields = {**CLI_FIELDS, "cache": str(root / "cache")}
+    argv = [sys.executable, "-m", "opdlab", "train", "RUN_DIR", "-q",
+            *sum((["-p", k, str(v)] for k, v in fields.items()), [])]
+    done = subprocess.run([a.replace("RUN_DIR", str(root / "full")) for a in argv], env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    return argv, metrics(root / "full")
+
+
+def _start(argv, run_dir):
+    return subprocess.Popen([a.replace("RUN_DIR", str(run_dir)) for a in argv], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_metrics(run_dir, proc, timeout=60):
+    t0 = time.time()
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").stat().st_size:
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()
+        time.sleep(0.02)
+
+
+def _wait_for_lock(run_dir, proc, timeout=60):
+    """Until ``proc`` holds the run directory (it writes its pid into the lock file), or has ended."""
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        try:
+            if (run_dir / "lock").read_text() == str(proc.pid):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.01)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, cli_argv):
+    argv, full = cli_argv
+    run_dir = tmp_path / "run"
+    proc = _start(argv, run_dir)
+    _wait_for_metrics(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("opdlab train: interrupted: ")
+    assert f"run `opdlab train {run_dir}` again to resume" in err
+    resumed = subprocess.run([sys.executable, "-m", "opdlab", "train", str(run_dir), "-q"], env=ENV,
+                             capture_output=True, text=True)  # no -p: the run's config.json is the truth
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run_dir).equals(full)
+
+
+def test_kill_9_at_random_points_again_and_again_still_ends_equal(tmp_path, cli_argv):
+    argv, full = cli_argv
+    run_dir, rng = tmp_path / "run", random.Random(12)
+    for _ in range(4):
+        proc = _start(argv, run_dir)
+        _wait_for_lock(run_dir, proc)
+        time.sleep(rng.uniform(0.0, 2.0))  # loading, sampling, evaluation, mid-checkpoint, between renames...
+        proc.kill()
+        proc.communicate()
+    done = subprocess.run([a.replace("RUN_DIR", str(run_dir)) for a in argv], env=ENV, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert metrics(run_dir).equals(full)
+    assert not list(run_dir.glob("checkpoint.*")) and not list(run_dir.glob(".*.tmp*"))
