@@ -17,7 +17,9 @@ One step (``opd_step``), read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 
 exact per-token divergence to the teacher over the vocabulary), and checkpoints every ``checkpoint_every``
 steps. A run started again in the same directory resumes from its checkpoint and ends with the same metrics
 as an uninterrupted one: the training prompts are a fixed seeded list, sampling uses one explicit generator
-whose state is checkpointed, and evaluation draws from a generator seeded by the step.
+whose state is checkpointed, and evaluation draws from a generator seeded by the step. The run directory
+(``runlog.RunLog``) is locked while a run writes it, and a run resumes only under the fingerprint it started
+with (config, teacher and initial student weights).
 """
 from __future__ import annotations
 

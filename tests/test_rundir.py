@@ -38,6 +38,11 @@ def tiny(seed):
 MODELS = (tiny(0), tiny(1), TOK, {})
 
 
+def params(fields):
+    """``-p FIELD VALUE`` arguments of ``opdlab train`` for a dict of TrainConfig fields."""
+    return sum((["-p", k, str(v)] for k, v in fields.items()), [])
+
+
 def metrics(run_dir):
     return read_metrics(run_dir, volatile=False).drop(columns="run")
 
@@ -69,7 +74,7 @@ def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, f
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"being written by another process \\(pid {holder.pid}\\)"):
             train(CONFIG, run_dir, TASK, MODELS, progress=False)
-        assert cli.main(["train", str(run_dir), *sum((["-p", k, str(v)] for k, v in SMALL.items()), [])]) == 2
+        assert cli.main(_train_argv(run_dir)) == 2
         assert "one writer at a time" in capsys.readouterr().err
         assert not (run_dir / "metrics.jsonl").exists()
     finally:
@@ -196,7 +201,7 @@ def test_a_non_finite_gradient_norm_stops_before_the_checkpoint(tmp_path, monkey
 
 # -- bad input: one line, status 2 -----------------------------------------------------------------------------
 def _train_argv(run_dir, **fields):
-    return ["train", str(run_dir), *sum((["-p", k, str(v)] for k, v in {**SMALL, **fields}.items()), [])]
+    return ["train", str(run_dir), *params({**SMALL, **fields})]
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -319,8 +324,7 @@ def cli_argv(tmp_path_factory):
     """argv of a tiny `opdlab train` (models cached in a temporary directory), and its uninterrupted metrics."""
     root = tmp_path_factory.mktemp("cli")
     fields = {**CLI_FIELDS, "cache": str(root / "cache")}
-    argv = [sys.executable, "-m", "opdlab", "train", "RUN_DIR", "-q",
-            *sum((["-p", k, str(v)] for k, v in fields.items()), [])]
+    argv = [sys.executable, "-m", "opdlab", "train", "RUN_DIR", "-q", *params(fields)]
     done = subprocess.run([a.replace("RUN_DIR", str(root / "full")) for a in argv], env=ENV, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
