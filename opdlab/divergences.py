@@ -35,6 +35,10 @@ from opdlab.choices import DIVERGENCE_FAMILIES, FIXED_DIVERGENCES, parse_diverge
 __all__ = ["Divergence", "get", "names", "validate_log_probs"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+Fn2 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CHUNK_ELEMENTS = 1 << 22
+"""Full-vocabulary sums over more elements than this run over row chunks of about this many elements, so that
+their temporaries never hold several (B, T, V) tensors at once (a 49k vocabulary makes each one large)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Divergence:
         parameter: the family parameter (GJSD weight on the teacher, Amari alpha), or None.
         bounded_weight: False when w_f(u) grows without bound as u -> infinity (forward KL, Pearson),
             the divergences for which a clip on log_u is worth having.
+        weighted: ``(p f(u), p w_f(u))`` as functions of ``(log p, log u)``, written so that they stay finite
+            when u overflows but p u does not (docs/math.md §7); used where the plain product is not finite.
     """
 
     name: str
@@ -60,6 +66,7 @@ class Divergence:
     _w: Fn
     parameter: float | None = None
     bounded_weight: bool = True
+    weighted: tuple[Fn2, Fn2] | None = None
 
     def f(self, log_u: torch.Tensor) -> torch.Tensor:
         """f(u) at u = exp(log_u)."""
@@ -106,7 +113,37 @@ class Divergence:
         if logp_teacher.shape != logp_student.shape:
             raise ValueError(f"shapes do not match: logp_teacher {tuple(logp_teacher.shape)}, "
                              f"logp_student {tuple(logp_student.shape)}")
-        return (logp_student.exp() * self.f(logp_teacher - logp_student)).sum(-1)
+        return over_row_chunks(lambda lt, ls: self.expected(ls, lt - ls, "f").sum(-1), logp_teacher, logp_student)
+
+    def expected(self, logp_student: torch.Tensor, log_u: torch.Tensor, what: str) -> torch.Tensor:
+        """The terms ``p a(u)`` of an expectation ``sum_a p(a) a(u_a)`` under ``p = exp(logp_student)``, elementwise,
+        for ``what`` = ``"f"`` (f(u)), ``"opd"`` (-f(u)) or ``"opd_plus"`` (w_f(u)).
+
+        The plain product ``exp(logp_student) * a(u)`` is used where it is finite (so results on ordinary inputs
+        are those of the plain formula, bit for bit); where it is not (u overflows while p underflows: a token
+        the student puts far below the teacher, docs/math.md §7) the perspective form ``weighted`` takes over,
+        which is finite whenever p a(u) itself is representable. ``log_u`` may be clipped: the forms never
+        assume ``log_u = logp_teacher - logp_student``.
+        """
+        if what not in ("f", "opd", "opd_plus"):
+            raise ValueError(f"what must be 'f', 'opd' or 'opd_plus', got {what!r}")
+        plain = self.f if what != "opd_plus" else self.opd_plus_advantage
+        sign = -1.0 if what == "opd" else 1.0
+
+        def product(ls, L):
+            term = ls.exp() * plain(L)
+            return -term if what == "opd" else term
+
+        term = product(logp_student, log_u)
+        finite = torch.isfinite(term.detach())
+        if bool(finite.all()) or self.weighted is None:
+            return term
+        # differentiable in both branches: each branch sees only the inputs it is finite on
+        safe_s, safe_L = torch.where(finite, logp_student, 0.0), torch.where(finite, log_u, 0.0)
+        pf, pw = self.weighted
+        stable = (pw if what == "opd_plus" else pf)(torch.where(finite, 0.0, logp_student),
+                                                    torch.where(finite, 0.0, log_u))
+        return torch.where(finite, product(safe_s, safe_L), sign * stable)
 
     def __repr__(self) -> str:  # the callables make the default repr unreadable
         return f"Divergence({self.name!r})"
@@ -145,6 +182,20 @@ def validate_log_probs(**tensors: torch.Tensor) -> None:
             )
 
 
+def over_row_chunks(fn, *tensors: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``fn(*tensors)`` for a reduction over the last axis, computed over chunks of rows (all axes but the last
+    flattened) of at most about ``chunk_elements`` elements, so its temporaries stay small. Each row's sum is
+    the same computation either way; tensors up to ``chunk_elements`` go to ``fn`` whole."""
+    first = tensors[0]
+    if first.numel() <= chunk_elements or first.dim() < 2:
+        return fn(*tensors)
+    V = first.shape[-1]
+    rows = max(1, chunk_elements // max(V, 1))
+    flat = [t.reshape(-1, V) for t in tensors]
+    out = torch.cat([fn(*(t[i:i + rows] for t in flat)) for i in range(0, flat[0].shape[0], rows)])
+    return out.reshape(first.shape[:-1])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The closed forms. Each takes log_u (L) and returns a tensor of the same shape.
 
@@ -154,25 +205,61 @@ def _expm1_over(a: float, L: torch.Tensor) -> torch.Tensor:
     return L.clone() if a == 0.0 else torch.expm1(a * L) / a
 
 
-def _gjsd(weight: float) -> tuple[Fn, Fn, Fn]:
-    """Generalised JSD with weight ``weight`` (beta) on the teacher; m = beta u + 1 - beta.
+def _log_abs_expm1(x: torch.Tensor) -> torch.Tensor:
+    """log|e^x - 1|, stable for large |x| (x + log(1 - e^-x) for x > 0); -inf at x = 0."""
+    return x.clamp_min(0.0) + torch.log(-torch.expm1(-x.abs()))
 
-    f = beta u ln u - m ln m,  f' = beta (ln u - ln m),  w = (1 - beta) ln m.
-    """
-    b = weight
 
+def _p_expm1(log_p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p (e^x - 1) = sign(x) exp(log p + log|e^x - 1|): finite whenever the product is."""
+    return torch.sign(x) * torch.exp(log_p + _log_abs_expm1(x))
+
+
+def _p_expm1_over(log_p: torch.Tensor, a: float, L: torch.Tensor) -> torch.Tensor:
+    """p (u^a - 1) / a, with its limit p ln u at a = 0."""
+    return log_p.exp() * L if a == 0.0 else _p_expm1(log_p, a * L) / a
+
+
+def _p_squared_expm1(log_p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p (e^x - 1)^2 = exp(log p + 2 log|e^x - 1|)."""
+    return torch.exp(log_p + 2.0 * _log_abs_expm1(x))
+
+
+def _gjsd_log_m(b: float) -> Fn:
+    """ln m = ln(beta u + 1 - beta) as a function of L = ln u (exact at beta = 0 and 1)."""
     def log_m(L):
         if b == 0.0:
             return torch.zeros_like(L)
         if b == 1.0:
             return L.clone()
         return torch.logaddexp(L + math.log(b), torch.full_like(L, math.log1p(-b)))
+    return log_m
+
+
+def _gjsd(weight: float) -> tuple[Fn, Fn, Fn]:
+    """Generalised JSD with weight ``weight`` (beta) on the teacher; m = beta u + 1 - beta.
+
+    f = beta u ln u - m ln m,  f' = beta (ln u - ln m),  w = (1 - beta) ln m.
+    """
+    b, log_m = weight, _gjsd_log_m(weight)
 
     def f(L):
         lm = log_m(L)
         return b * L.exp() * L - lm.exp() * lm
 
     return f, (lambda L: b * (L - log_m(L))), (lambda L: (1.0 - b) * log_m(L))
+
+
+def _gjsd_weighted(weight: float) -> tuple[Fn2, Fn2]:
+    """``(p f, p w)`` of the generalised JSD: p f = beta p u ln u - p m ln m and p w = (1 - beta) p ln m, with
+    p u = exp(ln p + L) and p m = exp(ln p + ln m)."""
+    b, log_m = weight, _gjsd_log_m(weight)
+
+    def pf(lp, L):
+        lm = log_m(L)
+        return b * torch.exp(lp + L) * L - torch.exp(lp + lm) * lm
+
+    return pf, (lambda lp, L: (1.0 - b) * lp.exp() * log_m(L))
 
 
 def _amari(alpha: float) -> tuple[Fn, Fn, Fn]:
@@ -192,28 +279,46 @@ def _amari(alpha: float) -> tuple[Fn, Fn, Fn]:
     return f, (lambda L: _expm1_over(a - 1.0, L)), (lambda L: _expm1_over(a, L))
 
 
+def _amari_weighted(alpha: float) -> tuple[Fn2, Fn2]:
+    """``(p f, p w)`` of the Amari family, in the same two forms as ``_amari`` (p u = exp(log p + L))."""
+    a = alpha
+
+    def pf(lp, L):
+        if abs(a) < 0.5:
+            return (_p_expm1_over(lp, a, L) - _p_expm1(lp, L)) / (a - 1.0)
+        return (_p_expm1_over(lp + L, a - 1.0, L) - _p_expm1(lp, L)) / a
+
+    return pf, (lambda lp, L: _p_expm1_over(lp, a, L))
+
+
 def _fixed() -> dict[str, Divergence]:
     half = 0.5
     jsd_f, jsd_fp, jsd_w = _gjsd(0.5)
     table = [
         Divergence("reverse_kl", "reverse KL", "-ln u", "ln u - 1",
-                   lambda L: -L, lambda L: -torch.exp(-L), lambda L: L - 1.0),
+                   lambda L: -L, lambda L: -torch.exp(-L), lambda L: L - 1.0,
+                   weighted=(lambda lp, L: -lp.exp() * L, lambda lp, L: lp.exp() * (L - 1.0))),
         Divergence("forward_kl", "forward KL", "u ln u", "u",
-                   lambda L: L.exp() * L, lambda L: L + 1.0, lambda L: L.exp(), bounded_weight=False),
+                   lambda L: L.exp() * L, lambda L: L + 1.0, lambda L: L.exp(), bounded_weight=False,
+                   weighted=(lambda lp, L: torch.exp(lp + L) * L, lambda lp, L: torch.exp(lp + L))),
         Divergence("jsd", "Jensen-Shannon", "½[u ln u - (1+u) ln((1+u)/2)]", "½ ln((1+u)/2)",
-                   jsd_f, jsd_fp, jsd_w),
+                   jsd_f, jsd_fp, jsd_w, weighted=_gjsd_weighted(0.5)),
         Divergence("tv", "total variation", "½|u-1|", "½ sign(u-1)",
                    lambda L: half * torch.expm1(L).abs(), lambda L: half * torch.sign(L),
-                   lambda L: half * torch.sign(L)),
+                   lambda L: half * torch.sign(L),
+                   weighted=(lambda lp, L: half * _p_expm1(lp, L).abs(), lambda lp, L: half * torch.sign(L) * lp.exp())),
         Divergence("hellinger", "squared Hellinger", "(√u-1)²", "√u - 1",
                    lambda L: torch.expm1(L / 2) ** 2, lambda L: -torch.expm1(-L / 2),
-                   lambda L: torch.expm1(L / 2)),
+                   lambda L: torch.expm1(L / 2),
+                   weighted=(lambda lp, L: _p_squared_expm1(lp, L / 2), lambda lp, L: _p_expm1(lp, L / 2))),
         Divergence("pearson_chi2", "Pearson χ²", "(u-1)²", "u² - 1",
                    lambda L: torch.expm1(L) ** 2, lambda L: 2.0 * torch.expm1(L),
-                   lambda L: torch.expm1(2.0 * L), bounded_weight=False),
+                   lambda L: torch.expm1(2.0 * L), bounded_weight=False,
+                   weighted=(lambda lp, L: _p_squared_expm1(lp, L), lambda lp, L: _p_expm1(lp, 2.0 * L))),
         Divergence("neyman_chi2", "Neyman χ²", "(1-u)²/u", "2(1 - 1/u)",
                    lambda L: torch.expm1(L) ** 2 * torch.exp(-L), lambda L: -torch.expm1(-2.0 * L),
-                   lambda L: -2.0 * torch.expm1(-L)),
+                   lambda L: -2.0 * torch.expm1(-L),
+                   weighted=(lambda lp, L: _p_squared_expm1(lp - L, L), lambda lp, L: -2.0 * _p_expm1(lp, -L))),
     ]
     return {d.name: d for d in table}
 
@@ -241,7 +346,9 @@ def get(name: str | Divergence) -> Divergence:
     if family == "gjsd":
         f, fp, w = _gjsd(value)
         return Divergence(f"gjsd:{value:g}", f"GJSD β={value:g}", "β u ln u - m ln m, m = βu+1-β",
-                          "(1-β) ln(βu+1-β)", f, fp, w, parameter=value, bounded_weight=True)
+                          "(1-β) ln(βu+1-β)", f, fp, w, parameter=value, bounded_weight=True,
+                          weighted=_gjsd_weighted(value))
     f, fp, w = _amari(value)
     return Divergence(f"alpha:{value:g}", f"Amari α={value:g}", "(u^α - αu - (1-α))/(α(α-1))",
-                      "(u^α - 1)/α", f, fp, w, parameter=value, bounded_weight=value <= 0.0)
+                      "(u^α - 1)/α", f, fp, w, parameter=value, bounded_weight=value <= 0.0,
+                      weighted=_amari_weighted(value))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, check_baseline, check_method
-from opdlab.divergences import Divergence, get, validate_log_probs
+from opdlab.divergences import Divergence, get, over_row_chunks, validate_log_probs
 
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
@@ -45,7 +45,7 @@ class Advantages:
 
     Attributes:
         A_BT: the advantages, zero where the mask is 0.
-        log_u_BT: log_u after the clip (what the advantages were computed from).
+        log_u_BT: log_u after the clip (what the advantages were computed from); 0 where the mask is 0.
         n_clipped: number of unmasked tokens whose log_u the clip moved.
         n_tokens: number of unmasked tokens.
     """
@@ -166,7 +166,9 @@ def compute_advantages(
     _check_pair(logp_student_BT, logp_teacher_BT, mask_BT)
     with torch.no_grad():
         mask = torch.ones_like(logp_student_BT) if mask_BT is None else mask_BT.to(logp_student_BT.dtype)
-        log_u, n_clipped = clip_log_u(logp_teacher_BT - logp_student_BT, log_u_clip, mask)
+        counts = mask > 0  # masked positions never reach f: their log u is set to 0 (u = 1, f(1) = 0)
+        log_u = torch.where(counts, logp_teacher_BT - logp_student_BT, 0.0)
+        log_u, n_clipped = clip_log_u(log_u, log_u_clip, mask)
         A = div.advantage(log_u, method)
         if gamma > 0.0:
             A = A - discounted_future_sum(div.f(log_u) * mask, gamma)
@@ -174,7 +176,7 @@ def compute_advantages(
             if tuple(baseline_BT.shape) != tuple(A.shape):
                 raise ValueError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
             A = A - baseline_BT
-        A = A * mask
+        A = torch.where(counts, A, 0.0) * mask  # a baseline at a masked context may be anything
         if not bool(torch.isfinite(A).all()):
             raise ValueError(
                 f"{div.name} advantages overflowed to inf/NaN (largest |log u| = "
@@ -236,12 +238,20 @@ def expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method=
     (w = ln u - 1) it is -KL(pi_theta || pi_T) - 1, the vOPD baseline (arXiv 2605.07865) up to a constant.
     For ``method="opd"`` it is -D_f(c_t). With ``log_u_clip`` it is the mean of the clipped advantage, the
     one it is subtracted from. Returned without gradient, shape (B, T).
+
+    Finite for any finite log-probabilities whenever the mean itself is (``Divergence.expected``), and computed
+    over chunks of rows for large vocabularies (``over_row_chunks``), so no more than one chunk's (B, T, V)
+    temporaries are alive at once.
     """
     div = get(div)
+    check_method(method)
     _check_full(logp_student_BTV, logp_teacher_BTV)
+
+    def mean_advantage(ls, lt):
+        return div.expected(ls, clip_log_u(lt - ls, log_u_clip)[0], method).sum(-1)
+
     with torch.no_grad():
-        log_u, _ = clip_log_u(logp_teacher_BTV - logp_student_BTV, log_u_clip)
-        return (logp_student_BTV.exp() * div.advantage(log_u, method)).sum(-1)
+        return over_row_chunks(mean_advantage, logp_student_BTV, logp_teacher_BTV)
 
 
 def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = None,
