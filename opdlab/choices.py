@@ -10,11 +10,20 @@ from __future__ import annotations
 import math
 import warnings
 
-__all__ = ["METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
+__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
            "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
 
 METHODS = ("opd", "opd_plus")
 """``"opd"``: the stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (docs/math.md §3)."""
+
+REFERENCE_METHODS = ("full_vocabulary", "supervised_kd")
+"""Reference arms a training run can use instead of a sampled advantage: ``"full_vocabulary"``, the exact
+token-local gradient sum_t grad D_f(pi_T || pi_theta)(c_t) at the contexts the student visits (needs the full
+distributions; no sampling noise at the token), and ``"supervised_kd"``, cross-entropy on completions sampled
+from the teacher (sequence-level knowledge distillation, off-policy)."""
+
+TRAIN_METHODS = METHODS + REFERENCE_METHODS
+"""What ``TrainConfig.method`` accepts."""
 
 BASELINES = ("none", "expected", "loo")
 """``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, parse_divergence
+from opdlab.choices import BASELINES, DEFAULT_REDUCTION, REDUCTIONS, TRAIN_METHODS, parse_divergence
 from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
 
@@ -29,7 +29,8 @@ class TrainConfig:
     """f-divergence, any name ``opdlab.divergences.get`` accepts (``"forward_kl"``, ``"jsd"``, ``"gjsd:0.1"``)."""
     method: str = "opd_plus"
     """``"opd"``: stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (arXiv 2606.01039;
-    docs/math.md §3)."""
+    docs/math.md §3). Reference arms: ``"full_vocabulary"`` (the exact token-local gradient at the visited
+    contexts) and ``"supervised_kd"`` (cross-entropy on teacher samples), see ``choices.REFERENCE_METHODS``."""
     gamma: float = 0.0
     """Weight of the future terms sum_{s>t} gamma^(s-t) f(u_s), in [0, 1]; 0 is the paper's token-local form,
     1 the sequence gradient (unbiased only with ``reduction="sequence"``, docs/math.md §4)."""
@@ -144,7 +145,7 @@ def _validate(c: TrainConfig) -> None:
     except (ValueError, TypeError) as err:
         raise ValueError(f"TrainConfig.divergence = {c.divergence!r} is invalid: {err}") from None
     _check(isinstance(c.task, str) and c.task != "", "task", c.task, "a task name such as 'arithmetic'")
-    _check(c.method in METHODS, "method", c.method, f"one of {METHODS}")
+    _check(c.method in TRAIN_METHODS, "method", c.method, f"one of {TRAIN_METHODS}")
     _check(c.baseline in BASELINES, "baseline", c.baseline, f"one of {BASELINES}")
     _check(c.reduction in REDUCTIONS, "reduction", c.reduction, f"one of {REDUCTIONS}")
     _check(c.arch in ARCHITECTURES, "arch", c.arch, f"one of {ARCHITECTURES}")

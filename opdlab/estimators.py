@@ -35,7 +35,7 @@ from opdlab.divergences import Divergence, get, over_row_chunks, validate_log_pr
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
     "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "full_vocabulary_loss",
-    "reinforce_loss", "importance_ratio_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
+    "reinforce_loss", "importance_ratio_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
 
 
@@ -322,6 +322,16 @@ def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, redu
             raise ValueError(f"ratio_clip must be positive (or None), got {ratio_clip!r}")
         objective = torch.minimum(objective, rho.clamp(1.0 - ratio_clip, 1.0 + ratio_clip) * A)
     return -_reduce(objective, mask_BT, reduction)
+
+
+def supervised_loss(logp_student_BT, mask_BT=None, reduction=DEFAULT_REDUCTION) -> torch.Tensor:
+    """Cross-entropy ``L = -(1/n) sum_t log pi_theta(y_t|c_t)`` of tokens sampled from the *teacher*.
+
+    Sequence-level knowledge distillation (Kim & Rush 2016): with y ~ pi_T its expected gradient is that of
+    the forward KL sum_t KL(pi_T || pi_theta)(c_t) over the teacher's contexts, an off-policy reference for
+    OPD. ``n`` is the number of unmasked tokens (``"token"``) or of sequences (``"sequence"``).
+    """
+    return -_reduce(logp_student_BT, mask_BT, reduction)
 
 
 def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, reduction=DEFAULT_REDUCTION):

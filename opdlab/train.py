@@ -42,7 +42,7 @@ from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_a
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
 from opdlab.runlog import RunLog, fingerprint, read_metrics
 
-__all__ = ["train", "opd_step", "evaluate", "load_models", "run_name", "max_new_tokens", "eval_examples", "Trainer",
+__all__ = ["train", "opd_step", "surrogate_loss", "evaluate", "load_models", "run_name", "max_new_tokens", "eval_examples", "Trainer",
            "EVAL_SEED", "Interrupted"]
 
 EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
@@ -138,8 +138,10 @@ def opd_step(tr: Trainer, step: int) -> dict:
     c, clock = tr.config, _Clock(tr.device)
     examples = tr.batch(step)
     # 1. sample completions from the student itself: temperature 1, no top-k / top-p, tools executed
+    #    (the supervised reference arm samples from the teacher instead)
     tr.student.eval()
-    rollout = sample(tr.student, tr.tokenizer, [ex.prompt for ex in examples], tr.task, tr.max_new_tokens,
+    sampler = tr.teacher if c.method == "supervised_kd" else tr.student
+    rollout = sample(sampler, tr.tokenizer, [ex.prompt for ex in examples], tr.task, tr.max_new_tokens,
                      tr.generator, greedy=False, temperature=1.0)
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     clock.lap("sample")
@@ -147,16 +149,13 @@ def opd_step(tr: Trainer, step: int) -> dict:
     with torch.no_grad():
         logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(tr.teacher, rollout), ids_BT)
     clock.lap("teacher")
-    # 3. student log-probabilities with gradient, aligned with the same tokens
-    tr.student.train()
+    # 3. student log-probabilities with gradient, aligned with the same tokens, in eval mode like it sampled
+    #    (with dropout the scored policy would be another one than the sampler)
     logp_student_BT, logp_student_BTV = gather_logp(completion_logits(tr.student, rollout), ids_BT)
     clock.lap("student_forward")
     # 4. advantages (never z-scored) and the REINFORCE surrogate
-    sg_student_BT, sg_student_BTV = logp_student_BT.detach(), logp_student_BTV.detach()
-    adv = estimators.baselined_advantages(tr.div, sg_student_BT, logp_teacher_BT, mask_BT, c.method, c.gamma,
-                                          c.baseline, sg_student_BTV, logp_teacher_BTV, c.samples_per_prompt,
-                                          c.log_u_clip)
-    loss = estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction)
+    loss, adv = surrogate_loss(c, tr.div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
+                               mask_BT)
     clock.lap("advantage")
     # 5. backward, clip, step
     tr.optimizer.zero_grad(set_to_none=True)
@@ -165,9 +164,32 @@ def opd_step(tr: Trainer, step: int) -> dict:
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip)
     tr.optimizer.step()
     clock.lap("optimizer")
-    metrics = _train_metrics(tr, examples, rollout, adv, loss, grad_norm, sg_student_BTV, logp_teacher_BTV)
+    metrics = _train_metrics(tr, examples, rollout, adv, loss, grad_norm, logp_student_BTV.detach(),
+                             logp_teacher_BTV)
     clock.lap("bookkeeping")
     return {**metrics, **clock.times}
+
+
+def surrogate_loss(config: TrainConfig, div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
+                   mask_BT) -> tuple[torch.Tensor, estimators.Advantages | None]:
+    """Step 4 of ``opd_step``: the loss whose gradient the step follows, and the advantages behind it.
+
+    ``config.method`` ``"opd"`` / ``"opd_plus"``: ``estimators.baselined_advantages`` (γ, baseline, log u clip
+    of the config) in the REINFORCE surrogate, the student's log-probabilities detached inside the advantage.
+    The two reference methods return no advantages: ``"full_vocabulary"`` is ``estimators.full_vocabulary_loss``
+    (the exact token-local gradient at the visited contexts, docs/math.md §3), ``"supervised_kd"`` is
+    ``estimators.supervised_loss`` on completions the teacher sampled. The log-probabilities carry the
+    student's graph; everything else is treated as a constant.
+    """
+    c = config
+    if c.method == "full_vocabulary":
+        return estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT, c.reduction), None
+    if c.method == "supervised_kd":
+        return estimators.supervised_loss(logp_student_BT, mask_BT, c.reduction), None
+    adv = estimators.baselined_advantages(div, logp_student_BT.detach(), logp_teacher_BT, mask_BT, c.method, c.gamma,
+                                          c.baseline, logp_student_BTV.detach(), logp_teacher_BTV,
+                                          c.samples_per_prompt, c.log_u_clip)
+    return estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction), adv
 
 
 def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
@@ -175,17 +197,20 @@ def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
 
 
 def _train_metrics(tr, examples, rollout, adv, loss, grad_norm, logp_student_BTV, logp_teacher_BTV) -> dict:
+    """The step's metrics; the advantage statistics only for the methods that have advantages."""
     mask_BT = rollout.mask_BT
-    A = adv.A_BT[mask_BT > 0]
-    log_u = adv.log_u_BT[mask_BT > 0]
     D_BT = tr.div.exact(logp_teacher_BTV, logp_student_BTV)
-    return dict(
-        loss=float(loss.detach()), grad_norm=float(grad_norm), adv_mean=float(A.mean()) if A.numel() else 0.0,
-        adv_std=float(A.std()) if A.numel() > 1 else 0.0, adv_abs_max=float(A.abs().max()) if A.numel() else 0.0,
-        log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0, clip_fraction=adv.clip_fraction,
-        exact_divergence=_masked_mean(D_BT, mask_BT), tokens=rollout.n_sampled,
-        completion_length=float(mask_BT.sum(1).mean()),
-        accuracy=sum(tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)) / len(examples))
+    metrics = dict(loss=float(loss.detach()), grad_norm=float(grad_norm))
+    if adv is not None:
+        A, log_u = adv.A_BT[mask_BT > 0], adv.log_u_BT[mask_BT > 0]
+        metrics.update(adv_mean=float(A.mean()) if A.numel() else 0.0,
+                       adv_std=float(A.std()) if A.numel() > 1 else 0.0,
+                       adv_abs_max=float(A.abs().max()) if A.numel() else 0.0,
+                       log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0, clip_fraction=adv.clip_fraction)
+    metrics.update(exact_divergence=_masked_mean(D_BT, mask_BT), tokens=rollout.n_sampled,
+                   completion_length=float(mask_BT.sum(1).mean()),
+                   accuracy=sum(tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)) / len(examples))
+    return metrics
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""How noisy is the sampled OPD estimator on a real student? Resampled tokens at fixed contexts, against the
+exact token-local gradient.
+
+The sampled estimator of ``opd_step`` and the full-vocabulary loss follow the same expected gradient at the
+contexts the student visits (docs/math.md §3): ``g = grad sum_t D_f(pi_T || pi_theta)(c_t)`` for OPD+. They
+differ only in noise: the sampled one sees one token y_t ~ pi_theta(.|c_t) per context instead of the whole
+vocabulary. To measure that noise alone, ``token_noise`` fixes the contexts (one rollout of the student,
+teacher-forced), draws ``n_resamples`` fresh tokens y'_t ~ pi_theta(.|c_t) at every unmasked position, and
+takes the gradient of ``train.surrogate_loss`` (the loss ``opd_step`` applies) for each draw. Over the draws:
+
+- the mean estimates g (unbiased for OPD+; for stop-gradient OPD it estimates something else);
+- the gradient noise scale ``B_noise = n_tokens * tr(Cov[g_hat]) / |g|^2`` (McCandlish et al. 2018, "An
+  empirical model of large-batch training") is the number of tokens per step at which the noise of one step
+  equals its signal; a step of n tokens has expected cosine to g of about ``1 / sqrt(1 + B_noise / n)``;
+- the per-weight signal-to-noise ratio ``|g_i| / sd(g_hat_i)``: under Adam every weight moves by about lr per
+  step whatever its SNR, so weights with SNR << 1 take random steps of that size.
+
+``sampled_tokens`` and ``tail_share`` describe the heavy tail of log u = log pi_T - log pi_theta at the sampled tokens: tokens the
+student samples and the teacher all but rules out carry a large share of the squared advantage.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from opdlab import divergences, estimators
+from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
+
+__all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "sampled_tokens", "tail_share"]
+
+
+def student_rollout(trainer, step: int = 0) -> Rollout:
+    """One batch of the student's own completions for the prompts of ``step`` (as ``opd_step`` samples them)."""
+    trainer.student.eval()
+    examples = trainer.batch(step)
+    return sample(trainer.student, trainer.tokenizer, [ex.prompt for ex in examples], trainer.task,
+                  trainer.max_new_tokens, trainer.generator, greedy=False, temperature=1.0)
+
+
+def _flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().double()
+                      for g, p in zip(grads, params)])
+
+
+def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 64, seed: int = 0) -> dict:
+    """Noise of the per-token sampled gradient of ``config`` (divergence, method, baseline, clip, reduction) at
+    the fixed contexts of ``rollout``; see the module doc. Returns a dict of floats:
+
+    ``cos_mean/cos_min/cos_max`` (one draw's cosine to the full-vocabulary gradient g), ``norm_ratio``
+    (mean |g_hat| / |g|), ``bias_rel`` (|mean g_hat - g| / |g|) and its standard error ``bias_se``,
+    ``B_noise`` (tokens), ``tokens`` (unmasked tokens of the rollout), ``snr_median`` and ``snr_above_1``
+    (fraction of weights whose SNR exceeds 1).
+    """
+    from opdlab.train import surrogate_loss
+
+    if config.method not in estimators.METHODS:
+        raise ValueError(f"token_noise measures a sampled estimator; method must be one of {estimators.METHODS}, "
+                         f"got {config.method!r}")
+    if config.baseline == "loo":
+        raise ValueError("token_noise resamples each token independently at fixed contexts, so a leave-one-out "
+                         "baseline over a prompt's samples is not defined there; use 'none' or 'expected'")
+    if not (isinstance(n_resamples, int) and n_resamples >= 2):
+        raise ValueError(f"n_resamples must be an int >= 2, got {n_resamples!r}")
+    div = divergences.get(config.divergence)
+    ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
+    with torch.no_grad():
+        _, logp_teacher_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    _, logp_student_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
+    g = _flat_grad(estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT,
+                                                   config.reduction), params)
+    probs_NV = logp_student_BTV.detach().exp().reshape(-1, logp_student_BTV.shape[-1])
+    generator = torch.Generator(device=probs_NV.device).manual_seed(seed)
+    total, total_sq, cosines, norms = torch.zeros_like(g), torch.zeros_like(g), [], []
+    for _ in range(n_resamples):
+        y_BT = torch.multinomial(probs_NV, 1, generator=generator).reshape(ids_BT.shape)
+        logp_student_BT = logp_student_BTV.gather(-1, y_BT[..., None]).squeeze(-1)
+        logp_teacher_BT = logp_teacher_BTV.gather(-1, y_BT[..., None]).squeeze(-1)
+        loss, _ = surrogate_loss(config, div, logp_student_BT, logp_student_BTV, logp_teacher_BT,
+                                 logp_teacher_BTV, mask_BT)
+        g_hat = _flat_grad(loss, params)
+        total += g_hat
+        total_sq += g_hat ** 2
+        cosines.append(float(torch.nn.functional.cosine_similarity(g_hat, g, dim=0)))
+        norms.append(float(g_hat.norm()))
+    K, g_sq = n_resamples, float(g.pow(2).sum())
+    mean = total / K
+    var = ((total_sq - K * mean ** 2) / (K - 1)).clamp_min(0.0)
+    n_tokens = int(mask_BT.sum())
+    snr = g.abs() / var.sqrt().clamp_min(1e-300)
+    return dict(cos_mean=sum(cosines) / K, cos_min=min(cosines), cos_max=max(cosines),
+                norm_ratio=sum(norms) / K / math.sqrt(g_sq), bias_rel=float((mean - g).norm()) / math.sqrt(g_sq),
+                bias_se=math.sqrt(float(var.sum()) / K / g_sq), B_noise=n_tokens * float(var.sum()) / g_sq,
+                tokens=n_tokens, snr_median=float(snr.median()), snr_above_1=float((snr > 1).double().mean()))
+
+
+def noise_table(base, teacher, student, rollout: Rollout, variants: dict, n_resamples: int = 64,
+                seed: int = 0, progress: bool = False) -> pd.DataFrame:
+    """``token_noise`` for each named variant of ``base`` (a TrainConfig; each variant is a dict of fields to
+    replace, e.g. ``{"forward_kl": {"divergence": "forward_kl"}}``), as a tidy frame with one row per variant:
+    ``variant``, the fields that define the estimator, and the measurements."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    for name, changes in tqdm(variants.items(), desc="token noise", disable=not progress, leave=False):
+        c = base.replace(**changes)
+        rows.append(dict(variant=name, divergence=c.divergence, method=c.method, baseline=c.baseline,
+                         log_u_clip=c.log_u_clip, reduction=c.reduction,
+                         **token_noise(c, teacher, student, rollout, n_resamples, seed)))
+    return pd.DataFrame(rows)
+
+
+def predicted_cosine(B_noise, tokens):
+    """The expected cosine of one step's gradient to the exact one, ``1 / sqrt(1 + B_noise / tokens)``."""
+    return 1.0 / (1.0 + B_noise / tokens) ** 0.5
+
+
+@torch.no_grad()
+def sampled_tokens(config, teacher, student, rollout: Rollout) -> pd.DataFrame:
+    """One row per token the student sampled in ``rollout``: ``log_u`` = log pi_T - log pi_theta there and the
+    ``advantage`` of ``config`` (method, baseline, clip) that multiplies its score."""
+    from opdlab.train import surrogate_loss
+
+    if config.method not in estimators.METHODS:
+        raise ValueError(f"sampled_tokens needs a sampled estimator; method must be one of {estimators.METHODS}, "
+                         f"got {config.method!r}")
+    div = divergences.get(config.divergence)
+    ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
+    logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
+    student.eval()
+    logp_student_BT, logp_student_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
+    _, adv = surrogate_loss(config, div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
+                            mask_BT)
+    m = mask_BT > 0
+    return pd.DataFrame({"log_u": (logp_teacher_BT - logp_student_BT)[m].double().numpy(),
+                         "advantage": adv.A_BT[m].double().numpy()})
+
+
+def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFrame:
+    """The share of the sum of squared advantages carried by the ``fractions`` of tokens with the lowest log u
+    (the tokens the teacher rules out most firmly), from a ``sampled_tokens`` frame."""
+    ordered = tokens.sort_values("log_u")["advantage"].pow(2).cumsum() / tokens["advantage"].pow(2).sum()
+    return pd.DataFrame([dict(fraction=f, log_u_below=float(tokens["log_u"].quantile(f)),
+                              A2_share=float(ordered.iloc[max(0, int(f * len(ordered)) - 1)])) for f in fractions])
