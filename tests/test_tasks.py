@@ -282,8 +282,25 @@ def test_bfcl_simple(category):
     for e in train + test:
         assert t.score(e, e.target) == Score(True, False, True, "call matches")
         assert t.finished(e.target)
-    with pytest.raises(ValueError, match="split's size"):
-        t.examples("test", t.size("test") + 1)
+    with pytest.raises(ValueError, match="non-negative int"):
+        t.examples("test", -1)
+
+
+def test_a_fixed_pool_cycles_in_reshuffled_passes_and_says_so_once():
+    pytest.importorskip("bfcl_eval")
+    t = get_task("bfcl_simple")
+    n = t.size("train")
+    with pytest.warns(UserWarning, match=f"500 train examples asked of a pool of {n}; cycling"):
+        many = t.examples("train", 500, seed=1)
+    assert len(many) == 500 and many[:n] == t.examples("train", n, seed=1)  # the first pass is the plain shuffle
+    assert {e.meta["id"] for e in many[:n]} == {e.meta["id"] for e in many[n:2 * n] + many[:n]}
+    assert [e.meta["id"] for e in many[n:2 * n]] != [e.meta["id"] for e in many[:500 - n]]  # reshuffled
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t.examples("train", 600)  # said once per task and split
+    with pytest.warns(UserWarning, match="test examples asked"):
+        assert len(t.examples("test", 3 * t.size("test"))) == 3 * t.size("test")
 
 
 def test_bfcl_ast_check():

@@ -6,10 +6,17 @@ may set ``top_k=50``) and cannot pause for a tool, so this module samples with i
 forward per position over the whole batch, reusing the KV cache, drawing ``y_t ~ softmax(logits / 1)`` over
 the full vocabulary with an explicit ``torch.Generator``.
 
+Prompts go through the chat template where the tokenizer has one (``opdlab.lm.tokenizer.prompt_ids``).
+
 Tool use. When a sampled token completes ``task.call_end``, ``task.tool_result(text)`` runs the call and its
 result is *forced* into that sequence, one token per step, while the other sequences keep sampling; forced
-tokens are environment tokens and get ``mask = 0`` (never in the loss). A sequence ends at <eos>, when
-``task.finished(text)``, or at ``max_new_tokens``.
+tokens are environment tokens and get ``mask = 0`` (never in the loss). A sequence ends at a stop token (<eos>,
+or the chat template's end-of-turn), when ``task.finished(text)``, or at ``max_new_tokens``.
+
+BPE tokenizers merge characters: a call's closing ``</call>`` may end inside a token that also holds the next
+characters (``</call>\n``). Only tokens whose text contains the marker's last character can end a call or an
+answer (the trigger tokens, found once per tokenizer with one pass over the vocabulary); at those the decoded
+text is searched for a marker that ends inside the new token, and the call is cut there.
 
 Layout. Prompts are left-padded to P columns and completions right-padded to T columns, so completion token
 t of every row sits at column P + t and is predicted by the logits at column P + t - 1 (``completion_logits``).
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from opdlab.lm.device import autocast
-from opdlab.lm.tokenizer import collate
+from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
 
 __all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
 
@@ -66,9 +73,19 @@ def positions(attention_BL: torch.Tensor) -> torch.Tensor:
 
 
 def _trigger_ids(tokenizer, chars: set[str]) -> torch.Tensor:
-    """Ids of the tokens whose text contains any of ``chars`` (only these can end a call or an answer)."""
-    hits = [i for tok, i in tokenizer.get_vocab().items() if any(c in tokenizer.decode([i]) for c in chars)]
-    return torch.tensor(sorted(hits), dtype=torch.long)
+    """Ids of the tokens whose text contains any of ``chars`` (only these can end a call or an answer); the
+    vocabulary is decoded once per tokenizer, and the ids once per set of characters."""
+    texts = per_tokenizer(tokenizer, "token_texts", lambda: tokenizer.batch_decode(
+        [[i] for i in range(len(tokenizer))]))
+    return per_tokenizer(tokenizer, ("triggers", frozenset(chars)), lambda: torch.tensor(
+        [i for i, text in enumerate(texts) if any(c in text for c in chars)], dtype=torch.long))
+
+
+def marker_end(text: str, marker: str, new_chars: int) -> int | None:
+    """The index just past an occurrence of ``marker`` in ``text`` that ends within its last ``new_chars``
+    characters (the newest token's text), or None."""
+    at = text.rfind(marker, max(0, len(text) - new_chars - len(marker) + 1))
+    return None if at < 0 else at + len(marker)
 
 
 def _cache_kwargs(model) -> dict:
@@ -105,19 +122,20 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
         raise ValueError(f"temperature must be a positive number (1.0 samples from the model itself), "
                          f"got {temperature!r}")
     device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompt_ids = collate([tokenizer.encode(p, add_special_tokens=False) for p in prompts], pad).to(device)
-    prompt_att = collate([[1] * len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts], 0).to(device)
+    pad = tokenizer.pad_token_id
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    prompt_BP, prompt_att = collate(rows, pad).to(device), collate([[1] * len(r) for r in rows], 0).to(device)
     B = len(prompts)
-    stops = {task.stop[-1]} if task is not None and getattr(task, "stop", None) else set()
+    stops = torch.tensor(stop_ids(tokenizer), device=device)
+    ends = {task.stop[-1]} if task is not None and getattr(task, "stop", None) else set()
     call_end = getattr(task, "call_end", None) if task is not None and task.has_tools else None
-    triggers = _trigger_ids(tokenizer, stops | ({call_end[-1]} if call_end else set())).to(device)
-    tokens, masks, logps = [], [], []
+    triggers = _trigger_ids(tokenizer, ends | ({call_end[-1]} if call_end else set())).to(device)
+    tokens, masks, logps, reals = [], [], [], []
     done, forced = torch.zeros(B, dtype=torch.bool, device=device), [[] for _ in range(B)]
     texts_ids: list[list[int]] = [[] for _ in range(B)]
 
     attention, pos = prompt_att, positions(prompt_att)
-    ids, cache = prompt_ids, _cache_kwargs(model)
+    ids, cache = prompt_BP, _cache_kwargs(model)
     for _ in range(max_new_tokens):
         with autocast(device):
             out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True,
@@ -127,29 +145,33 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
         for i in (i for i in range(B) if forced[i]):  # environment tokens override the draw
             tok[i], sampled[i] = forced[i].pop(0), False
         tok = torch.where(done, torch.full_like(tok, pad), tok)
-        tokens.append(tok), masks.append(sampled), logps.append(torch.where(sampled, logp, 0.0))
         live = ~done
-        done = done | (sampled & (tok == eos))
-        _check_events(tok, sampled & ~done & torch.isin(tok, triggers), texts_ids, live, tokenizer, task,
-                      call_end, forced, done)
+        tokens.append(tok), masks.append(sampled), logps.append(torch.where(sampled, logp, 0.0)), reals.append(live)
+        is_stop = sampled & torch.isin(tok, stops)
+        done = done | is_stop
+        _check_events(tok, sampled & ~done & torch.isin(tok, triggers), texts_ids, live & ~is_stop, tokenizer,
+                      task, call_end, forced, done)
         if bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], 1)
         pos, ids = pos[:, -1:] + 1, tok[:, None]
-    return _assemble(prompt_ids, prompt_att, tokens, masks, logps, texts_ids, tokenizer)
+    return _assemble(prompt_BP, prompt_att, tokens, masks, logps, reals, texts_ids, tokenizer)
 
 
-def _check_events(tok, candidates, texts_ids, live, tokenizer, task, call_end, forced, done):
-    """Record each live row's token; where a token may end a call or an answer, decode the text so far and
-    queue the tool's result (forced environment tokens) or mark the row finished."""
-    tok_list, live_list = tok.tolist(), live.tolist()
+def _check_events(tok, candidates, texts_ids, keep, tokenizer, task, call_end, forced, done):
+    """Record the token of each row in ``keep`` (live, not a stop token); where a token may end a call or an
+    answer, decode the text so far and queue the tool's result (forced environment tokens) or mark the row
+    finished. A call marker merged with the characters after it still counts (``marker_end``)."""
+    tok_list, keep_list = tok.tolist(), keep.tolist()
     for i in range(len(tok_list)):
-        if live_list[i] and tok_list[i] != tokenizer.eos_token_id:
+        if keep_list[i]:
             texts_ids[i].append(tok_list[i])
     for i in torch.nonzero(candidates).flatten().tolist():
         text = tokenizer.decode(texts_ids[i], skip_special_tokens=True)
-        if call_end and text.endswith(call_end):
-            result = task.tool_result(text)
+        end = marker_end(text, call_end, len(tokenizer.decode(texts_ids[i][-1:], skip_special_tokens=True))) \
+            if call_end else None
+        if end is not None:
+            result = task.tool_result(text[:end])
             if result:
                 forced[i].extend(tokenizer.encode(result, add_special_tokens=False))
                 continue
@@ -157,12 +179,12 @@ def _check_events(tok, candidates, texts_ids, live, tokenizer, task, call_end, f
             done[i] = True
 
 
-def _assemble(prompt_ids, prompt_att, tokens, masks, logps, texts_ids, tokenizer) -> Rollout:
+def _assemble(prompt_BP, prompt_att, tokens, masks, logps, reals, texts_ids, tokenizer) -> Rollout:
     ids_BT = torch.stack(tokens, 1)
     mask_BT = torch.stack(masks, 1).float()
-    attention_BT = (ids_BT != tokenizer.pad_token_id).long() | mask_BT.long()
+    attention_BT = torch.stack(reals, 1).long()  # every token of a live row, sampled or environment
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in texts_ids]
-    return Rollout(prompt_ids, prompt_att, ids_BT, mask_BT, attention_BT, torch.stack(logps, 1), texts)
+    return Rollout(prompt_BP, prompt_att, ids_BT, mask_BT, attention_BT, torch.stack(logps, 1), texts)
 
 
 def completion_logits(model, rollout: Rollout) -> torch.Tensor:
@@ -193,7 +215,7 @@ def greedy_accuracy(model, tokenizer, task, examples, max_new_tokens: int | None
 def sampled_accuracy(model, tokenizer, task, examples, k: int = 1, greedy: bool = False, generator=None,
                      max_new_tokens: int | None = None, batch: int = 128) -> tuple[float, list[Rollout]]:
     """avg@k: the mean accuracy of k completions per example (greedy: k = 1), and the rollouts drawn."""
-    max_new_tokens = max_new_tokens or max(len(ex.target) for ex in examples) + 16
+    max_new_tokens = max_new_tokens or max(len(ex.target) for ex in examples) + 16  # characters: >= tokens
     prompts = [ex.prompt for ex in examples for _ in range(k)]
     refs = [ex for ex in examples for _ in range(k)]
     correct, rollouts = 0, []

@@ -24,10 +24,13 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def sft_loss(model, ids_BL: torch.Tensor, loss_mask_BL: torch.Tensor, pad_id: int) -> torch.Tensor:
+def sft_loss(model, ids_BL: torch.Tensor, loss_mask_BL: torch.Tensor, pad_id: int,
+             attention_BL: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the tokens with loss mask 1 (right-padded batch): logits at position t
-    predict token t + 1."""
-    attention_BL = (ids_BL != pad_id) | (loss_mask_BL > 0)
+    predict token t + 1. ``attention_BL`` marks the real tokens; without it, every token that is not ``pad_id``
+    or carries a loss (a pretrained tokenizer may pad with a token its chat template uses: then pass it)."""
+    if attention_BL is None:
+        attention_BL = (ids_BL != pad_id) | (loss_mask_BL > 0)
     logits_BLV = model(input_ids=ids_BL, attention_mask=attention_BL.long()).logits
     nll_BL = torch.nn.functional.cross_entropy(logits_BLV[:, :-1].transpose(1, 2).float(), ids_BL[:, 1:],
                                                reduction="none")
@@ -39,8 +42,8 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
         progress: bool = True) -> list[float]:
     """Supervised training on ``task``'s train split: AdamW on ``sft_loss``, gradients clipped to norm 1.
 
-    Returns the loss per step. Training examples are drawn once, ``steps * batch`` of them (at most 50,000,
-    then cycled in a seeded order).
+    Returns the loss per step. Training examples are drawn once, ``steps * batch`` of them (at most 50,000, or
+    the task's pool for a fixed-pool task, then cycled in a seeded order).
     """
     device = next(model.parameters()).device
     pool = task.examples("train", min(steps * batch, 50_000), seed=seed)
@@ -52,10 +55,11 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
         rows = [encoded[order[(step * batch + i) % len(order)]] for i in range(batch)]
         ids = collate([r[0] for r in rows], tokenizer.pad_token_id, left=False).to(device)
         mask = collate([r[1] for r in rows], 0, left=False).to(device)
+        attention = collate([[1] * len(r[0]) for r in rows], 0, left=False).to(device)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr)
         with autocast(device):
-            loss = sft_loss(model, ids, mask, tokenizer.pad_token_id)
+            loss = sft_loss(model, ids, mask, tokenizer.pad_token_id, attention)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,15 +1,21 @@
-"""Token ids: the character-level tokenizer, encoding a task example for SFT, padding id lists into a batch,
-and the checks that two models (or a model and a task) read and write the same ids.
+"""Token ids: the character-level tokenizer, prompts (plain or through a chat template), the tokens that end a
+completion, encoding a task example for SFT, padding id lists into a batch, and the checks that two models (or a
+model and a task) read and write the same ids.
 
-A sequence is ``prompt + target + <eos>``. Prompt tokens and environment tokens (tool results, which the model
+A sequence is ``prompt + target + <stop>``. An instruct model's tokenizer carries a chat template: its prompt is
+the task's prompt as one user turn followed by the assistant header (``prompt_ids``), and its completion ends at
+the template's end-of-turn token as well as at EOS (``stop_ids``). Base models and the character-level models
+have no template and keep plain prompts. Prompt tokens and environment tokens (tool results, which the model
 never produces) carry loss mask 0, in supervised training exactly as in distillation.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-__all__ = ["PAD", "EOS", "UNK", "char_tokenizer", "encode_example", "collate", "check_compatible",
-           "check_task_tokenizer"]
+__all__ = ["PAD", "EOS", "UNK", "char_tokenizer", "uses_chat_template", "prompt_ids", "end_of_turn_id", "stop_ids",
+           "per_tokenizer", "encode_example", "collate", "check_compatible", "check_task_tokenizer"]
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 UNK_LIMIT = 0.01
@@ -32,15 +38,65 @@ def char_tokenizer(alphabet: str):
                                    padding_side="left")
 
 
+_PER_TOKENIZER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def per_tokenizer(tokenizer, key, compute):
+    """``compute()`` once per tokenizer object and ``key``, then remembered for as long as the tokenizer lives
+    (for what needs a pass over the vocabulary or a template rendering)."""
+    store = _PER_TOKENIZER.setdefault(tokenizer, {})
+    if key not in store:
+        store[key] = compute()
+    return store[key]
+
+
+def uses_chat_template(tokenizer) -> bool:
+    """Whether prompts go through the tokenizer's chat template: exactly when it has one (instruct models).
+    Set ``tokenizer.chat_template = None`` to give a model plain prompts."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt``: as a single user turn of the chat template followed by the assistant header
+    (``add_generation_prompt``) when the tokenizer has a template, else the plain text; no other special tokens."""
+    if uses_chat_template(tokenizer):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``, ...):
+    the first special token after the content when a one-message assistant turn is rendered; None without a
+    template."""
+    def find():
+        if not uses_chat_template(tokenizer):
+            return None
+        marker = "opdlab-end-of-turn-probe"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+        after = tokenizer.encode(text[text.rfind(marker) + len(marker):], add_special_tokens=False)
+        return next((i for i in after if i in special), None)
+    return per_tokenizer(tokenizer, "end_of_turn", find)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens that end a completion: EOS, and the chat template's end-of-turn token when it differs."""
+    eot = end_of_turn_id(tokenizer)
+    return [tokenizer.eos_token_id] + ([eot] if eot is not None and eot != tokenizer.eos_token_id else [])
+
+
 def encode_example(tokenizer, example) -> tuple[list[int], list[int]]:
-    """``(ids, loss_mask)`` of ``prompt + target + <eos>``. The loss mask is 1 on the target tokens the model
-    writes and on <eos>, 0 on the prompt and on environment segments (tool results)."""
-    ids = tokenizer.encode(example.prompt, add_special_tokens=False)
+    """``(ids, loss_mask)`` of ``prompt + target + <stop>`` (``prompt_ids``; the stop is the end-of-turn token
+    under a chat template, else <eos>). The loss mask is 1 on the target tokens the model writes and on the stop,
+    0 on the prompt and on environment segments (tool results)."""
+    ids = prompt_ids(tokenizer, example.prompt)
     mask = [0] * len(ids)
     for text, is_environment in example.target_segments:
         seg = tokenizer.encode(text, add_special_tokens=False)
         ids, mask = ids + seg, mask + [0 if is_environment else 1] * len(seg)
-    return ids + [tokenizer.eos_token_id], mask + [1]
+    return ids + [stop_ids(tokenizer)[-1]], mask + [1]
 
 
 def collate(rows: list[list[int]], pad_id: int, left: bool = True) -> torch.Tensor:

@@ -16,6 +16,7 @@ import hashlib
 import math
 import random
 import re
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class Task(ABC):
     call_end: str | None = None
     stop: str = "\n"
     test_fraction: float = 0.2
+    _warned_pools: frozenset = frozenset()  # splits whose pool a caller asked too much of (said once)
 
     # -- generation -------------------------------------------------------------------------------------
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
@@ -127,6 +129,26 @@ class Task(ABC):
     def size(self, split: str) -> int | None:
         """How many distinct examples ``split`` holds: None for generated tasks (unbounded)."""
         return None
+
+    def from_pool(self, pool: list[Example], split: str, n: int, key: str) -> list[Example]:
+        """``n`` examples of a fixed ``pool``: a shuffle seeded by ``key``, then, while more are asked for than the
+        pool holds, further passes each reshuffled (seeded by ``key`` and the pass), so a training run, an
+        evaluation or a completion budget that asks for more than exists cycles instead of failing. Says so
+        once per task and split (a UserWarning)."""
+        if not is_int(n) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if not pool:
+            raise ValueError(f"{self.name}: the {split} split is empty")
+        if n > len(pool) and split not in self._warned_pools:
+            self._warned_pools = self._warned_pools | {split}
+            warnings.warn(f"{self.name}: {n} {split} examples asked of a pool of {len(pool)}; cycling through it "
+                          "in reshuffled passes", stacklevel=3)
+        out: list[Example] = []
+        for p in range(-(-n // len(pool))):
+            order = list(pool)
+            random.Random(key if p == 0 else f"{key}/pass{p}").shuffle(order)
+            out += order
+        return out[:n]
 
     def tool_result(self, completion_so_far: str) -> str | None:
         """Environment text to append if ``completion_so_far`` ends with a complete call; None otherwise."""

@@ -122,7 +122,8 @@ class BFCLSimpleTask(Task):
     checked. The few items whose own ground truth fails this check (an empty option list for a required
     argument, a value of the wrong declared type) are left out and their ids kept in ``dropped``.
     Option: ``category`` ("simple_python", default, or "live_simple"). The data is a fixed pool: 20% of it,
-    by a hash of the id, is the test split; ``examples`` returns a seeded shuffle of the split.
+    by a hash of the id, is the test split; ``examples`` returns a seeded shuffle of the split, and asked for
+    more than it holds (500 training prompts of a 314-example split) goes on with reshuffled passes.
     """
 
     name = "bfcl_simple"
@@ -165,15 +166,11 @@ class BFCLSimpleTask(Task):
         return len(self._pool[split])
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        """The first ``n`` of a seeded shuffle of ``split``; ValueError if the split holds fewer."""
+        """The first ``n`` of a seeded shuffle of ``split``; more than the split holds cycle through reshuffled
+        passes (``Task.from_pool``), with a warning the first time."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self._pool[split]):
-            raise ValueError(f"n must be an int in 0..{len(self._pool[split])} (the {split} split's size), "
-                             f"got {n!r}")
-        pool = list(self._pool[split])
-        random.Random(f"{self.name}/{self.category}/{split}/{seed}").shuffle(pool)
-        return pool[:n]
+        return self.from_pool(self._pool[split], split, n, f"{self.name}/{self.category}/{split}/{seed}")
 
     def finished(self, completion: str) -> bool:
         return CALL_END in completion
