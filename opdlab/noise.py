@@ -49,7 +49,8 @@ def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 6
     """Noise of the per-token sampled gradient of ``config`` (divergence, method, baseline, clip, reduction) at
     the fixed contexts of ``rollout``; see the module doc. Returns a dict of floats:
 
-    ``cos_mean/cos_min/cos_max`` (one draw's cosine to the full-vocabulary gradient g), ``norm_ratio``
+    ``cos_mean/cos_min/cos_max`` (one draw's cosine to the full-vocabulary gradient g), ``cos_of_mean`` (the
+    cosine of the mean of all draws to g: near 1 for an unbiased estimator, whatever its noise), ``norm_ratio``
     (mean |g_hat| / |g|), ``bias_rel`` (|mean g_hat - g| / |g|) and its standard error ``bias_se``,
     ``B_noise`` (tokens), ``tokens`` (unmasked tokens of the rollout), ``snr_median`` and ``snr_above_1``
     (fraction of weights whose SNR exceeds 1).
@@ -93,6 +94,7 @@ def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 6
     n_tokens = int(mask_BT.sum())
     snr = g.abs() / var.sqrt().clamp_min(1e-300)
     return dict(cos_mean=sum(cosines) / K, cos_min=min(cosines), cos_max=max(cosines),
+                cos_of_mean=float(torch.nn.functional.cosine_similarity(mean, g, dim=0)),
                 norm_ratio=sum(norms) / K / math.sqrt(g_sq), bias_rel=float((mean - g).norm()) / math.sqrt(g_sq),
                 bias_se=math.sqrt(float(var.sum()) / K / g_sq), B_noise=n_tokens * float(var.sum()) / g_sq,
                 tokens=n_tokens, snr_median=float(snr.median()), snr_above_1=float((snr > 1).double().mean()))

@@ -1,4 +1,4 @@
-"""Notebooks 01-03 and 07 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
+"""Notebooks 01-03, 07 and 08 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
 from pathlib import Path
 
 import pytest
@@ -14,12 +14,15 @@ TINY = {
     "03_sequences": dict(divergences=["reverse_kl", "forward_kl"], gammas=[0.0, 0.5, 1.0],
                          baselines=["none", "expected"], n_repeats=5, vocab_size=2, horizon=3),
     "07_estimator_audit": dict(n_toys=2, n_tokens=4, vocab_size=2, horizon=2),
+    "08_estimator_noise": dict(prompts=4, n_resamples=3, teacher_hidden=32, teacher_layers=1, teacher_sft_steps=4,
+                               student_hidden=16, student_layers=1, student_warmup_steps=2, assert_finding=False),
 }
 FIGURES = {
     "01_bias_derivation": ["01_advantage_curves"],
     "02_categorical_toys": ["02_error_vs_samples", "02_variance", "02_cosines", "02_training"],
     "03_sequences": ["03_gamma_tradeoff"],
     "07_estimator_audit": ["07_cosine_heatmap", "07_cosine_heatmap_sequence"],
+    "08_estimator_noise": ["08_cosine_vs_tokens", "08_log_u"],
 }
 
 
@@ -28,7 +31,8 @@ FIGURES = {
 def test_notebook_runs_with_tiny_parameters(name, tmp_path):
     figures = tmp_path / "figures"
     pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
-                        parameters=dict(TINY[name], figures_dir=str(figures), seed=1), cwd=str(NOTEBOOKS),
+                        parameters=dict(TINY[name], figures_dir=str(figures), seed=1,
+                                        **({"cache": str(tmp_path / "cache")} if name.startswith("08") else {})), cwd=str(NOTEBOOKS),
                         progress_bar=False, kernel_name="python3")
     for stem in FIGURES[name]:
         assert (figures / f"{stem}.png").stat().st_size > 0

@@ -19,6 +19,8 @@ __all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_
 METHOD_STYLE = {
     "opd": dict(color="#d62728", linestyle="--", label="OPD (stop-gradient)"),
     "opd_plus": dict(color="#1f77b4", linestyle="-", label="OPD+"),
+    "full_vocabulary": dict(color="#2ca02c", linestyle="-.", label="full-vocabulary loss (reference)"),
+    "supervised_kd": dict(color="#9467bd", linestyle=":", label="supervised KD on teacher samples (reference)"),
 }
 
 

@@ -2,17 +2,19 @@
 
 Each function takes the tidy DataFrame of evaluation records (``opdlab.runlog.results``: one row per run and
 evaluation step, with ``task, divergence, method, seed, step`` and the metrics) and returns a Figure.
-Across seeds a curve is the mean with a 95% band, mean +- t_{0.975, n-1} * sd / sqrt(n).
+Across seeds a curve is the mean with its 95% t-interval, mean +- t_{0.975, n-1} * sd / sqrt(n) (seaborn).
 """
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+import seaborn as sns
 from scipy import stats
 
-from opdlab.plots import divergence_title, grid, method_style
+from opdlab.plots import divergence_title, method_style
 
-__all__ = ["mean_band", "curves_figure", "final_table"]
+__all__ = ["t_half_width", "t_interval", "mean_band", "curves_figure", "final_table"]
 
 REFERENCE_STYLE = {
     "teacher": dict(color="black", linestyle=":", linewidth=1.2, label="teacher"),
@@ -20,47 +22,70 @@ REFERENCE_STYLE = {
 }
 
 
+def t_half_width(sd, n, level: float = 0.95):
+    """Half-width of the t-interval of a mean, ``t_{(1+level)/2, n-1} * sd / sqrt(n)``; NaN where n < 2."""
+    n = np.asarray(n, dtype=float)
+    tq = np.where(n > 1, stats.t.ppf((1 + level) / 2, np.maximum(n - 1, 1)), np.nan)
+    return tq * np.asarray(sd, dtype=float) / np.sqrt(n)
+
+
+def t_interval(values, level: float = 0.95, bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """``(low, high)``, the t-interval of the mean of ``values`` (seaborn's ``errorbar`` callable), clipped to
+    ``bounds``; a single value has no interval (NaN)."""
+    v = np.asarray(values, dtype=float)
+    half = float(t_half_width(v.std(ddof=1) if len(v) > 1 else np.nan, len(v), level))
+    low, high = v.mean() - half, v.mean() + half
+    return (low, high) if bounds is None else (max(low, bounds[0]), min(high, bounds[1]))
+
+
 def mean_band(df: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     """Mean of ``metric`` over seeds per group, with n, sd and the 95% t-interval half-width ``ci`` (NaN for a
     single seed, where no interval exists; the figures then draw no band)."""
-    g = df.groupby(by)[metric]
-    out = g.agg(mean="mean", sd="std", n="count").reset_index()
-    tq = out["n"].map(lambda n: stats.t.ppf(0.975, n - 1) if n > 1 else float("nan"))
-    out["ci"] = tq * out["sd"] / out["n"] ** 0.5
+    out = df.groupby(by)[metric].agg(mean="mean", sd="std", n="count").reset_index()
+    out["ci"] = t_half_width(out["sd"], out["n"])
     return out
 
 
 def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", references: pd.DataFrame | None = None,
                   ylabel: str | None = None) -> plt.Figure:
-    """``metric`` against step, one panel per (task, divergence), OPD and OPD+ with 95% bands over seeds.
+    """``metric`` against step, one panel per (task, divergence), one line per method: the mean over seeds with
+    its 95% t-interval (``seaborn.relplot``, ``errorbar=t_interval``; an accuracy band stays inside [0, 1]).
 
     ``references``: rows ``task, role, value`` (role ``"teacher"`` or ``"student"``) drawn as horizontal lines.
     """
-    panels = list(dict.fromkeys(zip(evals["task"], evals["divergence"])))
-    n_cols = len(dict.fromkeys(evals["divergence"]))
-    fig, axes = grid(len(panels), n_cols=n_cols, size=(3.4, 2.7), sharey=True)
-    curves = mean_band(evals, ["task", "divergence", "method", "step"], metric)
-    for ax, (task, div) in zip(axes, panels):
-        for method, c in curves[(curves["task"] == task) & (curves["divergence"] == div)].groupby("method"):
-            style = method_style(method)
-            ax.plot(c["step"], c["mean"], color=style["color"], linestyle=style["linestyle"], label=style["label"])
-            low, high = c["mean"] - c["ci"], c["mean"] + c["ci"]
-            if metric.endswith("accuracy"):  # a band never leaves [0, 1]; with 2 seeds t_0.975 = 12.7 is wide
-                low, high = low.clip(0, 1), high.clip(0, 1)
-            ax.fill_between(c["step"], low, high, color=style["color"], alpha=0.18)
+    data = evals.assign(panel=[f"{t} · {divergence_title(d)}" for t, d in zip(evals["task"], evals["divergence"])])
+    methods = list(dict.fromkeys(data["method"]))
+    styles = {m: method_style(m) for m in methods}
+    bounds = (0.0, 1.0) if metric.endswith("accuracy") else None
+    n_cols = len(dict.fromkeys(data["divergence"]))
+    grid_ = sns.relplot(data=data, x="step", y=metric, hue="method", style="method", col="panel", col_wrap=n_cols,
+                        kind="line", errorbar=lambda v: t_interval(v, bounds=bounds), hue_order=methods,
+                        palette={m: st["color"] for m, st in styles.items()},
+                        dashes={m: _dashes(st["linestyle"]) for m, st in styles.items()},
+                        height=2.7, aspect=1.25, facet_kws=dict(sharey=True), legend=False)
+    tasks = dict(zip(data["panel"], data["task"]))
+    for panel, ax in grid_.axes_dict.items():
         if references is not None:
-            for _, ref in references[references["task"] == task].iterrows():
+            for _, ref in references[references["task"] == tasks[panel]].iterrows():
                 ax.axhline(ref["value"], **REFERENCE_STYLE.get(ref["role"], {}))
-        if metric.endswith("accuracy"):
+        if bounds:
             ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{task} · {divergence_title(div)}", fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_title(panel, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(ylabel or metric.replace("_", " "))
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, -0.04))
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return fig
+    grid_.set_axis_labels("step", ylabel or metric.replace("_", " "))
+    first = next(iter(grid_.axes_dict.values()))
+    handles = [plt.Line2D([], [], color=styles[m]["color"], linestyle=styles[m]["linestyle"], label=styles[m]["label"])
+               for m in methods]
+    handles += [h for h in first.get_lines() if h.get_label() in ("teacher", "warm-up student")]
+    grid_.figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
+                        bbox_to_anchor=(0.5, -0.02))
+    grid_.figure.tight_layout(rect=(0, 0.05, 1, 1))
+    return grid_.figure
+
+
+def _dashes(linestyle: str):
+    """seaborn's dash spec of a matplotlib line style."""
+    return {"-": "", "--": (4, 2), ":": (1, 2), "-.": (4, 1.5, 1, 1.5)}.get(linestyle, "")
 
 
 def final_table(evals: pd.DataFrame, metric: str = "greedy_accuracy") -> pd.DataFrame:

@@ -1,0 +1,59 @@
+"""Figures of notebook 08: the noise of the sampled OPD estimator on a real student.
+
+``cosine_figure`` takes the frame of ``opdlab.noise.noise_table``; ``log_u_figure`` the frame of
+``opdlab.noise.sampled_tokens``. Both return a Figure.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from opdlab.noise import predicted_cosine
+
+__all__ = ["cosine_figure", "log_u_figure"]
+
+
+def cosine_figure(table: pd.DataFrame, tokens_per_step: dict[str, float] | None = None) -> plt.Figure:
+    """Expected cosine of one step's sampled gradient to the exact token-local gradient against the tokens in
+    the step, ``1 / sqrt(1 + B_noise / n)``, one curve per variant; the measured one-draw cosines at the
+    rollout's own size as points; ``tokens_per_step`` marks batch shapes (label -> tokens) as vertical lines."""
+    n = np.geomspace(100, 1e6, 200)
+    curves = pd.concat([pd.DataFrame(dict(variant=row.variant, tokens=n, cosine=predicted_cosine(row.B_noise, n)))
+                        for row in table.itertuples()], ignore_index=True)
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sns.lineplot(data=curves, x="tokens", y="cosine", hue="variant", ax=ax)
+    palette = dict(zip(table["variant"], sns.color_palette(n_colors=len(table))))
+    for row in table.itertuples():
+        ax.errorbar(row.tokens, row.cos_mean, yerr=[[row.cos_mean - row.cos_min], [row.cos_max - row.cos_mean]],
+                    fmt="o", color=palette[row.variant], capsize=3, markersize=4)
+    for label, tokens in (tokens_per_step or {}).items():
+        ax.axvline(tokens, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(label, (tokens, 0.02), rotation=90, fontsize=7, color="gray", ha="right", va="bottom")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("sampled tokens per step")
+    ax.set_ylabel("cosine to the exact gradient")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title=None)
+    fig.tight_layout()
+    return fig
+
+
+def log_u_figure(tokens: pd.DataFrame) -> plt.Figure:
+    """Left: the distribution of log u at the sampled tokens (log count). Right: each token's squared advantage
+    against its log u, the heavy left tail where the teacher rules out what the student sampled."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, 3.2))
+    sns.histplot(data=tokens, x="log_u", bins=60, ax=left, color="#1f77b4")
+    left.set_yscale("log")
+    left.set_xlabel("log u = log π_T − log π_θ at the sampled token")
+    sns.scatterplot(x=tokens["log_u"], y=tokens["advantage"] ** 2, s=6, alpha=0.4, ax=right, color="#d62728",
+                    edgecolor=None)
+    right.set_yscale("log")
+    right.set_xlabel("log u")
+    right.set_ylabel("squared advantage A²")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
