@@ -28,7 +28,7 @@ import torch
 from opdlab import divergences, estimators
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
 
-__all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "sampled_tokens", "tail_share"]
+__all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "cosine_curves", "sampled_tokens", "tail_share"]
 
 
 def student_rollout(trainer, step: int = 0) -> Rollout:
@@ -119,6 +119,16 @@ def noise_table(base, teacher, student, rollout: Rollout, variants: dict, n_resa
 def predicted_cosine(B_noise, tokens):
     """The expected cosine of one step's gradient to the exact one, ``1 / sqrt(1 + B_noise / tokens)``."""
     return 1.0 / (1.0 + B_noise / tokens) ** 0.5
+
+
+def cosine_curves(table: pd.DataFrame, tokens=None) -> pd.DataFrame:
+    """``predicted_cosine`` of every variant of a ``noise_table`` over a grid of tokens per step (default 100 to
+    10^6, log-spaced): rows ``variant, tokens, cosine``."""
+    import numpy as np
+
+    tokens = np.geomspace(100, 1e6, 200) if tokens is None else np.asarray(tokens, dtype=float)
+    return pd.concat([pd.DataFrame(dict(variant=row.variant, tokens=tokens, cosine=predicted_cosine(row.B_noise, tokens)))
+                      for row in table.itertuples()], ignore_index=True)
 
 
 @torch.no_grad()

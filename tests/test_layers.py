@@ -15,9 +15,10 @@ LAYERS = [
     ["divergences", "lm.recipe"],
     ["estimators", "lm.device", "lm.tokenizer"],
     ["toy", "symbolic", "lm.modeling", "lm.sampling", "lm.sft"],
-    ["montecarlo", "lm.cache", "config"],
-    ["runlog", "plots"],
+    ["montecarlo", "audit", "audit_catalogue", "lm.cache", "config"],
+    ["runlog", "plots", "lm.pretrained"],
     ["train", "widgets"],
+    ["noise"],
     ["sweep"],
     ["notebook_runner", "cli", "__main__", "__init__"],
 ]

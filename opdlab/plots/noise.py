@@ -1,27 +1,23 @@
 """Figures of notebook 08: the noise of the sampled OPD estimator on a real student.
 
-``cosine_figure`` takes the frame of ``opdlab.noise.noise_table``; ``log_u_figure`` the frame of
-``opdlab.noise.sampled_tokens``. Both return a Figure.
+``cosine_figure`` takes the frames of ``opdlab.noise.cosine_curves`` and ``opdlab.noise.noise_table``;
+``log_u_figure`` the frame of ``opdlab.noise.sampled_tokens``. Both return a Figure.
 """
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
-
-from opdlab.noise import predicted_cosine
 
 __all__ = ["cosine_figure", "log_u_figure"]
 
 
-def cosine_figure(table: pd.DataFrame, tokens_per_step: dict[str, float] | None = None) -> plt.Figure:
+def cosine_figure(curves: pd.DataFrame, table: pd.DataFrame,
+                  tokens_per_step: dict[str, float] | None = None) -> plt.Figure:
     """Expected cosine of one step's sampled gradient to the exact token-local gradient against the tokens in
-    the step, ``1 / sqrt(1 + B_noise / n)``, one curve per variant; the measured one-draw cosines at the
-    rollout's own size as points; ``tokens_per_step`` marks batch shapes (label -> tokens) as vertical lines."""
-    n = np.geomspace(100, 1e6, 200)
-    curves = pd.concat([pd.DataFrame(dict(variant=row.variant, tokens=n, cosine=predicted_cosine(row.B_noise, n)))
-                        for row in table.itertuples()], ignore_index=True)
+    the step, ``1 / sqrt(1 + B_noise / n)`` (``curves``), one curve per variant; the measured one-draw cosines
+    at the rollout's own size as points (``table``); ``tokens_per_step`` marks batch shapes (label -> tokens)
+    as vertical lines."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     sns.lineplot(data=curves, x="tokens", y="cosine", hue="variant", ax=ax)
     palette = dict(zip(table["variant"], sns.color_palette(n_colors=len(table))))
