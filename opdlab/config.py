@@ -87,7 +87,12 @@ class TrainConfig:
     student_layers: int = 4
     """Student depth."""
     student_warmup_steps: int = 600
-    """Supervised warm-up steps of the student: short, so it starts clearly weaker than the teacher."""
+    """Supervised warm-up steps of the student: short, so it starts clearly weaker than the teacher (with
+    ``student_warmup_target``, the most it may take)."""
+    student_warmup_target: float | None = None
+    """None, or end the warm-up at the first check (every 25 steps) where the student's greedy accuracy on 128
+    training-split prompts reaches this value: where a short warm-up ends on a steep learning curve varies with
+    the machine, a target fixes where the student starts (``lm.recipe.ModelRecipe.sft_target``)."""
     sft_batch: int = 64
     """Sequences per supervised step (teacher and warm-up)."""
     sft_lr: float = 5e-3
@@ -107,7 +112,7 @@ class TrainConfig:
             arch=self.arch, hidden=hidden, layers=self.teacher_layers if role == "teacher" else self.student_layers,
             heads=max(1, hidden // 32), intermediate=3 * hidden, sft_batch=self.sft_batch, sft_lr=self.sft_lr,
             sft_steps=self.teacher_sft_steps if role == "teacher" else self.student_warmup_steps,
-            seed=0 if role == "teacher" else 1)
+            seed=0 if role == "teacher" else 1, sft_target=None if role == "teacher" else self.student_warmup_target)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,6 +155,8 @@ def _validate(c: TrainConfig) -> None:
     _check(c.reduction in REDUCTIONS, "reduction", c.reduction, f"one of {REDUCTIONS}")
     _check(c.arch in ARCHITECTURES, "arch", c.arch, f"one of {ARCHITECTURES}")
     _check(_number(c.gamma) and 0 <= c.gamma <= 1, "gamma", c.gamma, "a number in [0, 1]")
+    _check(c.student_warmup_target is None or (_number(c.student_warmup_target) and 0 < c.student_warmup_target <= 1),
+           "student_warmup_target", c.student_warmup_target, "None or an accuracy in (0, 1]")
     _check(c.log_u_clip is None or (_number(c.log_u_clip) and c.log_u_clip > 0),
            "log_u_clip", c.log_u_clip, "None or a positive finite number")
     for name in ("steps", "teacher_sft_steps", "student_warmup_steps"):

@@ -97,10 +97,29 @@ def test_sft_lowers_the_loss_and_the_cache_trains_once(tmp_path, monkeypatch):
     (dict(layers=0), "layers must be a positive"), (dict(sft_lr=0.0), "sft_lr"),
     (dict(layers=True), "layers must be a positive"), (dict(sft_steps=1.5), "sft_steps must be an integer"),
     (dict(seed=-1), "seed must be an integer"), (dict(sft_lr="fast"), "sft_lr must be a positive number"),
+    (dict(sft_target=0.0), "sft_target"), (dict(sft_target=1.2), "sft_target"), (dict(sft_target=True), "sft_target"),
 ])
 def test_bad_recipes(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelRecipe(**bad)
+
+
+def test_a_warm_up_target_stops_supervised_training_at_the_first_check_that_reaches_it(tmp_path, monkeypatch):
+    task = get_task("arithmetic")
+    recipe = ModelRecipe(hidden=32, layers=1, heads=1, intermediate=64, sft_steps=100, sft_batch=8, sft_lr=1e-2,
+                         sft_target=0.5)
+    scored = []
+    # the check scores training-split prompts, never the held-out set: report 0.2, 0.4, then 0.6
+    monkeypatch.setattr(cache, "greedy_accuracy", lambda model, tok, task_, examples, **k: (
+        scored.append([ex.prompt for ex in examples]) or (0.2 * len(scored) if len(scored) <= 3 else 0.0)))
+    _, _, meta = cache.cached_model(task, recipe, "student", "cpu", tmp_path, eval_n=8, progress=False)
+    assert meta["sft_steps_taken"] == 3 * 25 and len(scored) == 4  # three checks, then the held-out score
+    train_prompts = {ex.prompt for ex in task.examples("train", 2000, seed=recipe.seed + 20_000)}
+    assert set(scored[0]) <= train_prompts and not set(scored[0]) & {ex.prompt for ex in task.examples("test", 500)}
+    # a recipe without a target keeps the cache key it had before targets existed
+    assert ModelRecipe().key("arithmetic", "ab") == "cb6d0a7c2b21fbde"
+    assert recipe.key("arithmetic", "ab") != ModelRecipe(**{**recipe.__dict__, "sft_target": None}).key(
+        "arithmetic", "ab")
 
 
 def test_a_task_without_an_alphabet_asks_for_pretrained_checkpoints(tmp_path):

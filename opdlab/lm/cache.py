@@ -14,7 +14,7 @@ import torch
 
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model, count_parameters, load_model, save_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
 from opdlab.lm.sampling import greedy_accuracy
 from opdlab.lm.sft import sft
 from opdlab.lm.tokenizer import char_tokenizer, check_compatible
@@ -51,16 +51,29 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
         print(f"training the {role} for {name}: {recipe.sft_steps} SFT steps, {count_parameters(model):,} "
               f"parameters, cached at {path}", flush=True)
     losses = sft(model, tokenizer, task, recipe.sft_steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
-                 desc=f"{role} SFT ({name})", progress=progress)
+                 desc=f"{role} SFT ({name})", progress=progress, stop=_target_reached(task, tokenizer, recipe),
+                 check_every=SFT_CHECK_EVERY)
     examples = task.examples("test", eval_n, seed=recipe.seed + 10_000)
     meta = dict(role=role, task=name, recipe=asdict(recipe), parameters=count_parameters(model),
-                final_sft_loss=losses[-1] if losses else None,
+                sft_steps_taken=len(losses), final_sft_loss=losses[-1] if losses else None,
                 greedy_accuracy=greedy_accuracy(model.eval(), tokenizer, task, examples))
+    if recipe.sft_target is not None and progress:
+        print(f"{role} for {name}: stopped after {len(losses)} of {recipe.sft_steps} SFT steps (target "
+              f"{recipe.sft_target:g} on training prompts), held-out accuracy {meta['greedy_accuracy']:.2f}", flush=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_model(model, tokenizer, tmp, meta)
     if not path.exists():
         os.replace(tmp, path)
     return model, tokenizer, meta
+
+
+def _target_reached(task, tokenizer, recipe: ModelRecipe):
+    """The ``stop`` function of a recipe with an ``sft_target`` (None without one): greedy accuracy on
+    ``SFT_CHECK_N`` training-split examples (a seed of their own) at least the target."""
+    if recipe.sft_target is None:
+        return None
+    examples = task.examples("train", SFT_CHECK_N, seed=recipe.seed + 20_000)
+    return lambda model: greedy_accuracy(model, tokenizer, task, examples) >= recipe.sft_target
 
 
 def teacher_and_student(task, teacher: ModelRecipe, student: ModelRecipe, device="auto", cache=None,
