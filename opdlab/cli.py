@@ -4,7 +4,8 @@
                                          cos(E[g], grad D_f) of OPD and OPD+ on random categorical toys, exact
     opdlab divergences                   the registry: f, OPD+ advantage, bounded or not
     opdlab train RUN_DIR [-p FIELD VALUE ...]
-                                         one OPD/OPD+ run (TrainConfig fields), resumable
+                                         one OPD/OPD+ run (TrainConfig fields), resumable; data-parallel
+                                         under torchrun --nproc_per_node N -m opdlab train ...
     opdlab eval MODEL_DIR --task NAME [-n N] [--samples K] [--seed S] [--device D] [--csv PATH]
                                          held-out greedy accuracy, avg@K (temperature 1), malformed rate,
                                          call accuracy of a local checkpoint (or a run directory's)
@@ -105,9 +106,9 @@ def _cmd_toy(args) -> int:
 
 def _cmd_train(args) -> int:
     from opdlab.config import TrainConfig
-    from opdlab.train import train
-
+    from opdlab.distributed import world
     from opdlab.runlog import stored_config
+    from opdlab.train import train
 
     if not args.run_dir.strip():
         raise ValueError("RUN_DIR is empty: give a new directory, or one that holds a run to resume")
@@ -116,8 +117,9 @@ def _cmd_train(args) -> int:
     config = TrainConfig.from_dict({**(recorded or {}), **{key: _literal(value) for key, value in args.parameter}})
     evals = train(config, args.run_dir, progress=not args.quiet)
     last = evals[evals["kind"] == "eval"].iloc[-1]
-    print(f"{args.run_dir}: step {int(last['step'])}, held-out greedy accuracy {last['greedy_accuracy']:.3f}, "
-          f"avg@{config.eval_samples} {last['sampled_accuracy']:.3f}")
+    if world().is_main:  # under torchrun: one summary, from rank 0
+        print(f"{args.run_dir}: step {int(last['step'])}, held-out greedy accuracy {last['greedy_accuracy']:.3f}, "
+              f"avg@{config.eval_samples} {last['sampled_accuracy']:.3f}")
     return 0
 
 

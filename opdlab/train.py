@@ -17,12 +17,17 @@ One step (``opd_step``), read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 
 exact per-token divergence to the teacher over the vocabulary), and checkpoints every ``checkpoint_every``
 steps. A run started again in the same directory resumes from its checkpoint and ends with the same metrics
 as an uninterrupted one: the training prompts are a fixed seeded list, sampling uses one explicit generator
-whose state is checkpointed, and evaluation draws from a generator seeded by the step. The run directory
-(``runlog.RunLog``) is locked while a run writes it, and a run resumes only under the fingerprint it started
-with (config, teacher and initial student weights).
+(one per rank) whose state is checkpointed, and evaluation draws from a generator seeded by the step. The run
+directory (``runlog.RunLog``) is locked while a run writes it, and a run resumes only under the fingerprint it
+started with (config, teacher and initial student weights).
+
+Several processes (``torchrun --nproc_per_node N -m opdlab train ...``) train one student data-parallel:
+each rank samples its share of the step's prompts, the surrogate is reduced over the global batch and the
+gradients summed, and rank 0 alone evaluates and writes the run directory (``opdlab.distributed``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -33,10 +38,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from opdlab import divergences, estimators
+from opdlab import distributed, divergences, estimators
 from opdlab.config import TrainConfig
 from opdlab.lm.cache import teacher_and_student
-from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_accuracy
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
@@ -50,8 +54,14 @@ EVAL_SEED = 10_000  # the held-out examples are the same for every run, so metho
 
 def load_models(config: TrainConfig, task, progress: bool = True):
     """``(teacher, student, tokenizer, meta)``: local checkpoints where the config names them, else the
-    task-trained teacher and warm-up student from the cache (trained on a miss)."""
-    device = pick_device(config.device)
+    task-trained teacher and warm-up student from the cache (trained on a miss). Under a launcher rank 0 loads
+    them first (training a cache miss), then the other ranks, each on its own device."""
+    device = distributed.device(config.device)
+    with distributed.main_first(distributed.join(device)):
+        return _load_models(config, task, device, progress)
+
+
+def _load_models(config: TrainConfig, task, device, progress: bool):
     teacher, student, tokenizer, meta = None, None, None, {}
     if config.teacher_path is None or config.student_path is None:
         teacher, student, tokenizer, meta = teacher_and_student(
@@ -85,8 +95,9 @@ def max_new_tokens(task) -> int:
 @dataclass
 class Trainer:
     """What one run holds: config, task and models (given), and what follows from them (derived, not arguments):
-    the divergence, the optimizer, the sampling generator, the training prompts, the held-out examples and
-    the completion budget."""
+    the divergence, the optimizer, the sampling generator, the training prompts, the held-out examples, the
+    completion budget, and this process's place among the ranks (``distributed.World``; one process: rank 0
+    of 1), whose generator is seeded with ``distributed.rank_seed(seed, rank)``."""
 
     config: TrainConfig
     task: object
@@ -99,12 +110,15 @@ class Trainer:
     prompts: list = field(init=False)
     eval_examples: list = field(init=False)
     max_new_tokens: int = field(init=False)
+    world: distributed.World = field(init=False)
 
     def __post_init__(self):
         c, device = self.config, next(self.student.parameters()).device
+        self.world = distributed.world()
+        distributed.check_share(c.prompts_per_step, self.world)
         self.div = divergences.get(c.divergence)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.generator = torch.Generator(device=device).manual_seed(c.seed)
+        self.generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(c.seed, self.world.rank))
         self.prompts = self.task.examples("train", c.steps * c.prompts_per_step, seed=c.seed)
         self.eval_examples = eval_examples(self.task, c.eval_n)
         self.max_new_tokens = c.max_new_tokens or max_new_tokens(self.task)
@@ -114,9 +128,11 @@ class Trainer:
         return next(self.student.parameters()).device
 
     def batch(self, step: int) -> list:
-        """The training examples of ``step``, each repeated ``samples_per_prompt`` times (grouped)."""
+        """The training examples this process samples at ``step``, each repeated ``samples_per_prompt`` times
+        (grouped): its contiguous share of the step's prompts, all of them in one process."""
         P, G = self.config.prompts_per_step, self.config.samples_per_prompt
-        return [ex for ex in self.prompts[step * P:(step + 1) * P] for _ in range(G)]
+        mine = distributed.share(self.prompts[step * P:(step + 1) * P], self.world)
+        return [ex for ex in mine for _ in range(G)]
 
 
 class _Clock:
@@ -156,16 +172,18 @@ def opd_step(tr: Trainer, step: int) -> dict:
     # 4. advantages (never z-scored) and the REINFORCE surrogate
     loss, adv = surrogate_loss(c, tr.div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
                                mask_BT)
+    loss = distributed.global_loss(loss, mask_BT, c.reduction, tr.world)  # this rank's part of the global loss
     clock.lap("advantage")
-    # 5. backward, clip, step
+    # 5. backward, the gradient summed over ranks, clip, step
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.sum_gradients(tr.student.parameters(), tr.world)
     clock.lap("student_backward")
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip)
     tr.optimizer.step()
     clock.lap("optimizer")
-    metrics = _train_metrics(tr, examples, rollout, adv, loss, grad_norm, logp_student_BTV.detach(),
-                             logp_teacher_BTV)
+    values = _step_values(tr, examples, rollout, adv, loss, logp_student_BTV.detach(), logp_teacher_BTV)
+    metrics = _train_metrics(distributed.gather(values, tr.world), grad_norm)
     clock.lap("bookkeeping")
     return {**metrics, **clock.times}
 
@@ -192,24 +210,41 @@ def surrogate_loss(config: TrainConfig, div, logp_student_BT, logp_student_BTV, 
     return estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, c.reduction), adv
 
 
-def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
-    return float((x_BT * mask_BT).sum() / mask_BT.sum().clamp_min(1.0))
-
-
-def _train_metrics(tr, examples, rollout, adv, loss, grad_norm, logp_student_BTV, logp_teacher_BTV) -> dict:
-    """The step's metrics; the advantage statistics only for the methods that have advantages."""
+def _step_values(tr, examples, rollout, adv, loss, logp_student_BTV, logp_teacher_BTV) -> dict:
+    """What the step's metrics are computed from, for this rank's share of the batch: its part of the loss,
+    the masked exact divergence and the mask (flattened), sequence lengths, correctness, and the advantages
+    and log u at unmasked tokens with the clip counts (for the methods that have advantages)."""
     mask_BT = rollout.mask_BT
     D_BT = tr.div.exact(logp_teacher_BTV, logp_student_BTV)
-    metrics = dict(loss=float(loss.detach()), grad_norm=float(grad_norm))
+    values = dict(loss=loss.detach(), D=(D_BT * mask_BT).reshape(-1), mask=mask_BT.reshape(-1),
+                  lengths=mask_BT.sum(1), tokens=rollout.n_sampled,
+                  correct=[tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)])
     if adv is not None:
-        A, log_u = adv.A_BT[mask_BT > 0], adv.log_u_BT[mask_BT > 0]
+        values.update(A=adv.A_BT[mask_BT > 0], log_u=adv.log_u_BT[mask_BT > 0], n_clipped=adv.n_clipped,
+                      n_tokens=adv.n_tokens)
+    return values
+
+
+def _train_metrics(parts: list[dict], grad_norm) -> dict:
+    """The step's metrics from the ranks' ``_step_values`` (in rank order; one part in one process): the
+    global batch's loss (the sum of the ranks' parts), mean exact divergence per unmasked token, advantage
+    statistics over all unmasked tokens, sampled tokens, mean completion length and accuracy."""
+    def cat(key):
+        return torch.cat([p[key] for p in parts])
+
+    metrics = dict(loss=float(torch.stack([p["loss"] for p in parts]).sum()), grad_norm=float(grad_norm))
+    if "A" in parts[0]:
+        A, log_u = cat("A"), cat("log_u")
+        n_clipped, n_tokens = sum(p["n_clipped"] for p in parts), sum(p["n_tokens"] for p in parts)
         metrics.update(adv_mean=float(A.mean()) if A.numel() else 0.0,
                        adv_std=float(A.std()) if A.numel() > 1 else 0.0,
                        adv_abs_max=float(A.abs().max()) if A.numel() else 0.0,
-                       log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0, clip_fraction=adv.clip_fraction)
-    metrics.update(exact_divergence=_masked_mean(D_BT, mask_BT), tokens=rollout.n_sampled,
-                   completion_length=float(mask_BT.sum(1).mean()),
-                   accuracy=sum(tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)) / len(examples))
+                       log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0,
+                       clip_fraction=n_clipped / max(n_tokens, 1))
+    correct = [c for p in parts for c in p["correct"]]
+    metrics.update(exact_divergence=float(cat("D").sum() / cat("mask").sum().clamp_min(1.0)),
+                   tokens=sum(p["tokens"] for p in parts), completion_length=float(cat("lengths").mean()),
+                   accuracy=sum(correct) / len(correct))
     return metrics
 
 
@@ -239,24 +274,48 @@ def evaluate(tr: Trainer, step: int) -> dict:
 
 
 def _rng_state(tr: Trainer) -> dict:
-    return {"generator": tr.generator.get_state(), "device": tr.device.type}
+    """The sampling generator's state and device; under a launcher also every rank's state (``ranks``) and the
+    world size. A collective: every rank calls it."""
+    states = distributed.gather(tr.generator.get_state(), tr.world)
+    rng = {"generator": states[0], "device": tr.device.type}
+    return rng if tr.world.size == 1 else {**rng, "world_size": tr.world.size, "ranks": states}
 
 
-def _resume(tr: Trainer, log: RunLog) -> int:
-    """Load the checkpoint if the run directory has one; return the number of completed steps."""
-    loaded = log.checkpoint
+def _start(tr: Trainer, log: RunLog, teacher, student, meta) -> tuple | None:
+    """Rank 0: check and record the run (``RunLog.start``); return its checkpoint as ``(state, weights)``, or
+    None when it has none yet."""
+    run = {"models": meta, "train_prompts": len(tr.prompts), "world_size": tr.world.size}
+    log.start(fingerprint(tr.config, teacher, student), str(tr.device), run)
+    if log.checkpoint is None:
+        return None
+    state, model = log.checkpoint
+    return state, model.state_dict()
+
+
+def _resume(tr: Trainer, run_dir: Path, loaded: tuple | None, log: RunLog | None) -> int:
+    """Load the checkpoint ``(state, weights)`` (None: there is none) into the trainer, this rank's sampling
+    generator included; rank 0 (the one with ``log``) drops metric lines logged after it. Return the number of
+    completed steps."""
     if loaded is None:
-        log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
+        if log is not None:
+            log.truncate_after(-1)  # lines logged before an interruption that came before the first checkpoint
         return 0
-    state, model = loaded
-    saved = state["rng"].get("device", tr.device.type)
-    if saved != tr.device.type:
-        raise ValueError(f"{log.dir} was started on {saved} and is being resumed on {tr.device.type}; its sampling "
+    state, weights = loaded
+    rng, here, ranks = state["rng"], tr.device.type, tr.world.size
+    saved = rng.get("device", here)
+    if saved != here:
+        raise ValueError(f"{run_dir} was started on {saved} and is being resumed on {here}; its sampling "
                          f"generator belongs to {saved}: resume it there (device={saved!r}) or use a new run directory")
-    tr.student.load_state_dict(model.state_dict())
+    if rng.get("world_size", 1) != ranks:
+        raise ValueError(f"{run_dir} was run by {rng.get('world_size', 1)} process(es) and is being resumed by "
+                         f"{ranks}; its checkpoint holds one sampling generator per process: resume it with "
+                         f"{rng.get('world_size', 1)} (torchrun --nproc_per_node {rng.get('world_size', 1)}, or "
+                         "no launcher for 1) or use a new run directory")
+    tr.student.load_state_dict(weights)
     tr.optimizer.load_state_dict(state["optimizer"])
-    tr.generator.set_state(state["rng"]["generator"])
-    log.truncate_after(state["step"])
+    tr.generator.set_state(rng["ranks"][tr.world.rank] if ranks > 1 else rng["generator"])
+    if log is not None:
+        log.truncate_after(state["step"])
     return state["step"]
 
 
@@ -280,35 +339,41 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
     """
     from opdlab.tasks import get_task
 
-    with RunLog(run_dir, config) as log:
+    w = distributed.world()
+    distributed.check_share(config.prompts_per_step, w)
+    with RunLog(run_dir, config) if w.is_main else contextlib.nullcontext() as log:  # rank 0 writes the run
+        run_dir = Path(run_dir)
         task = task if task is not None else get_task(config.task)
         teacher, student, tokenizer, meta = models if models is not None else load_models(config, task, progress)
+        distributed.join(next(student.parameters()).device)
         tr = Trainer(config, task, teacher, copy.deepcopy(student), tokenizer)
-        log.start(fingerprint(config, teacher, student), str(tr.device),
-                  {"models": meta, "train_prompts": len(tr.prompts)})
-        start = saved = _resume(tr, log)
+        loaded = distributed.from_main(lambda: _start(tr, log, teacher, student, meta), w)
+        start = saved = _resume(tr, run_dir, loaded, log)
         try:
-            if start == 0:
+            if start == 0 and log is not None:
                 log.log({"step": 0, "kind": "eval", **evaluate(tr, 0)})
             end = config.steps if stop_after is None else min(config.steps, stop_after)
             for step in tqdm(range(start, end), desc=f"OPD {config.divergence}/{config.method}",
-                             disable=not progress, initial=start, total=config.steps, leave=False):
+                             disable=not (progress and w.is_main), initial=start, total=config.steps, leave=False):
                 metrics = opd_step(tr, step)
-                log.log({"step": step + 1, "kind": "train", **metrics})
-                if not math.isfinite(metrics["grad_norm"]):
-                    raise ValueError(f"step {step + 1} of {log.dir}: the gradient norm is {metrics['grad_norm']}, so "
+                if log is not None:
+                    log.log({"step": step + 1, "kind": "train", **metrics})
+                if not math.isfinite(metrics["grad_norm"]):  # the global norm: every rank stops here
+                    raise ValueError(f"step {step + 1} of {run_dir}: the gradient norm is {metrics['grad_norm']}, so "
                                      f"the run stops before checkpointing it (last checkpoint: step {saved}); "
                                      f"lower lr (now {config.lr}) or set log_u_clip, in a new run directory")
                 done = step + 1
-                if done % config.eval_every == 0 or done == config.steps:
-                    log.log({"step": done, "kind": "eval", **evaluate(tr, done)})
+                if (done % config.eval_every == 0 or done == config.steps) and log is not None:
+                    log.log({"step": done, "kind": "eval", **evaluate(tr, done)})  # the others go on sampling
                 if done % config.checkpoint_every == 0 or done == config.steps:
-                    log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, _rng_state(tr))
+                    rng = _rng_state(tr)
+                    if log is not None:
+                        log.save_checkpoint(tr.student, tokenizer, tr.optimizer, done, rng)
                     saved = done
         except KeyboardInterrupt:
-            raise Interrupted(f"{log.dir} stopped; its last checkpoint is step {saved} of {config.steps}: run "
-                              f"`opdlab train {log.dir}` again to resume from there") from None
-    return read_metrics(run_dir)
+            raise Interrupted(f"{run_dir} stopped; its last checkpoint is step {saved} of {config.steps}: run "
+                              f"`opdlab train {run_dir}` again to resume from there") from None
+    return distributed.from_main(lambda: read_metrics(run_dir), w)
 
 
 def run_name(config: TrainConfig) -> str:

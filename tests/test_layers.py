@@ -16,7 +16,7 @@ LAYERS = [
     ["estimators", "lm.device", "lm.tokenizer"],
     ["toy", "symbolic", "lm.modeling", "lm.sampling", "lm.sft"],
     ["montecarlo", "audit", "audit_catalogue", "lm.cache", "config"],
-    ["runlog", "plots", "lm.pretrained"],
+    ["runlog", "distributed", "plots", "lm.pretrained"],
     ["train", "widgets"],
     ["noise"],
     ["sweep"],
