@@ -17,6 +17,10 @@ threads, 0.198 s with 1, so phase 1 stays in this process. ``workers="auto"`` is
 CPU and 1 on CUDA (one process owns the GPU); there are never more workers than runs. With ``workers=1``
 everything runs in this process with per-run progress bars. A run's numbers depend on its thread count
 only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
+
+Under a launcher (``torchrun --nproc_per_node N``, ``opdlab.distributed``) every process runs the sweep, and the
+runs go one after another, each data-parallel over the N processes (``workers`` must be 1 or ``"auto"``); rank
+0 prints.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from opdlab import distributed
 from opdlab.config import TrainConfig
 from opdlab.lm.device import pick_device
 from opdlab.lm.sampling import greedy_accuracy
@@ -42,7 +47,13 @@ __all__ = ["sweep", "resolve_workers"]
 
 def resolve_workers(workers, device: str = "auto") -> int:
     """The number of worker processes: ``workers`` itself (a positive int), or for ``"auto"`` the CPU count
-    on CPU and 1 on CUDA."""
+    on CPU and 1 on CUDA; under a launcher 1 (each run is shared by its processes)."""
+    ranks = distributed.world().size
+    if ranks > 1:
+        if workers not in ("auto", 1):
+            raise ValueError(f"workers = {workers!r} under a launcher with {ranks} processes: each run is already "
+                             "shared by them, one run at a time; use workers=1 or 'auto'")
+        return 1
     if workers == "auto":
         return 1 if pick_device(device).type == "cuda" else max(1, os.cpu_count() or 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -81,6 +92,7 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     examples. A run whose directory already holds a finished run is read back, not retrained.
     """
     workers = resolve_workers(workers, base.device)
+    progress = progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d in divergences for m in methods
             for s in seeds]

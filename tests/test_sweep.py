@@ -47,3 +47,11 @@ def test_auto_workers_is_one_process_on_cuda_and_the_cpus_on_cpu(monkeypatch):
     assert resolve_workers(3, "cpu") == 3
     monkeypatch.setattr("opdlab.sweep.pick_device", lambda device: torch.device("cuda"))
     assert resolve_workers("auto", "cuda") == 1
+
+
+def test_under_a_launcher_the_runs_go_one_at_a_time(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert resolve_workers("auto", "cpu") == 1 == resolve_workers(1)
+    with pytest.raises(ValueError, match="workers = 2 under a launcher with 2 processes"):
+        resolve_workers(2)
