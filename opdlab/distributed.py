@@ -99,7 +99,8 @@ def join(on: torch.device) -> World:
     """Join the launcher's process group (once; left when the process ends): NCCL for CUDA, gloo for CPU."""
     w = world()
     if w.size > 1 and not dist.is_initialized():
-        if on.type == "cuda":
+        if on.type == "cuda":  # object collectives (gather, from_main) use the current device
+            torch.cuda.set_device(on)
             dist.init_process_group("nccl", timeout=TIMEOUT, device_id=on)
         else:
             dist.init_process_group("gloo", timeout=TIMEOUT)
