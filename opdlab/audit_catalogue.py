@@ -1,6 +1,6 @@
 """The catalogue of per-token distillation estimators the field uses, each written as its source writes it.
 
-Notation (DESIGN.md §2): student pi (the sampler), teacher q, y ~ pi(.|c), u = q(y)/pi(y), log u =
+Notation (docs/math.md §1): student pi (the sampler), teacher q, y ~ pi(.|c), u = q(y)/pi(y), log u =
 logp_teacher - logp_student. Each function returns one value per sampled token, shape (B, T); its gradient
 mode says what the training code does with it (``opdlab.audit``). ``follows`` is the hand derivation of the
 expected gradient, checked by ``tests/test_audit.py`` on exact toys; None where there is none to state.
@@ -40,8 +40,8 @@ def k1_pg(logp_student_BT, logp_teacher_BT):
 def k1_backprop(logp_student_BT, logp_teacher_BT):
     """k1 = log pi(y) - log q(y) backpropagated directly: E[grad log pi] = 0, so it follows nothing.
 
-    verl's kl_penalty (verl/trainer/ppo/core_algos.py, "kl"/"k1") used as a loss; DESIGN.md notes that verl's
-    distillation refuses this combination, which could not be confirmed here.
+    verl's kl_penalty (verl/trainer/ppo/core_algos.py, "kl"/"k1") used as a loss; that verl's distillation refuses
+    this combination is a claim that could not be confirmed here.
     """
     return logp_student_BT - logp_teacher_BT
 
@@ -61,7 +61,7 @@ def k3_backprop(logp_student_BT, logp_teacher_BT):
     verl kl_penalty "k3"/"low_var_kl" (verl/trainer/ppo/core_algos.py) used as a loss (use_kl_loss; verl
     distillation loss_mode=k3 with use_policy_gradient=False). verl also clamps log u to [-20, 20] and k3 to
     [-10, 10]; the clamps are left out here (where they bind, that token's gradient is 0). That this is verl's
-    distillation default, and torchrl's DistillationLoss reverse mode, is DESIGN.md's reading, not checked here.
+    distillation default, and torchrl's DistillationLoss reverse mode, is a reading not checked here.
     """
     log_u = logp_teacher_BT - logp_student_BT
     return log_u.exp() - 1.0 - log_u
