@@ -69,7 +69,7 @@ def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 6
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     with torch.no_grad():
         _, logp_teacher_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
-    student.train()
+    student.eval()  # scored as opd_step scores it (and samples): no dropout
     params = [p for p in student.parameters() if p.requires_grad]
     _, logp_student_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
     g = _flat_grad(estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT,

@@ -42,7 +42,7 @@ def _gradients(config, teacher, student, rollout, directions_DP=None):
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     with torch.no_grad():
         _, lt_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
-    student.train()
+    student.eval()  # as opd_step scores it
     _, ls_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
 
     def flat(loss):
