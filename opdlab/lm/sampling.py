@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opdlab.lm import decoder
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
 
@@ -111,8 +112,13 @@ def _next_token(logits_BV: torch.Tensor, greedy: bool, generator, temperature: f
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int = 64,
-           generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0) -> Rollout:
+           generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
+           fast: bool | None = None) -> Rollout:
     """Sample one completion per prompt from ``model`` (KV cache), pausing for tools; see the module doc.
+
+    ``fast`` (None: wherever ``decoder.supports(model)``) decodes with ``decoder.KVDecoder``, a static KV cache
+    and the bare arithmetic of the model's blocks, instead of the ``transformers`` forward; both draw the same
+    tokens from the same generator state up to float rounding of the logits (``tests/test_decoder.py``).
 
     ``temperature`` must stay 1.0 for the OPD estimator (``opd_step`` passes it explicitly); another value
     samples from softmax(logits / temperature), and the rollout's log-probabilities are then of that
@@ -134,13 +140,23 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     done, forced = torch.zeros(B, dtype=torch.bool, device=device), [[] for _ in range(B)]
     texts_ids: list[list[int]] = [[] for _ in range(B)]
 
-    attention, pos = prompt_att, positions(prompt_att)
-    ids, cache = prompt_BP, _cache_kwargs(model)
-    for _ in range(max_new_tokens):
-        with autocast(device):
-            out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **cache)
-        tok, logp = _next_token(out.logits[:, -1], greedy, generator, temperature)
+    fast = decoder.supports(model) if fast is None else fast
+    if fast:
+        dec = decoder.KVDecoder(model, B, prompt_BP.shape[1] + max_new_tokens)
+    else:
+        attention, pos, cache = prompt_att, positions(prompt_att), _cache_kwargs(model)
+    ids = prompt_BP
+    for t in range(max_new_tokens):
+        if fast:  # the decoder holds only the rows still live; finished rows get zero logits (never used)
+            with autocast(device):
+                logits_R = dec.prefill(prompt_BP, prompt_att) if t == 0 else dec.step(ids[dec.rows, 0])
+            logits = logits_R if len(dec.rows) == B else logits_R.new_zeros(B, logits_R.shape[-1]).index_copy_(
+                0, dec.rows, logits_R)
+        else:
+            with autocast(device):
+                logits = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True,
+                               logits_to_keep=1, **cache).logits[:, -1]
+        tok, logp = _next_token(logits, greedy, generator, temperature)
         sampled = ~done
         for i in (i for i in range(B) if forced[i]):  # environment tokens override the draw
             tok[i], sampled[i] = forced[i].pop(0), False
@@ -153,8 +169,12 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
                       task, call_end, forced, done)
         if bool(done.all()):
             break
-        attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], 1)
-        pos, ids = pos[:, -1:] + 1, tok[:, None]
+        if fast and int((~done).sum()) <= 3 * len(dec.rows) // 4:
+            dec.keep(~done[dec.rows])
+        if not fast:
+            attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], 1)
+            pos = pos[:, -1:] + 1
+        ids = tok[:, None]
     return _assemble(prompt_BP, prompt_att, tokens, masks, logps, reals, texts_ids, tokenizer)
 
 

@@ -1,0 +1,171 @@
+"""A lean decode path for sampling: the same transformer as the ``transformers`` model, with a preallocated
+(static) KV cache and none of the per-call machinery.
+
+Why. At the sizes the embedded tasks train (hidden 96-256, 4-6 layers), one decoded token costs far less in
+matrix products than the ``transformers`` forward spends around them: building the causal mask, growing a
+``DynamicCache``, dispatching through attention interfaces and output classes. ``KVDecoder`` reads the model's
+own weights (no copy, so it always decodes the current parameters) and runs only the arithmetic of a
+Qwen3/Llama block, in the same order as ``transformers`` does it, so its logits agree with the model's to
+float rounding and the sampler draws the same tokens from the same generator state (tested in
+``tests/test_decoder.py``).
+
+Layout. The cache holds ``(B, H_kv, L_max, D)`` keys and values per layer, L_max = P + max_new_tokens. Column j
+of the cache is column j of ``Rollout.full()``: a left-padded prompt then the completion. ``valid_BL`` marks the
+columns a query may attend to (real prompt tokens and every completion column written so far); a padded
+prompt column attends to itself only, so that no softmax is empty.
+
+Supported: ``transformers``' ``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (grouped-query attention, optional
+biases, any rotary type the model's own ``rotary_emb`` computes) without sliding windows. ``supports(model)``
+says whether a model qualifies; ``sampling.sample`` falls back to the ``transformers`` forward otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["KVDecoder", "supports"]
+
+_ARCHS = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+
+
+def supports(model) -> bool:
+    """True where ``KVDecoder`` reproduces ``model``'s forward: a Qwen3 or Llama causal LM, full attention in
+    every layer, SiLU MLP, eager/sdpa attention, on CPU or CUDA."""
+    config = getattr(model, "config", None)
+    if type(model).__name__ not in _ARCHS or config is None:
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (all(t == "full_attention" for t in layer_types) and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "use_sliding_window", False)
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and next(model.parameters()).device.type in ("cpu", "cuda"))
+
+
+def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+    """``transformers``' RMSNorm, ``w * (x / sqrt(mean(x^2) + eps))`` computed in float32, as one fused op."""
+    return norm.weight * F.rms_norm(x.float(), x.shape[-1:], None, norm.variance_epsilon).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x cos + rotate_half(x) sin`` with ``rotate_half(x) = (-x2, x1)``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _fused(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linear maps of the same input: a single matrix product per block."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return weight, bias
+
+
+class KVDecoder:
+    """Prefill a batch of left-padded prompts, then decode one token per call, with a static KV cache.
+
+    ``prefill(ids_BP, attention_BP)`` returns the logits of the next token after each prompt (B, V);
+    ``step(tok_R)`` appends one token to each of the R rows still decoded and returns the logits after it (R, V);
+    ``keep(rows)`` drops the other rows (finished sequences cost nothing afterwards). ``rows`` is the index of
+    the decoded rows in the original batch. Positions count real tokens only (``cumsum(attention) - 1``), as
+    ``sampling.positions`` does.
+
+    The q/k/v and gate/up projections of each block run as one matrix product each (their weights concatenated
+    once per decoder, so a decoder sees the parameters of the moment it was built).
+    """
+
+    def __init__(self, model, batch: int, max_len: int):
+        if not supports(model):
+            raise ValueError(f"KVDecoder supports Qwen3/Llama causal LMs with full attention; got "
+                             f"{type(model).__name__}")
+        self.model, self.inner, c = model, model.model, model.config
+        self.H = c.num_attention_heads
+        self.Hkv = c.num_key_value_heads or self.H
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // self.H
+        self.scale = self.D ** -0.5
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        with torch.no_grad():
+            self.qkv = [_fused(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in self.inner.layers]
+            self.gate_up = [_fused(b.mlp.gate_proj, b.mlp.up_proj) for b in self.inner.layers]
+        shape = (len(self.inner.layers), batch, self.Hkv, max_len, self.D)
+        self.K = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.V = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.valid_BL = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        self.B, self.L, self.n = batch, max_len, 0
+        self.rows = torch.arange(batch, device=self.device)
+        self.pos_B = torch.zeros(batch, dtype=torch.long, device=self.device)
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.inner.rotary_emb(probe, torch.arange(max_len, device=self.device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # (L, D): the model's own rotary module at positions 0..L-1
+
+    def _block(self, i: int, h: torch.Tensor, cos, sin, attend) -> torch.Tensor:
+        """Block i on hidden states ``h`` (R, S, hidden) written at cache columns n-S..n-1."""
+        layer, R, S = self.inner.layers[i], h.shape[0], h.shape[1]
+        att, mlp, H, Hkv, D = layer.self_attn, layer.mlp, self.H, self.Hkv, self.D
+        q, k, v = F.linear(_rms(h, layer.input_layernorm), *self.qkv[i]).split((H * D, Hkv * D, Hkv * D), -1)
+        q, k = q.view(R, S, H, D), k.view(R, S, Hkv, D)
+        if hasattr(att, "q_norm"):  # Qwen3 normalises queries and keys per head
+            q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
+        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+        self.K[i, :, :, self.n - S:self.n] = k
+        self.V[i, :, :, self.n - S:self.n] = v.view(R, S, Hkv, D).transpose(1, 2)
+        o = attend(q, self.K[i, :, :, :self.n], self.V[i, :, :, :self.n])
+        h = h + att.o_proj(o.transpose(1, 2).reshape(R, S, H * D))
+        gate, up = F.linear(_rms(h, layer.post_attention_layernorm), *self.gate_up[i]).chunk(2, -1)
+        return h + mlp.down_proj(F.silu(gate) * up)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(_rms(h[:, -1], self.inner.norm))
+
+    @torch.no_grad()
+    def prefill(self, ids_BP: torch.Tensor, attention_BP: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of the token after each left-padded prompt."""
+        B, P = ids_BP.shape
+        if B != self.B or P >= self.L:
+            raise ValueError(f"prefill of {B} x {P} tokens does not fit a decoder for {self.B} rows of "
+                             f"{self.L} columns")
+        real = attention_BP.bool()
+        self.valid_BL[:, :P] = real
+        pos_BP = (attention_BP.long().cumsum(-1) - 1).clamp_min(0)
+        self.pos_B, self.n = pos_BP[:, -1], P
+        idx = torch.arange(P, device=self.device)
+        # query i sees real keys j <= i; a padded query sees itself, so that no softmax is empty
+        mask = (idx[None, :] <= idx[:, None])[None] & (real[:, None, :] | (idx[None, :] == idx[:, None])[None])
+        cos, sin = self.cos[pos_BP][:, None], self.sin[pos_BP][:, None]
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale,
+                                                  enable_gqa=self.Hkv != self.H)
+        h = self.inner.embed_tokens(ids_BP)
+        for i in range(len(self.inner.layers)):
+            h = self._block(i, h, cos, sin, attend)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def step(self, tok_R: torch.Tensor) -> torch.Tensor:
+        """Append ``tok_R`` to each decoded row; logits (R, V) of the token after it."""
+        if self.n >= self.L:
+            raise ValueError(f"the decoder's {self.L} columns are full")
+        R, H, Hkv = len(self.rows), self.H, self.Hkv
+        self.valid_BL[:, self.n] = True
+        self.pos_B, self.n = self.pos_B + 1, self.n + 1
+        cos, sin = self.cos[self.pos_B][:, None, None], self.sin[self.pos_B][:, None, None]
+        # one query per row: (R*H, 1, D) against (R*H, n, D) in two batched products, padding as -inf
+        bias = torch.zeros(R, 1, self.n, dtype=self.dtype, device=self.device).masked_fill_(
+            ~self.valid_BL[:, None, :self.n], float("-inf")).repeat_interleave(H, 0)
+
+        def attend(q, k, v):
+            if Hkv != H:
+                k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+            k, v = k.reshape(R * H, self.n, self.D), v.reshape(R * H, self.n, self.D)
+            w = torch.softmax(torch.baddbmm(bias, q.reshape(R * H, 1, self.D), k.transpose(1, 2), alpha=self.scale), -1)
+            return torch.bmm(w, v).view(R, H, 1, self.D)
+        h = self.inner.embed_tokens(tok_R[:, None])
+        for i in range(len(self.inner.layers)):
+            h = self._block(i, h, cos, sin, attend)
+        return self._logits(h)
+
+    def keep(self, keep_R: torch.Tensor) -> None:
+        """Keep only the decoded rows where ``keep_R`` (a bool over the current rows) is true."""
+        idx = torch.nonzero(keep_R).flatten()
+        self.K, self.V = self.K[:, idx, :, :self.L], self.V[:, idx, :, :self.L]
+        self.valid_BL, self.pos_B, self.rows = self.valid_BL[idx], self.pos_B[idx], self.rows[idx]

@@ -1,0 +1,96 @@
+"""The lean decode path (opdlab.lm.decoder): the same logits as the transformers forward, and the sampler draws
+the same tokens from the same generator state with it as without it (tools, finished rows, GQA, both archs)."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from opdlab.lm import decoder
+from opdlab.lm.modeling import build_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.sampling import sample
+from opdlab.lm.tokenizer import char_tokenizer
+from opdlab.tasks import get_task
+
+TASK = get_task("arithmetic")
+TOK = char_tokenizer(TASK.alphabet + "<>()")
+
+
+def model_of(arch, seed=0, kv_heads=None):
+    if kv_heads is None:
+        return build_model(ModelRecipe(arch=arch, hidden=32, layers=2, heads=4, intermediate=64, seed=seed), TOK).eval()
+    config = AutoConfig.for_model(arch, vocab_size=len(TOK), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8,
+                                  intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+                                  pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+class EchoTool:
+    """A call ends with ``>`` and returns ``(n)``; an answer ends at a newline."""
+
+    name, has_tools, call_end, stop, alphabet = "echo", True, ">", "\n", "<>()0123456789"
+
+    def tool_result(self, text):
+        return f"({len(text)})" if text.endswith(">") else None
+
+    def finished(self, text):
+        return text.endswith("\n")
+
+
+PROMPTS = ["Q:1+2=", "Q:12+34-5=", "Q:7=", "Q:100-99+1=", "<12", "Q:3+3="] * 6
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("qwen3", None), ("llama", None), ("llama", 2), ("qwen3", 1)])
+def test_decoder_logits_equal_the_transformers_forward(arch, kv_heads):
+    model = model_of(arch, kv_heads=kv_heads)
+    assert decoder.supports(model)
+    rows = [TOK.encode(p, add_special_tokens=False) for p in PROMPTS[:6]]
+    P = max(map(len, rows))
+    ids = torch.tensor([[TOK.pad_token_id] * (P - len(r)) + r for r in rows])
+    attention = (torch.arange(P)[None] >= torch.tensor([P - len(r) for r in rows])[:, None]).long()
+    follow = torch.randint(3, len(TOK), (6, 5), generator=torch.Generator().manual_seed(0))
+    dec = decoder.KVDecoder(model, 6, P + 5)
+    got = [dec.prefill(ids, attention)] + [dec.step(follow[:, t]) for t in range(4)]
+    full = torch.cat([ids, follow], 1)
+    att = torch.cat([attention, torch.ones_like(follow)], 1)
+    with torch.no_grad():
+        want = model(input_ids=full, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp_min(0)).logits
+    for t in range(5):
+        assert torch.allclose(got[t], want[:, P - 1 + t], atol=1e-5), t
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("qwen3", None), ("llama", 2)])
+@pytest.mark.parametrize("greedy", [False, True])
+@pytest.mark.parametrize("task", [TASK, EchoTool()], ids=["arithmetic", "tool"])
+def test_fast_and_plain_sampling_draw_the_same_tokens(arch, kv_heads, greedy, task):
+    model = model_of(arch, seed=2, kv_heads=kv_heads)
+    with torch.no_grad():  # make calls, answers and stops likely, so rows finish at different steps
+        for c in (">", "\n"):
+            model.lm_head.weight[TOK.convert_tokens_to_ids(c)] += 1.0
+        model.lm_head.weight[TOK.eos_token_id] += 0.5
+    out = {fast: sample(model, TOK, PROMPTS, task, 14, torch.Generator().manual_seed(7), greedy=greedy, fast=fast)
+           for fast in (False, True)}
+    plain, fast = out[False], out[True]
+    assert torch.equal(plain.completion_ids_BT, fast.completion_ids_BT)
+    assert torch.equal(plain.mask_BT, fast.mask_BT) and torch.equal(plain.attention_BT, fast.attention_BT)
+    assert plain.texts == fast.texts
+    assert torch.allclose(plain.logp_BT, fast.logp_BT, atol=1e-5)
+    lengths = plain.attention_BT.sum(1)
+    if not greedy:  # (greedy decoding of a random model repeats one token in every row)
+        assert lengths.min() < lengths.max(), "rows should finish at different steps (the decoder drops them)"
+    if isinstance(task, EchoTool) and not greedy:
+        assert (plain.mask_BT < plain.attention_BT).any(), "no tool result was forced in"
+
+
+def test_unsupported_models_fall_back_to_the_transformers_forward():
+    model = model_of("qwen3")
+    model.config.layer_types = ["sliding_attention"] * 2
+    assert not decoder.supports(model)
+    with pytest.raises(ValueError, match="KVDecoder supports"):
+        decoder.KVDecoder(model, 2, 8)
+    model.config.layer_types = ["full_attention"] * 2
+    model.config.hidden_act = "gelu"
+    assert not decoder.supports(model)
+    r = sample(model, TOK, PROMPTS[:4], TASK, 6, torch.Generator().manual_seed(0))  # plain path, no error
+    assert r.completion_ids_BT.shape[0] == 4
