@@ -3,7 +3,7 @@
 Runs a few OPD steps (after warm-up steps that are not timed) with the notebook-04 model sizes and prints,
 per phase (sampling, teacher scoring, student forward, student backward, optimizer, advantages,
 bookkeeping), the median time, tokens per second, and the achieved GFLOP/s of the model phases against a
-matrix-multiply peak measured in the same run. Model FLOPs are counted as 2 * N * tokens for a forward and
+matrix-multiply peak measured in the same run (fp32, and bf16 for reference). Model FLOPs are counted as 2 * N * tokens for a forward and
 4 * N * tokens for a backward (N = non-embedding parameters + the output head), the usual estimate;
 attention's T^2 term is small at these lengths and left out. "Overhead" is what is not model compute:
 advantages, masking and logging (the ``advantage`` and ``bookkeeping`` phases); it must stay under 10%.
@@ -32,9 +32,9 @@ PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer
 OVERHEAD = ("advantage", "bookkeeping")
 
 
-def matmul_peak(device: torch.device, n: int = 1024, repeats: int = 20) -> float:
-    """Achieved GFLOP/s of an n x n fp32 matrix multiply (the median of ``repeats``)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, n: int = 1024, repeats: int = 20, dtype=torch.float32) -> float:
+    """Achieved GFLOP/s of an n x n matrix multiply in ``dtype`` (the median of ``repeats``)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for _ in range(repeats + 3):
         if device.type == "cuda":
@@ -63,6 +63,7 @@ def run(args) -> dict:
     tr = Trainer(config, task, teacher, copy.deepcopy(student), tok)
     records = [opd_step(tr, step) for step in range(config.steps)][2:]  # two untimed warm-up steps
     peak = matmul_peak(tr.device)
+    peak_bf16 = matmul_peak(tr.device, dtype=torch.bfloat16)
     fs, ft = model_flops_per_token(student), model_flops_per_token(teacher)
     med = {p: statistics.median(r[f"time_{p}"] for r in records) for p in PHASES}
     step_time = sum(med.values())
@@ -79,7 +80,8 @@ def run(args) -> dict:
                 batch=config.prompts_per_step * config.samples_per_prompt, max_new_tokens=tr.max_new_tokens,
                 student_parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
                 step_s=step_time, sampled_tokens_per_step=gen_tokens, tokens_per_s=gen_tokens / step_time,
-                matmul_peak_gflops=peak, model_gflops=sum(flops.values()) / step_time / 1e9,
+                matmul_peak_gflops=peak, matmul_peak_bf16_gflops=peak_bf16,
+                model_gflops=sum(flops.values()) / step_time / 1e9,
                 overhead_share=sum(med[p] for p in OVERHEAD) / step_time, phases=phases)
 
 
@@ -93,7 +95,10 @@ def report(res: dict) -> str:
         pk = f"{r['gflops'] / res['matmul_peak_gflops']:.0%}" if r["gflops"] else "-"
         lines.append(f"{p:<18}{r['median_s']:>10.4f}{r['share']:>8.1%}{tps:>12}{gf:>10}{pk:>9}")
     lines.append(f"step {res['step_s']:.3f} s, {res['tokens_per_s']:,.0f} sampled tokens/s, model compute "
-                 f"{res['model_gflops']:.1f} GFLOP/s vs matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s; "
+                 f"{res['model_gflops']:.1f} GFLOP/s: {res['model_gflops'] / res['matmul_peak_gflops']:.0%} of the "
+                 f"fp32 matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s, "
+                 f"{res['model_gflops'] / res['matmul_peak_bf16_gflops']:.0%} of the bf16 peak "
+                 f"{res['matmul_peak_bf16_gflops']:.0f} GFLOP/s; "
                  f"overhead (advantages, masking, logging) {res['overhead_share']:.1%} of a step")
     return "\n".join(lines)
 

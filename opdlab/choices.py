@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 
-__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
+__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
            "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
 
 METHODS = ("opd", "opd_plus")
@@ -30,6 +30,9 @@ BASELINES = ("none", "expected", "loo")
 mean advantage of the other samples of the same group at the same position (docs/math.md §5)."""
 
 REDUCTIONS = ("token", "sequence")
+LR_SCHEDULES = ("constant", "cosine")
+"""Learning rate of distillation against step: constant, or a linear warm-up over the first 5% of steps then a
+cosine decay to 10% of ``lr`` (``lm.sft.warmup_cosine_lr``, the schedule supervised training uses)."""
 """How a surrogate sums its per-token terms: ``"token"`` divides by the number of unmasked tokens in the batch,
 ``"sequence"`` by the number of sequences. Only ``"sequence"`` is unbiased: with it gamma = 1 estimates the
 sequence gradient grad J and gamma = 0 the token-local one; ``"token"`` rescales each batch by a random count

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from opdlab.choices import BASELINES, DEFAULT_REDUCTION, REDUCTIONS, TRAIN_METHODS, parse_divergence
+from opdlab.choices import BASELINES, DEFAULT_REDUCTION, LR_SCHEDULES, REDUCTIONS, TRAIN_METHODS, parse_divergence
 from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
 
@@ -54,6 +54,9 @@ class TrainConfig:
     lr: float = 1e-4
     """AdamW learning rate (constant). Small: Adam moves every weight by about lr per step whatever the
     gradient's noise, and the REINFORCE gradient of these sharp teachers helps only within a short step."""
+    lr_schedule: str = "constant"
+    """``"constant"`` or ``"cosine"`` (warm-up over 5% of steps, cosine decay to 10% of ``lr``): the step's
+    learning rate follows from its index alone, so a resumed run takes the same rates."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -152,6 +155,7 @@ def _validate(c: TrainConfig) -> None:
     _check(isinstance(c.task, str) and c.task != "", "task", c.task, "a task name such as 'arithmetic'")
     _check(c.method in TRAIN_METHODS, "method", c.method, f"one of {TRAIN_METHODS}")
     _check(c.baseline in BASELINES, "baseline", c.baseline, f"one of {BASELINES}")
+    _check(c.lr_schedule in LR_SCHEDULES, "lr_schedule", c.lr_schedule, f"one of {LR_SCHEDULES}")
     _check(c.reduction in REDUCTIONS, "reduction", c.reduction, f"one of {REDUCTIONS}")
     _check(c.arch in ARCHITECTURES, "arch", c.arch, f"one of {ARCHITECTURES}")
     _check(_number(c.gamma) and 0 <= c.gamma <= 1, "gamma", c.gamma, "a number in [0, 1]")

@@ -81,11 +81,13 @@ def _references(config: TrainConfig, task, models) -> list[dict]:
 
 
 def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True,
-          task_overrides: dict | None = None, workers: int | str = 1):
+          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=()):
     """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
 
     ``task_overrides`` maps a task name to TrainConfig fields that differ for it (e.g. fewer SFT steps for a
-    task with longer sequences). ``workers``: processes to use, see the module doc.
+    task with longer sequences). ``workers``: processes to use, see the module doc. ``extra_arms``: more
+    ``(divergence, method)`` pairs run for every task and seed besides the grid, e.g. the reference methods
+    ``("reverse_kl", "full_vocabulary")`` and ``("reverse_kl", "supervised_kd")``.
 
     ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
     ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
@@ -94,8 +96,9 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     workers = resolve_workers(workers, base.device)
     progress = progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
-    runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d in divergences for m in methods
-            for s in seeds]
+    arms = [(d, m) for d in divergences for m in methods]
+    arms += [tuple(arm) for arm in extra_arms if tuple(arm) not in arms]
+    runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d, m in arms for s in seeds]
     runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
     workers = min(workers, len(runs)) or 1
     refs, loaded = [], {}

@@ -43,6 +43,7 @@ from opdlab.config import TrainConfig
 from opdlab.lm.cache import teacher_and_student
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_accuracy
+from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
 from opdlab.runlog import RunLog, fingerprint, read_metrics
 
@@ -180,12 +181,15 @@ def opd_step(tr: Trainer, step: int) -> dict:
     distributed.sum_gradients(tr.student.parameters(), tr.world)
     clock.lap("student_backward")
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip)
+    lr = c.lr if c.lr_schedule == "constant" else warmup_cosine_lr(step, c.steps, c.lr)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
     tr.optimizer.step()
     clock.lap("optimizer")
     values = _step_values(tr, examples, rollout, adv, loss, logp_student_BTV.detach(), logp_teacher_BTV)
     metrics = _train_metrics(distributed.gather(values, tr.world), grad_norm)
     clock.lap("bookkeeping")
-    return {**metrics, **clock.times}
+    return {**metrics, "lr": lr, **clock.times}
 
 
 def surrogate_loss(config: TrainConfig, div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,

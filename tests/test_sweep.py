@@ -15,13 +15,15 @@ BASE = TrainConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_to
 
 def _sweep(tmp_path, workers):
     return sweep(BASE.replace(cache=str(tmp_path / "cache")), ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"],
-                 [0], tmp_path / "runs", progress=False, workers=workers)
+                 [0], tmp_path / "runs", progress=False, workers=workers,
+                 extra_arms=[["reverse_kl", "supervised_kd"], ("forward_kl", "opd")])  # the second is in the grid
 
 
 def test_workers_give_every_run_and_the_references(tmp_path):
     evals, refs = _sweep(tmp_path, workers=2)
-    assert sorted(evals["method"].unique()) == ["opd", "opd_plus"]
-    assert sorted(evals["step"].unique()) == [0, 1, 2] and len(evals) == 6
+    assert sorted(evals["method"].unique()) == ["opd", "opd_plus", "supervised_kd"]
+    assert set(evals.loc[evals["method"] == "supervised_kd", "divergence"]) == {"reverse_kl"}
+    assert sorted(evals["step"].unique()) == [0, 1, 2] and len(evals) == 9
     assert set(refs["role"]) == {"teacher", "student"} and refs["value"].between(0, 1).all()
     # both methods start from the same warm-up student: identical step-0 evaluations
     start = evals[evals["step"] == 0].set_index("method")

@@ -12,6 +12,7 @@ from opdlab.config import TrainConfig
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
+from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.runlog import read_metrics, results
 from opdlab.tasks import get_task
@@ -177,7 +178,8 @@ def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradie
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
-    config = TrainConfig(**{**SMALL, "steps": 4, "checkpoint_every": 2}, divergence="jsd", method="opd")
+    config = TrainConfig(**{**SMALL, "steps": 4, "checkpoint_every": 2}, divergence="jsd", method="opd",
+                         lr_schedule="cosine")
     models = models_for_test()
     full = train(config, tmp_path / "full", TASK, models, progress=False)
     train(config, tmp_path / "cut", TASK, models, progress=False, stop_after=3)  # dies after step 3, ckpt at 2
@@ -187,6 +189,9 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     b = read_metrics(tmp_path / "cut", volatile=False).drop(columns="run")
     assert len(resumed) == len(full) == len(a)
     assert a.equals(b)
+    lrs = a[a["kind"] == "train"]["lr"].tolist()  # warm-up over 5% of steps (one), cosine decay to 10% of lr
+    assert lrs == [warmup_cosine_lr(s, 4, config.lr) for s in range(4)]
+    assert lrs[0] == lrs[1] == config.lr and 0.1 * config.lr < lrs[3] < lrs[2] < config.lr
     for name in ("config.json", "versions.json", "metrics.jsonl", "checkpoint/state.pt"):
         assert (tmp_path / "full" / name).exists()
     tidy = results([tmp_path / "full", tmp_path / "cut"], long=True)
@@ -223,7 +228,7 @@ def test_final_table_has_no_interval_for_a_single_seed():
     (dict(baseline="mean"), "baseline"), (dict(log_u_clip=0), "log_u_clip"), (dict(steps=-1), "steps"),
     (dict(prompts_per_step=0), "prompts_per_step"), (dict(lr=0), "lr"), (dict(device="tpu"), "device"),
     (dict(baseline="loo", samples_per_prompt=1), "leave-one-out"), (dict(steps=2.5), "steps"),
-    (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"), (dict(device=None), "device"),
+    (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"), (dict(lr_schedule="linear"), "lr_schedule"), (dict(device=None), "device"),
 ])
 def test_bad_config_values_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, encode_example
 
-__all__ = ["sft", "sft_loss"]
+__all__ = ["sft", "sft_loss", "warmup_cosine_lr"]
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
+def warmup_cosine_lr(step: int, steps: int, peak: float) -> float:
     """Linear warm-up over the first 5% of steps, then cosine decay to 10% of ``peak``."""
     warm = max(1, steps // 20)
     if step < warm:
@@ -59,7 +59,7 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
         mask = collate([r[1] for r in rows], 0, left=False).to(device)
         attention = collate([[1] * len(r[0]) for r in rows], 0, left=False).to(device)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr)
+            group["lr"] = warmup_cosine_lr(step, steps, lr)
         with autocast(device):
             loss = sft_loss(model, ids, mask, tokenizer.pad_token_id, attention)
         opt.zero_grad(set_to_none=True)

@@ -47,11 +47,12 @@ def mean_band(df: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
 
 
 def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", references: pd.DataFrame | None = None,
-                  ylabel: str | None = None) -> plt.Figure:
+                  ylabel: str | None = None, note: str | None = None) -> plt.Figure:
     """``metric`` against step, one panel per (task, divergence), one line per method: the mean over seeds with
     its 95% t-interval (``seaborn.relplot``, ``errorbar=t_interval``; an accuracy band stays inside [0, 1]).
 
     ``references``: rows ``task, role, value`` (role ``"teacher"`` or ``"student"``) drawn as horizontal lines.
+    ``note``: a line under the legend naming the estimator settings every arm shares (baseline, clip, batch).
     """
     data = evals.assign(panel=[f"{t} · {divergence_title(d)}" for t, d in zip(evals["task"], evals["divergence"])])
     methods = list(dict.fromkeys(data["method"]))
@@ -77,9 +78,11 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
     handles = [plt.Line2D([], [], color=styles[m]["color"], linestyle=styles[m]["linestyle"], label=styles[m]["label"])
                for m in methods]
     handles += [h for h in first.get_lines() if h.get_label() in ("teacher", "warm-up student")]
-    grid_.figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False,
-                        bbox_to_anchor=(0.5, -0.02))
-    grid_.figure.tight_layout(rect=(0, 0.05, 1, 1))
+    n_rows = -(-len(handles) // 3)
+    grid_.figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3), frameon=False,
+                        bbox_to_anchor=(0.5, -0.02), title=note, title_fontsize=8, fontsize=8)
+    legend_inches = 0.15 + 0.22 * n_rows + (0.2 if note else 0.0)
+    grid_.figure.tight_layout(rect=(0, legend_inches / grid_.figure.get_figheight(), 1, 1))
     return grid_.figure
 
 
