@@ -28,7 +28,8 @@ import torch
 from opdlab import divergences, estimators
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
 
-__all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "cosine_curves", "sampled_tokens", "tail_share"]
+__all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "cosine_curves", "sampled_tokens",
+           "tail_share", "step_noise"]
 
 
 def student_rollout(trainer, step: int = 0) -> Rollout:
@@ -158,3 +159,41 @@ def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFra
     ordered = tokens.sort_values("log_u")["advantage"].pow(2).cumsum() / tokens["advantage"].pow(2).sum()
     return pd.DataFrame([dict(fraction=f, log_u_below=float(tokens["log_u"].quantile(f)),
                               A2_share=float(ordered.iloc[max(0, int(f * len(ordered)) - 1)])) for f in fractions])
+
+
+def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
+    """Noise of one whole step's gradient under ``trainer.config`` (any γ, baseline including leave-one-out,
+    clip, reduction): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
+    differentiated exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
+    contexts are redrawn too, so this is the variance an optimizer step sees.
+
+    Returns ``relative_variance`` = tr Cov[g_hat] / |E g_hat|^2 (scale-free, so estimators whose steps differ in
+    size compare; |E g_hat|^2 is estimated without bias as |mean|^2 - tr Cov / K), ``variance`` (tr Cov),
+    ``signal`` (|E g_hat|^2), ``grad_norm`` (mean |g_hat|) and ``tokens`` (mean sampled tokens per step).
+    """
+    from opdlab.train import surrogate_loss
+
+    c, tr = trainer.config, trainer
+    if c.method not in estimators.METHODS:
+        raise ValueError(f"step_noise measures a sampled estimator; method must be one of {estimators.METHODS}, "
+                         f"got {c.method!r}")
+    if not (isinstance(n_batches, int) and n_batches >= 2):
+        raise ValueError(f"n_batches must be an int >= 2, got {n_batches!r}")
+    params = [p for p in tr.student.parameters() if p.requires_grad]
+    grads, tokens = [], []
+    for _ in range(n_batches):
+        rollout = student_rollout(tr, step)
+        ids_BT = rollout.completion_ids_BT
+        with torch.no_grad():
+            logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(tr.teacher, rollout), ids_BT)
+        logp_student_BT, logp_student_BTV = gather_logp(completion_logits(tr.student, rollout), ids_BT)
+        loss, _ = surrogate_loss(c, tr.div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
+                                 rollout.mask_BT)
+        grads.append(_flat_grad(loss, params))
+        tokens.append(rollout.n_sampled)
+    G = torch.stack(grads)
+    K, mean = len(grads), G.mean(0)
+    variance = float(G.var(0, unbiased=True).sum())
+    signal = max(float(mean.pow(2).sum()) - variance / K, 1e-300)
+    return dict(relative_variance=variance / signal, variance=variance, signal=signal,
+                grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K)

@@ -157,3 +157,26 @@ def test_reference_arms_train_end_to_end(tmp_path):
                     torch.Generator().set_state(state), temperature=1.0)
     metrics = opd_step(tr, 0)
     assert metrics["tokens"] == expect.n_sampled
+
+
+@pytest.mark.parametrize("gamma, baseline, clip", [(0.0, "none", None), (1.0, "loo", None), (0.5, "expected", 2.0)])
+def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baseline, clip):
+    """noise.step_noise: finite, positive numbers for every estimator setting opd_step takes (γ, leave-one-out,
+    clip), and a relative variance that falls when the step holds 8x the prompts (the same student)."""
+    from opdlab.train import Trainer
+
+    teacher, student = _model(1).eval(), _model(2).eval()
+    config = TrainConfig(prompts_per_step=2, samples_per_prompt=2, steps=1, max_new_tokens=8, device="cpu",
+                         gamma=gamma, baseline=baseline, log_u_clip=clip, divergence="forward_kl")
+    # the signal |E g|^2 is estimated as |mean|^2 - tr Cov / K: reliable where the relative variance of one step
+    # is well below K, so the small step has 4 prompts and there are 16 batches
+    small = noise.step_noise(Trainer(config.replace(prompts_per_step=4), TASK, teacher, student, TOK), n_batches=16)
+    big = noise.step_noise(Trainer(config.replace(prompts_per_step=32), TASK, teacher, student, TOK), n_batches=16)
+    for r in (small, big):
+        assert all(math.isfinite(v) and v > 0 for v in r.values()), r
+    assert big["tokens"] > 4 * small["tokens"]  # 8x the tokens: tr Cov of a mean falls about 8x
+    assert big["variance"] < small["variance"] / 4 and big["relative_variance"] < small["relative_variance"] / 2
+    with pytest.raises(ValueError, match="n_batches"):
+        noise.step_noise(Trainer(config, TASK, teacher, student, TOK), n_batches=1)
+    with pytest.raises(ValueError, match="sampled estimator"):
+        noise.step_noise(Trainer(config.replace(method="full_vocabulary"), TASK, teacher, student, TOK))

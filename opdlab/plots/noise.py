@@ -1,7 +1,8 @@
-"""Figures of notebook 08: the noise of the sampled OPD estimator on a real student.
+"""Figures of notebooks 08 and 09: the noise of the sampled OPD estimator on a real student.
 
 ``cosine_figure`` takes the frames of ``opdlab.noise.cosine_curves`` and ``opdlab.noise.noise_table``;
-``log_u_figure`` the frame of ``opdlab.noise.sampled_tokens``. Both return a Figure.
+``log_u_figure`` the frame of ``opdlab.noise.sampled_tokens``; ``tradeoff_figure`` a frame of final accuracies
+beside ``opdlab.noise.step_noise`` measurements. All return a Figure.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["cosine_figure", "log_u_figure"]
+__all__ = ["cosine_figure", "log_u_figure", "tradeoff_figure"]
 
 
 def cosine_figure(curves: pd.DataFrame, table: pd.DataFrame,
@@ -53,3 +54,24 @@ def log_u_figure(tokens: pd.DataFrame) -> plt.Figure:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def tradeoff_figure(points: pd.DataFrame, references: dict[str, float] | None = None) -> plt.Figure:
+    """Final held-out accuracy against the relative variance of one step's gradient, one point per run (seed):
+    colour = γ, marker = baseline, one panel per clip setting (``points``: columns ``gamma, baseline, clip,
+    seed, relative_variance, greedy_accuracy``). ``references`` (label -> accuracy) are drawn as horizontal lines
+    (the teacher, the warm-up student)."""
+    data = points.assign(gamma=points["gamma"].map(lambda g: f"γ = {g:g}"))
+    grid_ = sns.relplot(data=data, x="relative_variance", y="greedy_accuracy", hue="gamma", style="baseline",
+                        col="clip", kind="scatter", s=55, alpha=0.85, height=3.3, aspect=1.1,
+                        facet_kws=dict(sharey=True, sharex=True))
+    for ax in grid_.axes.flat:
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        for (label, value), style in zip((references or {}).items(), (":", "-.")):
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1)
+            ax.text(0.99, value, label, transform=ax.get_yaxis_transform(), fontsize=7, color="gray", ha="right",
+                    va="bottom")
+    grid_.set_axis_labels("step variance tr Cov[ĝ] / |E ĝ|²", "held-out greedy accuracy")
+    grid_.set_titles("{col_name}")
+    return grid_.figure
