@@ -1,4 +1,4 @@
-"""Notebooks 01-03, 07 and 08 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
+"""Notebooks 01-03, 07, 08 and 09 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,10 @@ TINY = {
     "07_estimator_audit": dict(n_toys=2, n_tokens=4, vocab_size=2, horizon=2),
     "08_estimator_noise": dict(prompts=4, n_resamples=3, teacher_hidden=32, teacher_layers=1, teacher_sft_steps=4,
                                student_hidden=16, student_layers=1, student_warmup_steps=2, assert_finding=False),
+    "09_variance_tradeoff": dict(gammas=[0.0, 1.0], baselines=["none", "loo"], seeds=[0], steps=2, prompts_per_step=2,
+                                 samples_per_prompt=2, eval_n=8, n_batches=2, teacher_hidden=32, teacher_layers=1,
+                                 teacher_sft_steps=4, student_hidden=16, student_layers=1, student_warmup_steps=2,
+                                 device="cpu", assert_finding=False),
 }
 FIGURES = {
     "01_bias_derivation": ["01_advantage_curves"],
@@ -23,6 +27,7 @@ FIGURES = {
     "03_sequences": ["03_gamma_tradeoff"],
     "07_estimator_audit": ["07_cosine_heatmap", "07_cosine_heatmap_sequence"],
     "08_estimator_noise": ["08_cosine_vs_tokens", "08_log_u"],
+    "09_variance_tradeoff": ["09_tradeoff"],
 }
 
 
@@ -32,7 +37,9 @@ def test_notebook_runs_with_tiny_parameters(name, tmp_path):
     figures = tmp_path / "figures"
     pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
                         parameters=dict(TINY[name], figures_dir=str(figures), seed=1,
-                                        **({"cache": str(tmp_path / "cache")} if name.startswith("08") else {})), cwd=str(NOTEBOOKS),
+                                        **({"cache": str(tmp_path / "cache")} if name[:2] in ("08", "09") else {}),
+                                        **({"runs_dir": str(tmp_path / "runs")} if name.startswith("09") else {})),
+                        cwd=str(NOTEBOOKS),
                         progress_bar=False, kernel_name="python3")
     for stem in FIGURES[name]:
         assert (figures / f"{stem}.png").stat().st_size > 0
