@@ -2,6 +2,7 @@
 the same tokens from the same generator state with it as without it (tools, finished rows, GQA, both archs)."""
 import pytest
 import torch
+from echo_tool import EchoTool
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opdlab.lm import decoder
@@ -24,18 +25,6 @@ def model_of(arch, seed=0, kv_heads=None):
                                   pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
-class EchoTool:
-    """A call ends with ``>`` and returns ``(n)``; an answer ends at a newline."""
-
-    name, has_tools, call_end, stop, alphabet = "echo", True, ">", "\n", "<>()0123456789"
-
-    def tool_result(self, text):
-        return f"({len(text)})" if text.endswith(">") else None
-
-    def finished(self, text):
-        return text.endswith("\n")
 
 
 PROMPTS = ["Q:1+2=", "Q:12+34-5=", "Q:7=", "Q:100-99+1=", "<12", "Q:3+3="] * 6

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from echo_tool import EchoTool
 from naive import naive_advantages
 from opdlab import estimators
 from opdlab.config import TrainConfig
@@ -60,18 +61,6 @@ def test_sampling_draws_from_the_full_distribution_at_temperature_one():
     freq_V = torch.bincount(r.completion_ids_BT[:, 0], minlength=p_V.numel()).float() / n
     se_V = (p_V * (1 - p_V) / n).sqrt()
     assert ((freq_V - p_V).abs() <= 5 * se_V + 1e-3).all()  # every token, none truncated (no top-k / top-p)
-
-
-class EchoTool:
-    """A stand-in tool task for the sampler: a call ends with ``>`` and returns ``(n)``, n = its length."""
-
-    name, has_tools, call_end, stop, alphabet = "echo", True, ">", "\n", "<>()0123456789"
-
-    def tool_result(self, text):
-        return f"({len(text)})" if text.endswith(">") else None
-
-    def finished(self, text):
-        return text.endswith("\n")
 
 
 def test_tool_results_are_forced_in_and_masked():

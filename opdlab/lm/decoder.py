@@ -167,5 +167,5 @@ class KVDecoder:
     def keep(self, keep_R: torch.Tensor) -> None:
         """Keep only the decoded rows where ``keep_R`` (a bool over the current rows) is true."""
         idx = torch.nonzero(keep_R).flatten()
-        self.K, self.V = self.K[:, idx, :, :self.L], self.V[:, idx, :, :self.L]
+        self.K, self.V = self.K[:, idx], self.V[:, idx]
         self.valid_BL, self.pos_B, self.rows = self.valid_BL[idx], self.pos_B[idx], self.rows[idx]

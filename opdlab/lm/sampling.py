@@ -169,11 +169,11 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
                       task, call_end, forced, done)
         if bool(done.all()):
             break
-        if fast and int((~done).sum()) <= 3 * len(dec.rows) // 4:
-            dec.keep(~done[dec.rows])
         if not fast:
             attention = torch.cat([attention, torch.ones(B, 1, dtype=attention.dtype, device=device)], 1)
             pos = pos[:, -1:] + 1
+        elif int((~done).sum()) <= 3 * len(dec.rows) // 4:  # a quarter of the decoded rows ended: drop them
+            dec.keep(~done[dec.rows])
         ids = tok[:, None]
     return _assemble(prompt_BP, prompt_att, tokens, masks, logps, reals, texts_ids, tokenizer)
 
