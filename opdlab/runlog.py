@@ -27,6 +27,7 @@ under the record's ``"nonfinite"`` key (JSON has no NaN).
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -88,9 +89,16 @@ def _differences(recorded: dict, current: dict) -> list[str]:
             for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key)]
 
 
-def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str) -> None:
+def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str, defaults: dict) -> None:
+    """Refuse a run directory whose recorded config or fingerprint differs from the current one. A config field
+    the record lacks (added to the config class after the run started) counts as its default, which a new field
+    keeps equal to the behaviour before it (``lr_schedule = "constant"``)."""
     if recorded is None:
         return
+    if "config" in recorded:
+        recorded = {**recorded, "config": {**defaults, **recorded["config"]}}
+    elif "config" not in current:
+        recorded = {**defaults, **recorded}
     diff = _differences(recorded, current)
     if diff:
         raise ValueError(f"{run_dir} holds a run with a different config or models ({source} differs in "
@@ -188,7 +196,8 @@ class RunLog:
             for pattern in TEMPORARY:
                 for orphan in self.dir.glob(pattern):
                     shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
-            _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config")
+            self._defaults = {f.name: f.default for f in dataclasses.fields(config)}
+            _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config", self._defaults)
         except BaseException:
             self.close()
             raise
@@ -212,10 +221,12 @@ class RunLog:
         """Check ``fingerprint`` against the recorded one and the checkpoint's (refusing a different one), read
         the checkpoint into ``self.checkpoint``; then record the fingerprint, the config, the versions and ``run``
         (run.json). Nothing is recorded before the models are known and agree."""
-        _check_same(self.dir, _read_json(self.dir / "fingerprint.json"), fingerprint, "fingerprint.json")
+        _check_same(self.dir, _read_json(self.dir / "fingerprint.json"), fingerprint, "fingerprint.json",
+                    self._defaults)
         self.checkpoint = self._load_checkpoint()
         if self.checkpoint is not None:
-            _check_same(self.dir, self.checkpoint[0].get("fingerprint"), fingerprint, "its checkpoint")
+            _check_same(self.dir, self.checkpoint[0].get("fingerprint"), fingerprint, "its checkpoint",
+                        self._defaults)
         self.fingerprint = fingerprint
         write_atomic(self.dir / "config.json", self.config.to_json())
         self.write_json("fingerprint.json", fingerprint)

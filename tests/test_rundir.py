@@ -169,6 +169,22 @@ def test_a_run_resumes_only_under_its_own_fingerprint(tmp_path):
         train(CONFIG, run_dir, TASK, other_teacher, progress=False)
 
 
+def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(tmp_path, full):
+    run_dir = cut(tmp_path)
+    for name in ("config.json", "fingerprint.json"):  # as written before lr_schedule was a field
+        record = json.loads((run_dir / name).read_text())
+        (record.get("config", record)).pop("lr_schedule")
+        (run_dir / name).write_text(json.dumps(record))
+    state_path = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["fingerprint"]["config"].pop("lr_schedule")
+    torch.save(state, state_path)
+    with pytest.raises(ValueError, match=r"lr_schedule \('constant' -> 'cosine'\)"):
+        train(CONFIG.replace(lr_schedule="cosine"), run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, TASK, MODELS, progress=False)  # the default is what the run did
+    assert metrics(run_dir).equals(full)
+
+
 @pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
 def test_a_damaged_checkpoint_is_named(tmp_path, name):
     run_dir = cut(tmp_path)
