@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opdlab.lm import decoder
+from opdlab.lm import decoder, packed
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
 
@@ -207,10 +207,16 @@ def _assemble(prompt_BP, prompt_att, tokens, masks, logps, reals, texts_ids, tok
     return Rollout(prompt_BP, prompt_att, ids_BT, mask_BT, attention_BT, torch.stack(logps, 1), texts)
 
 
-def completion_logits(model, rollout: Rollout) -> torch.Tensor:
+def completion_logits(model, rollout: Rollout, fast: bool | None = None) -> torch.Tensor:
     """Logits that predict each completion token, shape (B, T, V): one forward over prompt + completion,
     keeping only the last T + 1 positions (``logits_to_keep``) and dropping the final one, so that
-    ``[:, t]`` comes from column P + t - 1 and predicts completion token t."""
+    ``[:, t]`` comes from column P + t - 1 and predicts completion token t.
+
+    ``fast`` (None: wherever ``packed.supports(model)``) runs ``packed.completion_logits`` instead: the same
+    logits up to float rounding at every real completion token, from matrix products over real tokens only,
+    each distinct prompt once (past a row's end, where nothing is scored, its logits differ)."""
+    if packed.supports(model) if fast is None else fast:
+        return packed.completion_logits(model, rollout)
     ids, attention, pos = rollout.full()
     T = rollout.completion_ids_BT.shape[1]
     with autocast(ids.device):
