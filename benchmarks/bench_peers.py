@@ -4,7 +4,8 @@ What is measured: the wall time of one full optimizer update (sample completions
 with the teacher, the student's forward with gradient, loss, backward, gradient clipping, optimizer step) on
 the same random models and the same prompts, for each arm:
 
-- ``opd``: ``opdlab.train.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``);
+- ``opd``: ``opdlab.train.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
+  teacher and the student score with ``opdlab.lm.packed``, each distinct prompt once);
 - ``opd_hf_sampler``: the same ``opd_step``, but sampling through the ``transformers`` forward
   (``sample(..., fast=False)`` patched in for this arm only): the difference to ``opd`` is the decoder alone;
 - ``plain``: the step as one writes it with ``transformers``: ``model.generate`` (do_sample, temperature 1,
@@ -37,7 +38,7 @@ batch decodes until every row has ended: at batch 16 and 64 usually all max_new_
 fewer at 64 tokens), with 15-22 sampled tokens per row on average. opdlab's decoder stops computing the rows
 that ended; ``generate`` keeps them in the batch.
 
-    python benchmarks/bench_peers.py [--sizes nb04 5M/1M] [--batches 16 64] [--steps 10] [--threads 2]
+    python benchmarks/bench_peers.py [--sizes nb04 5M/1M] [--batches 16 64] [--samples 1 4] [--steps 10] [--threads 2]
                                      [--device cpu] [--arms opd plain ...]
     python benchmarks/bench_peers.py --quick    # tiny models, one timed step: every arm runs (a test)
 
@@ -95,6 +96,7 @@ class Case:
 
     size: str
     batch: int
+    samples: int  # completions per prompt (the batch holds batch / samples distinct prompts)
     max_new_tokens: int
     steps: int  # warm-up + timed
     task: object
@@ -108,24 +110,27 @@ class Case:
         return next(self.student.parameters()).device
 
     def config(self) -> TrainConfig:
-        """The opdlab arms' config: OPD+ reverse KL, expected baseline, one sample per prompt, and the full
-        max_new_tokens (not the task's automatic budget)."""
+        """The opdlab arms' config: OPD+ reverse KL, expected baseline, ``samples`` completions per prompt, and
+        the full max_new_tokens (not the task's automatic budget)."""
         return TrainConfig(task="arithmetic", divergence="reverse_kl", method="opd_plus", baseline="expected",
-                           steps=self.steps, prompts_per_step=self.batch, samples_per_prompt=1,
+                           steps=self.steps, prompts_per_step=self.batch // self.samples,
+                           samples_per_prompt=self.samples,
                            max_new_tokens=self.max_new_tokens, lr=LR, grad_clip=GRAD_CLIP, seed=0)
 
 
-def make_case(size: str, batch: int, steps: int, device: torch.device) -> Case:
+def make_case(size: str, batch: int, steps: int, device: torch.device, samples: int = 1) -> Case:
     """Random teacher and student of ``size`` over the arithmetic task's characters, and the prompts of each
-    step: the training examples opdlab's ``Trainer`` would draw (``task.examples("train", ..., seed=0)``)."""
+    step: the training examples opdlab's ``Trainer`` would draw (``task.examples("train", ..., seed=0)``), each
+    repeated ``samples`` times in a row (as ``Trainer.batch`` groups them)."""
     teacher_recipe, student_recipe, max_new_tokens = SIZES[size]
     task = get_task("arithmetic")
     tok = char_tokenizer(task.alphabet)
     teacher = build_model(teacher_recipe, tok).to(device).eval()
     student = build_model(student_recipe, tok).to(device)
-    examples = task.examples("train", steps * batch, seed=0)
-    prompts = [[ex.prompt for ex in examples[s * batch:(s + 1) * batch]] for s in range(steps)]
-    return Case(size, batch, max_new_tokens, steps, task, tok, teacher, student, prompts)
+    P = batch // samples
+    examples = task.examples("train", steps * P, seed=0)
+    prompts = [[ex.prompt for ex in examples[s * P:(s + 1) * P] for _ in range(samples)] for s in range(steps)]
+    return Case(size, batch, samples, max_new_tokens, steps, task, tok, teacher, student, prompts)
 
 
 def clock(device: torch.device) -> float:
@@ -377,7 +382,7 @@ def summarise(case: Case, record: dict) -> dict:
             ratios = [p / t for p, t in zip(plain, r["times_s"])]
             arm["plain_over_arm"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
         arms[name] = arm
-    return dict(size=case.size, batch=case.batch, max_new_tokens=case.max_new_tokens,
+    return dict(size=case.size, batch=case.batch, samples=case.samples, max_new_tokens=case.max_new_tokens,
                 teacher_parameters=count_parameters(case.teacher), student_parameters=count_parameters(case.student),
                 arms=arms)
 
@@ -386,12 +391,12 @@ def report(res: dict) -> str:
     """The results as a text table."""
     lines = [f"one training step on {res['device_name']}, torch threads {res['threads']}; median of {res['steps']} "
              f"after {WARMUP} warm-up; plain/arm over paired steps (min-max); tokens: sampled per step",
-             f"{'size':<7}{'batch':>6}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}{'tokens':>8}"]
+             f"{'size':<7}{'batch':>6}{'G':>3}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}{'tokens':>8}"]
     for c in res["cases"]:
         for name, a in c["arms"].items():
             r = a.get("plain_over_arm")
             ratio = f"{r['median']:>11.2f}{'(%.2f-%.2f)' % (r['min'], r['max']):>14}" if r else f"{'-':>11}{'':>14}"
-            lines.append(f"{c['size']:<7}{c['batch']:>6}{name:>18}{a['median_s']:>10.4f}{ratio}"
+            lines.append(f"{c['size']:<7}{c['batch']:>6}{c.get('samples', 1):>3}{name:>18}{a['median_s']:>10.4f}{ratio}"
                          f"{a['sampled_tokens_per_step']:>8.0f}")
     return "\n".join(lines)
 
@@ -418,7 +423,8 @@ def figure(res: dict, path: Path) -> None:
                             xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel("seconds per step (median)")
-        ax.set_title(f"{c['size']}, batch {c['batch']}, {c['max_new_tokens']} new tokens", fontsize=9)
+        ax.set_title(f"{c['size']}, batch {c['batch']} ({c.get('samples', 1)} per prompt), "
+                     f"{c['max_new_tokens']} new tokens", fontsize=9)
         ax.margins(y=0.15)
     fig.suptitle(f"one OPD training step, {res['device_name']}, torch threads {res['threads']}\n"
                  f"labels: plain / arm (median over paired steps); whiskers: min and max", fontsize=9)
@@ -431,6 +437,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["nb04", "5M/1M"], choices=list(SIZES))
     parser.add_argument("--batches", nargs="+", type=int, default=[16, 64], help="sequences per step")
+    parser.add_argument("--samples", nargs="+", type=int, default=[1],
+                        help="completions per prompt (each batch holds batch / samples distinct prompts)")
     parser.add_argument("--steps", type=int, default=10, help=f"timed steps (after {WARMUP} warm-up steps)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -439,8 +447,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                         help="folder of the JSON and the figure (default benchmarks/results)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.threads < 1 or min(args.batches) < 1:
-        parser.error("--steps, --threads and every batch must be at least 1")
+    if args.steps < 1 or args.threads < 1 or min(args.batches) < 1 or min(args.samples) < 1:
+        parser.error("--steps, --threads, every batch and every --samples must be at least 1")
+    if any(b % g for b in args.batches for g in args.samples):
+        parser.error(f"every batch {args.batches} must be a multiple of every --samples {args.samples}")
     if args.quick:
         args.sizes, args.batches, args.steps = ["tiny"], [2], 1
     return args
@@ -460,8 +470,10 @@ def main(argv=None) -> dict:
     cases = []
     for size in args.sizes:
         for batch in args.batches:
-            case = make_case(size, batch, WARMUP + args.steps, device)
-            cases.append(summarise(case, run_case(case, make_arms(case, names, trl, args.threads), args.threads)))
+            for samples in args.samples:
+                case = make_case(size, batch, WARMUP + args.steps, device, samples)
+                cases.append(summarise(case, run_case(case, make_arms(case, names, trl, args.threads),
+                                                      args.threads)))
     res = dict(device=device.type, device_name=device_name(device), threads=torch.get_num_threads(),
                steps=args.steps, warmup=WARMUP, quick=args.quick, torch=torch.__version__,
                transformers=transformers.__version__, trl_version=getattr(trl, "__version__", None), trl=trl_line,
