@@ -4,7 +4,9 @@ Runs a few OPD steps (after warm-up steps that are not timed) with the notebook-
 per phase (sampling, teacher scoring, student forward, student backward, optimizer, advantages,
 bookkeeping), the median time, tokens per second, and the achieved GFLOP/s of the model phases against a
 matrix-multiply peak measured in the same run (fp32, and bf16 for reference). Model FLOPs are counted as 2 * N * tokens for a forward and
-4 * N * tokens for a backward (N = non-embedding parameters + the output head), the usual estimate;
+4 * N * tokens for a backward (N = non-embedding parameters + the output head), the usual estimate, over the
+tokens the models actually run on (sampling: the sampled tokens; scoring: the packed tokens of one rollout of the
+same batch, ``opdlab.lm.packed``);
 attention's T^2 term is small at these lengths and left out. "Overhead" is what is not model compute:
 advantages, masking and logging (the ``advantage`` and ``bookkeeping`` phases); it must stay under 10%.
 
@@ -24,7 +26,9 @@ from pathlib import Path
 import torch
 
 from opdlab.config import TrainConfig
+from opdlab.lm import packed
 from opdlab.lm.modeling import count_parameters
+from opdlab.lm.sampling import sample
 from opdlab.tasks import get_task
 from opdlab.train import Trainer, load_models, opd_step
 
@@ -67,9 +71,11 @@ def run(args) -> dict:
     fs, ft = model_flops_per_token(student), model_flops_per_token(teacher)
     med = {p: statistics.median(r[f"time_{p}"] for r in records) for p in PHASES}
     step_time = sum(med.values())
-    # tokens that pass through the models per step: the sampled completions, and prompt + completion when scoring
+    # tokens that pass through the models per step: the sampled completions, and when scoring the tokens the packed
+    # forward runs on (each distinct prompt once, then every real completion token), counted on one fresh rollout
     gen_tokens = statistics.median(r["tokens"] for r in records)
-    L = config.prompts_per_step * config.samples_per_prompt * (tr.max_new_tokens + 16)  # scored positions, bound
+    rollout = sample(tr.student, tok, [ex.prompt for ex in tr.batch(0)], task, tr.max_new_tokens, tr.generator)
+    L = len(packed.pack_rollout(rollout)[0].ids_N) if packed.supports(student) else rollout.full()[0].numel()
     flops = {"sample": fs * gen_tokens, "teacher": ft * L, "student_forward": fs * L,
              "student_backward": 2 * fs * L}
     phases = {p: dict(median_s=med[p], share=med[p] / step_time,
