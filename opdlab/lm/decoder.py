@@ -52,6 +52,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
+def _qkv(layer, h: torch.Tensor, fused_qkv, H: int, Hkv: int, D: int, cos, sin):
+    """Queries, keys and values of ``layer`` on hidden states ``h`` (..., hidden), shaped (..., heads, D): one
+    product with the fused q/k/v weight, Qwen3's per-head norm of q and k, then the rotary embedding (``cos``,
+    ``sin`` broadcast against (..., heads, D))."""
+    att = layer.self_attn
+    q, k, v = F.linear(_rms(h, layer.input_layernorm), *fused_qkv).split((H * D, Hkv * D, Hkv * D), -1)
+    q, k, v = q.unflatten(-1, (H, D)), k.unflatten(-1, (Hkv, D)), v.unflatten(-1, (Hkv, D))
+    if hasattr(att, "q_norm"):  # Qwen3 normalises queries and keys per head
+        q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def _mlp_residual(layer, h: torch.Tensor, fused_gate_up) -> torch.Tensor:
+    """``h`` plus ``layer``'s SwiGLU MLP of its normalised self, gate and up as one fused product."""
+    gate, up = F.linear(_rms(h, layer.post_attention_layernorm), *fused_gate_up).chunk(2, -1)
+    return h + layer.mlp.down_proj(F.silu(gate) * up)
+
+
 def _fused(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) for several linear maps of the same input: a single matrix product per block."""
     weight = torch.cat([m.weight for m in linears])
@@ -100,18 +118,12 @@ class KVDecoder:
     def _block(self, i: int, h: torch.Tensor, cos, sin, attend) -> torch.Tensor:
         """Block i on hidden states ``h`` (R, S, hidden) written at cache columns n-S..n-1."""
         layer, R, S = self.inner.layers[i], h.shape[0], h.shape[1]
-        att, mlp, H, Hkv, D = layer.self_attn, layer.mlp, self.H, self.Hkv, self.D
-        q, k, v = F.linear(_rms(h, layer.input_layernorm), *self.qkv[i]).split((H * D, Hkv * D, Hkv * D), -1)
-        q, k = q.view(R, S, H, D), k.view(R, S, Hkv, D)
-        if hasattr(att, "q_norm"):  # Qwen3 normalises queries and keys per head
-            q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
-        q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-        self.K[i, :, :, self.n - S:self.n] = k
-        self.V[i, :, :, self.n - S:self.n] = v.view(R, S, Hkv, D).transpose(1, 2)
-        o = attend(q, self.K[i, :, :, :self.n], self.V[i, :, :, :self.n])
-        h = h + att.o_proj(o.transpose(1, 2).reshape(R, S, H * D))
-        gate, up = F.linear(_rms(h, layer.post_attention_layernorm), *self.gate_up[i]).chunk(2, -1)
-        return h + mlp.down_proj(F.silu(gate) * up)
+        q, k, v = _qkv(layer, h, self.qkv[i], self.H, self.Hkv, self.D, cos, sin)
+        self.K[i, :, :, self.n - S:self.n] = k.transpose(1, 2)
+        self.V[i, :, :, self.n - S:self.n] = v.transpose(1, 2)
+        o = attend(q.transpose(1, 2), self.K[i, :, :, :self.n], self.V[i, :, :, :self.n])
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(R, S, self.H * self.D))
+        return _mlp_residual(layer, h, self.gate_up[i])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(_rms(h[:, -1], self.inner.norm))
@@ -130,7 +142,7 @@ class KVDecoder:
         idx = torch.arange(P, device=self.device)
         # query i sees real keys j <= i; a padded query sees itself, so that no softmax is empty
         mask = (idx[None, :] <= idx[:, None])[None] & (real[:, None, :] | (idx[None, :] == idx[:, None])[None])
-        cos, sin = self.cos[pos_BP][:, None], self.sin[pos_BP][:, None]
+        cos, sin = self.cos[pos_BP][:, :, None], self.sin[pos_BP][:, :, None]  # (B, P, 1, D)
 
         def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale,

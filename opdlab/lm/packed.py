@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from opdlab.lm import decoder
-from opdlab.lm.decoder import _fused, _rms, _rotate
+from opdlab.lm.decoder import _fused, _mlp_residual, _qkv, _rms
 from opdlab.lm.device import autocast
 
 __all__ = ["Packing", "supports", "pack_rollout", "hidden", "logits_at", "completion_logits"]
@@ -113,18 +113,12 @@ def hidden(model, packing: Packing) -> torch.Tensor:
     cos, sin = cos[0][:, None], sin[0][:, None]  # (N, 1, D)
     for layer in inner.layers:
         att, mlp = layer.self_attn, layer.mlp
-        q, k, v = F.linear(_rms(h, layer.input_layernorm), *_fused(att.q_proj, att.k_proj, att.v_proj)).split(
-            (H * D, Hkv * D, Hkv * D), -1)
-        q, k, v = q.view(-1, H, D), k.view(-1, Hkv, D), v.view(-1, Hkv, D)
-        if hasattr(att, "q_norm"):  # Qwen3 normalises queries and keys per head
-            q, k = _rms(q, att.q_norm), _rms(k, att.k_norm)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k, v = _qkv(layer, h, _fused(att.q_proj, att.k_proj, att.v_proj), H, Hkv, D, cos, sin)  # (N, heads, D)
         o = F.scaled_dot_product_attention(q[idx_BL].transpose(1, 2), k[idx_BL].transpose(1, 2),
                                            v[idx_BL].transpose(1, 2), attn_mask=mask_B1LL, scale=D ** -0.5,
                                            enable_gqa=Hkv != H)
         h = h + att.o_proj(o.transpose(1, 2).reshape(B * L, H * D)[packing.src_N])
-        gate, up = F.linear(_rms(h, layer.post_attention_layernorm), *_fused(mlp.gate_proj, mlp.up_proj)).chunk(2, -1)
-        h = h + mlp.down_proj(F.silu(gate) * up)
+        h = _mlp_residual(layer, h, _fused(mlp.gate_proj, mlp.up_proj))
     return _rms(h, inner.norm)
 
 
