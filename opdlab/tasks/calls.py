@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 CALL_START, CALL_END = "<call>", "</call>"  # how a model writes a call in the tool tasks
 MAX_CALL_CHARS = 2000
@@ -47,7 +48,9 @@ def parse_call(text: str) -> tuple[str, dict]:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1].strip()
     try:
-        node = ast.parse(text, mode="eval").body
+        with warnings.catch_warnings():  # a sampled "1a" is a parse failure here, not a warning to print
+            warnings.simplefilter("ignore", SyntaxWarning)
+            node = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
         raise CallError("parse", type(err).__name__) from None
     if not isinstance(node, ast.Call):
