@@ -18,16 +18,21 @@ CPU and 1 on CUDA (one process owns the GPU); there are never more workers than 
 everything runs in this process with per-run progress bars. A run's numbers depend on its thread count
 only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
 
+Progress. With ``progress`` on, the sweep prints plain lines (``opdlab notebooks`` streams them live): one per
+finished run and, between those, one naming the step each running run has reached, at most
+``heartbeat.EVERY`` seconds apart.
+
 Under a launcher (``torchrun --nproc_per_node N``, ``opdlab.distributed``) every process runs the sweep, and the
 runs go one after another, each data-parallel over the N processes (``workers`` must be 1 or ``"auto"``); rank
 0 prints.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +41,7 @@ from tqdm.auto import tqdm
 
 from opdlab import distributed
 from opdlab.config import TrainConfig
+from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.sampling import greedy_accuracy
 from opdlab.runlog import read_metrics, results
@@ -109,9 +115,11 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
         _log(progress, f"{config.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
                        f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
     if workers == 1:
+        beat = Heartbeat(enabled=progress)
         for i, (run, run_dir) in enumerate(runs):
-            train(run, run_dir, *loaded[run.task], progress)
+            train(run, run_dir, *loaded[run.task], progress, heartbeat=beat)
             _log(progress, _summary(i + 1, len(runs), run_dir))
+            beat.reset()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
@@ -136,13 +144,45 @@ def _summary(i: int, n: int, run_dir: str) -> str:
 
 
 def _wait(pool: ProcessPoolExecutor, runs: list[tuple], desc: str, progress: bool) -> None:
-    """Train the ``(config, run_dir)`` pairs in ``pool`` and wait for all, with a progress bar and a line per
-    finished run; re-raise the first failure."""
-    futures = [pool.submit(_run, run, run_dir) for run, run_dir in runs]
+    """Train the ``(config, run_dir)`` pairs in ``pool`` and wait for all, with a progress bar, a line per
+    finished run and, between those, a line on the running runs at least every ``heartbeat.EVERY`` seconds;
+    re-raise the first failure."""
+    pending = {pool.submit(_run, run, run_dir): (run, run_dir) for run, run_dir in runs}
+    n, done, beat = len(pending), 0, Heartbeat(enabled=progress)
     try:
-        bar = tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress)
-        for i, future in enumerate(bar):
-            _log(progress, _summary(i + 1, len(futures), future.result()))
+        with tqdm(total=n, desc=desc, disable=not progress) as bar:
+            while pending:
+                finished, _ = wait(pending, timeout=beat.remaining() if progress else None,
+                                   return_when=FIRST_COMPLETED)
+                for future in finished:
+                    pending.pop(future)
+                    done += 1
+                    bar.update(1)
+                    _log(progress, _summary(done, n, future.result()))
+                    beat.reset()
+                beat.beat(lambda: _running(done, n, [r for f, r in pending.items() if f.running()]))
     except BaseException:  # an error or an interrupt: drop the queued jobs; running ones end at a checkpoint
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+
+
+def _running(done: int, n: int, running: list[tuple]) -> str:
+    """``<done>/<n> runs done; running: <name> step s/steps, ...``, each step read from the run's metrics."""
+    parts = [f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.steps}" for run, run_dir in running
+             if (Path(run_dir) / "metrics.jsonl").exists()]  # the pool also marks one queued run as running
+    return f"{done}/{n} runs done; running: " + (", ".join(parts) if parts else "(starting)")
+
+
+def _last_step(run_dir: str) -> int:
+    """The step of the last complete record in ``run_dir``'s metrics.jsonl, 0 before the first (a line being
+    written, or a file not there yet, counts as the step before)."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0

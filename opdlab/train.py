@@ -328,7 +328,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, progress: bool = True,
-          stop_after: int | None = None) -> pd.DataFrame:
+          stop_after: int | None = None, heartbeat=None) -> pd.DataFrame:
     """Run (or resume) OPD training as ``config`` says, writing ``run_dir``; return its metrics DataFrame.
 
     The run directory is locked for the duration (``runlog.RunLog``); a run resumes only under the fingerprint
@@ -340,6 +340,8 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
         models: ``(teacher, student, tokenizer, meta)`` already loaded (e.g. by ``load_models``); the student
             is copied, never modified. Default: ``load_models(config, task)``.
         stop_after: stop once this many steps are done (as if interrupted); for tests and benchmarks.
+        heartbeat: None, or an ``opdlab.heartbeat.Heartbeat`` that prints a plain line (run, step) at most
+            every ``heartbeat.every`` seconds (the sweep's in-process runs).
     """
     from opdlab.tasks import get_task
 
@@ -367,6 +369,8 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
                                      f"the run stops before checkpointing it (last checkpoint: step {saved}); "
                                      f"lower lr (now {config.lr}) or set log_u_clip, in a new run directory")
                 done = step + 1
+                if heartbeat is not None and w.is_main:
+                    heartbeat.beat(lambda: f"{run_dir.name}: step {done}/{config.steps}")
                 if (done % config.eval_every == 0 or done == config.steps) and log is not None:
                     log.log({"step": done, "kind": "eval", **evaluate(tr, done)})  # the others go on sampling
                 if done % config.checkpoint_every == 0 or done == config.steps:

@@ -57,3 +57,31 @@ def test_under_a_launcher_the_runs_go_one_at_a_time(monkeypatch):
     assert resolve_workers("auto", "cpu") == 1 == resolve_workers(1)
     with pytest.raises(ValueError, match="workers = 2 under a launcher with 2 processes"):
         resolve_workers(2)
+
+
+def test_the_pool_prints_the_running_runs_between_finished_ones(tmp_path, monkeypatch, capsys):
+    """Between two finished runs the sweep says which runs are running and at which step, at most
+    ``heartbeat.EVERY`` seconds apart (here 0.05 s, so that these tiny runs are caught running)."""
+    from opdlab import heartbeat
+
+    monkeypatch.setattr(heartbeat, "EVERY", 0.05)
+    sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=4), ["arithmetic"], ["forward_kl"], ["opd_plus"],
+          [0, 1], tmp_path / "runs", progress=True, workers=2)
+    lines = capsys.readouterr().out.splitlines()
+    status = [line for line in lines if " runs done; running: " in line]
+    assert status and all(line.split(" runs done")[0] in ("0/2", "1/2") for line in status), lines
+    named = [line for line in status if "arithmetic-forward_kl-opd_plus-s" in line]
+    assert named and all(" step " in line and "/4" in line for line in named), status
+    finished = [line for line in lines if line.startswith(("[1/2] ", "[2/2] "))]
+    assert len(finished) == 2, lines
+
+
+def test_in_process_runs_print_their_step(tmp_path, monkeypatch, capsys):
+    from opdlab import heartbeat
+
+    monkeypatch.setattr(heartbeat, "EVERY", 0.0)
+    sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=3), ["arithmetic"], ["forward_kl"], ["opd_plus"], [0],
+          tmp_path / "runs", progress=True, workers=1)
+    steps = [line.split(": ")[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("arithmetic-forward_kl-opd_plus-s0-") and ": step " in line]
+    assert steps == ["step 1/3", "step 2/3", "step 3/3"], steps

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model, count_parameters, load_model, save_model
 from opdlab.lm.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
@@ -52,7 +53,7 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
               f"parameters, cached at {path}", flush=True)
     losses = sft(model, tokenizer, task, recipe.sft_steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
                  desc=f"{role} SFT ({name})", progress=progress, stop=_target_reached(task, tokenizer, recipe),
-                 check_every=SFT_CHECK_EVERY)
+                 check_every=SFT_CHECK_EVERY, heartbeat=Heartbeat(enabled=progress))
     examples = task.examples("test", eval_n, seed=recipe.seed + 10_000)
     meta = dict(role=role, task=name, recipe=asdict(recipe), parameters=count_parameters(model),
                 sft_steps_taken=len(losses), final_sft_loss=losses[-1] if losses else None,

@@ -39,13 +39,15 @@ def sft_loss(model, ids_BL: torch.Tensor, loss_mask_BL: torch.Tensor, pad_id: in
 
 
 def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0, desc: str = "SFT",
-        progress: bool = True, stop=None, check_every: int = 25) -> list[float]:
+        progress: bool = True, stop=None, check_every: int = 25, heartbeat=None) -> list[float]:
     """Supervised training on ``task``'s train split: AdamW on ``sft_loss``, gradients clipped to norm 1.
 
     ``stop``: None, or a function of the model called every ``check_every`` steps (in eval mode, without
     gradient); training ends after the first call that returns True. The learning-rate schedule is that of
-    ``steps`` either way. Returns the loss per step taken. Training examples are drawn once, ``steps * batch`` of them (at most 50,000, or
-    the task's pool for a fixed-pool task, then cycled in a seeded order).
+    ``steps`` either way. ``heartbeat``: None, or an ``opdlab.heartbeat.Heartbeat`` that prints a plain line
+    (step, loss) at most every ``heartbeat.every`` seconds. Returns the loss per step taken. Training examples
+    are drawn once, ``steps * batch`` of them (at most 50,000, or the task's pool for a fixed-pool task, then
+    cycled in a seeded order).
     """
     device = next(model.parameters()).device
     pool = task.examples("train", min(steps * batch, 50_000), seed=seed)
@@ -67,6 +69,8 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        if heartbeat is not None:
+            heartbeat.beat(lambda: f"{desc}: step {step + 1}/{steps}, loss {losses[-1]:.3f}")
         if stop is not None and (step + 1) % check_every == 0:
             with torch.no_grad():
                 done = stop(model.eval())

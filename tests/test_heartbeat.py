@@ -1,0 +1,79 @@
+"""Plain progress lines during long phases: at most one per interval, none when disabled, and the sweep's
+reading of a running run's step from its metrics."""
+import json
+
+import pytest
+
+from opdlab import heartbeat
+from opdlab.heartbeat import Heartbeat
+from opdlab.lm.cache import cached_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.sweep import _last_step
+from opdlab.tasks import get_task
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_a_line_only_when_the_interval_has_passed(capsys):
+    clock = Clock()
+    beat = Heartbeat(every=20, clock=clock)
+    assert beat.remaining() == 20 and not beat.beat(lambda: "too early")
+    clock.t += 19.5
+    assert beat.remaining() == pytest.approx(0.5) and not beat.beat(lambda: "still too early")
+    clock.t += 0.5
+    assert beat.remaining() == 0 and beat.beat(lambda: "step 7/100")
+    assert not beat.beat(lambda: "just printed")  # the interval starts again
+    clock.t += 25
+    beat.reset()  # a line of the caller's own
+    assert not beat.beat(lambda: "after a reset")
+    assert capsys.readouterr().out == "step 7/100\n"
+
+
+def test_disabled_never_prints_nor_formats(capsys):
+    clock = Clock()
+    beat = Heartbeat(enabled=False, every=0, clock=clock)
+    clock.t += 1000
+    assert not beat.beat(lambda: 1 / 0)  # the message is never built
+    assert capsys.readouterr().out == ""
+
+
+def test_the_default_interval_is_the_module_constant_and_below_30_seconds(monkeypatch):
+    assert Heartbeat().every == heartbeat.EVERY < 30
+    monkeypatch.setattr(heartbeat, "EVERY", 0.5)
+    assert Heartbeat().every == 0.5
+
+
+@pytest.mark.parametrize("bad", [-1, "20", [20], True, float("nan")])
+def test_bad_intervals_are_refused(bad):
+    with pytest.raises(ValueError, match="every must be"):
+        Heartbeat(every=bad)
+
+
+def test_last_step_of_a_run_skips_a_torn_line(tmp_path):
+    assert _last_step(str(tmp_path / "not-there")) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    assert _last_step(str(run)) == 0
+    lines = [json.dumps({"step": 0, "kind": "eval"}), json.dumps({"step": 1, "kind": "train"})]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 2, "kind": "tr')
+    assert _last_step(str(run)) == 1
+
+
+def test_supervised_training_of_a_cache_miss_prints_its_step_and_loss(tmp_path, monkeypatch, capsys):
+    """A teacher trained for minutes says how far it is between its first and last line (here at every
+    step: interval 0)."""
+    monkeypatch.setattr(heartbeat, "EVERY", 0.0)
+    recipe = ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, sft_steps=3, sft_batch=4, max_len=64)
+    cached_model(get_task("arithmetic"), recipe, "teacher", "cpu", tmp_path, eval_n=4, progress=True)
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("teacher SFT (arithmetic): step ")]
+    assert [line.split(",")[0] for line in steps] == [f"teacher SFT (arithmetic): step {i}/3" for i in (1, 2, 3)]
+    cached_model(get_task("arithmetic"), recipe, "teacher", "cpu", tmp_path, eval_n=4, progress=False)
+    assert "SFT" not in capsys.readouterr().out  # a cache hit trains nothing; progress=False prints nothing
