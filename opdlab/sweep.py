@@ -148,28 +148,37 @@ def _wait(pool: ProcessPoolExecutor, runs: list[tuple], desc: str, progress: boo
     finished run and, between those, a line on the running runs at least every ``heartbeat.EVERY`` seconds;
     re-raise the first failure."""
     pending = {pool.submit(_run, run, run_dir): (run, run_dir) for run, run_dir in runs}
-    n, done, beat = len(pending), 0, Heartbeat(enabled=progress)
+    n, done, beat, started = len(pending), 0, Heartbeat(enabled=progress), time.time()
     try:
         with tqdm(total=n, desc=desc, disable=not progress) as bar:
             while pending:
-                finished, _ = wait(pending, timeout=beat.remaining() if progress else None,
+                finished, _ = wait(pending, timeout=max(0.05, beat.remaining()) if progress else None,
                                    return_when=FIRST_COMPLETED)
                 for future in finished:
+                    run_dir = future.result()  # a failed run raises here
                     pending.pop(future)
                     done += 1
                     bar.update(1)
-                    _log(progress, _summary(done, n, future.result()))
+                    _log(progress, _summary(done, n, run_dir))
                     beat.reset()
-                beat.beat(lambda: _running(done, n, [r for f, r in pending.items() if f.running()]))
+                beat.beat(lambda: _running(done, n, [r for f, r in pending.items() if f.running()], started))
     except BaseException:  # an error or an interrupt: drop the queued jobs; running ones end at a checkpoint
         pool.shutdown(wait=False, cancel_futures=True)
         raise
 
 
-def _running(done: int, n: int, running: list[tuple]) -> str:
-    """``<done>/<n> runs done; running: <name> step s/steps, ...``, each step read from the run's metrics."""
-    parts = [f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.steps}" for run, run_dir in running
-             if (Path(run_dir) / "metrics.jsonl").exists()]  # the pool also marks one queued run as running
+def _running(done: int, n: int, running: list[tuple], since: float) -> str:
+    """``<done>/<n> runs done; running: <name> step s/steps, ...`` for the ``(config, run_dir)`` pairs whose
+    metrics were written after ``since`` (a ``time.time()``): the pool also marks a queued run as running, and
+    a queued run may have metrics from an earlier sweep that it resumes or reads back."""
+    parts = []
+    for run, run_dir in running:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        try:
+            if metrics.stat().st_mtime >= since:
+                parts.append(f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.steps}")
+        except OSError:
+            continue
     return f"{done}/{n} runs done; running: " + (", ".join(parts) if parts else "(starting)")
 
 

@@ -75,5 +75,33 @@ def test_supervised_training_of_a_cache_miss_prints_its_step_and_loss(tmp_path, 
     out = capsys.readouterr().out
     steps = [line for line in out.splitlines() if line.startswith("teacher SFT (arithmetic): step ")]
     assert [line.split(",")[0] for line in steps] == [f"teacher SFT (arithmetic): step {i}/3" for i in (1, 2, 3)]
-    cached_model(get_task("arithmetic"), recipe, "teacher", "cpu", tmp_path, eval_n=4, progress=False)
-    assert "SFT" not in capsys.readouterr().out  # a cache hit trains nothing; progress=False prints nothing
+    cached_model(get_task("arithmetic"), recipe, "teacher", "cpu", tmp_path / "other", eval_n=4, progress=False)
+    assert capsys.readouterr().out == ""  # another cache miss, trained without progress: no line at all
+
+
+def test_a_warm_up_that_may_stop_at_its_target_says_at_most(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(heartbeat, "EVERY", 0.0)
+    recipe = ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, sft_steps=2, sft_batch=4, max_len=64,
+                         sft_target=0.99)
+    cached_model(get_task("arithmetic"), recipe, "student", "cpu", tmp_path, eval_n=4, progress=True)
+    assert "student SFT (arithmetic): step 1 of at most 2, loss " in capsys.readouterr().out
+
+
+def test_running_runs_are_those_whose_metrics_were_written_since_the_wait_began(tmp_path):
+    """The pool marks one queued run as running too; a queued run may hold metrics of an earlier sweep."""
+    import os
+    import time
+
+    from opdlab.config import TrainConfig
+    from opdlab.sweep import _running
+
+    old, new, bare = tmp_path / "old", tmp_path / "new", tmp_path / "bare"
+    for d, steps in ((old, 2), (new, 3)):
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(steps)))
+    os.utime(old / "metrics.jsonl", (1_000, 1_000))
+    since = time.time() - 60
+    config = TrainConfig(steps=10)
+    line = _running(3, 8, [(config, str(old)), (config, str(new)), (config, str(bare))], since)
+    assert line == "3/8 runs done; running: new step 2/10", line
+    assert _running(0, 8, [(config, str(old)), (config, str(bare))], since) == "0/8 runs done; running: (starting)"

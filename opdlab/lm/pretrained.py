@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cache_dir
 from opdlab.lm.modeling import count_parameters, load_model, quiet_progress, save_model
 
@@ -160,7 +161,7 @@ def layer_dropped_student(teacher_path: str | os.PathLike, layers, cache: str | 
             print(f"warming up the {len(layers)}-layer student on {warmup_task.name}: {warmup_steps} SFT steps",
                   flush=True)
         losses = sft(student, tokenizer, warmup_task, warmup_steps, warmup_batch, warmup_lr, seed,
-                     desc="student warm-up", progress=progress)
+                     desc="student warm-up", progress=progress, heartbeat=Heartbeat(enabled=progress))
         meta["final_sft_loss"] = losses[-1]
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     save_model(student.eval(), tokenizer, tmp, meta)

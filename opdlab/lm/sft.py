@@ -55,6 +55,7 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
     order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     losses, model = [], model.train()
+    of = f"/{steps}" if stop is None else f" of at most {steps}"  # a target may end training earlier
     for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         rows = [encoded[order[(step * batch + i) % len(order)]] for i in range(batch)]
         ids = collate([r[0] for r in rows], tokenizer.pad_token_id, left=False).to(device)
@@ -70,7 +71,7 @@ def sft(model, tokenizer, task, steps: int, batch: int, lr: float, seed: int = 0
         opt.step()
         losses.append(loss.item())
         if heartbeat is not None:
-            heartbeat.beat(lambda: f"{desc}: step {step + 1}/{steps}, loss {losses[-1]:.3f}")
+            heartbeat.beat(lambda: f"{desc}: step {step + 1}{of}, loss {losses[-1]:.3f}")
         if stop is not None and (step + 1) % check_every == 0:
             with torch.no_grad():
                 done = stop(model.eval())

@@ -48,8 +48,9 @@ def parse_call(text: str) -> tuple[str, dict]:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1].strip()
     try:
-        with warnings.catch_warnings():  # a sampled "1a" is a parse failure here, not a warning to print
-            warnings.simplefilter("ignore", SyntaxWarning)
+        with warnings.catch_warnings():  # a sampled "1if" is an invalid call here, not a warning to print
+            warnings.simplefilter("ignore", SyntaxWarning)  # Python 3.12+ (and 3.11 for some literals)
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.10
             node = ast.parse(text, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
         raise CallError("parse", type(err).__name__) from None
