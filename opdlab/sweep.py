@@ -87,13 +87,15 @@ def _references(config: TrainConfig, task, models) -> list[dict]:
 
 
 def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True,
-          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=()):
+          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None):
     """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
 
     ``task_overrides`` maps a task name to TrainConfig fields that differ for it (e.g. fewer SFT steps for a
     task with longer sequences). ``workers``: processes to use, see the module doc. ``extra_arms``: more
     ``(divergence, method)`` pairs run for every task and seed besides the grid, e.g. the reference methods
-    ``("reverse_kl", "full_vocabulary")`` and ``("reverse_kl", "supervised_kd")``.
+    ``("reverse_kl", "full_vocabulary")`` and ``("reverse_kl", "supervised_kd")``. ``variants``: None, or a list
+    of dicts of TrainConfig fields (e.g. ``{"gamma": 0.5, "log_u_clip": 2.0}``), each crossed with every arm and
+    seed, so that one pool trains them all (notebook 09).
 
     ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
     ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
@@ -104,7 +106,15 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     arms = [(d, m) for d in divergences for m in methods]
     arms += [tuple(arm) for arm in extra_arms if tuple(arm) not in arms]
-    runs = [c.replace(divergence=d, method=m, seed=s) for c in configs for d, m in arms for s in seeds]
+    grid = {"task", "divergence", "method", "seed"}  # set by the sweep's own arguments
+    if variants is None:
+        variants = [{}]
+    elif (not isinstance(variants, (list, tuple)) or not variants
+          or not all(isinstance(v, dict) and not grid & set(v) for v in variants)):
+        raise ValueError(f"variants must be a non-empty list of dicts of TrainConfig fields other than "
+                         f"{sorted(grid)}, got {variants!r}")
+    runs = [c.replace(divergence=d, method=m, seed=s, **v) for c in configs for d, m in arms for v in variants
+            for s in seeds]
     runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
     workers = min(workers, len(runs)) or 1
     refs, loaded = [], {}

@@ -85,3 +85,19 @@ def test_in_process_runs_print_their_step(tmp_path, monkeypatch, capsys):
     steps = [line.split(": ")[1] for line in capsys.readouterr().out.splitlines()
              if line.startswith("arithmetic-forward_kl-opd_plus-s0-") and ": step " in line]
     assert steps == ["step 1/3", "step 2/3", "step 3/3"], steps
+
+
+def test_variants_cross_every_arm_and_seed_in_one_pool(tmp_path):
+    variants = [{"gamma": 0.0}, {"gamma": 0.5, "log_u_clip": 2.0}]
+    evals, _ = sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=1), ["arithmetic"], ["forward_kl"],
+                     ["opd_plus"], [0, 1], tmp_path / "runs", progress=False, workers=2, variants=variants)
+    last = evals[evals["step"] == 1]
+    got = sorted((r.gamma, None if pd.isna(r.log_u_clip) else r.log_u_clip, r.seed) for r in last.itertuples())
+    assert got == [(0.0, None, 0), (0.0, None, 1), (0.5, 2.0, 0), (0.5, 2.0, 1)]
+    assert last["run"].nunique() == 4
+
+
+@pytest.mark.parametrize("bad", [[], {"gamma": 0.5}, [{"seed": 1}], [{"divergence": "jsd"}], ["gamma"]])
+def test_bad_variants_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="variants must be"):
+        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], tmp_path, progress=False, variants=bad)
