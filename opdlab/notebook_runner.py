@@ -58,10 +58,10 @@ def notebook_parameters(path: Path) -> dict[str, object]:
 def _same_kind(default, value) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
+    if default is None or value is None:  # an optional parameter: None turns it off, a value turns it on
+        return True
     if isinstance(default, float):
         return isinstance(value, (int, float))
-    if default is None or value is None:
-        return True
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))

@@ -28,6 +28,10 @@ def test_good_overrides_pass(notebook):
     check_parameters(notebook, dict(seed=3, lr=1, names=("jsd", "tv"), quick=True, figures_dir="/tmp/x"))
 
 
+def test_none_turns_an_optional_float_parameter_off(notebook):
+    check_parameters(notebook, dict(lr=None))  # e.g. notebook 04's -p log_u_clip None
+
+
 @pytest.mark.parametrize("override,match", [
     (dict(sed=1), "has no parameter 'sed'; its parameters are: seed=0"),
     (dict(n_samples="many"), "'n_samples' of 07_demo.ipynb must be a int"),
