@@ -50,3 +50,28 @@ def test_packed_logits_are_finite_past_a_rows_end_and_the_default_is_packed():
         assert torch.equal(completion_logits(model, r), completion_logits(model, r, fast=True))
     model.config.layer_types = ["sliding_attention"] * 2
     assert not packed.supports(model)
+
+
+def test_rows_and_their_gradient_are_those_of_indexing_bit_for_bit():
+    """``packed._rows`` (index_select, whose backward is index_add) against ``x[idx]``: the same values, and with
+    repeated indices a gradient summed in index order whatever the thread count, which is what the backward of
+    ``x[idx]`` (an accumulating index_put) gives on one thread: the faster backward changes no number trained
+    on one thread (notebook 04's workers), and makes two threads give the same numbers as one."""
+    x = torch.randn(300, 4, 16, requires_grad=True)
+    idx = torch.randint(0, 300, (64, 40), generator=torch.Generator().manual_seed(0))  # ~8.5 uses per row
+    g = torch.randn(64, 40, 4, 16)
+    assert torch.equal(packed._rows(x, idx), x[idx])
+    in_order = torch.zeros_like(x)
+    for i, row in enumerate(idx.reshape(-1).tolist()):
+        in_order[row] += g.reshape(-1, 4, 16)[i]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            (got,) = torch.autograd.grad((packed._rows(x, idx) * g).sum(), x)
+            assert torch.equal(got, in_order), n
+        torch.set_num_threads(1)
+        (want,) = torch.autograd.grad((x[idx] * g).sum(), x)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(threads)

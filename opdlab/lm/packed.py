@@ -96,6 +96,14 @@ def pack_rollout(rollout) -> tuple[Packing, torch.Tensor]:
     return Packing(ids_N, pos_N, idx_BL, valid_BL, src_N), at_BT
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` (rows of ``x`` at indices of any shape) by ``index_select``, whose backward is an ``index_add``:
+    on CPU it sums a repeated row's gradients in index order, as the backward of ``x[idx]`` (an accumulating
+    ``index_put``) does on one thread, at any thread count, and in a fraction of the time (that backward was a
+    fifth of an OPD step at 4.6M / 1.1M)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
+
+
 def hidden(model, packing: Packing) -> torch.Tensor:
     """The final hidden states (after the model's last norm) of the packed tokens, ``(N, hidden)``, with
     gradient to the model's parameters unless called under ``torch.no_grad()``."""
@@ -114,10 +122,10 @@ def hidden(model, packing: Packing) -> torch.Tensor:
     for layer in inner.layers:
         att, mlp = layer.self_attn, layer.mlp
         q, k, v = _qkv(layer, h, _fused(att.q_proj, att.k_proj, att.v_proj), H, Hkv, D, cos, sin)  # (N, heads, D)
-        o = F.scaled_dot_product_attention(q[idx_BL].transpose(1, 2), k[idx_BL].transpose(1, 2),
-                                           v[idx_BL].transpose(1, 2), attn_mask=mask_B1LL, scale=D ** -0.5,
+        o = F.scaled_dot_product_attention(_rows(q, idx_BL).transpose(1, 2), _rows(k, idx_BL).transpose(1, 2),
+                                           _rows(v, idx_BL).transpose(1, 2), attn_mask=mask_B1LL, scale=D ** -0.5,
                                            enable_gqa=Hkv != H)
-        h = h + att.o_proj(o.transpose(1, 2).reshape(B * L, H * D)[packing.src_N])
+        h = h + att.o_proj(_rows(o.transpose(1, 2).reshape(B * L, H * D), packing.src_N))
         h = _mlp_residual(layer, h, _fused(mlp.gate_proj, mlp.up_proj))
     return _rms(h, inner.norm)
 
@@ -125,7 +133,7 @@ def hidden(model, packing: Packing) -> torch.Tensor:
 def logits_at(model, h_N: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     """Logits of the packed tokens ``at`` (any shape of indices), the output head run once per distinct token."""
     distinct, where = torch.unique(at, return_inverse=True)
-    return model.lm_head(h_N[distinct])[where]
+    return _rows(model.lm_head(_rows(h_N, distinct)), where)
 
 
 def completion_logits(model, rollout) -> torch.Tensor:
