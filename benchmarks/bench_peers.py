@@ -6,6 +6,8 @@ the same random models and the same prompts, for each arm:
 
 - ``opd``: ``opdlab.train.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
   teacher and the student score with ``opdlab.lm.packed``, each distinct prompt once);
+- ``opd_compiled``: the same ``opd_step`` with ``TrainConfig.compile_decode``: the decoder's steps run through
+  ``torch.compile`` (compiled in the first warm-up step, untimed: the `1st step s` column shows it);
 - ``opd_hf_sampler``: the same ``opd_step``, but sampling through the ``transformers`` forward
   (``sample(..., fast=False)`` patched in for this arm only): the difference to ``opd`` is the decoder alone;
 - ``plain``: the step as one writes it with ``transformers``: ``model.generate`` (do_sample, temperature 1,
@@ -76,7 +78,7 @@ from opdlab.lm.sampling import sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
 
-ARMS = ("opd", "opd_hf_sampler", "plain", "trl_gkd", "trl_gkd_defaults")
+ARMS = ("opd", "opd_compiled", "opd_hf_sampler", "plain", "trl_gkd", "trl_gkd_defaults")
 TRL_ARMS = ("trl_gkd", "trl_gkd_defaults")
 WARMUP = 2  # untimed steps per arm before the timed ones
 LR, GRAD_CLIP = 1e-4, 1.0  # TrainConfig's defaults, used by every arm but trl_gkd_defaults
@@ -161,10 +163,11 @@ def transformers_sampler():
         opdlab_train.sample = original
 
 
-def opd_arm(case: Case, fast: bool):
+def opd_arm(case: Case, fast: bool, compiled: bool = False):
     """``opd_step`` on a copy of the student; ``fast=False`` samples with the transformers forward. Measures the
     whole call (sampling, teacher, student forward and backward, advantages, clipping, AdamW, bookkeeping)."""
-    tr = opdlab_train.Trainer(case.config(), case.task, case.teacher, copy.deepcopy(case.student), case.tokenizer)
+    tr = opdlab_train.Trainer(case.config().replace(compile_decode=compiled), case.task, case.teacher,
+                              copy.deepcopy(case.student), case.tokenizer)
     for s in range(case.steps):  # the same prompts as the other arms
         assert [ex.prompt for ex in tr.batch(s)] == case.prompts[s], "opdlab's Trainer draws other prompts"
 
@@ -348,6 +351,7 @@ class _StepTimer(TrainerCallback):
 def make_arms(case: Case, names: list[str], trl, threads: int) -> dict:
     """The arms ``names`` of ``case`` as ``{name: step -> (seconds, sampled tokens)}``."""
     makers = {"opd": lambda: opd_arm(case, fast=True), "opd_hf_sampler": lambda: opd_arm(case, fast=False),
+              "opd_compiled": lambda: opd_arm(case, fast=True, compiled=True),
               "plain": lambda: plain_arm(case), "trl_gkd": lambda: TRLArm(trl, case, False, threads),
               "trl_gkd_defaults": lambda: TRLArm(trl, case, True, threads)}
     return {name: makers[name]() for name in names}
@@ -358,13 +362,15 @@ def run_case(case: Case, arms: dict, threads: int) -> dict:
     and sampled tokens (timed steps only)."""
     names = list(arms)
     torch.set_num_threads(threads)
-    record = {n: {"times_s": [], "tokens": []} for n in names}
+    record = {n: {"times_s": [], "tokens": [], "warmup_s": []} for n in names}
     for s in range(case.steps):
         for name in names[s % len(names):] + names[:s % len(names)]:
             seconds, tokens = arms[name](s)
             if s >= WARMUP:
                 record[name]["times_s"].append(seconds)
                 record[name]["tokens"].append(tokens)
+            else:
+                record[name]["warmup_s"].append(seconds)
     for arm in arms.values():
         if isinstance(arm, TRLArm):
             arm.close()
@@ -376,7 +382,7 @@ def summarise(case: Case, record: dict) -> dict:
     plain = record.get("plain", {}).get("times_s")
     arms = {}
     for name, r in record.items():
-        arm = dict(median_s=statistics.median(r["times_s"]), times_s=r["times_s"],
+        arm = dict(median_s=statistics.median(r["times_s"]), times_s=r["times_s"], warmup_s=r["warmup_s"],
                    sampled_tokens_per_step=statistics.mean(r["tokens"]))
         if plain:
             ratios = [p / t for p, t in zip(plain, r["times_s"])]
@@ -391,13 +397,14 @@ def report(res: dict) -> str:
     """The results as a text table."""
     lines = [f"one training step on {res['device_name']}, torch threads {res['threads']}; median of {res['steps']} "
              f"after {WARMUP} warm-up; plain/arm over paired steps (min-max); tokens: sampled per step",
-             f"{'size':<7}{'batch':>6}{'G':>3}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}{'tokens':>8}"]
+             f"{'size':<7}{'batch':>6}{'G':>3}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}{'tokens':>8}"
+             f"{'1st step s':>11}"]
     for c in res["cases"]:
         for name, a in c["arms"].items():
             r = a.get("plain_over_arm")
             ratio = f"{r['median']:>11.2f}{'(%.2f-%.2f)' % (r['min'], r['max']):>14}" if r else f"{'-':>11}{'':>14}"
             lines.append(f"{c['size']:<7}{c['batch']:>6}{c.get('samples', 1):>3}{name:>18}{a['median_s']:>10.4f}{ratio}"
-                         f"{a['sampled_tokens_per_step']:>8.0f}")
+                         f"{a['sampled_tokens_per_step']:>8.0f}{a['warmup_s'][0] if a.get('warmup_s') else float('nan'):>11.2f}")
     return "\n".join(lines)
 
 

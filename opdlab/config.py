@@ -73,6 +73,10 @@ class TrainConfig:
     """Seed of the training prompts' order and of sampling."""
     device: str = "auto"
     """``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``; bf16 autocast on CUDA."""
+    compile_decode: bool = False
+    """Sample through a ``torch.compile``d decode step (``opdlab.lm.decoder``): the same tokens to float rounding,
+    about 1.3x faster sampling on CPU once compiled (about 25 s per process and model size). It decides how a run
+    is computed, not what: it is left out of the run's name and of the check on resume (``HOW_ONLY``)."""
     teacher_path: str | None = None
     """A local checkpoint directory to use as the teacher instead of the task-trained one."""
     student_path: str | None = None
@@ -120,8 +124,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+    def to_json(self, without: tuple[str, ...] = ()) -> str:
+        """The fields as sorted, indented JSON, leaving out the fields named in ``without``."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k not in without}, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -135,6 +140,11 @@ class TrainConfig:
     def replace(self, **changes) -> "TrainConfig":
         """A copy with ``changes`` (validated)."""
         return self.from_dict({**self.to_dict(), **changes})
+
+
+HOW_ONLY = ("compile_decode",)
+"""Fields that choose how a run is computed, not what it computes: ``train.run_name`` leaves them out of the
+name, and a run directory may be resumed with either value."""
 
 
 def _check(cond: bool, name: str, value, allowed: str) -> None:
@@ -182,6 +192,7 @@ def _validate(c: TrainConfig) -> None:
     _check(c.baseline != "loo" or c.samples_per_prompt >= 2, "baseline", c.baseline,
            "'none' or 'expected' when samples_per_prompt is 1 (a leave-one-out baseline needs >= 2 samples)")
     _check(is_int(c.seed) and c.seed >= 0, "seed", c.seed, "an int >= 0")
+    _check(isinstance(c.compile_decode, bool), "compile_decode", c.compile_decode, "True or False")
     _check(isinstance(c.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device) is not None,
            "device", c.device, "'auto', 'cpu', 'cuda' or 'cuda:N' with N a device number")
     for name in ("teacher_path", "student_path", "cache"):

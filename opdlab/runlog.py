@@ -41,6 +41,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from opdlab.config import HOW_ONLY
 from opdlab.lm.modeling import load_model, save_model
 
 __all__ = ["RunLog", "read_metrics", "read_records", "results", "versions", "stored_config", "weights_digest",
@@ -80,13 +81,14 @@ def fingerprint(config, teacher, student) -> dict:
 
 
 def _differences(recorded: dict, current: dict) -> list[str]:
-    """``field (recorded -> current)`` for each entry of two fingerprints (or configs) that differs."""
+    """``field (recorded -> current)`` for each entry of two fingerprints (or configs) that differs; the fields of
+    ``config.HOW_ONLY`` (how a run is computed, not what) never count."""
     if "config" in recorded or "config" in current:
         out = _differences(recorded.get("config", {}), current.get("config", {}))
         return out + [f"{role} weights (sha256 {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]})"
                       for role in ("teacher", "student") if recorded.get(role) != current.get(role)]
     return [f"{key} ({recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
-            for key in sorted(set(recorded) | set(current)) if recorded.get(key) != current.get(key)]
+            for key in sorted((set(recorded) | set(current)) - set(HOW_ONLY)) if recorded.get(key) != current.get(key)]
 
 
 def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str, defaults: dict) -> None:

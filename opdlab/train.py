@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlab import distributed, divergences, estimators
-from opdlab.config import TrainConfig
+from opdlab.config import HOW_ONLY, TrainConfig
 from opdlab.lm.cache import teacher_and_student
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample, sampled_accuracy
@@ -159,7 +159,7 @@ def opd_step(tr: Trainer, step: int) -> dict:
     tr.student.eval()
     sampler = tr.teacher if c.method == "supervised_kd" else tr.student
     rollout = sample(sampler, tr.tokenizer, [ex.prompt for ex in examples], tr.task, tr.max_new_tokens,
-                     tr.generator, greedy=False, temperature=1.0)
+                     tr.generator, greedy=False, temperature=1.0, compiled=c.compile_decode)
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     clock.lap("sample")
     # 2. teacher log-probabilities of the sampled tokens, no gradient
@@ -259,10 +259,11 @@ def evaluate(tr: Trainer, step: int) -> dict:
     c, t0 = tr.config, time.perf_counter()
     tr.student.eval()
     greedy, _ = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=1, greedy=True,
-                                 max_new_tokens=tr.max_new_tokens)
+                                 max_new_tokens=tr.max_new_tokens, compiled=c.compile_decode)
     gen = torch.Generator(device=tr.device).manual_seed(EVAL_SEED + 7919 * c.seed + step)
     avg_k, rollouts = sampled_accuracy(tr.student, tr.tokenizer, tr.task, tr.eval_examples, k=c.eval_samples,
-                                       generator=gen, max_new_tokens=tr.max_new_tokens)
+                                       generator=gen, max_new_tokens=tr.max_new_tokens,
+                                       compiled=c.compile_decode)
     totals = {"exact_divergence": 0.0, "exact_reverse_kl": 0.0, "exact_forward_kl": 0.0}
     n_tokens = sum(r.n_sampled for r in rollouts)
     for r in rollouts:
@@ -385,7 +386,9 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
 
 
 def run_name(config: TrainConfig) -> str:
-    """``<task>-<divergence>-<method>-s<seed>-<hash of the whole config>``: a new directory for new settings."""
+    """``<task>-<divergence>-<method>-s<seed>-<hash of the config>``: a new directory for new settings. The hash
+    covers every field but ``config.HOW_ONLY`` (how a run is computed, not what), so those leave names as they
+    were."""
     import hashlib
-    digest = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]
+    digest = hashlib.sha256(config.to_json(without=HOW_ONLY).encode()).hexdigest()[:8]
     return f"{config.task}-{config.divergence.replace(':', '_')}-{config.method}-s{config.seed}-{digest}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
-OPDLAB_ARMS = ("opd", "opd_hf_sampler", "plain")
+OPDLAB_ARMS = ("opd", "opd_compiled", "opd_hf_sampler", "plain")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,8 @@ def check_arms(res: dict, arms) -> None:
         ratio = arm["plain_over_arm"]
         assert all(math.isfinite(ratio[k]) and ratio[k] > 0 for k in ("median", "min", "max")), name
     assert case["arms"]["plain"]["plain_over_arm"]["median"] == 1.0
+    # the compiled decode step draws the same tokens as the eager one
+    assert case["arms"]["opd_compiled"]["sampled_tokens_per_step"] == case["arms"]["opd"]["sampled_tokens_per_step"]
 
 
 def test_quick_without_trl(bench, threads, tmp_path, monkeypatch, capsys):

@@ -1,5 +1,9 @@
 """The lean decode path (opdlab.lm.decoder): the same logits as the transformers forward, and the sampler draws
 the same tokens from the same generator state with it as without it (tools, finished rows, GQA, both archs)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from echo_tool import EchoTool
@@ -70,6 +74,51 @@ def test_fast_and_plain_sampling_draw_the_same_tokens(arch, kv_heads, greedy, ta
         assert lengths.min() < lengths.max(), "rows should finish at different steps (the decoder drops them)"
     if isinstance(task, EchoTool) and not greedy:
         assert (plain.mask_BT < plain.attention_BT).any(), "no tool result was forced in"
+
+
+@pytest.mark.parametrize("arch, kv_heads", [("qwen3", 1), ("llama", 2)])
+def test_the_compiled_decode_step_gives_the_same_logits_and_tokens(arch, kv_heads):
+    model = model_of(arch, seed=2, kv_heads=kv_heads)
+    with torch.no_grad():  # calls, answers and stops likely: rows finish at different steps and are dropped
+        for c in (">", "\n"):
+            model.lm_head.weight[TOK.convert_tokens_to_ids(c)] += 1.0
+        model.lm_head.weight[TOK.eos_token_id] += 0.5
+    rows = [TOK.encode(p, add_special_tokens=False) for p in PROMPTS[:6]]
+    P = max(map(len, rows))
+    ids = torch.tensor([[TOK.pad_token_id] * (P - len(r)) + r for r in rows])
+    attention = (torch.arange(P)[None] >= torch.tensor([P - len(r) for r in rows])[:, None]).long()
+    follow = torch.randint(3, len(TOK), (6, 6), generator=torch.Generator().manual_seed(0))
+    eager, compiled = decoder.KVDecoder(model, 6, P + 6), decoder.KVDecoder(model, 6, P + 6, compiled=True)
+    for dec in (eager, compiled):
+        dec.prefill(ids, attention)
+    for t in range(5):
+        if t == 2:  # drop two rows, as the sampler does when they end
+            for dec in (eager, compiled):
+                dec.keep(torch.tensor([True, False, True, True, False, True]))
+        tok = follow[eager.rows, t]
+        assert torch.allclose(compiled.step(tok), eager.step(tok), atol=1e-5), t
+    for task in (TASK, EchoTool()):
+        out = {c: sample(model, TOK, PROMPTS, task, 14, torch.Generator().manual_seed(7), compiled=c)
+               for c in (False, True)}
+        assert torch.equal(out[False].completion_ids_BT, out[True].completion_ids_BT)
+        assert torch.equal(out[False].mask_BT, out[True].mask_BT) and out[False].texts == out[True].texts
+        assert torch.allclose(out[False].logp_BT, out[True].logp_BT, atol=1e-5)
+        lengths = out[False].attention_BT.sum(1)
+        assert lengths.min() < lengths.max(), "rows should finish at different steps (the decoder drops them)"
+
+
+def test_a_compile_that_cannot_run_here_says_so_in_one_line(tmp_path):
+    """No working C++ compiler (torch.compile's CPU backend needs one): a ValueError that names the way out, not
+    inductor's traceback. A fresh process, so that no compiled step is cached."""
+    code = ("import torch\nfrom test_decoder import model_of, TOK, TASK\nfrom opdlab.lm.sampling import sample\n"
+            "try:\n    sample(model_of('qwen3'), TOK, ['Q:1+2=', 'Q:3='], TASK, 4, torch.Generator(), compiled=True)\n"
+            "except ValueError as err:\n    print('ValueError:', err)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c"),
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert "ValueError: compile_decode: torch.compile could not compile the decode step here" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+    assert "compile_decode=False" in out.stdout and "C++ compiler" in out.stdout
 
 
 def test_unsupported_models_fall_back_to_the_transformers_forward():

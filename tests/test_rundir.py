@@ -19,7 +19,7 @@ from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.runlog import RunLog, read_metrics, read_records
 from opdlab.tasks import get_task
-from opdlab.train import train
+from opdlab.train import run_name, train
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
@@ -185,6 +185,19 @@ def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(
     assert metrics(run_dir).equals(full)
 
 
+def test_compile_decode_keeps_the_run_name_and_may_change_on_resume(tmp_path, full):
+    assert run_name(CONFIG.replace(compile_decode=True)) == run_name(CONFIG)
+    # names of run directories recorded before the field existed (the hash of the config without it)
+    assert run_name(TrainConfig()) == "arithmetic-reverse_kl-opd_plus-s0-8b2b1b8f"
+    assert run_name(TrainConfig(task="tool_use", divergence="forward_kl", log_u_clip=2.0, seed=2)) \
+        == "tool_use-forward_kl-opd_plus-s2-d4b47b84"
+    run_dir = cut(tmp_path)
+    train(CONFIG.replace(compile_decode=True), run_dir, TASK, MODELS, progress=False)  # no "differs in"
+    resumed = metrics(run_dir)
+    assert resumed["step"].tolist() == full["step"].tolist()
+    assert json.loads((run_dir / "config.json").read_text())["compile_decode"] is True
+
+
 @pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
 def test_a_damaged_checkpoint_is_named(tmp_path, name):
     run_dir = cut(tmp_path)
@@ -224,6 +237,7 @@ def _train_argv(run_dir, **fields):
     (dict(lr="1e999"), "TrainConfig.lr = inf is invalid: expected a positive finite number"),
     (dict(device="cuda:x"), "TrainConfig.device = 'cuda:x' is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     (dict(teacher_path=3), "TrainConfig.teacher_path = 3 is invalid"),
+    (dict(compile_decode="yes"), "TrainConfig.compile_decode = 'yes' is invalid: expected True or False"),
 ])
 def test_cli_train_refuses_bad_values(tmp_path, capsys, fields, match):
     assert cli.main(_train_argv(tmp_path / "run", **fields)) == 2

@@ -113,12 +113,14 @@ def _next_token(logits_BV: torch.Tensor, greedy: bool, generator, temperature: f
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int = 64,
            generator: torch.Generator | None = None, greedy: bool = False, temperature: float = 1.0,
-           fast: bool | None = None) -> Rollout:
+           fast: bool | None = None, compiled: bool = False) -> Rollout:
     """Sample one completion per prompt from ``model`` (KV cache), pausing for tools; see the module doc.
 
     ``fast`` (None: wherever ``decoder.supports(model)``) decodes with ``decoder.KVDecoder``, a static KV cache
     and the bare arithmetic of the model's blocks, instead of the ``transformers`` forward; both draw the same
-    tokens from the same generator state up to float rounding of the logits (``tests/test_decoder.py``).
+    tokens from the same generator state up to float rounding of the logits (``tests/test_decoder.py``);
+    ``compiled`` runs its decode steps through ``torch.compile`` (``KVDecoder(compiled=True)``; ignored without
+    ``fast``).
 
     ``temperature`` must stay 1.0 for the OPD estimator (``opd_step`` passes it explicitly); another value
     samples from softmax(logits / temperature), and the rollout's log-probabilities are then of that
@@ -142,7 +144,7 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
 
     fast = decoder.supports(model) if fast is None else fast
     if fast:
-        dec = decoder.KVDecoder(model, B, prompt_BP.shape[1] + max_new_tokens)
+        dec = decoder.KVDecoder(model, B, prompt_BP.shape[1] + max_new_tokens, compiled=compiled)
     else:
         attention, pos, cache = prompt_att, positions(prompt_att), _cache_kwargs(model)
     ids = prompt_BP
@@ -239,14 +241,17 @@ def greedy_accuracy(model, tokenizer, task, examples, max_new_tokens: int | None
 
 @torch.no_grad()
 def sampled_accuracy(model, tokenizer, task, examples, k: int = 1, greedy: bool = False, generator=None,
-                     max_new_tokens: int | None = None, batch: int = 128) -> tuple[float, list[Rollout]]:
-    """avg@k: the mean accuracy of k completions per example (greedy: k = 1), and the rollouts drawn."""
+                     max_new_tokens: int | None = None, batch: int = 128,
+                     compiled: bool = False) -> tuple[float, list[Rollout]]:
+    """avg@k: the mean accuracy of k completions per example (greedy: k = 1), and the rollouts drawn;
+    ``compiled`` as in ``sample``."""
     max_new_tokens = max_new_tokens or max(len(ex.target) for ex in examples) + 16  # characters: >= tokens
     prompts = [ex.prompt for ex in examples for _ in range(k)]
     refs = [ex for ex in examples for _ in range(k)]
     correct, rollouts = 0, []
     for s in range(0, len(prompts), batch):
-        r = sample(model, tokenizer, prompts[s:s + batch], task, max_new_tokens, generator, greedy=greedy)
+        r = sample(model, tokenizer, prompts[s:s + batch], task, max_new_tokens, generator, greedy=greedy,
+                   compiled=compiled)
         correct += sum(task.score(ex, text).correct for ex, text in zip(refs[s:s + batch], r.texts))
         rollouts.append(r)
     return correct / max(len(prompts), 1), rollouts
