@@ -377,16 +377,17 @@ def run_case(case: Case, arms: dict, threads: int) -> dict:
     return record
 
 
-def summarise(case: Case, record: dict) -> dict:
-    """Per arm: median step time, sampled tokens per step, and plain / arm over paired steps (median, min, max)."""
-    plain = record.get("plain", {}).get("times_s")
+def summarise(case: Case, record: dict, reference: str = "plain") -> dict:
+    """Per arm: median step time, sampled tokens per step, and ``reference`` / arm over paired steps (median, min,
+    max) under ``<reference>_over_arm``."""
+    plain = record.get(reference, {}).get("times_s")
     arms = {}
     for name, r in record.items():
         arm = dict(median_s=statistics.median(r["times_s"]), times_s=r["times_s"], warmup_s=r["warmup_s"],
                    sampled_tokens_per_step=statistics.mean(r["tokens"]))
         if plain:
             ratios = [p / t for p, t in zip(plain, r["times_s"])]
-            arm["plain_over_arm"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
+            arm[f"{reference}_over_arm"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
         arms[name] = arm
     return dict(size=case.size, batch=case.batch, samples=case.samples, max_new_tokens=case.max_new_tokens,
                 teacher_parameters=count_parameters(case.teacher), student_parameters=count_parameters(case.student),

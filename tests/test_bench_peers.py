@@ -88,3 +88,22 @@ def test_groups_of_samples_share_their_prompt_in_every_arm(bench, threads, tmp_p
 def test_a_batch_that_is_not_a_multiple_of_the_samples_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.parse(["--batches", "6", "--samples", "4"])
+
+
+def test_bench_levers_turns_each_lever_off_on_the_same_tokens(bench, threads, tmp_path):
+    """benchmarks/bench_levers.py on tiny models: every arm runs, draws the same tokens as opdlab's default
+    step, and reports its phases and a finite opdlab/arm ratio."""
+    spec = importlib.util.spec_from_file_location("bench_levers", SCRIPT.parent / "bench_levers.py")
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    res = levers.main(["--sizes", "tiny", "--batch", "4", "--samples", "2", "--steps", "2", "--threads", "1",
+                       "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "bench_levers-cpu.json").read_text()) == json.loads(json.dumps(res))
+    (case,) = res["cases"]
+    assert set(case["arms"]) == set(levers.ARMS)
+    tokens = {a["sampled_tokens_per_step"] for a in case["arms"].values()}
+    assert len(tokens) == 1 and tokens.pop() > 0, "the arms should sample the same tokens"
+    for name, arm in case["arms"].items():
+        assert set(arm["phases_s"]) == set(levers.PHASES) and min(arm["phases_s"].values()) > 0, name
+        assert all(math.isfinite(arm["opdlab_over_arm"][k]) for k in ("median", "min", "max")), name
+    assert case["arms"]["opdlab"]["opdlab_over_arm"]["median"] == 1.0

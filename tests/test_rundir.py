@@ -185,16 +185,20 @@ def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(
     assert metrics(run_dir).equals(full)
 
 
-def test_compile_decode_keeps_the_run_name_and_may_change_on_resume(tmp_path, full):
-    assert run_name(CONFIG.replace(compile_decode=True)) == run_name(CONFIG)
+def test_compile_decode_keeps_the_run_name_resumes_exactly_and_may_change_on_resume(tmp_path, full):
+    compiled = CONFIG.replace(compile_decode=True)
+    assert run_name(compiled) == run_name(CONFIG)
     # names of run directories recorded before the field existed (the hash of the config without it)
     assert run_name(TrainConfig()) == "arithmetic-reverse_kl-opd_plus-s0-8b2b1b8f"
     assert run_name(TrainConfig(task="tool_use", divergence="forward_kl", log_u_clip=2.0, seed=2)) \
         == "tool_use-forward_kl-opd_plus-s2-d4b47b84"
-    run_dir = cut(tmp_path)
-    train(CONFIG.replace(compile_decode=True), run_dir, TASK, MODELS, progress=False)  # no "differs in"
-    resumed = metrics(run_dir)
-    assert resumed["step"].tolist() == full["step"].tolist()
+    train(compiled, tmp_path / "full", TASK, MODELS, progress=False)
+    train(compiled, tmp_path / "cut", TASK, MODELS, progress=False, stop_after=3)
+    train(compiled, tmp_path / "cut", TASK, MODELS, progress=False)
+    assert metrics(tmp_path / "cut").equals(metrics(tmp_path / "full"))  # resume is exact with it on
+    run_dir = cut(tmp_path)  # started without it, resumed with it: no "differs in"
+    train(compiled, run_dir, TASK, MODELS, progress=False)
+    assert metrics(run_dir)["step"].tolist() == full["step"].tolist()
     assert json.loads((run_dir / "config.json").read_text())["compile_decode"] is True
 
 

@@ -16,12 +16,13 @@ prompt column attends to itself only, so that no softmax is empty.
 
 Compiled step. ``KVDecoder(..., compiled=True)`` runs each decode step (batches of two rows or more) through one
 ``torch.compile``d function instead: the same arithmetic with the per-token Python and op dispatch fused away.
-Its shapes must not change from token to token, so it attends over the whole cache (columns not yet written
-masked like padding) plus the new key, and returns the new keys and values, which are written into the cache
+So that one graph serves every token, it attends over the whole cache (columns not yet written masked like
+padding) plus the new key, and returns the new keys and values, which are written into the cache
 outside it (an in-place cache write inside the compiled function costs a copy of the cache per token). The
 batch and cache length are dynamic dimensions, so dropping finished rows and a new prompt length compile
-nothing new; a new model size or device does (about 15 s on CPU). Logits agree with the eager step to float
-rounding (``tests/test_decoder.py``).
+nothing new; a new model size or device does (10-25 s on 2 CPU cores); a last single row decodes eagerly (a
+size-1 dimension would be compiled apart). Logits agree with the eager step to float rounding, and the sampler
+draws the same tokens (``tests/test_decoder.py``).
 
 Supported: ``transformers``' ``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (grouped-query attention, optional
 biases, any rotary type the model's own ``rotary_emb`` computes) without sliding windows. ``supports(model)``
@@ -198,8 +199,8 @@ class KVDecoder:
         except torch._dynamo.exc.BackendCompilerFailed as err:
             reason = str(err).strip().splitlines()[0]
             raise ValueError(f"compile_decode: torch.compile could not compile the decode step here ({reason}); "
-                               "decode without it (compile_decode=False), or install a C++ compiler such as "
-                               "gcc for torch.compile on CPU") from None
+                             "decode without it (compile_decode=False), or install a C++ compiler such as "
+                             "gcc for torch.compile on CPU") from None
         self.K[:, :, :, col], self.V[:, :, :, col] = k_new, v_new
         self.valid_BL[:, col], self.n = True, col + 1
         return logits

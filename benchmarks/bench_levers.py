@@ -1,0 +1,126 @@
+"""Benchmark: what each of opdlab's speed levers gives, measured by turning it off (or on) in one process.
+
+Arms, each an ``opd_step`` on its own copy of one student against one teacher, on the same prompts
+(``bench_peers.make_case``), alternating step by step:
+
+- ``opdlab``: ``opd_step`` as it runs by default;
+- ``compiled_decode``: with ``TrainConfig.compile_decode`` (the decoder's steps through ``torch.compile``;
+  compiled in the first warm-up step, untimed);
+- ``index_put_gather``: the packed forward gathering rows with ``x[idx]`` (whose backward is an accumulating
+  ``index_put``) instead of ``packed._rows`` (``index_select``, whose backward is an ``index_add``);
+- ``transformers_sampler``: sampling through the ``transformers`` forward instead of ``decoder.KVDecoder``;
+- ``padded_scorer``: teacher and student scored by the ``transformers`` forward over the padded layout instead
+  of ``opdlab.lm.packed``.
+
+Per arm: the median step time, the median of each phase of ``opd_step`` (sample, teacher, student forward and
+backward, optimizer, the rest), and ``opdlab / arm`` as the median over paired steps with min and max (below 1:
+the arm is slower, so the lever it turns off gains the inverse). Every arm draws the same tokens (the ``tokens``
+column), so the steps do the same work.
+
+    python benchmarks/bench_levers.py [--sizes nb04 5M/1M] [--batch 64] [--samples 4] [--steps 8] [--threads 2]
+
+Writes benchmarks/results/bench_levers-cpu.json (gitignored).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_peers import SIZES, WARMUP, clock, make_case, run_case, summarise  # noqa: E402
+
+import opdlab.train as opdlab_train  # noqa: E402
+from opdlab.lm import packed  # noqa: E402
+from opdlab.lm.sampling import completion_logits, sample  # noqa: E402
+
+ARMS = ("opdlab", "compiled_decode", "index_put_gather", "transformers_sampler", "padded_scorer")
+PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer")
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name = value`` inside the block."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def lever_off(arm: str):
+    """The context in which ``opd_step`` runs for ``arm`` (``compiled_decode`` is a config field instead)."""
+    if arm == "index_put_gather":
+        return patched(packed, "_rows", lambda x, idx: x[idx])
+    if arm == "transformers_sampler":
+        return patched(opdlab_train, "sample", functools.partial(sample, fast=False))
+    if arm == "padded_scorer":
+        return patched(opdlab_train, "completion_logits", functools.partial(completion_logits, fast=False))
+    return contextlib.nullcontext()
+
+
+def make_arm(case, arm: str, phases: dict):
+    """``step -> (seconds, sampled tokens)`` for ``arm``; each timed step's phase times go to ``phases[arm]``."""
+    config = case.config().replace(compile_decode=arm == "compiled_decode")
+    tr = opdlab_train.Trainer(config, case.task, case.teacher, copy.deepcopy(case.student), case.tokenizer)
+    phases[arm] = []
+
+    def step(s: int) -> tuple[float, int]:
+        with lever_off(arm):
+            t0 = clock(case.device)
+            metrics = opdlab_train.opd_step(tr, s)
+            seconds = clock(case.device) - t0
+        if s >= WARMUP:
+            phases[arm].append({p: metrics[f"time_{p}"] for p in PHASES})
+        return seconds, int(metrics["tokens"])
+    return step
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["nb04", "5M/1M"], choices=list(SIZES))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--steps", type=int, default=8, help=f"timed steps (after {WARMUP} warm-up steps)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.threads < 1 or args.batch < 1 or args.samples < 1 or args.batch % args.samples:
+        parser.error("--steps, --threads, --batch and --samples must be at least 1, the batch a multiple of "
+                     "--samples")
+    torch.set_num_threads(args.threads)
+    cases, lines = [], [f"one OPD step, torch threads {args.threads}, batch {args.batch} ({args.samples} per "
+                        f"prompt); median of {args.steps} after {WARMUP} warm-up; opdlab/arm over paired steps",
+                        f"{'size':<7}{'arm':>22}{'step s':>8}{'opdlab/arm':>11}{'(min-max)':>13}{'tokens':>8}"
+                        + "".join(f"{p[:12]:>13}" for p in PHASES)]
+    for size in args.sizes:
+        case = make_case(size, args.batch, WARMUP + args.steps, torch.device("cpu"), args.samples)
+        phases = {}
+        record = run_case(case, {arm: make_arm(case, arm, phases) for arm in ARMS}, args.threads)
+        res = summarise(case, record, reference="opdlab")
+        for arm, a in res["arms"].items():
+            a["phases_s"] = {p: statistics.median(r[p] for r in phases[arm]) for p in PHASES}
+            r = a["opdlab_over_arm"]
+            lines.append(f"{size:<7}{arm:>22}{a['median_s']:>8.3f}{r['median']:>11.2f}"
+                         f"{'(%.2f-%.2f)' % (r['min'], r['max']):>13}{a['sampled_tokens_per_step']:>8.0f}"
+                         + "".join(f"{a['phases_s'][p]:>13.4f}" for p in PHASES))
+        cases.append(res)
+    print("\n".join(lines))
+    out = dict(threads=args.threads, steps=args.steps, warmup=WARMUP, torch=torch.__version__, cases=cases)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "bench_levers-cpu.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
