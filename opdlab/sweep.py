@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlab import distributed
-from opdlab.config import TrainConfig
+from opdlab.config import HOW_ONLY, TrainConfig
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.sampling import greedy_accuracy
@@ -116,6 +116,12 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     runs = [c.replace(divergence=d, method=m, seed=s, **v) for c in configs for d, m in arms for v in variants
             for s in seeds]
     runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
+    paths = [path for _, path in runs]
+    twice = sorted({path for path in paths if paths.count(path) > 1})
+    if twice:
+        raise ValueError(f"two runs of this sweep would share the directory {twice[0]}: their configs are the "
+                         "same or differ only in fields that decide how a run is computed, not what "
+                         f"({', '.join(HOW_ONLY)}); drop the duplicate seed, arm or variant")
     workers = min(workers, len(runs)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads

@@ -101,3 +101,11 @@ def test_variants_cross_every_arm_and_seed_in_one_pool(tmp_path):
 def test_bad_variants_are_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="variants must be"):
         sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], tmp_path, progress=False, variants=bad)
+
+
+@pytest.mark.parametrize("seeds, variants", [([0, 0], None), ([0], [{}, {"compile_decode": True}])])
+def test_runs_that_would_share_a_directory_are_refused_before_any_training(tmp_path, seeds, variants):
+    with pytest.raises(ValueError, match="would share the directory .*compile_decode.*drop the duplicate"):
+        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], seeds, tmp_path, progress=False,
+              variants=variants)
+    assert not (tmp_path / "runs").exists() and not any(tmp_path.iterdir())
