@@ -13,7 +13,7 @@ Arms, each an ``opd_step`` on its own copy of one student against one teacher, o
   of ``opdlab.lm.packed``.
 
 Per arm: the median step time, the median of each phase of ``opd_step`` (sample, teacher, student forward and
-backward, optimizer, the rest), and ``opdlab / arm`` as the median over paired steps with min and max (below 1:
+backward, optimizer), and ``opdlab / arm`` as the median over paired steps with min and max (below 1:
 the arm is slower, so the lever it turns off gains the inverse). Every arm draws the same tokens (the ``tokens``
 column), so the steps do the same work.
 

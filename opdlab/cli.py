@@ -113,7 +113,8 @@ def _cmd_train(args) -> int:
     if not args.run_dir.strip():
         raise ValueError("RUN_DIR is empty: give a new directory, or one that holds a run to resume")
     recorded = stored_config(args.run_dir) if Path(args.run_dir).is_dir() else None
-    # resuming: the recorded config is the truth, and -p may only repeat it (RunLog names any field that differs)
+    # resuming: the recorded config is the truth, and -p may only repeat it (RunLog names any field that differs),
+    # or change a field of config.HOW_ONLY
     config = TrainConfig.from_dict({**(recorded or {}), **{key: _literal(value) for key, value in args.parameter}})
     evals = train(config, args.run_dir, progress=not args.quiet)
     last = evals[evals["kind"] == "eval"].iloc[-1]

@@ -75,8 +75,8 @@ class TrainConfig:
     """``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``; bf16 autocast on CUDA."""
     compile_decode: bool = False
     """Sample through a ``torch.compile``d decode step (``opdlab.lm.decoder``): the same tokens to float rounding,
-    about 1.3x faster sampling on CPU once compiled (about 25 s per process and model size). It decides how a run
-    is computed, not what: it is left out of the run's name and of the check on resume (``HOW_ONLY``)."""
+    about 1.37x faster sampling on CPU once compiled (about 10-15 s per process and model size). It decides how a
+    run is computed, not what: it is left out of the run's name and of the check on resume (``HOW_ONLY``)."""
     teacher_path: str | None = None
     """A local checkpoint directory to use as the teacher instead of the task-trained one."""
     student_path: str | None = None

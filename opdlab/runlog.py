@@ -19,7 +19,8 @@ Nothing is lost or mixed:
 - every rewrite (config, metrics on resume) goes to a temporary file renamed into place, and a checkpoint to a
   temporary directory renamed into place, so an interruption leaves the old version or the new one; temporary
   copies left by an interruption are removed on the next start;
-- a run records its fingerprint and refuses, naming what differs, to continue under another one.
+- a run records its fingerprint and refuses, naming what differs, to continue under another one (the fields of
+  ``config.HOW_ONLY``, which decide how a run is computed and not what, may differ).
 
 On resume, metric lines logged after the checkpoint's step are dropped (they are recomputed), so a resumed
 run's metrics.jsonl equals an uninterrupted one's. Non-finite metric values are written as ``null`` and named

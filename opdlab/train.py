@@ -19,7 +19,8 @@ steps. A run started again in the same directory resumes from its checkpoint and
 as an uninterrupted one: the training prompts are a fixed seeded list, sampling uses one explicit generator
 (one per rank) whose state is checkpointed, and evaluation draws from a generator seeded by the step. The run
 directory (``runlog.RunLog``) is locked while a run writes it, and a run resumes only under the fingerprint it
-started with (config, teacher and initial student weights).
+started with (config, teacher and initial student weights), except the fields of ``config.HOW_ONLY``
+(``compile_decode``), which may change on resume; such a run equals an uninterrupted one to float rounding.
 
 Several processes (``torchrun --nproc_per_node N -m opdlab train ...``) train one student data-parallel:
 each rank samples its share of the step's prompts, the surrogate is reduced over the global batch and the
@@ -333,7 +334,7 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
     """Run (or resume) OPD training as ``config`` says, writing ``run_dir``; return its metrics DataFrame.
 
     The run directory is locked for the duration (``runlog.RunLog``); a run resumes only under the fingerprint
-    it started with (config, teacher and initial student weights). A non-finite gradient norm stops the run
+    it started with (config, teacher and initial student weights; ``config.HOW_ONLY`` fields may change). A non-finite gradient norm stops the run
     with a ValueError before the step is checkpointed; Ctrl-C raises ``Interrupted`` saying how to resume.
 
     Args:

@@ -121,6 +121,16 @@ def test_a_compile_that_cannot_run_here_says_so_in_one_line(tmp_path):
     assert "compile_decode=False" in out.stdout and "C++ compiler" in out.stdout
 
 
+def test_past_torchs_recompile_limit_a_model_decodes_eagerly_with_a_warning():
+    sample(model_of("qwen3"), TOK, PROMPTS, TASK, 6, torch.Generator().manual_seed(0), compiled=True)
+    other = build_model(ModelRecipe(hidden=32, layers=3, heads=4, intermediate=64, seed=0), TOK).eval()
+    with torch._dynamo.config.patch(recompile_limit=1):  # no room for another model size
+        with pytest.warns(UserWarning, match="compile_decode: this process has compiled the decode step for as many"):
+            got = sample(other, TOK, PROMPTS, TASK, 6, torch.Generator().manual_seed(0), compiled=True)
+    want = sample(other, TOK, PROMPTS, TASK, 6, torch.Generator().manual_seed(0))
+    assert torch.equal(got.completion_ids_BT, want.completion_ids_BT)
+
+
 def test_unsupported_models_fall_back_to_the_transformers_forward():
     model = model_of("qwen3")
     model.config.layer_types = ["sliding_attention"] * 2

@@ -17,18 +17,21 @@ prompt column attends to itself only, so that no softmax is empty.
 Compiled step. ``KVDecoder(..., compiled=True)`` runs each decode step (batches of two rows or more) through one
 ``torch.compile``d function instead: the same arithmetic with the per-token Python and op dispatch fused away.
 So that one graph serves every token, it attends over the whole cache (columns not yet written masked like
-padding) plus the new key, and returns the new keys and values, which are written into the cache
-outside it (an in-place cache write inside the compiled function costs a copy of the cache per token). The
-batch and cache length are dynamic dimensions, so dropping finished rows and a new prompt length compile
-nothing new; a new model size or device does (10-25 s on 2 CPU cores); a last single row decodes eagerly (a
-size-1 dimension would be compiled apart). Logits agree with the eager step to float rounding, and the sampler
-draws the same tokens (``tests/test_decoder.py``).
+padding) plus the new key, and returns the new keys and values, which are written into the cache outside it
+(an in-place cache write inside the compiled function costs a copy of the cache per token). The batch and cache
+length are dynamic dimensions, so dropping finished rows and a new prompt length compile nothing new; a new
+model size or device does (about 10-15 s on 2 CPU cores, less where inductor's on-disk cache already holds it);
+a last single row decodes eagerly (a size-1 dimension would be compiled apart). Logits agree with the eager step to float rounding, so the sampler
+draws the same tokens unless a draw falls within that rounding of a boundary (none did in the tests,
+``tests/test_decoder.py``, nor in any benchmark).
 
 Supported: ``transformers``' ``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (grouped-query attention, optional
 biases, any rotary type the model's own ``rotary_emb`` computes) without sliding windows. ``supports(model)``
 says whether a model qualifies; ``sampling.sample`` falls back to the ``transformers`` forward otherwise.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +100,8 @@ class KVDecoder:
     ``sampling.positions`` does.
 
     The q/k/v and gate/up projections of each block run as one matrix product each (their weights concatenated
-    once per decoder, so a decoder sees the parameters of the moment it was built).
+    once per decoder, so a decoder sees the parameters of the moment it was built). ``compiled=True`` runs
+    ``step`` through one ``torch.compile``d function (see the module doc).
     """
 
     def __init__(self, model, batch: int, max_len: int, compiled: bool = False):
@@ -189,20 +193,28 @@ class KVDecoder:
         return self._logits(h)
 
     def _compiled_step(self, tok_R: torch.Tensor) -> torch.Tensor:
-        """``step`` through ``_decode_step``: the cache is read whole, the new column written here."""
-        col, self.pos_B = self.n, self.pos_B + 1
-        args = (tok_R, self.cos[self.pos_B], self.sin[self.pos_B], self.K, self.V, self.valid_BL)
+        """``step`` through ``_decode_step``: the cache is read whole, the new column written here. Where the
+        process already holds as many compiled versions as torch allows (one per model size and device), this
+        decoder warns once and steps eagerly."""
+        col, pos_B = self.n, self.pos_B + 1
+        args = (tok_R, self.cos[pos_B], self.sin[pos_B], self.K, self.V, self.valid_BL)
         for x, dims in zip(args, ((0,), (0,), (0,), (1, 3), (1, 3), (0, 1))):  # rows and columns vary
             torch._dynamo.mark_dynamic(x, dims)
         try:
             logits, k_new, v_new = _compiled_decode()(self.model, self.qkv, self.gate_up, *args, self.H, self.scale)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn("compile_decode: this process has compiled the decode step for as many model sizes as "
+                          "torch allows (torch._dynamo.config.recompile_limit); this model decodes without it",
+                          stacklevel=2)
+            self.compiled = False
+            return self.step(tok_R)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             reason = str(err).strip().splitlines()[0]
             raise ValueError(f"compile_decode: torch.compile could not compile the decode step here ({reason}); "
-                             "decode without it (compile_decode=False), or install a C++ compiler such as "
-                             "gcc for torch.compile on CPU") from None
+                             "decode without it (compile_decode=False), or install what torch.compile needs: a "
+                             "C++ compiler such as gcc on CPU, Triton on CUDA") from None
         self.K[:, :, :, col], self.V[:, :, :, col] = k_new, v_new
-        self.valid_BL[:, col], self.n = True, col + 1
+        self.valid_BL[:, col], self.n, self.pos_B = True, col + 1, pos_B
         return logits
 
     def keep(self, keep_R: torch.Tensor) -> None:
