@@ -398,14 +398,14 @@ def report(res: dict) -> str:
     """The results as a text table."""
     lines = [f"one training step on {res['device_name']}, torch threads {res['threads']}; median of {res['steps']} "
              f"after {WARMUP} warm-up; plain/arm over paired steps (min-max); tokens: sampled per step",
-             f"{'size':<7}{'batch':>6}{'G':>3}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}{'tokens':>8}"
-             f"{'1st step s':>11}"]
+             f"{'size':<7}{'batch':>6}{'G':>3}{'arm':>18}{'median s':>10}{'plain/arm':>11}{'(min-max)':>14}"
+             f"{'tokens':>8}{'1st step s':>11}"]
     for c in res["cases"]:
         for name, a in c["arms"].items():
             r = a.get("plain_over_arm")
             ratio = f"{r['median']:>11.2f}{'(%.2f-%.2f)' % (r['min'], r['max']):>14}" if r else f"{'-':>11}{'':>14}"
             lines.append(f"{c['size']:<7}{c['batch']:>6}{c.get('samples', 1):>3}{name:>18}{a['median_s']:>10.4f}{ratio}"
-                         f"{a['sampled_tokens_per_step']:>8.0f}{a['warmup_s'][0] if a.get('warmup_s') else float('nan'):>11.2f}")
+                         f"{a['sampled_tokens_per_step']:>8.0f}{(a.get('warmup_s') or [float('nan')])[0]:>11.2f}")
     return "\n".join(lines)
 
 

@@ -334,8 +334,9 @@ def train(config: TrainConfig, run_dir: str | Path, task=None, models=None, prog
     """Run (or resume) OPD training as ``config`` says, writing ``run_dir``; return its metrics DataFrame.
 
     The run directory is locked for the duration (``runlog.RunLog``); a run resumes only under the fingerprint
-    it started with (config, teacher and initial student weights; ``config.HOW_ONLY`` fields may change). A non-finite gradient norm stops the run
-    with a ValueError before the step is checkpointed; Ctrl-C raises ``Interrupted`` saying how to resume.
+    it started with (config, teacher and initial student weights; ``config.HOW_ONLY`` fields may change). A
+    non-finite gradient norm stops the run with a ValueError before the step is checkpointed; Ctrl-C raises
+    ``Interrupted`` saying how to resume.
 
     Args:
         task: a task object; default ``opdlab.tasks.get_task(config.task)``.

@@ -21,9 +21,9 @@ padding) plus the new key, and returns the new keys and values, which are writte
 (an in-place cache write inside the compiled function costs a copy of the cache per token). The batch and cache
 length are dynamic dimensions, so dropping finished rows and a new prompt length compile nothing new; a new
 model size or device does (about 10-15 s on 2 CPU cores, less where inductor's on-disk cache already holds it);
-a last single row decodes eagerly (a size-1 dimension would be compiled apart). Logits agree with the eager step to float rounding, so the sampler
-draws the same tokens unless a draw falls within that rounding of a boundary (none did in the tests,
-``tests/test_decoder.py``, nor in any benchmark).
+a last single row decodes eagerly (a size-1 dimension would be compiled apart). Logits agree with the eager
+step to float rounding, so the sampler draws the same tokens unless a draw falls within that rounding of a
+boundary (none did in the tests, ``tests/test_decoder.py``, nor in any benchmark).
 
 Supported: ``transformers``' ``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (grouped-query attention, optional
 biases, any rotary type the model's own ``rotary_emb`` computes) without sliding windows. ``supports(model)``
@@ -194,8 +194,8 @@ class KVDecoder:
 
     def _compiled_step(self, tok_R: torch.Tensor) -> torch.Tensor:
         """``step`` through ``_decode_step``: the cache is read whole, the new column written here. Where the
-        process already holds as many compiled versions as torch allows (one per model size and device), this
-        decoder warns once and steps eagerly."""
+        process already holds as many compiled versions as torch allows (one per model size and device), it warns
+        and this decoder steps eagerly from then on."""
         col, pos_B = self.n, self.pos_B + 1
         args = (tok_R, self.cos[pos_B], self.sin[pos_B], self.K, self.V, self.valid_BL)
         for x, dims in zip(args, ((0,), (0,), (0,), (1, 3), (1, 3), (0, 1))):  # rows and columns vary
