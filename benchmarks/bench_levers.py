@@ -4,13 +4,12 @@ Arms, each an ``opd_step`` on its own copy of one student against one teacher, o
 (``bench_peers.make_case``), alternating step by step:
 
 - ``opdlab``: ``opd_step`` as it runs by default;
-- ``compiled_decode``: with ``TrainConfig.compile_decode`` (the decoder's steps through ``torch.compile``;
+- ``compiled_decode``: with ``Runtime.compile_decode`` (the decoder's steps through ``torch.compile``;
   compiled in the first warm-up step, untimed);
-- ``index_put_gather``: the packed forward gathering rows with ``x[idx]`` (whose backward is an accumulating
-  ``index_put``) instead of ``packed._rows`` (``index_select``, whose backward is an ``index_add``);
-- ``transformers_sampler``: sampling through the ``transformers`` forward instead of ``decoder.KVDecoder``;
-- ``padded_scorer``: teacher and student scored by the ``transformers`` forward over the padded layout instead
-  of ``opdlab.lm.packed``.
+- ``transformers_sampler``: ``Runtime(sampler="transformers")``, sampling through the ``transformers`` forward
+  instead of ``decoder.KVDecoder``;
+- ``padded_scorer``: ``Runtime(scorer="padded")``, teacher and student scored by the ``transformers`` forward
+  over the padded layout instead of ``opdlab.lm.packed``.
 
 Per arm: the median step time, the median of each phase of ``opd_step`` (sample, teacher, student forward and
 backward, optimizer), and ``opdlab / arm`` as the median over paired steps with min and max (below 1:
@@ -24,9 +23,7 @@ Writes benchmarks/results/bench_levers-cpu.json (gitignored).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import json
 import statistics
 import sys
@@ -37,47 +34,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_peers import SIZES, WARMUP, clock, make_case, run_case, summarise  # noqa: E402
 
-import opdlab.train as opdlab_train  # noqa: E402
-from opdlab.lm import packed  # noqa: E402
-from opdlab.lm.sampling import completion_logits, sample  # noqa: E402
+import opdlab.step as opdlab_step  # noqa: E402
+from opdlab.runtime import Runtime  # noqa: E402
 
-ARMS = ("opdlab", "compiled_decode", "index_put_gather", "transformers_sampler", "padded_scorer")
+ARMS = ("opdlab", "compiled_decode", "transformers_sampler", "padded_scorer")
 PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer")
 
 
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    """``module.name = value`` inside the block."""
-    original = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def lever_off(arm: str):
-    """The context in which ``opd_step`` runs for ``arm`` (``compiled_decode`` is a config field instead)."""
-    if arm == "index_put_gather":
-        return patched(packed, "_rows", lambda x, idx: x[idx])
-    if arm == "transformers_sampler":
-        return patched(opdlab_train, "sample", functools.partial(sample, fast=False))
-    if arm == "padded_scorer":
-        return patched(opdlab_train, "completion_logits", functools.partial(completion_logits, fast=False))
-    return contextlib.nullcontext()
+RUNTIMES = {"opdlab": Runtime(), "compiled_decode": Runtime(compile_decode=True),
+            "transformers_sampler": Runtime(sampler="transformers"), "padded_scorer": Runtime(scorer="padded")}
+"""Each arm is a ``Runtime``: the lever is turned off (or on) by name, not by patching opdlab."""
 
 
 def make_arm(case, arm: str, phases: dict):
     """``step -> (seconds, sampled tokens)`` for ``arm``; each timed step's phase times go to ``phases[arm]``."""
-    config = case.config().replace(compile_decode=arm == "compiled_decode")
-    tr = opdlab_train.Trainer(config, case.task, case.teacher, copy.deepcopy(case.student), case.tokenizer)
+    tr = opdlab_step.Trainer(case.config(), case.task, case.teacher, copy.deepcopy(case.student), case.tokenizer,
+                             RUNTIMES[arm])
     phases[arm] = []
 
     def step(s: int) -> tuple[float, int]:
-        with lever_off(arm):
-            t0 = clock(case.device)
-            metrics = opdlab_train.opd_step(tr, s)
-            seconds = clock(case.device) - t0
+        t0 = clock(case.device)
+        metrics = opdlab_step.opd_step(tr, s)
+        seconds = clock(case.device) - t0
         if s >= WARMUP:
             phases[arm].append({p: metrics[f"time_{p}"] for p in PHASES})
         return seconds, int(metrics["tokens"])

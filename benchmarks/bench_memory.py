@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from opdlab.config import TrainConfig
+from opdlab.presets import resolve
 from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
 from opdlab.tasks import get_task
-from opdlab.train import Trainer, load_models, opd_step
+from opdlab.step import Trainer, opd_step
+from opdlab.train import load_models
 
 
 def rss_bytes() -> int:
@@ -58,13 +59,13 @@ class PeakRSS:
 def run(args) -> dict:
     teacher_dir = smollm2_teacher()
     student_dir = layer_dropped_student(teacher_dir, spread_layers(30, args.student_layers))
-    config = TrainConfig(task="gsm_symbolic", divergence="jsd", method="opd_plus", baseline="expected", steps=4,
-                         prompts_per_step=args.prompts, samples_per_prompt=args.samples,
-                         max_new_tokens=args.max_new_tokens, lr=5e-5, device=args.device,
-                         teacher_path=str(teacher_dir), student_path=str(student_dir))
-    task = get_task(config.task)
-    teacher, student, tokenizer, _ = load_models(config, task, progress=False)
-    tr = Trainer(config, task, teacher, student, tokenizer)
+    config, runtime = resolve(dict(task="gsm_symbolic", divergence="jsd", method="opd_plus", baseline="expected",
+                                   steps=4, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
+                                   max_new_tokens=args.max_new_tokens, lr=5e-5, device=args.device, progress=False,
+                                   teacher_path=str(teacher_dir), student_path=str(student_dir)))
+    task = get_task(config.task.task)
+    teacher, student, tokenizer, _ = load_models(config, task, runtime)
+    tr = Trainer(config, task, teacher, student, tokenizer, runtime)
     for step in range(args.warmup):
         opd_step(tr, step)
     cuda = tr.device.type == "cuda"

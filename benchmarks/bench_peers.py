@@ -6,10 +6,10 @@ the same random models and the same prompts, for each arm:
 
 - ``opd``: ``opdlab.train.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
   teacher and the student score with ``opdlab.lm.packed``, each distinct prompt once);
-- ``opd_compiled``: the same ``opd_step`` with ``TrainConfig.compile_decode``: the decoder's steps run through
+- ``opd_compiled``: the same ``opd_step`` with ``Runtime.compile_decode``: the decoder's steps run through
   ``torch.compile`` (compiled in the first warm-up step, untimed: the `1st step s` column shows it);
 - ``opd_hf_sampler``: the same ``opd_step``, but sampling through the ``transformers`` forward
-  (``sample(..., fast=False)`` patched in for this arm only): the difference to ``opd`` is the decoder alone;
+  (``Runtime(sampler="transformers")`` for this arm only): the difference to ``opd`` is the decoder alone;
 - ``plain``: the step as one writes it with ``transformers``: ``model.generate`` (do_sample, temperature 1,
   top_k 0, top_p 1, KV cache), a teacher forward without gradient, a student forward with gradient, the same
   OPD+ reverse-KL advantage with the expected baseline (``opdlab.estimators``), REINFORCE loss, backward,
@@ -50,9 +50,7 @@ benchmarks/results/bench_peers-<device>.json and .png (gitignored).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import json
 import platform
 import queue
@@ -68,9 +66,10 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-import opdlab.train as opdlab_train
+import opdlab.step as opdlab_step
 from opdlab import divergences, estimators
-from opdlab.config import TrainConfig
+from opdlab.runtime import Runtime
+from opdlab.spec import ModelsSpec, RunSpec
 from opdlab.lm.device import autocast, pick_device
 from opdlab.lm.modeling import build_model, count_parameters
 from opdlab.lm.recipe import ModelRecipe
@@ -81,8 +80,8 @@ from opdlab.tasks import get_task
 ARMS = ("opd", "opd_compiled", "opd_hf_sampler", "plain", "trl_gkd", "trl_gkd_defaults")
 TRL_ARMS = ("trl_gkd", "trl_gkd_defaults")
 WARMUP = 2  # untimed steps per arm before the timed ones
-LR, GRAD_CLIP = 1e-4, 1.0  # TrainConfig's defaults, used by every arm but trl_gkd_defaults
-_NB04 = TrainConfig()  # notebook 04's defaults: teacher 128 x 4 layers (heads 4, MLP 384), student 96 x 4 (3, 288)
+LR, GRAD_CLIP = 1e-4, 1.0  # the RunSpec defaults, used by every arm but trl_gkd_defaults
+_NB04 = ModelsSpec()  # notebook 04's models: teacher 128 x 4 layers (heads 4, MLP 384), student 96 x 4 (3, 288)
 SIZES = {  # name: (teacher recipe, student recipe, max_new_tokens)
     "nb04": (_NB04.recipe("teacher"), _NB04.recipe("student"), 28),
     "5M/1M": (ModelRecipe(hidden=256, layers=6, heads=4, intermediate=640, seed=0),
@@ -111,13 +110,13 @@ class Case:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
-    def config(self) -> TrainConfig:
-        """The opdlab arms' config: OPD+ reverse KL, expected baseline, ``samples`` completions per prompt, and
+    def config(self) -> RunSpec:
+        """The opdlab arms' spec: OPD+ reverse KL, expected baseline, ``samples`` completions per prompt, and
         the full max_new_tokens (not the task's automatic budget)."""
-        return TrainConfig(task="arithmetic", divergence="reverse_kl", method="opd_plus", baseline="expected",
-                           steps=self.steps, prompts_per_step=self.batch // self.samples,
-                           samples_per_prompt=self.samples,
-                           max_new_tokens=self.max_new_tokens, lr=LR, grad_clip=GRAD_CLIP, seed=0)
+        return RunSpec.from_dict(dict(task="arithmetic", divergence="reverse_kl", method="opd_plus",
+                                      baseline="expected", steps=self.steps, prompts_per_step=self.batch // self.samples,
+                                      samples_per_prompt=self.samples, max_new_tokens=self.max_new_tokens, lr=LR,
+                                      grad_clip=GRAD_CLIP, seed=0))
 
 
 def make_case(size: str, batch: int, steps: int, device: torch.device, samples: int = 1) -> Case:
@@ -152,34 +151,22 @@ def timed(fn, device: torch.device):
     return run
 
 
-@contextlib.contextmanager
-def transformers_sampler():
-    """Inside the block ``opd_step`` samples through the ``transformers`` forward (``sample(..., fast=False)``)."""
-    original = opdlab_train.sample
-    opdlab_train.sample = functools.partial(sample, fast=False)
-    try:
-        yield
-    finally:
-        opdlab_train.sample = original
-
-
 def opd_arm(case: Case, fast: bool, compiled: bool = False):
-    """``opd_step`` on a copy of the student; ``fast=False`` samples with the transformers forward. Measures the
-    whole call (sampling, teacher, student forward and backward, advantages, clipping, AdamW, bookkeeping)."""
-    tr = opdlab_train.Trainer(case.config().replace(compile_decode=compiled), case.task, case.teacher,
-                              copy.deepcopy(case.student), case.tokenizer)
+    """``opd_step`` on a copy of the student; ``fast=False`` samples with the transformers forward
+    (``Runtime.sampler``). Measures the whole call (sampling, teacher, student forward and backward, advantages,
+    clipping, AdamW, bookkeeping)."""
+    runtime = Runtime(compile_decode=compiled, sampler="fast" if fast else "transformers")
+    tr = opdlab_step.Trainer(case.config(), case.task, case.teacher, copy.deepcopy(case.student), case.tokenizer,
+                             runtime)
     for s in range(case.steps):  # the same prompts as the other arms
         assert [ex.prompt for ex in tr.batch(s)] == case.prompts[s], "opdlab's Trainer draws other prompts"
 
-    def step(s: int) -> int:
-        with contextlib.nullcontext() if fast else transformers_sampler():
-            return opd_step_tokens(tr, s)
-    return timed(step, case.device)
+    return timed(lambda s: opd_step_tokens(tr, s), case.device)
 
 
 def opd_step_tokens(tr, s: int) -> int:
     """One ``opd_step``; the number of tokens it sampled."""
-    return int(opdlab_train.opd_step(tr, s)["tokens"])
+    return int(opdlab_step.opd_step(tr, s)["tokens"])
 
 
 def plain_arm(case: Case):

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from opdlab.config import TrainConfig
+from opdlab.presets import resolve
 from opdlab.lm import packed
 from opdlab.lm.modeling import count_parameters
 from opdlab.lm.sampling import sample
 from opdlab.tasks import get_task
-from opdlab.train import Trainer, load_models, opd_step
+from opdlab.step import Trainer, opd_step
+from opdlab.train import load_models
 
 PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer", "advantage", "bookkeeping")
 OVERHEAD = ("advantage", "bookkeeping")
@@ -59,13 +60,13 @@ def model_flops_per_token(model) -> float:
 
 
 def run(args) -> dict:
-    config = TrainConfig(task=args.task, divergence="forward_kl", method="opd_plus", steps=args.steps + 2,
-                         device=args.device, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
-                         baseline=args.baseline)
-    task = get_task(config.task)
-    teacher, student, tok, meta = load_models(config, task, progress=True)
-    tr = Trainer(config, task, teacher, copy.deepcopy(student), tok)
-    records = [opd_step(tr, step) for step in range(config.steps)][2:]  # two untimed warm-up steps
+    config, runtime = resolve(dict(task=args.task, divergence="forward_kl", method="opd_plus", steps=args.steps + 2,
+                                   device=args.device, prompts_per_step=args.prompts, samples_per_prompt=args.samples,
+                                   baseline=args.baseline))
+    task = get_task(config.task.task)
+    teacher, student, tok, meta = load_models(config, task, runtime)
+    tr = Trainer(config, task, teacher, copy.deepcopy(student), tok, runtime)
+    records = [opd_step(tr, step) for step in range(config.optim.steps)][2:]  # two untimed warm-up steps
     peak = matmul_peak(tr.device)
     peak_bf16 = matmul_peak(tr.device, dtype=torch.bfloat16)
     fs, ft = model_flops_per_token(student), model_flops_per_token(teacher)
@@ -82,8 +83,8 @@ def run(args) -> dict:
                       gflops=flops[p] / med[p] / 1e9 if p in flops else None,
                       tokens_per_s=(gen_tokens if p == "sample" else L) / med[p] if p in flops else None)
               for p in PHASES}
-    return dict(device=str(tr.device), threads=torch.get_num_threads(), task=config.task,
-                batch=config.prompts_per_step * config.samples_per_prompt, max_new_tokens=tr.max_new_tokens,
+    return dict(device=str(tr.device), threads=torch.get_num_threads(), task=config.task.task,
+                batch=config.optim.prompts_per_step * config.optim.samples_per_prompt, max_new_tokens=tr.max_new_tokens,
                 student_parameters=count_parameters(student), teacher_parameters=count_parameters(teacher),
                 step_s=step_time, sampled_tokens_per_step=gen_tokens, tokens_per_s=gen_tokens / step_time,
                 matmul_peak_gflops=peak, matmul_peak_bf16_gflops=peak_bf16,

@@ -42,6 +42,7 @@ import torch
 from opdlab.divergences import get
 from opdlab.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient, make_categorical,
                         make_sequence, sequence_log_probs, token_local_gradient)
+from opdlab.errors import UserError
 
 __all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Term", "Estimator", "estimator",
            "catalogue", "get_estimator", "load_function", "expected_gradient", "audit", "cosine_summary", "verdicts",
@@ -66,7 +67,7 @@ class Term:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown gradient mode {self.mode!r}; allowed: {', '.join(MODES)} (backprop: the "
+            raise UserError(f"unknown gradient mode {self.mode!r}; allowed: {', '.join(MODES)} (backprop: the "
                              "value is differentiated directly; policy_gradient: a detached advantage times "
                              "grad log pi; importance_ratio: pi/sg(pi) times the value)")
         _arguments(self.fn)
@@ -94,9 +95,9 @@ class Estimator:
 
     def __post_init__(self):
         if not self.terms:
-            raise ValueError(f"estimator {self.name!r} has no terms")
+            raise UserError(f"estimator {self.name!r} has no terms")
         if self.scope not in TARGETS:
-            raise ValueError(f"scope of {self.name!r} must be one of {', '.join(TARGETS)}, got {self.scope!r}")
+            raise UserError(f"scope of {self.name!r} must be one of {', '.join(TARGETS)}, got {self.scope!r}")
         for name in ([self.claims] if self.claims else []) + list(self.follows or {}):
             get(name)  # a clear error for an unknown divergence
 
@@ -126,7 +127,7 @@ def get_estimator(name: str) -> Estimator:
     """A catalogue entry by name; an unknown name lists the known ones."""
     entries = catalogue()
     if name not in entries:
-        raise ValueError(f"unknown catalogue estimator {name!r}; known: {', '.join(entries)}")
+        raise UserError(f"unknown catalogue estimator {name!r}; known: {', '.join(entries)}")
     return entries[name]
 
 
@@ -134,7 +135,7 @@ def load_function(spec: str) -> Callable:
     """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
     module_name, sep, attr = str(spec).rpartition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"give the function as MODULE:FUNCTION (e.g. mypkg.losses:my_kl or losses.py:my_kl), "
+        raise UserError(f"give the function as MODULE:FUNCTION (e.g. mypkg.losses:my_kl or losses.py:my_kl), "
                          f"got {spec!r}")
     if module_name.endswith(".py"):
         path = Path(module_name)
@@ -147,9 +148,9 @@ def load_function(spec: str) -> Callable:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"cannot import module {module_name!r} of {spec!r}: {err}") from None
+            raise UserError(f"cannot import module {module_name!r} of {spec!r}: {err}") from None
     if not hasattr(module, attr):
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+        raise UserError(f"module {module_name!r} has no attribute {attr!r}")
     fn = getattr(module, attr)
     _arguments(fn)
     return fn
@@ -221,11 +222,11 @@ def _values(term: Term, inputs: dict[str, torch.Tensor], name: str) -> torch.Ten
         raise TypeError(f"estimator {name!r}: {label} returned {type(v).__name__}; it must return a tensor of "
                         f"per-token values with shape (B, T) = {shape}")
     if tuple(v.shape) != shape:
-        raise ValueError(f"estimator {name!r}: {label} returned shape {tuple(v.shape)}; expected one value per "
+        raise UserError(f"estimator {name!r}: {label} returned shape {tuple(v.shape)}; expected one value per "
                          f"token, (B, T) = {shape}")
     bad = ~torch.isfinite(v.detach())
     if bool(bad.any()):
-        raise ValueError(f"estimator {name!r}: {label} returned {int(bad.sum())} non-finite values (NaN or inf) "
+        raise UserError(f"estimator {name!r}: {label} returned {int(bad.sum())} non-finite values (NaN or inf) "
                          f"out of {v.numel()}; it must be finite wherever the student's and teacher's "
                          "log-probabilities are (check divisions, logs of 0, exp overflow)")
     return v.to(DTYPE)
@@ -259,7 +260,7 @@ def per_sample_gradients(est: Estimator, toy: CategoricalToy | SequenceToy) -> t
     if grad_SNV is None:
         grad_SNV = torch.zeros_like(theta_SNV)
     if not bool(torch.isfinite(grad_SNV).all()):
-        raise ValueError(f"estimator {est.name!r} has a non-finite gradient on this toy (its value is finite, its "
+        raise UserError(f"estimator {est.name!r} has a non-finite gradient on this toy (its value is finite, its "
                          "derivative is not: e.g. sqrt or abs at 0, a clamp edge)")
     return grad_SNV.reshape(S, -1), e.P_S
 
@@ -286,9 +287,9 @@ def _exact(name: str, toy, target: str) -> torch.Tensor:
 
 def _toys(kind: str, n_toys: int, seed: int, n_tokens: int, vocab_size: int, horizon: int, temperature: float):
     if kind not in KINDS:
-        raise ValueError(f"unknown toy kind {kind!r}; allowed: {', '.join(KINDS)}")
+        raise UserError(f"unknown toy kind {kind!r}; allowed: {', '.join(KINDS)}")
     if isinstance(n_toys, bool) or not isinstance(n_toys, int) or n_toys < 1:
-        raise ValueError(f"n_toys must be an integer >= 1, got {n_toys!r}")
+        raise UserError(f"n_toys must be an integer >= 1, got {n_toys!r}")
     for s in range(seed, seed + n_toys):
         yield s, (make_categorical(n_tokens, s, temperature) if kind == "categorical"
                   else make_sequence(vocab_size, horizon, s, temperature))

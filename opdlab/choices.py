@@ -1,7 +1,7 @@
 """The named choices of an estimator and of a run, in one torch-free place: methods, baselines, reductions,
 and the divergence names the registry accepts.
 
-``opdlab.config`` validates a ``TrainConfig`` against these without loading torch; ``opdlab.estimators``,
+``opdlab.spec`` validates a ``RunSpec`` against these without loading torch; ``opdlab.estimators``,
 ``opdlab.toy`` and ``opdlab.divergences`` use the same tuples. The math behind each choice is in
 docs/math.md (§3 methods, §4 γ and reductions, §5 baselines).
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+
+from opdlab.errors import UserError
 
 __all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
            "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
@@ -23,7 +25,7 @@ distributions; no sampling noise at the token), and ``"supervised_kd"``, cross-e
 from the teacher (sequence-level knowledge distillation, off-policy)."""
 
 TRAIN_METHODS = METHODS + REFERENCE_METHODS
-"""What ``TrainConfig.method`` accepts."""
+"""What ``Objective.method`` accepts."""
 
 BASELINES = ("none", "expected", "loo")
 """``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the
@@ -39,7 +41,7 @@ sequence gradient grad J and gamma = 0 the token-local one; ``"token"`` rescales
 (docs/math.md §4)."""
 
 DEFAULT_REDUCTION = "token"
-"""The reduction of ``TrainConfig`` and of every surrogate loss when none is named."""
+"""The reduction of ``Objective`` and of every surrogate loss when none is named."""
 
 FIXED_DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2")
 DIVERGENCE_FAMILIES = {
@@ -69,19 +71,19 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
         return key, None
     family, sep, raw = key.partition(":")
     if family not in DIVERGENCE_FAMILIES:
-        raise ValueError(f"unknown divergence {name!r}; allowed: {allowed_divergences()}")
+        raise UserError(f"unknown divergence {name!r}; allowed: {allowed_divergences()}")
     if not sep or not raw:
-        raise ValueError(f"divergence family {family!r} needs a parameter: {DIVERGENCE_FAMILIES[family]}")
+        raise UserError(f"divergence family {family!r} needs a parameter: {DIVERGENCE_FAMILIES[family]}")
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"parameter of {family!r} must be a number, got {raw!r}: "
+        raise UserError(f"parameter of {family!r} must be a number, got {raw!r}: "
                          f"{DIVERGENCE_FAMILIES[family]}") from None
     if not math.isfinite(value):
-        raise ValueError(f"parameter of {family!r} must be finite, got {raw!r}: {DIVERGENCE_FAMILIES[family]}")
+        raise UserError(f"parameter of {family!r} must be finite, got {raw!r}: {DIVERGENCE_FAMILIES[family]}")
     if family == "gjsd":
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: "
+            raise UserError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: "
                              f"{DIVERGENCE_FAMILIES['gjsd']}")
         if value in (0.0, 1.0):
             warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
@@ -93,11 +95,11 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
 def check_method(method: str) -> None:
     """Raise a ValueError unless ``method`` is one of ``METHODS``."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
 def check_baseline(baseline: str) -> None:
     """Raise a ValueError unless ``baseline`` is one of ``BASELINES``."""
     if baseline not in BASELINES:
-        raise ValueError(f"unknown baseline {baseline!r}; allowed: 'none', 'expected' (exact per-context mean of "
+        raise UserError(f"unknown baseline {baseline!r}; allowed: 'none', 'expected' (exact per-context mean of "
                          "the advantage), 'loo' (leave-one-out over the other samples)")

@@ -4,7 +4,8 @@
                                          cos(E[g], grad D_f) of OPD and OPD+ on random categorical toys, exact
     opdlab divergences                   the registry: f, OPD+ advantage, bounded or not
     opdlab train RUN_DIR [-p FIELD VALUE ...]
-                                         one OPD/OPD+ run (TrainConfig fields), resumable; data-parallel
+                                         one OPD/OPD+ run (RunSpec and Runtime fields, -p preset NAME),
+                                         resumable; data-parallel
                                          under torchrun --nproc_per_node N -m opdlab train ...
     opdlab eval MODEL_DIR --task NAME [-n N] [--samples K] [--seed S] [--device D] [--csv PATH]
                                          held-out greedy accuracy, avg@K (temperature 1), malformed rate,
@@ -30,6 +31,8 @@ import ast
 import errno
 import sys
 from pathlib import Path
+
+from opdlab.errors import UserError
 
 __all__ = ["main", "build_parser"]
 
@@ -105,22 +108,26 @@ def _cmd_toy(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from opdlab.config import TrainConfig
     from opdlab.distributed import world
-    from opdlab.runlog import stored_config
+    from opdlab.presets import resolve
+    from opdlab.runlog import stored_config, stored_runtime
     from opdlab.train import train
 
     if not args.run_dir.strip():
-        raise ValueError("RUN_DIR is empty: give a new directory, or one that holds a run to resume")
+        raise UserError("RUN_DIR is empty: give a new directory, or one that holds a run to resume")
     recorded = stored_config(args.run_dir) if Path(args.run_dir).is_dir() else None
-    # resuming: the recorded config is the truth, and -p may only repeat it (RunLog names any field that differs),
-    # or change a field of config.HOW_ONLY
-    config = TrainConfig.from_dict({**(recorded or {}), **{key: _literal(value) for key, value in args.parameter}})
-    evals = train(config, args.run_dir, progress=not args.quiet)
+    # resuming: the recorded spec is the truth, and -p may only repeat it (RunLog names any field that differs),
+    # or change the runtime (device, cache, threads, compile_decode, ...), which is never part of a run's identity
+    flat = {key: _literal(value) for key, value in args.parameter}
+    if args.quiet:
+        flat["progress"] = False
+    last = stored_runtime(args.run_dir) if recorded is not None else None
+    spec, runtime = resolve(flat, recorded, last)
+    evals = train(spec, args.run_dir, runtime)
     last = evals[evals["kind"] == "eval"].iloc[-1]
     if world().is_main:  # under torchrun: one summary, from rank 0
         print(f"{args.run_dir}: step {int(last['step'])}, held-out greedy accuracy {last['greedy_accuracy']:.3f}, "
-              f"avg@{config.eval_samples} {last['sampled_accuracy']:.3f}")
+              f"avg@{spec.eval.eval_samples} {last['sampled_accuracy']:.3f}")
     return 0
 
 
@@ -149,16 +156,16 @@ def _cmd_eval(args) -> int:
     import pandas as pd
     import torch
 
-    from opdlab.config import TrainConfig
     from opdlab.lm.device import pick_device
     from opdlab.lm.modeling import load_model
     from opdlab.lm.sampling import sampled_accuracy
     from opdlab.lm.tokenizer import check_task_tokenizer
     from opdlab.tasks import get_task, summarize
-    from opdlab.train import EVAL_SEED, eval_examples, max_new_tokens
+    from opdlab.spec import EvalSpec
+    from opdlab.step import EVAL_SEED, eval_examples, max_new_tokens
 
     seed = EVAL_SEED if args.seed is None else args.seed
-    n, k = args.n or TrainConfig.eval_n, args.samples or TrainConfig.eval_samples
+    n, k = args.n or EvalSpec.eval_n, args.samples or EvalSpec.eval_samples
     task, device = get_task(args.task), pick_device(args.device)
     path = _checkpoint_dir(args.model_dir)
     model, tokenizer = load_model(path, device)
@@ -196,11 +203,11 @@ def _cmd_audit(args) -> int:
         return 0
     unknown = [n for n in args.names if n not in entries]
     if unknown:
-        raise ValueError(f"unknown catalogue estimator {unknown[0]!r}; known: {', '.join(entries)}")
+        raise UserError(f"unknown catalogue estimator {unknown[0]!r}; known: {', '.join(entries)}")
     chosen = [entries[n] for n in args.names]
     if args.function:
         if not args.mode:
-            raise ValueError("--function needs --mode: backprop, policy_gradient or importance_ratio")
+            raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
         chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
                                 scope="sequence" if args.sequence_scope else "token_local"))
     frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
@@ -238,16 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a student by OPD/OPD+ (resumes if RUN_DIR holds a checkpoint)")
     tr.add_argument("run_dir", help="run directory: config.json, metrics.jsonl, checkpoint/")
     tr.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
-                    help="a TrainConfig field (e.g. -p divergence forward_kl -p method opd)")
+                    help="a RunSpec or Runtime field, or preset NAME (e.g. -p preset smoke -p divergence forward_kl)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="held-out accuracy of a local checkpoint on a task")
     ev.add_argument("model_dir", help="a save_pretrained directory with its tokenizer, or a run directory")
     ev.add_argument("--task", required=True, help="task name (arithmetic, tool_use, gsm_symbolic, bfcl_simple)")
-    ev.add_argument("-n", type=_positive_int, help="held-out examples (default: TrainConfig.eval_n, 128)")
+    ev.add_argument("-n", type=_positive_int, help="held-out examples (default: EvalSpec.eval_n, 128)")
     ev.add_argument("--samples", type=_positive_int,
-                    help="K completions per example for avg@K (default: TrainConfig.eval_samples, 2)")
+                    help="K completions per example for avg@K (default: EvalSpec.eval_samples, 2)")
     ev.add_argument("--seed", type=int, help="seed of the held-out examples and of sampling (default: "
                                              "train.EVAL_SEED, the examples training evaluates on)")
     ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except UserError as err:
         print(f"opdlab {args.command}: error: {err}", file=sys.stderr)
     except OSError as err:
         print(f"opdlab {args.command}: error: {_os_message(err)}", file=sys.stderr)

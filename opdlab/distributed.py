@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from opdlab.choices import REDUCTIONS
 from opdlab.lm.device import pick_device
+from opdlab.errors import UserError
 
 __all__ = ["World", "world", "device", "join", "rank_seed", "check_share", "share", "global_loss", "sum_gradients", "gather",
            "from_main", "main_first", "TIMEOUT"]
@@ -70,7 +71,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"environment variable {name}={text!r} is not an integer; a launcher (torchrun, "
+        raise UserError(f"environment variable {name}={text!r} is not an integer; a launcher (torchrun, "
                          "accelerate launch) sets RANK, WORLD_SIZE and LOCAL_RANK to integers") from None
 
 
@@ -79,7 +80,7 @@ def world() -> World:
     size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if size < 1 or not 0 <= rank < size:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={size} are inconsistent: expected 0 <= RANK < WORLD_SIZE")
+        raise UserError(f"RANK={rank} and WORLD_SIZE={size} are inconsistent: expected 0 <= RANK < WORLD_SIZE")
     return World(rank, size, local_rank)
 
 
@@ -89,7 +90,7 @@ def device(name: str = "auto") -> torch.device:
     if w.size == 1 or chosen.type != "cuda":
         return chosen
     if chosen.index is not None and chosen.index != w.local_rank:
-        raise ValueError(f"device {name!r} asked for under a launcher with {w.size} ranks, where each rank uses "
+        raise UserError(f"device {name!r} asked for under a launcher with {w.size} ranks, where each rank uses "
                          f"cuda:LOCAL_RANK; use device 'auto' or 'cuda'")
     torch.cuda.set_device(w.local_rank)
     return torch.device("cuda", w.local_rank)
@@ -119,7 +120,7 @@ def rank_seed(seed: int, rank: int) -> int:
 def check_share(prompts_per_step: int, w: World) -> None:
     """Refuse a step's prompts that the ranks cannot share in whole prompts."""
     if prompts_per_step % w.size:
-        raise ValueError(f"prompts_per_step = {prompts_per_step} cannot be shared by {w.size} processes: it must "
+        raise UserError(f"prompts_per_step = {prompts_per_step} cannot be shared by {w.size} processes: it must "
                          f"be a multiple of the number of processes (each samples whole prompts with all their "
                          f"samples), e.g. {w.size * max(1, prompts_per_step // w.size)}; or launch a number of "
                          f"processes that divides {prompts_per_step}")
@@ -139,7 +140,7 @@ def global_loss(loss: torch.Tensor, mask_BT: torch.Tensor, reduction: str, w: Wo
     if w.size == 1:
         return loss
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+        raise UserError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
     n_r = mask_BT.sum() if reduction == "token" else torch.tensor(float(mask_BT.shape[0]), device=mask_BT.device)
     n = n_r.detach().clone().double()
     dist.all_reduce(n)

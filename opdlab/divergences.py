@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from opdlab.choices import DIVERGENCE_FAMILIES, FIXED_DIVERGENCES, parse_divergence
+from opdlab.errors import UserError
 
 __all__ = ["Divergence", "get", "names", "validate_log_probs"]
 
@@ -94,7 +95,7 @@ class Divergence:
             return self.opd_advantage(log_u)
         if method == "opd_plus":
             return self.opd_plus_advantage(log_u)
-        raise ValueError(f"unknown method {method!r}; allowed: 'opd' (stop-gradient, -f(u)) or 'opd_plus' (w_f(u))")
+        raise UserError(f"unknown method {method!r}; allowed: 'opd' (stop-gradient, -f(u)) or 'opd_plus' (w_f(u))")
 
     def exact(self, logp_teacher: torch.Tensor, logp_student: torch.Tensor) -> torch.Tensor:
         """``D_f = sum_a pi_student(a) f(pi_teacher(a) / pi_student(a))`` over the last axis.
@@ -106,12 +107,12 @@ class Divergence:
         logp_teacher, logp_student = _tensor(logp_teacher), _tensor(logp_student)
         validate_log_probs(logp_teacher=logp_teacher, logp_student=logp_student)
         if logp_teacher.shape[-1] != logp_student.shape[-1]:
-            raise ValueError(
+            raise UserError(
                 f"teacher and student have different vocabularies: last axes {logp_teacher.shape[-1]} and "
                 f"{logp_student.shape[-1]}; exact D_f needs both distributions over the same tokens"
             )
         if logp_teacher.shape != logp_student.shape:
-            raise ValueError(f"shapes do not match: logp_teacher {tuple(logp_teacher.shape)}, "
+            raise UserError(f"shapes do not match: logp_teacher {tuple(logp_teacher.shape)}, "
                              f"logp_student {tuple(logp_student.shape)}")
         return over_row_chunks(lambda lt, ls: self.expected(ls, lt - ls, "f").sum(-1), logp_teacher, logp_student)
 
@@ -126,7 +127,7 @@ class Divergence:
         assume ``log_u = logp_teacher - logp_student``.
         """
         if what not in ("f", "opd", "opd_plus"):
-            raise ValueError(f"what must be 'f', 'opd' or 'opd_plus', got {what!r}")
+            raise UserError(f"what must be 'f', 'opd' or 'opd_plus', got {what!r}")
         plain = self.f if what != "opd_plus" else self.opd_plus_advantage
         sign = -1.0 if what == "opd" else 1.0
 
@@ -170,13 +171,13 @@ def validate_log_probs(**tensors: torch.Tensor) -> None:
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            raise ValueError(
+            raise UserError(
                 f"{name} has {n_nan} NaN and {n_inf} infinite entries; log-probabilities must be finite "
                 f"(a token with probability 0 under the sampler cannot have been sampled; clamp or mask it)"
             )
         above = t > LOGP_TOLERANCE
         if bool(above.any()):
-            raise ValueError(
+            raise UserError(
                 f"{name} has {int(above.sum())} entries above 0 (largest {float(t.max()):.4g}); log-probabilities "
                 f"must be <= 0 (to within {LOGP_TOLERANCE:g}): were logits or log-ratios passed instead?"
             )

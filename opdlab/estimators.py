@@ -31,6 +31,7 @@ import torch
 
 from opdlab.choices import BASELINES, DEFAULT_REDUCTION, METHODS, REDUCTIONS, check_baseline, check_method
 from opdlab.divergences import Divergence, get, over_row_chunks, validate_log_probs
+from opdlab.errors import UserError
 
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
@@ -65,16 +66,16 @@ def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
     if not isinstance(logp_student_BT, torch.Tensor) or not isinstance(logp_teacher_BT, torch.Tensor):
         raise TypeError("logp_student_BT and logp_teacher_BT must be torch tensors")
     if logp_student_BT.shape != logp_teacher_BT.shape:
-        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+        raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
                          f"logp_teacher_BT {tuple(logp_teacher_BT.shape)}")
     if logp_student_BT.dim() != 2:
-        raise ValueError(f"expected (batch, time) tensors, got {logp_student_BT.dim()} dimensions "
+        raise UserError(f"expected (batch, time) tensors, got {logp_student_BT.dim()} dimensions "
                          f"{tuple(logp_student_BT.shape)}")
     if logp_student_BT.numel() == 0:
-        raise ValueError(f"empty batch: log-probabilities of shape {tuple(logp_student_BT.shape)}; advantages need "
+        raise UserError(f"empty batch: log-probabilities of shape {tuple(logp_student_BT.shape)}; advantages need "
                          "at least one sequence and one position")
     if mask_BT is not None and tuple(mask_BT.shape) != tuple(logp_student_BT.shape):
-        raise ValueError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
+        raise UserError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
     _check_mask(mask_BT)
     validate_log_probs(logp_student_BT=logp_student_BT, logp_teacher_BT=logp_teacher_BT)
 
@@ -83,7 +84,7 @@ def _check_mask(mask_BT) -> None:
     """A mask holds 0 (the token does not count) and 1 (it counts), nothing else: 2 or -1 would scale A."""
     if mask_BT is not None and not bool(((mask_BT == 0) | (mask_BT == 1)).all()):
         values = sorted({float(v) for v in mask_BT.unique()[:6]})
-        raise ValueError(f"mask_BT must hold only 0 and 1 (or False and True), got values {values}")
+        raise UserError(f"mask_BT must hold only 0 and 1 (or False and True), got values {values}")
 
 
 def _check_gamma(gamma: float) -> float:
@@ -92,7 +93,7 @@ def _check_gamma(gamma: float) -> float:
     except (TypeError, ValueError):
         raise TypeError(f"gamma must be a number in [0, 1], got {gamma!r}") from None
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must lie in [0, 1] (0: token-local, 1: exact sequence gradient), got {gamma}")
+        raise UserError(f"gamma must lie in [0, 1] (0: token-local, 1: exact sequence gradient), got {gamma}")
     return gamma
 
 
@@ -106,7 +107,7 @@ def clip_log_u(log_u_BT: torch.Tensor, max_abs: float | None, mask_BT: torch.Ten
     if max_abs is None:
         return log_u_BT, 0
     if not max_abs > 0:
-        raise ValueError(f"log_u clip must be a positive number (or None for no clip), got {max_abs!r}")
+        raise UserError(f"log_u clip must be a positive number (or None for no clip), got {max_abs!r}")
     clipped = log_u_BT.clamp(-max_abs, max_abs)
     moved = clipped != log_u_BT
     if mask_BT is not None:
@@ -174,11 +175,11 @@ def compute_advantages(
             A = A - discounted_future_sum(div.f(log_u) * mask, gamma)
         if baseline_BT is not None:
             if tuple(baseline_BT.shape) != tuple(A.shape):
-                raise ValueError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
+                raise UserError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
             A = A - baseline_BT
         A = torch.where(counts, A, 0.0) * mask  # a baseline at a masked context may be anything
         if not bool(torch.isfinite(A).all()):
-            raise ValueError(
+            raise UserError(
                 f"{div.name} advantages overflowed to inf/NaN (largest |log u| = "
                 f"{float(log_u.abs().max()):.1f}); its OPD+ weight grows without bound in u: pass log_u_clip "
                 f"(e.g. 10.0) to clamp log u, or compute in float64")
@@ -209,7 +210,7 @@ def baselined_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, me
     expected_BT = None
     if baseline == "expected":
         if logp_student_BTV is None or logp_teacher_BTV is None:
-            raise ValueError("the expected baseline needs the full distributions logp_student_BTV and "
+            raise UserError("the expected baseline needs the full distributions logp_student_BTV and "
                              "logp_teacher_BTV")
         expected_BT = expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method, log_u_clip)
     adv = compute_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT, method, gamma, expected_BT,
@@ -222,10 +223,10 @@ def baselined_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, me
 
 def _check_full(logp_student_BTV, logp_teacher_BTV):
     if logp_student_BTV.shape[-1] != logp_teacher_BTV.shape[-1]:
-        raise ValueError(f"teacher and student have different vocabularies: {logp_teacher_BTV.shape[-1]} and "
+        raise UserError(f"teacher and student have different vocabularies: {logp_teacher_BTV.shape[-1]} and "
                          f"{logp_student_BTV.shape[-1]} tokens; distillation needs a shared vocabulary")
     if logp_student_BTV.shape != logp_teacher_BTV.shape:
-        raise ValueError(f"shapes do not match: logp_student_BTV {tuple(logp_student_BTV.shape)}, "
+        raise UserError(f"shapes do not match: logp_student_BTV {tuple(logp_student_BTV.shape)}, "
                          f"logp_teacher_BTV {tuple(logp_teacher_BTV.shape)}")
 
 
@@ -265,7 +266,7 @@ def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = No
     B, T = A_BT.shape
     G = B if group_size is None else group_size
     if G < 2 or B % G:
-        raise ValueError(f"a leave-one-out baseline needs groups of at least 2 samples that divide the batch; "
+        raise UserError(f"a leave-one-out baseline needs groups of at least 2 samples that divide the batch; "
                          f"got batch {B}, group size {G}")
     m = torch.ones_like(A_BT) if mask_BT is None else mask_BT.to(A_BT.dtype)
     A_PGT, m_PGT = A_BT.reshape(B // G, G, T), m.reshape(B // G, G, T)
@@ -277,9 +278,9 @@ def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = No
 
 def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+        raise UserError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
     if x_BT.numel() == 0:
-        raise ValueError(f"empty batch of shape {tuple(x_BT.shape)}: nothing to reduce")
+        raise UserError(f"empty batch of shape {tuple(x_BT.shape)}: nothing to reduce")
     _check_mask(mask_BT)
     m = torch.ones_like(x_BT) if mask_BT is None else mask_BT.to(x_BT.dtype)
     if reduction == "sequence":
@@ -296,7 +297,7 @@ def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCT
     instead of B, a per-batch rescaling common in practice (docs/math.md §4).
     """
     if logp_student_BT.shape != A_BT.shape:
-        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+        raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
                          f"A_BT {tuple(A_BT.shape)}")
     return -_reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
 
@@ -312,14 +313,14 @@ def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, redu
     those computed at theta_old, while the OPD+ weight w_f(u) itself moves with theta.
     """
     if not (logp_student_BT.shape == logp_old_BT.shape == A_BT.shape):
-        raise ValueError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
+        raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
                          f"logp_old_BT {tuple(logp_old_BT.shape)}, A_BT {tuple(A_BT.shape)}")
     A = A_BT.detach()
     rho = torch.exp(logp_student_BT - logp_old_BT.detach())
     objective = rho * A
     if ratio_clip is not None:
         if not ratio_clip > 0:
-            raise ValueError(f"ratio_clip must be positive (or None), got {ratio_clip!r}")
+            raise UserError(f"ratio_clip must be positive (or None), got {ratio_clip!r}")
         objective = torch.minimum(objective, rho.clamp(1.0 - ratio_clip, 1.0 + ratio_clip) * A)
     return -_reduce(objective, mask_BT, reduction)
 

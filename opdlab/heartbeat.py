@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from opdlab.errors import UserError
+
 __all__ = ["EVERY", "Heartbeat"]
 
 EVERY = 20.0
@@ -26,7 +28,7 @@ class Heartbeat:
                  clock: Callable[[], float] = time.monotonic):
         every = EVERY if every is None else every
         if isinstance(every, bool) or not (isinstance(every, (int, float)) and every >= 0):
-            raise ValueError(f"every must be a number of seconds >= 0, got {every!r}")
+            raise UserError(f"every must be a number of seconds >= 0, got {every!r}")
         self.enabled, self.every, self.clock = enabled, float(every), clock
         self.last = clock()
 

@@ -27,6 +27,7 @@ from opdlab.choices import METHODS
 from opdlab.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
                         make_categorical, sequence_estimator_moments, make_sequence, sample_gradients,
                         sequence_sample_gradients, token_local_gradient, train_categorical)
+from opdlab.errors import UserError
 
 __all__ = ["DIVERGENCES", "categorical_study", "estimator_cosines", "sequence_study", "training_study",
            "summarise_estimates", "cosine"]
@@ -56,7 +57,7 @@ def _per_sample_variance(g_ND: torch.Tensor) -> float:
 def _sample_counts(n_samples: Iterable[int]) -> list[int]:
     counts = sorted({int(n) for n in n_samples})
     if not counts or counts[0] < 1:
-        raise ValueError(f"sample counts must be positive integers, got {list(n_samples)!r}")
+        raise UserError(f"sample counts must be positive integers, got {list(n_samples)!r}")
     return counts
 
 

@@ -6,7 +6,7 @@ contexts the student visits (docs/math.md §3): ``g = grad sum_t D_f(pi_T || pi_
 differ only in noise: the sampled one sees one token y_t ~ pi_theta(.|c_t) per context instead of the whole
 vocabulary. To measure that noise alone, ``token_noise`` fixes the contexts (one rollout of the student,
 teacher-forced), draws ``n_resamples`` fresh tokens y'_t ~ pi_theta(.|c_t) at every unmasked position, and
-takes the gradient of ``train.surrogate_loss`` (the loss ``opd_step`` applies) for each draw. Over the draws:
+takes the gradient of ``step.loss`` (the loss ``opd_step`` applies) for each draw. Over the draws:
 
 - the mean estimates g (unbiased for OPD+; for stop-gradient OPD it estimates something else);
 - the gradient noise scale ``B_noise = n_tokens * tr(Cov[g_hat]) / |g|^2`` (McCandlish et al. 2018, "An
@@ -25,19 +25,24 @@ import math
 import pandas as pd
 import torch
 
-from opdlab import divergences, estimators
-from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
+from opdlab import divergences, estimators, step as opd
+from opdlab.lm.sampling import Rollout
+from opdlab.errors import UserError
 
 __all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "cosine_curves", "sampled_tokens",
            "tail_share", "step_noise"]
 
 
 def student_rollout(trainer, step: int = 0) -> Rollout:
-    """One batch of the student's own completions for the prompts of ``step`` (as ``opd_step`` samples them)."""
-    trainer.student.eval()
-    examples = trainer.batch(step)
-    return sample(trainer.student, trainer.tokenizer, [ex.prompt for ex in examples], trainer.task,
-                  trainer.max_new_tokens, trainer.generator, greedy=False, temperature=1.0)
+    """One batch of the student's own completions for the prompts of ``step`` (``step.sample``, as
+    ``opd_step`` samples them)."""
+    return opd.sample(trainer, trainer.batch(step))
+
+
+def _sampled_method(spec, what: str) -> None:
+    if spec.objective.method not in estimators.METHODS:
+        raise UserError(f"{what} measures a sampled estimator; method must be one of {estimators.METHODS}, "
+                         f"got {spec.objective.method!r}")
 
 
 def _flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
@@ -46,8 +51,8 @@ def _flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
                       for g, p in zip(grads, params)])
 
 
-def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 64, seed: int = 0) -> dict:
-    """Noise of the per-token sampled gradient of ``config`` (divergence, method, baseline, clip, reduction) at
+def token_noise(spec, teacher, student, rollout: Rollout, n_resamples: int = 64, seed: int = 0) -> dict:
+    """Noise of the per-token sampled gradient of ``spec`` (divergence, method, baseline, clip, reduction) at
     the fixed contexts of ``rollout``; see the module doc. Returns a dict of floats:
 
     ``cos_mean/cos_min/cos_max`` (one draw's cosine to the full-vocabulary gradient g), ``cos_of_mean`` (the
@@ -56,34 +61,28 @@ def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 6
     ``B_noise`` (tokens), ``tokens`` (unmasked tokens of the rollout), ``snr_median`` and ``snr_above_1``
     (fraction of weights whose SNR exceeds 1).
     """
-    from opdlab.train import surrogate_loss
-
-    if config.method not in estimators.METHODS:
-        raise ValueError(f"token_noise measures a sampled estimator; method must be one of {estimators.METHODS}, "
-                         f"got {config.method!r}")
-    if config.baseline == "loo":
-        raise ValueError("token_noise resamples each token independently at fixed contexts, so a leave-one-out "
+    _sampled_method(spec, "token_noise")
+    o = spec.objective
+    if o.baseline == "loo":
+        raise UserError("token_noise resamples each token independently at fixed contexts, so a leave-one-out "
                          "baseline over a prompt's samples is not defined there; use 'none' or 'expected'")
     if not (isinstance(n_resamples, int) and n_resamples >= 2):
-        raise ValueError(f"n_resamples must be an int >= 2, got {n_resamples!r}")
-    div = divergences.get(config.divergence)
+        raise UserError(f"n_resamples must be an int >= 2, got {n_resamples!r}")
+    div = divergences.get(o.divergence)
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
-    with torch.no_grad():
-        _, logp_teacher_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
-    student.eval()  # scored as opd_step scores it (and samples): no dropout
+    scores = opd.score(teacher, student, rollout)  # as opd_step scores it (and samples): eval mode, no dropout
+    logp_student_BTV, logp_teacher_BTV = scores.logp_student_BTV, scores.logp_teacher_BTV
     params = [p for p in student.parameters() if p.requires_grad]
-    _, logp_student_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
     g = _flat_grad(estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT,
-                                                   config.reduction), params)
+                                                   o.reduction), params)
     probs_NV = logp_student_BTV.detach().exp().reshape(-1, logp_student_BTV.shape[-1])
     generator = torch.Generator(device=probs_NV.device).manual_seed(seed)
     total, total_sq, cosines, norms = torch.zeros_like(g), torch.zeros_like(g), [], []
     for _ in range(n_resamples):
         y_BT = torch.multinomial(probs_NV, 1, generator=generator).reshape(ids_BT.shape)
-        logp_student_BT = logp_student_BTV.gather(-1, y_BT[..., None]).squeeze(-1)
-        logp_teacher_BT = logp_teacher_BTV.gather(-1, y_BT[..., None]).squeeze(-1)
-        loss, _ = surrogate_loss(config, div, logp_student_BT, logp_student_BTV, logp_teacher_BT,
-                                 logp_teacher_BTV, mask_BT)
+        redrawn = opd.Scores(logp_teacher_BTV.gather(-1, y_BT[..., None]).squeeze(-1), logp_teacher_BTV,
+                             logp_student_BTV.gather(-1, y_BT[..., None]).squeeze(-1), logp_student_BTV)
+        loss, _ = opd.loss(o, div, redrawn, mask_BT, spec.optim.samples_per_prompt)
         g_hat = _flat_grad(loss, params)
         total += g_hat
         total_sq += g_hat ** 2
@@ -103,7 +102,7 @@ def token_noise(config, teacher, student, rollout: Rollout, n_resamples: int = 6
 
 def noise_table(base, teacher, student, rollout: Rollout, variants: dict, n_resamples: int = 64,
                 seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """``token_noise`` for each named variant of ``base`` (a TrainConfig; each variant is a dict of fields to
+    """``token_noise`` for each named variant of ``base`` (a RunSpec; each variant is a dict of flat fields to
     replace, e.g. ``{"forward_kl": {"divergence": "forward_kl"}}``), as a tidy frame with one row per variant:
     ``variant``, the fields that define the estimator, and the measurements."""
     from tqdm.auto import tqdm
@@ -111,8 +110,9 @@ def noise_table(base, teacher, student, rollout: Rollout, variants: dict, n_resa
     rows = []
     for name, changes in tqdm(variants.items(), desc="token noise", disable=not progress, leave=False):
         c = base.replace(**changes)
-        rows.append(dict(variant=name, divergence=c.divergence, method=c.method, baseline=c.baseline,
-                         log_u_clip=c.log_u_clip, reduction=c.reduction,
+        o = c.objective
+        rows.append(dict(variant=name, divergence=o.divergence, method=o.method, baseline=o.baseline,
+                         log_u_clip=o.log_u_clip, reduction=o.reduction,
                          **token_noise(c, teacher, student, rollout, n_resamples, seed)))
     return pd.DataFrame(rows)
 
@@ -133,23 +133,17 @@ def cosine_curves(table: pd.DataFrame, tokens=None) -> pd.DataFrame:
 
 
 @torch.no_grad()
-def sampled_tokens(config, teacher, student, rollout: Rollout) -> pd.DataFrame:
+def sampled_tokens(spec, teacher, student, rollout: Rollout) -> pd.DataFrame:
     """One row per token the student sampled in ``rollout``: ``log_u`` = log pi_T - log pi_theta there and the
-    ``advantage`` of ``config`` (method, baseline, clip) that multiplies its score."""
-    from opdlab.train import surrogate_loss
-
-    if config.method not in estimators.METHODS:
-        raise ValueError(f"sampled_tokens needs a sampled estimator; method must be one of {estimators.METHODS}, "
-                         f"got {config.method!r}")
-    div = divergences.get(config.divergence)
-    ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
-    logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
-    student.eval()
-    logp_student_BT, logp_student_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
-    _, adv = surrogate_loss(config, div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
-                            mask_BT)
+    ``advantage`` of ``spec`` (method, baseline, clip) that multiplies its score."""
+    _sampled_method(spec, "sampled_tokens")
+    mask_BT = rollout.mask_BT
+    scores = opd.score(teacher, student, rollout)
+    _, adv = opd.loss(spec.objective, divergences.get(spec.objective.divergence), scores, mask_BT,
+                      spec.optim.samples_per_prompt)
     m = mask_BT > 0
-    return pd.DataFrame({"log_u": (logp_teacher_BT - logp_student_BT)[m].double().numpy(),
+    log_u_BT = scores.logp_teacher_BT - scores.logp_student_BT
+    return pd.DataFrame({"log_u": log_u_BT[m].double().numpy(),
                          "advantage": adv.A_BT[m].double().numpy()})
 
 
@@ -162,7 +156,7 @@ def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFra
 
 
 def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
-    """Noise of one whole step's gradient under ``trainer.config`` (any γ, baseline including leave-one-out,
+    """Noise of one whole step's gradient under ``trainer.spec`` (any γ, baseline including leave-one-out,
     clip, reduction): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
     differentiated exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
     contexts are redrawn too, so this is the variance an optimizer step sees.
@@ -171,24 +165,16 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
     size compare; |E g_hat|^2 is estimated without bias as |mean|^2 - tr Cov / K), ``variance`` (tr Cov),
     ``signal`` (|E g_hat|^2), ``grad_norm`` (mean |g_hat|) and ``tokens`` (mean sampled tokens per step).
     """
-    from opdlab.train import surrogate_loss
-
-    c, tr = trainer.config, trainer
-    if c.method not in estimators.METHODS:
-        raise ValueError(f"step_noise measures a sampled estimator; method must be one of {estimators.METHODS}, "
-                         f"got {c.method!r}")
+    tr = trainer
+    _sampled_method(tr.spec, "step_noise")
     if not (isinstance(n_batches, int) and n_batches >= 2):
-        raise ValueError(f"n_batches must be an int >= 2, got {n_batches!r}")
+        raise UserError(f"n_batches must be an int >= 2, got {n_batches!r}")
     params = [p for p in tr.student.parameters() if p.requires_grad]
     grads, tokens = [], []
     for _ in range(n_batches):
         rollout = student_rollout(tr, step)
-        ids_BT = rollout.completion_ids_BT
-        with torch.no_grad():
-            logp_teacher_BT, logp_teacher_BTV = gather_logp(completion_logits(tr.teacher, rollout), ids_BT)
-        logp_student_BT, logp_student_BTV = gather_logp(completion_logits(tr.student, rollout), ids_BT)
-        loss, _ = surrogate_loss(c, tr.div, logp_student_BT, logp_student_BTV, logp_teacher_BT, logp_teacher_BTV,
-                                 rollout.mask_BT)
+        scores = opd.score(tr.teacher, tr.student, rollout, tr.runtime.scorer)
+        loss, _ = opd.loss(tr.spec.objective, tr.div, scores, rollout.mask_BT, tr.spec.optim.samples_per_prompt)
         grads.append(_flat_grad(loss, params))
         tokens.append(rollout.n_sampled)
     G = torch.stack(grads)

@@ -2,11 +2,12 @@
 
 Layout of ``runs/<name>/``::
 
-    config.json       the TrainConfig (plus teacher/student facts in run.json)
+    config.json       the RunSpec, flat (plus the models' origin and the Runtime in run.json)
     fingerprint.json  what determines the run: the config and sha256 digests of the teacher's and the initial
                       student's weights
     versions.json     python, torch, transformers, opdlab, platform, device
     metrics.jsonl     one JSON object per line: {"step": s, "kind": "train" | "eval", ...}
+    items/step_N.csv  one record per held-out item of the evaluation at step N (``train.ITEM_COLUMNS``)
     checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint
     lock              held (flock) by the one process writing the run; the kernel releases it when that process
                       ends, however it ends
@@ -20,7 +21,8 @@ Nothing is lost or mixed:
   temporary directory renamed into place, so an interruption leaves the old version or the new one; temporary
   copies left by an interruption are removed on the next start;
 - a run records its fingerprint and refuses, naming what differs, to continue under another one (the fields of
-  ``config.HOW_ONLY``, which decide how a run is computed and not what, may differ).
+  ``spec.LEGACY_RUNTIME_FIELDS`` that older directories recorded, which said how a run was computed and not
+  what, never count; the ``Runtime`` is not part of the fingerprint at all).
 
 On resume, metric lines logged after the checkpoint's step are dropped (they are recomputed), so a resumed
 run's metrics.jsonl equals an uninterrupted one's. Non-finite metric values are written as ``null`` and named
@@ -28,7 +30,6 @@ under the record's ``"nonfinite"`` key (JSON has no NaN).
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -42,10 +43,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from opdlab.config import HOW_ONLY
 from opdlab.lm.modeling import load_model, save_model
+from opdlab.spec import LEGACY_RUNTIME_FIELDS, RunSpec
+from opdlab.errors import UserError
 
-__all__ = ["RunLog", "read_metrics", "read_records", "results", "versions", "stored_config", "weights_digest",
+__all__ = ["RunLog", "read_items", "read_metrics", "read_records", "results", "versions", "stored_config", "stored_runtime", "weights_digest",
            "fingerprint"]
 
 VOLATILE = ("time_",)  # metric names starting with these differ between runs (wall-clock)
@@ -83,13 +85,14 @@ def fingerprint(config, teacher, student) -> dict:
 
 def _differences(recorded: dict, current: dict) -> list[str]:
     """``field (recorded -> current)`` for each entry of two fingerprints (or configs) that differs; the fields of
-    ``config.HOW_ONLY`` (how a run is computed, not what) never count."""
+    ``spec.LEGACY_RUNTIME_FIELDS`` (how a run was computed, which directories written before the spec/runtime
+    split recorded in their config) never count."""
     if "config" in recorded or "config" in current:
         out = _differences(recorded.get("config", {}), current.get("config", {}))
         return out + [f"{role} weights (sha256 {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]})"
                       for role in ("teacher", "student") if recorded.get(role) != current.get(role)]
     return [f"{key} ({recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
-            for key in sorted((set(recorded) | set(current)) - set(HOW_ONLY)) if recorded.get(key) != current.get(key)]
+            for key in sorted((set(recorded) | set(current)) - set(LEGACY_RUNTIME_FIELDS)) if recorded.get(key) != current.get(key)]
 
 
 def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str, defaults: dict) -> None:
@@ -104,7 +107,7 @@ def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str
         recorded = {**defaults, **recorded}
     diff = _differences(recorded, current)
     if diff:
-        raise ValueError(f"{run_dir} holds a run with a different config or models ({source} differs in "
+        raise UserError(f"{run_dir} holds a run with a different config or models ({source} differs in "
                          f"{', '.join(diff)}); resume it with what it started with (`opdlab train {run_dir}` "
                          "without -p reads its config.json) or use a new run directory")
 
@@ -118,9 +121,9 @@ def _read_json(path: Path) -> dict | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is damaged ({err}); delete it to have it written again") from None
+        raise UserError(f"{path} is damaged ({err}); delete it to have it written again") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{path} should hold a JSON object, holds {type(value).__name__}")
+        raise UserError(f"{path} should hold a JSON object, holds {type(value).__name__}")
     return value
 
 
@@ -131,6 +134,11 @@ def stored_config(run_dir: str | os.PathLike) -> dict | None:
     if config is None:
         config = (_read_json(run_dir / "fingerprint.json") or {}).get("config")
     return config
+
+
+def stored_runtime(run_dir: str | os.PathLike) -> dict | None:
+    """The runtime a run directory last ran with (run.json's ``runtime``), None when it recorded none."""
+    return (_read_json(Path(run_dir) / "run.json") or {}).get("runtime")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -156,11 +164,11 @@ def _json_line(record: dict) -> tuple[str, list[str]]:
 
 def _run_dir(run_dir) -> Path:
     if not isinstance(run_dir, (str, os.PathLike)) or str(run_dir).strip() == "":
-        raise ValueError(f"run directory {run_dir!r} is invalid: expected a non-empty path "
+        raise UserError(f"run directory {run_dir!r} is invalid: expected a non-empty path "
                          "(a new directory, or one that holds a run to resume)")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"run directory {path} is a file: expected a directory (new, or holding a run to resume)")
+        raise UserError(f"run directory {path} is a file: expected a directory (new, or holding a run to resume)")
     return path
 
 
@@ -174,7 +182,7 @@ def _lock(run_dir: Path) -> int:
     except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise ValueError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
+        raise UserError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
                          "one writer at a time: wait for it to finish, or use another run directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
@@ -199,7 +207,7 @@ class RunLog:
             for pattern in TEMPORARY:
                 for orphan in self.dir.glob(pattern):
                     shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
-            self._defaults = {f.name: f.default for f in dataclasses.fields(config)}
+            self._defaults = RunSpec.defaults()
             _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config", self._defaults)
         except BaseException:
             self.close()
@@ -240,6 +248,12 @@ class RunLog:
     def write_json(self, name: str, obj: dict) -> None:
         write_atomic(self.dir / name, json.dumps(obj, indent=2, default=str))
 
+    def write_items(self, step: int, items: pd.DataFrame) -> None:
+        """The per-item records of the evaluation at ``step``, written atomically to ``items/step_<step>.csv``
+        (a resumed run writes the same file again with the same content)."""
+        (self.dir / "items").mkdir(exist_ok=True)
+        write_atomic(self.dir / "items" / f"step_{step}.csv", items.to_csv(index=False))
+
     def log(self, record: dict) -> list[str]:
         """Append one metrics record (a flat dict with ``step`` and ``kind``) as a whole line, or nothing if the
         write fails; return the names of its non-finite values (written as null, and said on stderr)."""
@@ -270,7 +284,7 @@ class RunLog:
         keep = [r for r in read_records(self.metrics_path) if r["step"] <= step]
         trained = [r["step"] for r in keep if r["kind"] == "train"]
         if step >= 0 and trained != list(range(1, step + 1)):
-            raise ValueError(f"{self.metrics_path} does not hold the train records of steps 1..{step} that its "
+            raise UserError(f"{self.metrics_path} does not hold the train records of steps 1..{step} that its "
                              f"checkpoint has done (it holds {len(trained)}): the run's early metrics are lost; "
                              "start it over in a new run directory")
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
@@ -302,7 +316,7 @@ class RunLog:
             state = torch.load(path, weights_only=False, map_location="cpu")
             model = load_model(self.checkpoint_dir)[0]
         except Exception as err:  # torch, safetensors and transformers each raise their own kind
-            raise ValueError(f"the checkpoint {self.checkpoint_dir} cannot be read ({type(err).__name__}: "
+            raise UserError(f"the checkpoint {self.checkpoint_dir} cannot be read ({type(err).__name__}: "
                              f"{(str(err).splitlines() or [''])[0]}); restore it, or delete it to start the run "
                              "over from step 0") from None
         return state, model
@@ -321,17 +335,17 @@ def read_records(path: str | os.PathLike) -> list[dict]:
         try:
             record = json.loads(line)
             if not (isinstance(record, dict) and "step" in record and "kind" in record):
-                raise ValueError("not a record with step and kind")
+                raise UserError("not a record with step and kind")
         except ValueError as err:
             if number == len(lines):  # no newline after it: the append was cut short
                 print(f"opdlab: {path}: dropped a torn last line ({len(line)} characters); the rest is intact",
                       file=sys.stderr)
                 break
-            raise ValueError(f"{path}, line {number}: not a metrics record ({err}); fix or delete that line") \
+            raise UserError(f"{path}, line {number}: not a metrics record ({err}); fix or delete that line") \
                 from None
         key = (record["step"], record["kind"])
         if key in seen:
-            raise ValueError(f"{path}, lines {seen[key]} and {number}: two {key[1]} records of step {key[0]} "
+            raise UserError(f"{path}, lines {seen[key]} and {number}: two {key[1]} records of step {key[0]} "
                              "(written by two processes at once); rerun the run in a new directory")
         seen[key] = number
         records.append(record)
@@ -371,3 +385,11 @@ def results(run_dirs, kind: str | None = "eval", long: bool = False) -> pd.DataF
         ids = ["run", *CONFIG_COLUMNS, "step", "kind", "nonfinite"]
         df = df.melt(id_vars=[c for c in ids if c in df], var_name="metric", value_name="value")
     return df
+
+
+def read_items(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every per-item evaluation record of a run directory, with a ``step`` column, sorted by step and item;
+    an empty frame when it has none (a run from before per-item records, or not yet evaluated)."""
+    files = sorted(Path(run_dir, "items").glob("step_*.csv"), key=lambda p: int(p.stem.split("_")[1]))
+    frames = [pd.read_csv(p).assign(step=int(p.stem.split("_")[1])) for p in files]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

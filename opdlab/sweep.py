@@ -40,15 +40,18 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlab import distributed
-from opdlab.config import HOW_ONLY, TrainConfig
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.sampling import greedy_accuracy
-from opdlab.runlog import read_metrics, results
+from opdlab.runlog import read_items, read_metrics, results, stored_config
+from opdlab.runtime import Runtime
+from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
-from opdlab.train import eval_examples, load_models, max_new_tokens, run_name, train
+from opdlab.step import eval_examples, max_new_tokens
+from opdlab.train import load_models, train
+from opdlab.errors import UserError
 
-__all__ = ["sweep", "resolve_workers"]
+__all__ = ["sweep", "resolve_workers", "item_results"]
 
 
 def resolve_workers(workers, device: str = "auto") -> int:
@@ -57,13 +60,13 @@ def resolve_workers(workers, device: str = "auto") -> int:
     ranks = distributed.world().size
     if ranks > 1:
         if workers not in ("auto", 1):
-            raise ValueError(f"workers = {workers!r} under a launcher with {ranks} processes: each run is already "
+            raise UserError(f"workers = {workers!r} under a launcher with {ranks} processes: each run is already "
                              "shared by them, one run at a time; use workers=1 or 'auto'")
         return 1
     if workers == "auto":
         return 1 if pick_device(device).type == "cuda" else max(1, os.cpu_count() or 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
+        raise UserError(f"workers must be a positive int or 'auto', got {workers!r}")
     return workers
 
 
@@ -71,38 +74,53 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run(config: TrainConfig, run_dir: str) -> str:
+def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
     """Worker: train (or resume, or read back) one run."""
-    train(config, run_dir, progress=False)
+    train(spec, run_dir, runtime.replace(progress=False))
     return run_dir
 
 
-def _references(config: TrainConfig, task, models) -> list[dict]:
+def _references(spec: RunSpec, task, models) -> list[dict]:
     """The teacher's and the warm-up student's held-out greedy accuracy on the runs' evaluation examples."""
-    examples = eval_examples(task, config.eval_n)
-    budget = config.max_new_tokens or max_new_tokens(task)
-    return [dict(task=config.task, role=role, value=greedy_accuracy(model.eval(), models[2], task, examples,
-                                                                     max_new_tokens=budget))
-            for role, model in (("teacher", models[0]), ("student", models[1]))]
+    examples = eval_examples(task, spec.eval.eval_n)
+    budget = spec.task.max_new_tokens or max_new_tokens(task)
+    return [dict(task=spec.task.task, role=role, value=greedy_accuracy(model.eval(), models.tokenizer, task,
+                                                                        examples, max_new_tokens=budget))
+            for role, model in (("teacher", models.teacher), ("student", models.student))]
 
 
-def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str | Path, progress: bool = True,
+def item_results(run_dirs) -> pd.DataFrame:
+    """Every per-item evaluation record of ``run_dirs`` (``runlog.read_items``) with the columns that tell runs
+    apart (``runlog.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read."""
+    from opdlab.runlog import CONFIG_COLUMNS
+
+    frames = []
+    for d in run_dirs:
+        items = read_items(d)
+        if len(items):
+            config = stored_config(d) or {}
+            frames.append(items.assign(run=Path(d).name, **{k: config.get(k) for k in CONFIG_COLUMNS}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Path, runtime: Runtime | None = None,
           task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None):
     """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
 
-    ``task_overrides`` maps a task name to TrainConfig fields that differ for it (e.g. fewer SFT steps for a
+    ``task_overrides`` maps a task name to flat RunSpec fields that differ for it (e.g. fewer SFT steps for a
     task with longer sequences). ``workers``: processes to use, see the module doc. ``extra_arms``: more
     ``(divergence, method)`` pairs run for every task and seed besides the grid, e.g. the reference methods
     ``("reverse_kl", "full_vocabulary")`` and ``("reverse_kl", "supervised_kd")``. ``variants``: None, or a list
-    of dicts of TrainConfig fields (e.g. ``{"gamma": 0.5, "log_u_clip": 2.0}``), each crossed with every arm and
+    of dicts of flat RunSpec fields (e.g. ``{"gamma": 0.5, "log_u_clip": 2.0}``), each crossed with every arm and
     seed, so that one pool trains them all (notebook 09).
 
     ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
     ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
     examples. A run whose directory already holds a finished run is read back, not retrained.
     """
-    workers = resolve_workers(workers, base.device)
-    progress = progress and distributed.world().is_main
+    runtime = runtime or Runtime()
+    workers = resolve_workers(workers, runtime.device)
+    progress = runtime.progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     arms = [(d, m) for d in divergences for m in methods]
     arms += [tuple(arm) for arm in extra_arms if tuple(arm) not in arms]
@@ -111,7 +129,7 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
         variants = [{}]
     elif (not isinstance(variants, (list, tuple)) or not variants
           or not all(isinstance(v, dict) and not grid & set(v) for v in variants)):
-        raise ValueError(f"variants must be a non-empty list of dicts of TrainConfig fields other than "
+        raise UserError(f"variants must be a non-empty list of dicts of flat RunSpec fields other than "
                          f"{sorted(grid)}, got {variants!r}")
     runs = [c.replace(divergence=d, method=m, seed=s, **v) for c in configs for d, m in arms for v in variants
             for s in seeds]
@@ -119,27 +137,27 @@ def sweep(base: TrainConfig, tasks, divergences, methods, seeds, runs_dir: str |
     paths = [path for _, path in runs]
     twice = sorted({path for path in paths if paths.count(path) > 1})
     if twice:
-        raise ValueError(f"two runs of this sweep would share the directory {twice[0]}: their configs are the "
-                         "same or differ only in fields that decide how a run is computed, not what "
-                         f"({', '.join(HOW_ONLY)}); drop the duplicate seed, arm or variant")
+        raise UserError(f"two runs of this sweep would share the directory {twice[0]}: their specs are the "
+                         "same; drop the duplicate seed, arm or variant")
     workers = min(workers, len(runs)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
-        task, start = get_task(config.task), time.perf_counter()
-        loaded[config.task] = task, load_models(config, task, progress)
-        refs += _references(config, task, loaded[config.task][1])
-        _log(progress, f"{config.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
+        task, start = get_task(config.task.task), time.perf_counter()
+        loaded[config.task.task] = task, load_models(config, task, runtime.replace(progress=progress))
+        refs += _references(config, task, loaded[config.task.task][1])
+        _log(progress, f"{config.task.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
                        f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
     if workers == 1:
         beat = Heartbeat(enabled=progress)
         for i, (run, run_dir) in enumerate(runs):
-            train(run, run_dir, *loaded[run.task], progress, heartbeat=beat)
+            task, models = loaded[run.task.task]
+            train(run, run_dir, runtime.replace(progress=progress), task, models, heartbeat=beat)
             _log(progress, _summary(i + 1, len(runs), run_dir))
             beat.reset()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
-            _wait(pool, runs, f"runs ({workers} workers)", progress)
+            _wait(pool, runs, runtime, f"runs ({workers} workers)", progress)
     return results([run_dir for _, run_dir in runs], kind="eval"), pd.DataFrame(refs)
 
 
@@ -159,11 +177,11 @@ def _summary(i: int, n: int, run_dir: str) -> str:
             f" -> {evals['greedy_accuracy'].iloc[-1]:.2f} ({seconds:.0f} s)")
 
 
-def _wait(pool: ProcessPoolExecutor, runs: list[tuple], desc: str, progress: bool) -> None:
+def _wait(pool: ProcessPoolExecutor, runs: list[tuple], runtime: Runtime, desc: str, progress: bool) -> None:
     """Train the ``(config, run_dir)`` pairs in ``pool`` and wait for all, with a progress bar, a line per
     finished run and, between those, a line on the running runs at least every ``heartbeat.EVERY`` seconds;
     re-raise the first failure."""
-    pending = {pool.submit(_run, run, run_dir): (run, run_dir) for run, run_dir in runs}
+    pending = {pool.submit(_run, run, run_dir, runtime): (run, run_dir) for run, run_dir in runs}
     n, done, beat, started = len(pending), 0, Heartbeat(enabled=progress), time.time()
     try:
         with tqdm(total=n, desc=desc, disable=not progress) as bar:
@@ -192,7 +210,7 @@ def _running(done: int, n: int, running: list[tuple], since: float) -> str:
         metrics = Path(run_dir) / "metrics.jsonl"
         try:
             if metrics.stat().st_mtime >= since:
-                parts.append(f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.steps}")
+                parts.append(f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.optim.steps}")
         except OSError:
             continue
     return f"{done}/{n} runs done; running: " + (", ".join(parts) if parts else "(starting)")

@@ -26,6 +26,7 @@ import sympy as sp
 from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
 from opdlab.divergences import Divergence, get
+from opdlab.errors import UserError
 
 __all__ = ["U", "Derivation", "parse_f", "derive", "constant_error_solution", "error_is_constant",
            "registry_expression", "REGISTRY_NAMES", "advantage_table", "advantage_curves", "check_f"]
@@ -53,22 +54,22 @@ def parse_f(text: str | sp.Expr) -> sp.Expr:
     if not isinstance(text, str):
         raise TypeError(f"f must be a string or a sympy expression, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError("f is empty; type an expression in u, e.g. 'u*log(u)'")
+        raise UserError("f is empty; type an expression in u, e.g. 'u*log(u)'")
     if not _ALLOWED_CHARS.match(text) or "__" in text or re.search(r"\.\s*[A-Za-z_]", text):
-        raise ValueError(f"f {text!r} has characters that are not allowed; use numbers, u, + - * / ^ ( ) "
+        raise UserError(f"f {text!r} has characters that are not allowed; use numbers, u, + - * / ^ ( ) "
                          f"and the names {', '.join(sorted(_FUNCTIONS) + sorted(_PARAMETERS))}")
     unknown = sorted(set(re.findall(r"[A-Za-z_]\w*", text)) - set(_FUNCTIONS) - set(_PARAMETERS) - {"u"})
     if unknown:
-        raise ValueError(f"f {text!r} uses unknown names {unknown}; allowed: u, "
+        raise UserError(f"f {text!r} uses unknown names {unknown}; allowed: u, "
                          f"{', '.join(sorted(_FUNCTIONS) + sorted(_PARAMETERS))}")
     names = dict(_FUNCTIONS, **_PARAMETERS, u=U)
     try:
         expr = parse_expr(text, local_dict=names, global_dict={"__builtins__": {}, **_sympy_core()},
                           transformations=standard_transformations + (convert_xor,))
     except Exception as exc:  # the parser raises SyntaxError, TokenError, TypeError, ... on malformed input
-        raise ValueError(f"could not read f {text!r} as an expression in u: {exc}") from None
+        raise UserError(f"could not read f {text!r} as an expression in u: {exc}") from None
     if not isinstance(expr, sp.Expr):
-        raise ValueError(f"f {text!r} is not an expression in u (got {type(expr).__name__})")
+        raise UserError(f"f {text!r} is not an expression in u (got {type(expr).__name__})")
     return expr
 
 
@@ -93,7 +94,7 @@ def check_f(f: sp.Expr, parameters: dict | None = None, log_u_range: float = 6.0
     """
     at_one = sp.simplify(f.subs(U, 1))
     if at_one != 0:
-        raise ValueError(f"f(1) must be 0 for an f-divergence (D_f(p||p) = 0), but f(1) = {at_one} for f = {f}; "
+        raise UserError(f"f(1) must be 0 for an f-divergence (D_f(p||p) = 0), but f(1) = {at_one} for f = {f}; "
                          f"subtract it: f(u) - ({at_one})")
     concrete = f.subs(parameters or {})
     if concrete.free_symbols - {U}:
@@ -101,13 +102,13 @@ def check_f(f: sp.Expr, parameters: dict | None = None, log_u_range: float = 6.0
     u = np.exp(np.linspace(-log_u_range, log_u_range, n_points))
     values = _numeric(concrete, u)
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"f = {f} is not finite for every u > 0 (first bad u: {u[~np.isfinite(values)][0]:.3g})")
+        raise UserError(f"f = {f} is not finite for every u > 0 (first bad u: {u[~np.isfinite(values)][0]:.3g})")
     slopes = np.diff(values) / np.diff(u)
     drop = np.diff(slopes)
     tolerance = 1e-7 * (1.0 + np.abs(slopes[1:]))
     if np.any(drop < -tolerance):
         at = u[1:-1][np.argmax(drop < -tolerance)]
-        raise ValueError(f"f = {f} is not convex: its slope decreases near u = {at:.3g}; an f-divergence needs "
+        raise UserError(f"f = {f} is not convex: its slope decreases near u = {at:.3g}; an f-divergence needs "
                          "a convex f")
 
 
@@ -259,7 +260,7 @@ def advantage_curves(names=REGISTRY_NAMES, log_u_min: float = -3.0, log_u_max: f
     import torch
 
     if not (log_u_min < log_u_max and n_points >= 2):
-        raise ValueError(f"need log_u_min < log_u_max and n_points >= 2, got {log_u_min}, {log_u_max}, {n_points}")
+        raise UserError(f"need log_u_min < log_u_max and n_points >= 2, got {log_u_min}, {log_u_max}, {n_points}")
     log_u = np.linspace(log_u_min, log_u_max, n_points)
     frames = []
     for name in names:

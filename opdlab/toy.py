@@ -36,6 +36,7 @@ import torch
 from opdlab.choices import check_baseline, check_method
 from opdlab.divergences import Divergence, get
 from opdlab.estimators import baselined_advantages
+from opdlab.errors import UserError
 
 __all__ = [
     "CategoricalToy", "make_categorical", "exact_gradient", "expected_estimator_gradient", "sample_gradients",
@@ -58,7 +59,7 @@ def as_generator(generator: torch.Generator | int) -> torch.Generator:
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -72,7 +73,7 @@ falls to 0.95 at 0.1 and is NaN at 0.001); above, the logits differ by less than
 def _random_logits(shape: tuple[int, ...], generator: torch.Generator, temperature: float) -> torch.Tensor:
     low, high = TEMPERATURES
     if not (isinstance(temperature, (int, float)) and low <= temperature <= high):
-        raise ValueError(f"temperature must be a number in [{low}, {high:g}] (logits ~ N(0, 1) / temperature; "
+        raise UserError(f"temperature must be a number in [{low}, {high:g}] (logits ~ N(0, 1) / temperature; "
                          f"outside, float64 no longer keeps the toy exact), got {temperature!r}")
     return torch.randn(shape, generator=generator, dtype=DTYPE) / temperature
 
@@ -101,7 +102,7 @@ class CategoricalToy:
 
     def __post_init__(self):
         if self.logits_student_K.shape != self.logp_teacher_K.shape or self.logits_student_K.dim() != 1:
-            raise ValueError(f"student logits and teacher log-probabilities must both have shape (K,), got "
+            raise UserError(f"student logits and teacher log-probabilities must both have shape (K,), got "
                              f"{tuple(self.logits_student_K.shape)} and {tuple(self.logp_teacher_K.shape)}")
 
     @property
@@ -262,7 +263,7 @@ class SequenceToy:
         V, H = self.logits_student_NV.shape[-1], self.horizon
         n_nodes = (V ** H - 1) // (V - 1) if V > 1 else H
         if self.logits_student_NV.shape != (n_nodes, V) or self.logp_teacher_NV.shape != (n_nodes, V):
-            raise ValueError(f"a tabular policy with vocabulary {V} and horizon {H} needs ({n_nodes}, {V}) "
+            raise UserError(f"a tabular policy with vocabulary {V} and horizon {H} needs ({n_nodes}, {V}) "
                              f"logits, got {tuple(self.logits_student_NV.shape)} and "
                              f"{tuple(self.logp_teacher_NV.shape)}")
 
@@ -288,7 +289,7 @@ def make_sequence(vocab_size: int = 3, horizon: int = 4, seed: int = 0, temperat
     _positive_int("vocab_size", vocab_size, minimum=2)
     _positive_int("horizon", horizon)
     if vocab_size ** horizon > 200_000:
-        raise ValueError(f"vocab_size^horizon = {vocab_size ** horizon} sequences is too many to enumerate; "
+        raise UserError(f"vocab_size^horizon = {vocab_size ** horizon} sequences is too many to enumerate; "
                          "keep it under 200000")
     n_nodes = (vocab_size ** horizon - 1) // (vocab_size - 1)
     g = as_generator(seed)
@@ -392,7 +393,7 @@ def sequence_estimator_moments(div: Divergence | str, toy: SequenceToy, method: 
     check_method(method)
     check_baseline(baseline)
     if baseline == "loo":
-        raise ValueError("the leave-one-out baseline depends on the other samples; its exact mean is that of "
+        raise UserError("the leave-one-out baseline depends on the other samples; its exact mean is that of "
                          "baseline='none', and its variance needs sampling (sequence_sample_gradients)")
     P_S = sequence_log_probs(toy).exp()
     grads_SD = _gradients_of(div, toy, torch.arange(P_S.shape[0]), method, gamma, baseline)

@@ -82,7 +82,7 @@ def test_groups_of_samples_share_their_prompt_in_every_arm(bench, threads, tmp_p
     check_arms(res, OPDLAB_ARMS)
     made = bench.make_case("tiny", 4, 2, torch.device("cpu"), samples=2)
     assert [len(set(p)) for p in made.prompts] == [2, 2] and made.prompts[0][0] == made.prompts[0][1]
-    assert made.config().prompts_per_step == 2 and made.config().samples_per_prompt == 2
+    assert made.config().optim.prompts_per_step == 2 and made.config().optim.samples_per_prompt == 2
 
 
 def test_a_batch_that_is_not_a_multiple_of_the_samples_is_refused(bench):

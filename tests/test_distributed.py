@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import opdlab.train as train_module
+import opdlab.step as step_module
 from opdlab import distributed
-from opdlab.config import TrainConfig
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import Rollout, sample
 from opdlab.runlog import read_metrics
 from opdlab.tasks import get_task
 from opdlab.train import load_models, train
+from runs import make
 
 TASK = get_task("arithmetic")
 # the loo baseline's groups must stay whole, and the token reduction needs the global token count
@@ -26,8 +26,9 @@ FIELDS = dict(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-STOP = ("import sys; from opdlab.config import TrainConfig; from opdlab.train import train\n"
-        "train(TrainConfig(**eval(sys.argv[2])), sys.argv[1], progress=False, stop_after=int(sys.argv[3]))\n")
+STOP = ("import sys; from opdlab.presets import resolve; from opdlab.train import train\n"
+        "spec, runtime = resolve({**eval(sys.argv[2]), 'progress': False})\n"
+        "train(spec, sys.argv[1], runtime, stop_after=int(sys.argv[3]))\n")
 
 
 def params(fields):
@@ -47,8 +48,8 @@ def weights(run_dir):
     return load_model(run_dir / "checkpoint")[0].state_dict()
 
 
-def weights_initial(config):
-    return load_models(config, TASK, progress=False)[1].state_dict()
+def weights_initial(config, runtime):
+    return load_models(config, TASK, runtime).student.state_dict()
 
 
 def _join(a: Rollout, b: Rollout, pad: int) -> Rollout:
@@ -84,17 +85,17 @@ def two_rank_sampler(seed: int):
 def runs(tmp_path_factory):
     """A two-process run from the command line, and the one-process run of the same global batches."""
     root = tmp_path_factory.mktemp("ddp")
-    config = TrainConfig(**FIELDS, cache=str(root / "cache"))
-    models = load_models(config, TASK, progress=False)  # fills the cache the ranks read
+    config, runtime = make(**FIELDS, cache=str(root / "cache"))
+    models = load_models(config, TASK, runtime)  # fills the cache the ranks read
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(train_module, "sample", two_rank_sampler(config.seed))
-        train(config, root / "one", TASK, models, progress=False)
-    torchrun("-m", "opdlab", "train", root / "two", "-q", *params(config.to_dict()))
-    return config, root
+        m.setattr(step_module, "sample_completions", two_rank_sampler(config.optim.seed))
+        train(config, root / "one", runtime, TASK, models)
+    torchrun("-m", "opdlab", "train", root / "two", "-q", *params({**FIELDS, "cache": runtime.cache}))
+    return config, runtime, root
 
 
 def test_two_processes_make_the_one_process_update(runs):
-    config, root = runs
+    config, runtime, root = runs
     one, two = metrics(root / "one"), metrics(root / "two")
     assert list(one.columns) == list(two.columns) and one[["step", "kind"]].equals(two[["step", "kind"]])
     exact = ["tokens", "accuracy", "greedy_accuracy", "sampled_accuracy", "completion_length"]
@@ -104,21 +105,21 @@ def test_two_processes_make_the_one_process_update(runs):
     assert diff < 1e-6, (one[numbers] - two[numbers]).abs().max()  # summation order only
     w1, w2 = weights(root / "one"), weights(root / "two")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
-    assert max(float((w2[k] - weights_initial(config)[k]).abs().max()) for k in w2) > 1e-3  # it did train
+    assert max(float((w2[k] - weights_initial(config, runtime)[k]).abs().max()) for k in w2) > 1e-3  # it did train
     run = (root / "two" / "run.json").read_text()
     assert '"world_size": 2' in run and not list((root / "two").glob("checkpoint.*"))
 
 
 def test_an_interrupted_two_process_run_resumes_exactly(runs, tmp_path):
-    config, root = runs
+    config, runtime, root = runs
     (tmp_path / "stop.py").write_text(STOP)
-    torchrun(tmp_path / "stop.py", tmp_path / "cut", repr(config.to_dict()), 3)  # checkpoint at step 2
+    torchrun(tmp_path / "stop.py", tmp_path / "cut", repr({**FIELDS, "cache": runtime.cache}), 3)  # checkpoint at step 2
     assert metrics(tmp_path / "cut")["step"].max() == 3
     state = torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 2 and state["rng"]["world_size"] == 2 and len(state["rng"]["ranks"]) == 2
     with pytest.raises(ValueError, match=r"was run by 2 process\(es\) and is being resumed by 1"):
-        train(config, tmp_path / "cut", TASK, progress=False)
-    torchrun("-m", "opdlab", "train", tmp_path / "cut", "-q")  # its recorded config
+        train(config, tmp_path / "cut", runtime, TASK)
+    torchrun("-m", "opdlab", "train", tmp_path / "cut", "-q")  # its recorded spec, and the runtime it ran with
     assert metrics(tmp_path / "cut").equals(metrics(root / "two"))
     w_cut, w_two = weights(tmp_path / "cut"), weights(root / "two")
     assert all(torch.equal(w_cut[k], w_two[k]) for k in w_two)
@@ -128,5 +129,6 @@ def test_prompts_that_the_processes_cannot_share_are_refused(tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="prompts_per_step = 3 cannot be shared by 2 processes"):
-        train(TrainConfig(**{**FIELDS, "prompts_per_step": 3}), tmp_path / "run", TASK, progress=False)
+        spec, runtime = make(**{**FIELDS, "prompts_per_step": 3})
+        train(spec, tmp_path / "run", runtime, TASK)
     assert not (tmp_path / "run").exists()

@@ -143,8 +143,8 @@ def test_reinforce_loss_gradient():
 def test_one_default_reduction_everywhere():
     import inspect
 
-    from opdlab.config import TrainConfig
-    assert DEFAULT_REDUCTION == "token" == TrainConfig().reduction
+    from opdlab.spec import Objective
+    assert DEFAULT_REDUCTION == "token" == Objective().reduction
     for fn in (reinforce_loss, importance_ratio_loss, full_vocabulary_loss):
         assert inspect.signature(fn).parameters["reduction"].default == DEFAULT_REDUCTION
 

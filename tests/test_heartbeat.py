@@ -92,7 +92,7 @@ def test_running_runs_are_those_whose_metrics_were_written_since_the_wait_began(
     import os
     import time
 
-    from opdlab.config import TrainConfig
+    from opdlab.spec import RunSpec
     from opdlab.sweep import _running
 
     old, new, bare = tmp_path / "old", tmp_path / "new", tmp_path / "bare"
@@ -101,7 +101,7 @@ def test_running_runs_are_those_whose_metrics_were_written_since_the_wait_began(
         (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(steps)))
     os.utime(old / "metrics.jsonl", (1_000, 1_000))
     since = time.time() - 60
-    config = TrainConfig(steps=10)
+    config = RunSpec.from_dict(dict(steps=10))
     line = _running(3, 8, [(config, str(old)), (config, str(new)), (config, str(bare))], since)
     assert line == "3/8 runs done; running: new step 2/10", line
     assert _running(0, 8, [(config, str(old)), (config, str(bare))], since) == "0/8 runs done; running: (starting)"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from opdlab.config import TrainConfig
+from opdlab.spec import RunSpec
 from opdlab.lm import cache
 from opdlab.lm.modeling import build_model, load_model, save_model
 from opdlab.lm.recipe import ModelRecipe
@@ -60,7 +60,7 @@ def test_mismatched_vocabularies_are_refused(tmp_path):
     save_model(m_a, tok_a, tmp_path / "t")
     save_model(m_b, tok_b, tmp_path / "s")
     from opdlab.train import load_models
-    config = TrainConfig(teacher_path=str(tmp_path / "t"), student_path=str(tmp_path / "s"), device="cpu")
+    config = RunSpec.from_dict(dict(teacher_path=str(tmp_path / "t"), student_path=str(tmp_path / "s")))
     with pytest.raises(ValueError, match="tokenizers differ"):
         load_models(config, task=None)
     # a local checkpoint whose tokenizer cannot write the task's characters is refused before any training

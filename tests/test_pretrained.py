@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from opdlab.config import TrainConfig
+from runs import make
 from opdlab.lm.modeling import load_model
 from opdlab.lm.pretrained import drop_layers, layer_dropped_student, smollm2_gguf, smollm2_teacher, spread_layers
 from opdlab.lm.sampling import completion_logits, gather_logp, marker_end, sample
@@ -119,11 +119,11 @@ def test_sampling_stops_at_end_of_turn_and_scores_in_eval_mode(teacher):
 def test_opd_trains_and_evaluates_end_to_end_with_real_checkpoints(task, teacher_dir, student_dir, tmp_path):
     pytest.importorskip("bfcl_eval") if task == "bfcl_simple" else pytest.importorskip("reasoning_gym")
     from opdlab.train import max_new_tokens, train
-    config = TrainConfig(task=task, divergence="jsd", method="opd_plus", baseline="expected", steps=2,
+    config, runtime = make(task=task, divergence="jsd", method="opd_plus", baseline="expected", steps=2,
                          prompts_per_step=1, samples_per_prompt=2, max_new_tokens=6, eval_every=2, eval_n=2,
                          eval_samples=1, checkpoint_every=2, device="cpu", teacher_path=str(teacher_dir),
                          student_path=str(student_dir))
-    metrics = train(config, tmp_path / "run", progress=False)
+    metrics = train(config, tmp_path / "run", runtime)
     evals = metrics[metrics["kind"] == "eval"]
     assert list(evals["step"]) == [0, 2] and evals["exact_reverse_kl"].notna().all()
     assert (evals["exact_reverse_kl"] > 0).all() and metrics["loss"].dropna().map(float).notna().all()

@@ -13,19 +13,21 @@ import pytest
 import torch
 
 from opdlab import cli
-from opdlab.config import TrainConfig
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.runlog import RunLog, read_metrics, read_records
 from opdlab.tasks import get_task
-from opdlab.train import run_name, train
+from opdlab.spec import RunSpec, run_name
+from opdlab.step import Models
+from opdlab.train import train
+from runs import make
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
 SMALL = dict(steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=10, eval_every=2, eval_n=4,
              eval_samples=1, checkpoint_every=2, device="cpu", lr=3e-3)
-CONFIG = TrainConfig(**SMALL)
+CONFIG, RT = make(**SMALL)
 # the same tiny run from the command line: models trained into a cache once per module (see `cache`)
 CLI_FIELDS = dict(SMALL, steps=6, checkpoint_every=1, eval_every=3, teacher_hidden=16, teacher_layers=1,
                   teacher_sft_steps=5, student_hidden=16, student_layers=1, student_warmup_steps=2, sft_batch=8)
@@ -35,11 +37,11 @@ def tiny(seed):
     return build_model(ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, seed=seed), TOK).eval()
 
 
-MODELS = (tiny(0), tiny(1), TOK, {})
+MODELS = Models(tiny(0), tiny(1), TOK, {})
 
 
 def params(fields):
-    """``-p FIELD VALUE`` arguments of ``opdlab train`` for a dict of TrainConfig fields."""
+    """``-p FIELD VALUE`` arguments of ``opdlab train`` for a dict of RunSpec and Runtime fields."""
     return sum((["-p", k, str(v)] for k, v in fields.items()), [])
 
 
@@ -51,19 +53,19 @@ def metrics(run_dir):
 def full(tmp_path_factory):
     """An uninterrupted run of CONFIG: the reference every interrupted run must end equal to."""
     run_dir = tmp_path_factory.mktemp("full") / "run"
-    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, RT, TASK, MODELS)
     return metrics(run_dir)
 
 
 def cut(tmp_path, steps=3):
     """A run of CONFIG that stopped after ``steps`` steps (checkpoint at step 2)."""
-    train(CONFIG, tmp_path / "run", TASK, MODELS, progress=False, stop_after=steps)
+    train(CONFIG, tmp_path / "run", RT, TASK, MODELS, stop_after=steps)
     return tmp_path / "run"
 
 
 # -- one writer ------------------------------------------------------------------------------------------------
-HOLD = ("import sys; from opdlab.config import TrainConfig; from opdlab.runlog import RunLog; "
-        "log = RunLog(sys.argv[1], TrainConfig(**%s)); print('locked', flush=True); sys.stdin.read()")
+HOLD = ("import sys; from opdlab.presets import resolve; from opdlab.runlog import RunLog; "
+        "log = RunLog(sys.argv[1], resolve(%s)[0]); print('locked', flush=True); sys.stdin.read()")
 
 
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, full, capsys):
@@ -73,14 +75,14 @@ def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, f
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(ValueError, match=f"being written by another process \\(pid {holder.pid}\\)"):
-            train(CONFIG, run_dir, TASK, MODELS, progress=False)
+            train(CONFIG, run_dir, RT, TASK, MODELS)
         assert cli.main(_train_argv(run_dir)) == 2
         assert "one writer at a time" in capsys.readouterr().err
         assert not (run_dir / "metrics.jsonl").exists()
     finally:
         holder.kill()  # kill -9: the kernel releases the lock with the process
         holder.wait()
-    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, RT, TASK, MODELS)
     assert metrics(run_dir).equals(full)
 
 
@@ -91,7 +93,7 @@ def test_a_torn_last_line_is_dropped_with_a_message_and_the_run_resumes(tmp_path
         fh.write('{"step": 4, "kind": "train", "loss": 0.12')  # kill -9 or a full disk mid-append
     assert read_metrics(run_dir)["step"].max() == 3
     assert "dropped a torn last line" in capsys.readouterr().err
-    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, RT, TASK, MODELS)
     assert metrics(run_dir).equals(full)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
@@ -136,19 +138,19 @@ def test_a_resume_rewrites_metrics_atomically_and_refuses_lost_metrics(tmp_path,
     with monkeypatch.context() as m:
         m.setattr("opdlab.runlog.os.replace", killed)  # interrupted while the resume rewrites metrics.jsonl
         with pytest.raises(KeyboardInterrupt):
-            train(CONFIG, run_dir, TASK, MODELS, progress=False)
+            train(CONFIG, run_dir, RT, TASK, MODELS)
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert not list(run_dir.glob(".*.tmp*"))
     (run_dir / "metrics.jsonl").write_text("")  # what a non-atomic rewrite could leave
     with pytest.raises(ValueError, match="does not hold the train records of steps 1..2"):
-        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+        train(CONFIG, run_dir, RT, TASK, MODELS)
 
 
 def test_orphaned_temporary_checkpoints_are_removed_on_the_next_start(tmp_path, full):
     run_dir = cut(tmp_path)
     shutil.copytree(run_dir / "checkpoint", run_dir / "checkpoint.tmp99999")  # killed mid-checkpoint
     (run_dir / ".config.json.tmp99999").write_text("{")
-    train(CONFIG, run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, RT, TASK, MODELS)
     assert not (run_dir / "checkpoint.tmp99999").exists() and not (run_dir / ".config.json.tmp99999").exists()
     assert metrics(run_dir).equals(full)
 
@@ -158,15 +160,15 @@ def test_a_run_resumes_only_under_its_own_fingerprint(tmp_path):
     run_dir = cut(tmp_path)
     (run_dir / "config.json").unlink()
     with pytest.raises(ValueError, match=r"differs in divergence \('reverse_kl' -> 'forward_kl'\)"):
-        train(CONFIG.replace(divergence="forward_kl"), run_dir, TASK, MODELS, progress=False)
+        train(CONFIG.replace(divergence="forward_kl"), run_dir, RT, TASK, MODELS)
     with pytest.raises(ValueError, match=r"lr \(0.003 -> 0.01\)"):  # not the optimizer state's lr, silently
-        train(CONFIG.replace(lr=1e-2), run_dir, TASK, MODELS, progress=False)
+        train(CONFIG.replace(lr=1e-2), run_dir, RT, TASK, MODELS)
     (run_dir / "fingerprint.json").unlink()  # the checkpoint still knows
     with pytest.raises(ValueError, match=r"its checkpoint differs in divergence"):
-        train(CONFIG.replace(divergence="forward_kl"), run_dir, TASK, MODELS, progress=False)
-    other_teacher = (tiny(2), MODELS[1], TOK, {})  # same recipe, other weights
+        train(CONFIG.replace(divergence="forward_kl"), run_dir, RT, TASK, MODELS)
+    other_teacher = Models(tiny(2), MODELS.student, TOK, {})  # same recipe, other weights
     with pytest.raises(ValueError, match="teacher weights"):
-        train(CONFIG, run_dir, TASK, other_teacher, progress=False)
+        train(CONFIG, run_dir, RT, TASK, other_teacher)
 
 
 def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(tmp_path, full):
@@ -180,26 +182,43 @@ def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(
     state["fingerprint"]["config"].pop("lr_schedule")
     torch.save(state, state_path)
     with pytest.raises(ValueError, match=r"lr_schedule \('constant' -> 'cosine'\)"):
-        train(CONFIG.replace(lr_schedule="cosine"), run_dir, TASK, MODELS, progress=False)
-    train(CONFIG, run_dir, TASK, MODELS, progress=False)  # the default is what the run did
+        train(CONFIG.replace(lr_schedule="cosine"), run_dir, RT, TASK, MODELS)
+    train(CONFIG, run_dir, RT, TASK, MODELS)  # the default is what the run did
     assert metrics(run_dir).equals(full)
 
 
-def test_compile_decode_keeps_the_run_name_resumes_exactly_and_may_change_on_resume(tmp_path, full):
-    compiled = CONFIG.replace(compile_decode=True)
-    assert run_name(compiled) == run_name(CONFIG)
-    # names of run directories recorded before the field existed (the hash of the config without it)
-    assert run_name(TrainConfig()) == "arithmetic-reverse_kl-opd_plus-s0-8b2b1b8f"
-    assert run_name(TrainConfig(task="tool_use", divergence="forward_kl", log_u_clip=2.0, seed=2)) \
-        == "tool_use-forward_kl-opd_plus-s2-d4b47b84"
-    train(compiled, tmp_path / "full", TASK, MODELS, progress=False)
-    train(compiled, tmp_path / "cut", TASK, MODELS, progress=False, stop_after=3)
-    train(compiled, tmp_path / "cut", TASK, MODELS, progress=False)
+def test_the_runtime_keeps_the_run_name_resumes_exactly_and_may_change_on_resume(tmp_path, full):
+    spec, compiled = make(**SMALL, compile_decode=True)
+    assert run_name(spec) == run_name(CONFIG)
+    for runtime in (dict(cache="/elsewhere"), dict(device="cuda"), dict(threads=2), dict(checkpoint_every=7)):
+        assert run_name(make(**SMALL, **runtime)[0]) == run_name(CONFIG)
+    assert run_name(CONFIG.replace(lr=1e-2)) != run_name(CONFIG)  # the name does follow the spec
+    train(CONFIG, tmp_path / "full", compiled, TASK, MODELS)
+    train(CONFIG, tmp_path / "cut", compiled, TASK, MODELS, stop_after=3)
+    train(CONFIG, tmp_path / "cut", compiled, TASK, MODELS)
     assert metrics(tmp_path / "cut").equals(metrics(tmp_path / "full"))  # resume is exact with it on
     run_dir = cut(tmp_path)  # started without it, resumed with it: no "differs in"
-    train(compiled, run_dir, TASK, MODELS, progress=False)
+    train(CONFIG, run_dir, compiled, TASK, MODELS)
     assert metrics(run_dir)["step"].tolist() == full["step"].tolist()
-    assert json.loads((run_dir / "config.json").read_text())["compile_decode"] is True
+    assert json.loads((run_dir / "run.json").read_text())["runtime"]["compile_decode"] is True
+
+
+def test_a_run_directory_from_before_the_spec_runtime_split_resumes(tmp_path, full):
+    """Directories written by TrainConfig carried cache, device, compile_decode and checkpoint_every in their
+    config and fingerprint: they resume under the spec (those keys say how the run was computed, not what)."""
+    run_dir = cut(tmp_path)
+    legacy = {"cache": None, "device": "cpu", "compile_decode": False, "checkpoint_every": 2}
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, **legacy}))
+    finger = json.loads((run_dir / "fingerprint.json").read_text())
+    finger["config"].update(legacy)
+    (run_dir / "fingerprint.json").write_text(json.dumps(finger))
+    state_path = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["fingerprint"]["config"].update(legacy)
+    torch.save(state, state_path)
+    assert cli.main(["train", str(run_dir), "-p", "progress", "False"]) == 0
+    assert metrics(run_dir).drop(columns=["final_eval_n"], errors="ignore").equals(full)
 
 
 @pytest.mark.parametrize("name", ["state.pt", "model.safetensors"])
@@ -208,7 +227,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path, name):
     path = run_dir / "checkpoint" / name
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="the checkpoint .*checkpoint cannot be read .*delete it to start the run"):
-        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+        train(CONFIG, run_dir, RT, TASK, MODELS)
 
 
 def test_a_non_finite_gradient_norm_stops_before_the_checkpoint(tmp_path, monkeypatch, capsys):
@@ -223,7 +242,7 @@ def test_a_non_finite_gradient_norm_stops_before_the_checkpoint(tmp_path, monkey
     monkeypatch.setattr(train_module, "opd_step", step)
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match="step 3 .*gradient norm is nan.*last checkpoint: step 2"):
-        train(CONFIG, run_dir, TASK, MODELS, progress=False)
+        train(CONFIG, run_dir, RT, TASK, MODELS)
     assert torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
     record = json.loads(last, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
@@ -238,10 +257,9 @@ def _train_argv(run_dir, **fields):
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(lr="1e999"), "TrainConfig.lr = inf is invalid: expected a positive finite number"),
-    (dict(device="cuda:x"), "TrainConfig.device = 'cuda:x' is invalid: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    (dict(teacher_path=3), "TrainConfig.teacher_path = 3 is invalid"),
-    (dict(compile_decode="yes"), "TrainConfig.compile_decode = 'yes' is invalid: expected True or False"),
+    (dict(lr="1e999"), "lr = inf is invalid"), (dict(device="cuda:x"), "device = 'cuda:x' is invalid"),
+    (dict(teacher_path=3), "teacher_path = 3 is invalid"), (dict(compile_decode="yes"), "compile_decode = 'yes'"),
+    (dict(preset="nope"), "unknown preset 'nope'"), (dict(stepz=3), "did you mean steps"),
 ])
 def test_cli_train_refuses_bad_values(tmp_path, capsys, fields, match):
     assert cli.main(_train_argv(tmp_path / "run", **fields)) == 2

@@ -3,19 +3,19 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlab.config import TrainConfig
-from opdlab.sweep import resolve_workers, sweep
+from opdlab.sweep import item_results, resolve_workers, sweep
+from runs import make
 
 pytestmark = pytest.mark.slow
 
-BASE = TrainConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=24, eval_every=1, eval_n=4,
-                   eval_samples=1, checkpoint_every=1, device="cpu", teacher_hidden=32, teacher_layers=1,
-                   teacher_sft_steps=3, student_hidden=16, student_layers=1, student_warmup_steps=2)
+BASE, RUNTIME = make(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=24, eval_every=1, eval_n=4,
+                     eval_samples=1, checkpoint_every=1, device="cpu", teacher_hidden=32, teacher_layers=1,
+                     teacher_sft_steps=3, student_hidden=16, student_layers=1, student_warmup_steps=2)
 
 
 def _sweep(tmp_path, workers):
-    return sweep(BASE.replace(cache=str(tmp_path / "cache")), ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"],
-                 [0], tmp_path / "runs", progress=False, workers=workers,
+    return sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"], [0], tmp_path / "runs",
+                 RUNTIME.replace(cache=str(tmp_path / "cache")), workers=workers,
                  extra_arms=[["reverse_kl", "supervised_kd"], ("forward_kl", "opd")])  # the second is in the grid
 
 
@@ -35,6 +35,11 @@ def test_workers_give_every_run_and_the_references(tmp_path):
     assert [p.read_text() for p in metrics] == before
     pd.testing.assert_frame_equal(again, evals)
     pd.testing.assert_frame_equal(refs_again, refs)
+    # every run evaluated the same items in the same order, so arms pair item by item
+    items = item_results(sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir()))
+    assert len(items) == 3 * 3 * 4 and set(items["method"]) == {"opd", "opd_plus", "supervised_kd"}
+    ids = items.groupby(["run", "step"])["item_id"].apply(tuple)
+    assert ids.nunique() == 1 and len(set(ids.iloc[0])) == 4
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True, None])

@@ -9,7 +9,7 @@ import torch
 from echo_tool import EchoTool
 from naive import naive_advantages
 from opdlab import estimators
-from opdlab.config import TrainConfig
+from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
@@ -17,7 +17,10 @@ from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.runlog import read_metrics, results
 from opdlab.tasks import get_task
-from opdlab.train import Trainer, opd_step, train
+from opdlab.spec import RunSpec
+from opdlab.step import Models, Trainer, opd_step
+from opdlab.train import train
+from runs import make
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
@@ -83,7 +86,7 @@ def test_tool_results_are_forced_in_and_masked():
 def models_for_test(same=False):
     teacher = tiny(seed=0)
     student = copy.deepcopy(teacher) if same else tiny(seed=1)
-    return teacher, student, TOK, {}
+    return Models(teacher, student, TOK, {})
 
 
 @pytest.mark.parametrize("method", ["opd", "opd_plus"])
@@ -93,14 +96,14 @@ def models_for_test(same=False):
 def test_one_step_applies_the_independently_computed_update(method, divergence, baseline, gamma, clip, reduction):
     """One opd_step against a second computation: the same samples (same seed), advantages from plain loops over
     the closed forms, the surrogate and its gradient, the gradient clip, and Adam's first step."""
-    config = TrainConfig(**SMALL, divergence=divergence, method=method, baseline=baseline, gamma=gamma,
+    config, rt = make(**SMALL, divergence=divergence, method=method, baseline=baseline, gamma=gamma,
                          log_u_clip=clip, reduction=reduction, grad_clip=0.05)
     teacher, student, tok, _ = models_for_test()
     tr = Trainer(config, TASK, teacher, copy.deepcopy(student), tok)
     # the reference, on an untouched copy of the student
     ref = copy.deepcopy(student)
     r = sample(ref, tok, [ex.prompt for ex in tr.batch(0)], TASK, tr.max_new_tokens,
-               torch.Generator().manual_seed(config.seed), temperature=1.0)
+               torch.Generator().manual_seed(config.optim.seed), temperature=1.0)
     with torch.no_grad():
         lt_BTV = torch.log_softmax(completion_logits(teacher, r), -1)
     ls_BTV = torch.log_softmax(completion_logits(ref.train(), r), -1)
@@ -113,25 +116,25 @@ def test_one_step_applies_the_independently_computed_update(method, divergence, 
     loss = -(A_BT * ls_BT * r.mask_BT).sum() / n
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-    clipped = [g * min(1.0, config.grad_clip / (norm + 1e-6)) for g in grads]
+    clipped = [g * min(1.0, config.optim.grad_clip / (norm + 1e-6)) for g in grads]
     before = [p.detach().clone() for p in tr.student.parameters()]
 
     m = opd_step(tr, 0)
 
     assert m["tokens"] == int(r.mask_BT.sum()) > 0 and m["clip_fraction"] == n_clipped / m["tokens"]
     assert m["loss"] == pytest.approx(float(loss.detach()), rel=1e-4, abs=1e-6)
-    assert m["grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > config.grad_clip  # the clip binds
+    assert m["grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > config.optim.grad_clip  # the clip binds
     assert m["adv_abs_max"] == pytest.approx(float(A_BT.abs().max()), rel=1e-4)
     for p, p0, g in zip(tr.student.parameters(), before, clipped):
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-9)
         big = g.abs() > 1e-5  # Adam's first step moves each weight by lr * g / (|g| + eps): about lr * sign(g)
-        torch.testing.assert_close(p.detach()[big] - p0[big], -config.lr * g[big] / (g[big].abs() + 1e-8),
-                                   rtol=1e-2, atol=1e-3 * config.lr)
+        torch.testing.assert_close(p.detach()[big] - p0[big], -config.optim.lr * g[big] / (g[big].abs() + 1e-8),
+                                   rtol=1e-2, atol=1e-3 * config.optim.lr)
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), models_for_test()[1].parameters()))
 
 
 def test_trainer_derives_its_state_from_the_config():
-    config = TrainConfig(**SMALL, divergence="jsd", seed=3)
+    config, rt = make(**SMALL, divergence="jsd", seed=3)
     teacher, student, tok, _ = models_for_test()
     tr = Trainer(config, TASK, teacher, student, tok)
     assert tr.div.name == "jsd" and tr.max_new_tokens == SMALL["max_new_tokens"]
@@ -161,43 +164,43 @@ def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradie
         expected = -(logp_s_BTV.detach().exp() * A_BTV * logp_s_BTV).sum(-1).mul(r.mask_BT).sum()
         grads = torch.autograd.grad(expected, list(student.parameters()), retain_graph=True, allow_unused=True)
         assert max(g.abs().max() for g in grads if g is not None) < 1e-5
-    config = TrainConfig(**SMALL, divergence="forward_kl", method="opd_plus", baseline="expected")
+    config, rt = make(**SMALL, divergence="forward_kl", method="opd_plus", baseline="expected")
     m = opd_step(Trainer(config, TASK, teacher, copy.deepcopy(student), tok), 0)
     assert m["exact_divergence"] < 1e-6 and m["adv_abs_max"] < 1e-6 and m["grad_norm"] < 1e-6
 
 
 def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
-    config = TrainConfig(**{**SMALL, "steps": 4, "checkpoint_every": 2}, divergence="jsd", method="opd",
+    config, rt = make(**{**SMALL, "steps": 4, "checkpoint_every": 2}, divergence="jsd", method="opd",
                          lr_schedule="cosine")
     models = models_for_test()
-    full = train(config, tmp_path / "full", TASK, models, progress=False)
-    train(config, tmp_path / "cut", TASK, models, progress=False, stop_after=3)  # dies after step 3, ckpt at 2
+    full = train(config, tmp_path / "full", rt, TASK, models)
+    train(config, tmp_path / "cut", rt, TASK, models, stop_after=3)  # dies after step 3, ckpt at 2
     assert read_metrics(tmp_path / "cut")["step"].max() == 3
-    resumed = train(config, tmp_path / "cut", TASK, models, progress=False)
+    resumed = train(config, tmp_path / "cut", rt, TASK, models)
     a = read_metrics(tmp_path / "full", volatile=False).drop(columns="run")
     b = read_metrics(tmp_path / "cut", volatile=False).drop(columns="run")
     assert len(resumed) == len(full) == len(a)
     assert a.equals(b)
     lrs = a[a["kind"] == "train"]["lr"].tolist()  # warm-up over 5% of steps (one), cosine decay to 10% of lr
-    assert lrs == [warmup_cosine_lr(s, 4, config.lr) for s in range(4)]
-    assert lrs[0] == lrs[1] == config.lr and 0.1 * config.lr < lrs[3] < lrs[2] < config.lr
+    assert lrs == [warmup_cosine_lr(s, 4, config.optim.lr) for s in range(4)]
+    assert lrs[0] == lrs[1] == config.optim.lr and 0.1 * config.optim.lr < lrs[3] < lrs[2] < config.optim.lr
     for name in ("config.json", "versions.json", "metrics.jsonl", "checkpoint/state.pt"):
         assert (tmp_path / "full" / name).exists()
     tidy = results([tmp_path / "full", tmp_path / "cut"], long=True)
     assert {"run", "step", "metric", "value", "divergence", "method"} <= set(tidy.columns)
     with pytest.raises(ValueError, match="different config"):
-        train(config.replace(lr=1e-2), tmp_path / "full", TASK, models, progress=False)
+        train(config.replace(lr=1e-2), tmp_path / "full", rt, TASK, models)
     # interrupted before its first checkpoint: the restart starts over without keeping the orphan lines
-    train(config, tmp_path / "early", TASK, models, progress=False, stop_after=1)
+    train(config, tmp_path / "early", rt, TASK, models, stop_after=1)
     assert not (tmp_path / "early" / "checkpoint" / "state.pt").exists()
-    train(config, tmp_path / "early", TASK, models, progress=False)
+    train(config, tmp_path / "early", rt, TASK, models)
     assert read_metrics(tmp_path / "early", volatile=False).drop(columns="run").equals(a)
     # a run started on another device is refused with a message, not a torch error from the generator state
     state_path = tmp_path / "cut" / "checkpoint" / "state.pt"
     state = torch.load(state_path, weights_only=False)
     torch.save({**state, "rng": {**state["rng"], "device": "cuda"}}, state_path)
     with pytest.raises(ValueError, match="was started on cuda and is being resumed on cpu"):
-        train(config, tmp_path / "cut", TASK, models, progress=False)
+        train(config, tmp_path / "cut", rt, TASK, models)
 
 
 def test_final_table_has_no_interval_for_a_single_seed():
@@ -220,7 +223,7 @@ def test_final_table_has_no_interval_for_a_single_seed():
     (dict(teacher_hidden=48), "multiple of 32"), (dict(reduction="mean"), "reduction"), (dict(lr_schedule="linear"), "lr_schedule"), (dict(device=None), "device"),
 ])
 def test_bad_config_values_are_named(bad, match):
-    with pytest.raises(ValueError, match=match):
-        TrainConfig(**bad)
-    with pytest.raises(ValueError, match="unknown TrainConfig field"):
-        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(UserError, match=match):
+        make(**bad)
+    with pytest.raises(UserError, match="unknown run field.*'stepz' \\(did you mean steps"):
+        RunSpec.from_dict({"stepz": 3})

@@ -1,5 +1,5 @@
 """The training path itself against the exact gradient: at fixed (teacher-forced) contexts of a small model, the
-mean over many resampled tokens of the gradient of ``train.surrogate_loss`` (what ``opd_step`` applies) equals
+mean over many resampled tokens of the gradient of ``step.loss`` (what ``opd_step`` applies) equals
 the full-vocabulary gradient, within a tolerance from the standard error; stop-gradient forward KL does not.
 Also the reference methods and ``opdlab.noise``."""
 import math
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from opdlab import divergences, estimators, noise
-from opdlab.config import TrainConfig
+from opdlab.spec import RunSpec
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
-from opdlab.train import surrogate_loss
+from opdlab.step import Scores, loss as step_loss
+from runs import make
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet)
@@ -37,7 +38,7 @@ def setting():
 def _gradients(config, teacher, student, rollout, directions_DP=None):
     """The full-vocabulary gradient g_P, and (given directions) the K resampled surrogate gradients projected on
     them, shape (K, D)."""
-    div = divergences.get(config.divergence)
+    div = divergences.get(config.objective.divergence)
     params = list(student.parameters())
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     with torch.no_grad():
@@ -48,7 +49,7 @@ def _gradients(config, teacher, student, rollout, directions_DP=None):
     def flat(loss):
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)]).double()
 
-    g_P = flat(estimators.full_vocabulary_loss(div, ls_BTV, lt_BTV, mask_BT, config.reduction))
+    g_P = flat(estimators.full_vocabulary_loss(div, ls_BTV, lt_BTV, mask_BT, config.objective.reduction))
     if directions_DP is None:
         return g_P, None
     gen = torch.Generator().manual_seed(1)
@@ -56,8 +57,9 @@ def _gradients(config, teacher, student, rollout, directions_DP=None):
     proj_KD = []
     for _ in range(K):
         y_BT = torch.multinomial(probs, 1, generator=gen).reshape(ids_BT.shape)
-        loss, _ = surrogate_loss(config, div, ls_BTV.gather(-1, y_BT[..., None])[..., 0], ls_BTV,
-                                 lt_BTV.gather(-1, y_BT[..., None])[..., 0], lt_BTV, mask_BT)
+        scores = Scores(lt_BTV.gather(-1, y_BT[..., None])[..., 0], lt_BTV, ls_BTV.gather(-1, y_BT[..., None])[..., 0],
+                        ls_BTV)
+        loss, _ = step_loss(config.objective, div, scores, mask_BT, config.optim.samples_per_prompt)
         proj_KD.append(directions_DP @ flat(loss))
     return g_P, torch.stack(proj_KD)
 
@@ -75,7 +77,7 @@ def _directions(n_params, g_P=None, n_random=3):
     ("hellinger", "none", "sequence")])
 def test_mean_resampled_opd_plus_gradient_is_the_full_vocabulary_gradient(setting, divergence, baseline, reduction):
     teacher, student, rollout = setting
-    config = TrainConfig(divergence=divergence, method="opd_plus", baseline=baseline, reduction=reduction)
+    config = RunSpec.from_dict(dict(divergence=divergence, method="opd_plus", baseline=baseline, reduction=reduction))
     g_P, _ = _gradients(config, teacher, student, rollout)
     D = _directions(g_P.numel(), g_P)
     _, proj_KD = _gradients(config, teacher, student, rollout, D)
@@ -88,7 +90,7 @@ def test_mean_resampled_opd_plus_gradient_is_the_full_vocabulary_gradient(settin
 def test_stop_gradient_forward_kl_is_far_from_its_gradient_on_the_training_path(setting):
     """The same comparison has the power to see the bias: stop-gradient forward KL misses by many SE."""
     teacher, student, rollout = setting
-    config = TrainConfig(divergence="forward_kl", method="opd", baseline="none")
+    config = RunSpec.from_dict(dict(divergence="forward_kl", method="opd", baseline="none"))
     g_P, _ = _gradients(config, teacher, student, rollout)
     D = _directions(g_P.numel(), g_P, n_random=0)
     _, proj_KD = _gradients(config, teacher, student, rollout, D)
@@ -101,19 +103,17 @@ def test_reference_methods_are_their_losses(setting):
     ids_BT, mask_BT = rollout.completion_ids_BT, rollout.mask_BT
     ls_BT, ls_BTV = gather_logp(completion_logits(student, rollout), ids_BT)
     lt_BT, lt_BTV = gather_logp(completion_logits(teacher, rollout), ids_BT)
-    base = TrainConfig(divergence="jsd")
-    full, adv = surrogate_loss(base.replace(method="full_vocabulary"), divergences.get("jsd"), ls_BT, ls_BTV, lt_BT,
-                               lt_BTV, mask_BT)
+    base, scores = RunSpec.from_dict(dict(divergence="jsd")), Scores(lt_BT, lt_BTV, ls_BT, ls_BTV)
+    full, adv = step_loss(base.replace(method="full_vocabulary").objective, divergences.get("jsd"), scores, mask_BT, 1)
     D_BT = divergences.get("jsd").exact(lt_BTV, ls_BTV)
     assert adv is None and torch.allclose(full, (D_BT * mask_BT).sum() / mask_BT.sum())
-    kd, adv = surrogate_loss(base.replace(method="supervised_kd"), divergences.get("jsd"), ls_BT, ls_BTV, lt_BT,
-                             lt_BTV, mask_BT)
+    kd, adv = step_loss(base.replace(method="supervised_kd").objective, divergences.get("jsd"), scores, mask_BT, 1)
     assert adv is None and torch.allclose(kd, -(ls_BT * mask_BT).sum() / mask_BT.sum())
 
 
 def test_token_noise_reports_an_unbiased_estimator_and_its_noise_scale(setting):
     teacher, student, rollout = setting
-    out = noise.token_noise(TrainConfig(divergence="reverse_kl", baseline="expected"), teacher, student, rollout,
+    out = noise.token_noise(RunSpec.from_dict(dict(divergence="reverse_kl", baseline="expected")), teacher, student, rollout,
                             n_resamples=200)
     assert out["tokens"] == int(rollout.mask_BT.sum())
     assert out["bias_rel"] < 4 * out["bias_se"]  # unbiased: the mean misses by about its standard error
@@ -122,10 +122,10 @@ def test_token_noise_reports_an_unbiased_estimator_and_its_noise_scale(setting):
     predicted = 1 / math.sqrt(1 + out["B_noise"] / out["tokens"])
     assert abs(out["cos_mean"] - predicted) < 0.15, (out, predicted)
     with pytest.raises(ValueError, match="leave-one-out"):
-        noise.token_noise(TrainConfig(baseline="loo"), teacher, student, rollout)
+        noise.token_noise(RunSpec.from_dict(dict(baseline="loo")), teacher, student, rollout)
     with pytest.raises(ValueError, match="sampled estimator"):
-        noise.token_noise(TrainConfig(method="full_vocabulary"), teacher, student, rollout)
-    tokens = noise.sampled_tokens(TrainConfig(baseline="expected"), teacher, student, rollout)
+        noise.token_noise(RunSpec.from_dict(dict(method="full_vocabulary")), teacher, student, rollout)
+    tokens = noise.sampled_tokens(RunSpec.from_dict(dict(baseline="expected")), teacher, student, rollout)
     assert len(tokens) == int(rollout.mask_BT.sum()) and tokens["log_u"].notna().all()
     share = noise.tail_share(tokens, (0.05, 0.25, 1.0))["A2_share"].tolist()
     assert 0 <= share[0] <= share[1] <= share[2] and abs(share[2] - 1) < 1e-12
@@ -137,19 +137,20 @@ def test_reference_arms_train_end_to_end(tmp_path):
     from test_train import SMALL, TASK as T, models_for_test
 
     from opdlab.runlog import read_metrics
-    from opdlab.train import Trainer, opd_step, train
+    from opdlab.step import Trainer, opd_step
+    from opdlab.train import train
 
     models = models_for_test()
     for method in ("supervised_kd", "full_vocabulary"):
-        config = TrainConfig(**SMALL, divergence="reverse_kl", method=method)
-        train(config, tmp_path / method, T, models, progress=False)
+        config, runtime = make(**SMALL, divergence="reverse_kl", method=method)
+        train(config, tmp_path / method, runtime, T, models)
         steps = read_metrics(tmp_path / method)
         steps = steps[steps.kind == "train"]
-        assert len(steps) == config.steps and steps["loss"].notna().all()
+        assert len(steps) == config.optim.steps and steps["loss"].notna().all()
         assert "adv_mean" not in steps.columns or steps["adv_mean"].isna().all()
     # the supervised arm's completions are the teacher's: with one shared generator state, the same tokens
     teacher, student, tok, _ = models
-    config = TrainConfig(**SMALL, method="supervised_kd")
+    config, _ = make(**SMALL, method="supervised_kd")
     tr = Trainer(config, T, teacher, student, tok)
     state = tr.generator.get_state()
     from opdlab.lm.sampling import sample
@@ -163,11 +164,11 @@ def test_reference_arms_train_end_to_end(tmp_path):
 def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baseline, clip):
     """noise.step_noise: finite, positive numbers for every estimator setting opd_step takes (γ, leave-one-out,
     clip), and a relative variance that falls when the step holds 8x the prompts (the same student)."""
-    from opdlab.train import Trainer
+    from opdlab.step import Trainer
 
     teacher, student = _model(1).eval(), _model(2).eval()
-    config = TrainConfig(prompts_per_step=2, samples_per_prompt=2, steps=1, max_new_tokens=8, device="cpu",
-                         gamma=gamma, baseline=baseline, log_u_clip=clip, divergence="forward_kl")
+    config = RunSpec.from_dict(dict(prompts_per_step=2, samples_per_prompt=2, steps=1, max_new_tokens=8,
+                                    gamma=gamma, baseline=baseline, log_u_clip=clip, divergence="forward_kl"))
     # the signal |E g|^2 is estimated as |mean|^2 - tr Cov / K: reliable where the relative variance of one step
     # is well below K, so the small step has 4 prompts and there are 16 batches
     small = noise.step_noise(Trainer(config.replace(prompts_per_step=4), TASK, teacher, student, TOK), n_batches=16)

@@ -19,6 +19,7 @@ from opdlab.lm.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
 from opdlab.lm.sampling import greedy_accuracy
 from opdlab.lm.sft import sft
 from opdlab.lm.tokenizer import char_tokenizer, check_compatible
+from opdlab.errors import UserError
 
 __all__ = ["cache_dir", "cached_model", "teacher_and_student"]
 
@@ -40,7 +41,7 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
     device = pick_device(device) if isinstance(device, str) else device
     name = getattr(task, "name", type(task).__name__)
     if not getattr(task, "alphabet", ""):
-        raise ValueError(f"task {name!r} is meant for a pretrained model's tokenizer (it has no character "
+        raise UserError(f"task {name!r} is meant for a pretrained model's tokenizer (it has no character "
                          "alphabet to build one from); set teacher_path and student_path to local checkpoints")
     path = cache_dir(cache) / f"{role}-{name}-{recipe.key(name, task.alphabet)}"
     if (path / "meta.json").exists():

@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from opdlab.errors import UserError
+
 __all__ = ["pick_device", "autocast"]
 
 
@@ -16,11 +18,11 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"bad device {device!r} ({err}); allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise UserError(f"bad device {device!r} ({err}); allowed: 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+        raise UserError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+        raise UserError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
                          f"device(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return chosen
 

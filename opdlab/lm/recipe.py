@@ -1,6 +1,6 @@
 """``ModelRecipe``: what determines a task-trained model (architecture, size, SFT schedule), and its hash.
 
-Torch-free, so that ``opdlab.config`` can build recipes without loading torch.
+Torch-free, so that ``opdlab.spec`` can build recipes without loading torch.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from opdlab.tasks.base import is_int
+from opdlab.errors import UserError
 
 __all__ = ["ModelRecipe", "ARCHITECTURES", "SFT_CHECK_EVERY", "SFT_CHECK_N"]
 
@@ -55,20 +56,20 @@ class ModelRecipe:
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+            raise UserError(f"unknown architecture {self.arch!r}; allowed: {', '.join(ARCHITECTURES)}")
         for name in ("hidden", "layers", "heads", "intermediate", "sft_batch", "max_len"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise UserError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         for name in ("sft_steps", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not (isinstance(self.sft_lr, (int, float)) and self.sft_lr > 0):
-            raise ValueError(f"sft_lr must be a positive number, got {self.sft_lr!r}")
+            raise UserError(f"sft_lr must be a positive number, got {self.sft_lr!r}")
         if self.sft_target is not None and not (isinstance(self.sft_target, (int, float))
                                                 and not isinstance(self.sft_target, bool) and 0 < self.sft_target <= 1):
-            raise ValueError(f"sft_target must be None or an accuracy in (0, 1], got {self.sft_target!r}")
+            raise UserError(f"sft_target must be None or an accuracy in (0, 1], got {self.sft_target!r}")
 
     def key(self, task_name: str, alphabet: str) -> str:
         """A short hash of the recipe, the task and its alphabet, naming the cache entry."""

@@ -31,6 +31,7 @@ import torch
 from opdlab.lm import decoder, packed
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
+from opdlab.errors import UserError
 
 __all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
 
@@ -127,7 +128,7 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     distribution, not of pi_theta.
     """
     if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number (1.0 samples from the model itself), "
+        raise UserError(f"temperature must be a positive number (1.0 samples from the model itself), "
                          f"got {temperature!r}")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id

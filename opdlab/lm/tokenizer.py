@@ -14,6 +14,8 @@ import weakref
 
 import torch
 
+from opdlab.errors import UserError
+
 __all__ = ["PAD", "EOS", "UNK", "char_tokenizer", "uses_chat_template", "prompt_ids", "end_of_turn_id", "stop_ids",
            "per_tokenizer", "encode_example", "collate", "check_compatible", "check_task_tokenizer"]
 
@@ -118,13 +120,13 @@ def check_compatible(teacher, student, teacher_tokenizer, student_tokenizer) -> 
     v_t, v_s = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     if v_t != v_s:
         only_t, only_s = sorted(set(v_t) - set(v_s))[:5], sorted(set(v_s) - set(v_t))[:5]
-        raise ValueError(
+        raise UserError(
             f"teacher and student tokenizers differ ({len(v_t)} vs {len(v_s)} tokens; only in the teacher: "
             f"{only_t}, only in the student: {only_s}, or the same tokens with other ids); on-policy "
             "distillation needs one shared tokenizer")
     n_t, n_s = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
     if n_t != n_s:
-        raise ValueError(f"teacher and student vocabularies differ: output heads of {n_t} and {n_s} tokens; "
+        raise UserError(f"teacher and student vocabularies differ: output heads of {n_t} and {n_s} tokens; "
                          "on-policy distillation needs one shared vocabulary")
 
 
@@ -139,16 +141,16 @@ def check_task_tokenizer(model, tokenizer, task, path) -> None:
         ids = [i for text in texts for i in tokenizer.encode(text, add_special_tokens=False)]
         share = ids.count(tokenizer.unk_token_id) / max(len(ids), 1)
         if share > UNK_LIMIT:
-            raise ValueError(f"the tokenizer of {path} turns {share:.0%} of the tokens of task {task.name!r} into "
+            raise UserError(f"the tokenizer of {path} turns {share:.0%} of the tokens of task {task.name!r} into "
                              f"{tokenizer.unk_token!r} (at most {UNK_LIMIT:.0%} allowed); it was made for another "
                              "task: use a checkpoint whose tokenizer can write this task's text")
     encoded = {ch: tokenizer.encode(ch, add_special_tokens=False) for ch in alphabet}
     missing = [ch for ch, ids in encoded.items() if not ids or tokenizer.unk_token_id in ids]
     if missing:
-        raise ValueError(f"the tokenizer of {path} cannot encode {len(missing)} of the {len(alphabet)} "
+        raise UserError(f"the tokenizer of {path} cannot encode {len(missing)} of the {len(alphabet)} "
                          f"characters of task {task.name!r} ({''.join(missing)!r}); was it trained on another "
                          "task?")
     n_rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_rows:
-        raise ValueError(f"the tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only "
+        raise UserError(f"the tokenizer of {path} has {len(tokenizer)} tokens but the model embeds only "
                          f"{n_rows}; they do not belong together")

@@ -14,6 +14,7 @@ See :mod:`opdlab.tasks.base` for the interface (:class:`Example`, :class:`Score`
 from __future__ import annotations
 
 from opdlab.tasks.base import Example, Score, Task, score_batch, split_of, summarize
+from opdlab.errors import UserError
 
 def _arithmetic(**options):
     from opdlab.tasks.arithmetic import ArithmeticTask
@@ -48,11 +49,11 @@ def get_task(name: str, **options) -> Task:
     or does not accept; ImportError with an install hint when an external task's package is missing.
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
     try:
         return _BUILDERS[name](**options)
     except TypeError as err:  # unexpected keyword: say which options exist
-        raise ValueError(f"bad options for task {name!r}: {err}") from err
+        raise UserError(f"bad options for task {name!r}: {err}") from err
 
 
 __all__ = ["Example", "Score", "Task", "TASK_NAMES", "get_task", "score_batch", "split_of", "summarize"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from opdlab.errors import UserError
+
 SPLITS = ("train", "test")
 ANSWER_MARK = "A:"
 _INT_RE = re.compile(r"-?\d{1,30}")
@@ -89,9 +91,9 @@ class Task(ABC):
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """``n`` examples of ``split`` ("train" or "test"), deterministic in ``seed``."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+            raise UserError(f"n must be a non-negative int, got {n!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
         return [self._draw(rng, split) for _ in range(n)]
 
@@ -102,7 +104,7 @@ class Task(ABC):
             example = generate(rng)
             if split_of(example.prompt, self.test_fraction) == split:
                 return example
-        raise ValueError(f"{self.name}: no {split} example in 10000 draws; the problem space is too small "
+        raise UserError(f"{self.name}: no {split} example in 10000 draws; the problem space is too small "
                          "for these options")
 
     def _generate(self, rng: random.Random) -> Example:
@@ -136,9 +138,9 @@ class Task(ABC):
         evaluation or a completion budget that asks for more than exists cycles instead of failing. Says so
         once per task and split (a UserWarning)."""
         if not is_int(n) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+            raise UserError(f"n must be a non-negative int, got {n!r}")
         if not pool:
-            raise ValueError(f"{self.name}: the {split} split is empty")
+            raise UserError(f"{self.name}: the {split} split is empty")
         if n > len(pool) and split not in self._warned_pools:
             self._warned_pools = self._warned_pools | {split}
             warnings.warn(f"{self.name}: {n} {split} examples asked of a pool of {len(pool)}; cycling through it "
@@ -188,7 +190,7 @@ def parse_int(text: str | None) -> int | None:
 def check_option(name: str, value, ok: bool, expected: str) -> None:
     """Raise a ValueError naming the option, its value, and what was expected, unless ``ok``."""
     if not ok:
-        raise ValueError(f"option {name}={value!r}: expected {expected}")
+        raise UserError(f"option {name}={value!r}: expected {expected}")
 
 
 def is_int(value) -> bool:
@@ -205,7 +207,7 @@ def score_batch(task: Task, examples, completions) -> pd.DataFrame:
     """
     examples, completions = list(examples), list(completions)
     if len(examples) != len(completions):
-        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        raise UserError(f"{len(examples)} examples but {len(completions)} completions")
     rows = []
     for i, (example, completion) in enumerate(zip(examples, completions)):
         s = task.score(example, completion)

@@ -17,6 +17,7 @@ import re
 from opdlab.tasks.base import SPLITS, Example, Score, Task, check_option, final_answer, is_int, split_of
 from opdlab.tasks.calls import (CALL_END, CALL_START, CallError, check_signature, format_call, match_call, parse_call,
                                 type_ok)
+from opdlab.errors import UserError
 
 INSTALL_HINT = "pip install -e .[pretrained]"
 
@@ -169,7 +170,7 @@ class BFCLSimpleTask(Task):
         """The first ``n`` of a seeded shuffle of ``split``; more than the split holds cycle through reshuffled
         passes (``Task.from_pool``), with a warning the first time."""
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise UserError(f"split must be one of {SPLITS}, got {split!r}")
         return self.from_pool(self._pool[split], split, n, f"{self.name}/{self.category}/{split}/{seed}")
 
     def finished(self, completion: str) -> bool:
