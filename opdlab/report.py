@@ -4,9 +4,11 @@
     opdlab report            regenerate them from figures/data/*.csv (and benchmarks/results/*.csv)
     opdlab report --check    exit 1, naming each file or region that differs from what the data gives
 
-A region is the text between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` (each on its own line);
-``REGIONS`` maps NAME to the function that renders it from the repository root. ``render`` gives every
-document's text as the data says it should be, ``check`` lists what differs, ``write`` writes it.
+``docs/results.md`` holds one section per notebook (``SECTIONS``: a title and the function that renders it from
+the repository root). A region is the text between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``, each
+alone on its line; ``REGIONS`` maps NAME to the function that renders it. ``render`` gives every document's text
+as the data says it should be, ``check`` lists what differs, ``write`` writes it. A new table is one function
+and an entry in one of the two.
 
 Rounding is stated where a number appears: accuracies, cosines and rates to 3 decimals, the gap closed to whole
 percent, noise scales to whole tokens. Each table is built with pandas and written by ``DataFrame.to_markdown``
@@ -25,7 +27,7 @@ import pandas as pd
 from opdlab.errors import UserError
 from opdlab.plots import divergence_title, method_style
 
-__all__ = ["REGIONS", "RESULTS", "ROOT", "render", "check", "write", "final_accuracy", "headline"]
+__all__ = ["REGIONS", "SECTIONS", "RESULTS", "ROOT", "render", "check", "write", "final_accuracy", "headline"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "docs/results.md"
