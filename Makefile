@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README):
-#   make figures   set up .venv, execute every notebook with papermill, write figures/
+#   make figures   set up .venv, execute every notebook with papermill, write figures/, render the docs' numbers
 #   make test      set up .venv, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 figures: setup
 	$(VENV)/bin/opdlab notebooks
+	$(VENV)/bin/opdlab report  # docs/results.md and the README's table from the figures' data
 
 test: setup browser
 	$(PY) -m pytest

@@ -12,6 +12,9 @@
                                          call accuracy of a local checkpoint (or a run directory's)
     opdlab notebooks [NAME ...] [-p KEY VALUE ...]
                                          execute notebooks with papermill (all by default)
+    opdlab report [--check] [--root DIR]
+                                         regenerate docs/results.md and the README's marked tables from
+                                         figures/data; --check exits 1 naming what differs
     opdlab audit [ESTIMATOR ...] [--function MODULE:FUNCTION --mode MODE [--claims DIVERGENCE]] [--list]
                                          what a per-token estimator's expected gradient follows, exactly on toys
 
@@ -224,6 +227,22 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from opdlab.report import ROOT, check, write
+
+    root = args.root or ROOT
+    if not args.check:
+        for where in write(root):
+            print(f"wrote {where}")
+        return 0
+    problems = check(root)
+    for line in problems:
+        print(f"opdlab report: {line}", file=sys.stderr)
+    if problems:
+        print("opdlab report: run `opdlab report` to render them again from the data", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opdlab", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--seed", type=int, default=0, help="first toy's seed (default 0)")
     au.add_argument("--csv", metavar="PATH", help="write the tidy audit table")
     au.set_defaults(func=_cmd_audit)
+
+    rp = sub.add_parser("report", help="render docs/results.md and the README's tables from figures/data")
+    rp.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each document or region "
+                                                         "that differs from what the data gives")
+    rp.add_argument("--root", help="repository root (default: the one this opdlab is imported from)")
+    rp.set_defaults(func=_cmd_report)
 
     nb = sub.add_parser("notebooks", help="execute notebooks headlessly with papermill")
     nb.add_argument("names", nargs="*", help="notebook numbers or names (default: all, in order)")
