@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "opdlab"
 LAYERS = [
     ["choices", "tasks"],                                   # names and tasks: no torch
     ["divergences", "lm.recipe"],
-    ["estimators", "lm.device", "lm.tokenizer"],
-    ["toy", "symbolic", "lm.modeling", "lm.sampling", "lm.sft"],
+    ["estimators", "sparse", "lm.device", "lm.tokenizer"],
+    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.sampling", "lm.sft"],
     ["montecarlo", "audit", "audit_catalogue", "lm.cache", "config"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
     ["train", "widgets"],
