@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from opdlab.divergences import Divergence, get
+from opdlab.errors import UserError
 from opdlab.estimators import full_vocabulary_loss
 from opdlab.sparse import PEER_FORMS, TopK, sparse_loss, sparse_terms, topk_payload
 from opdlab.toy import (CategoricalToy, SequenceToy, as_generator, exact_gradient, expected_estimator_gradient,
@@ -115,7 +116,7 @@ def topk_table(divergences: Sequence[str], k: int, n_toys: int = 20, n_tokens: i
     tidy DataFrame with the columns ``TOPK_COLUMNS``.
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < n_tokens:
-        raise ValueError(f"teacher top-k must be an integer in [1, {n_tokens - 1}] (below the toy's "
+        raise UserError(f"teacher top-k must be an integer in [1, {n_tokens - 1}] (below the toy's "
                          f"{n_tokens} tokens), got {k!r}")
     rows, divs = [], [get(name) for name in divergences]
     for toy_id in range(seed, seed + n_toys):
