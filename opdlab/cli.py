@@ -120,7 +120,8 @@ def _toy_topk(args, names) -> int:
           f"exact, mean over {args.n_toys} toys (temperature {temperature}, student = teacher + N(0, 1) logits, "
           f"seeds {args.seed}..{args.seed + args.n_toys - 1})")
     width = max(len("divergence"), *(len(n) for n in table["divergence"].unique()))
-    for value, title in (("cosine", "cos(E[g], grad D_f)"), ("relative_variance", "E||g - grad D_f||^2 / ||grad D_f||^2, one sample")):
+    for value, title in (("cosine", "cos(E[g], grad D_f)"),
+                         ("relative_variance", "E||g - grad D_f||^2 / ||grad D_f||^2, one sample")):
         print(f"\n{title}\n{'divergence':<{width}}  " + "  ".join(f"{c:>15}" for c in columns))
         for name in table["divergence"].unique():
             fmt = "15.4f" if value == "cosine" else "15.4g"

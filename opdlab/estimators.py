@@ -34,7 +34,8 @@ from opdlab.divergences import Divergence, get, over_row_chunks, validate_log_pr
 
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
-    "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "less_leave_one_out", "full_vocabulary_loss",
+    "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "less_leave_one_out",
+    "full_vocabulary_loss",
     "reinforce_loss", "importance_ratio_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
 

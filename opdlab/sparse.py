@@ -21,7 +21,9 @@ sampled token: the teacher's top-k, or the student's, computed before sampling o
 
 ``PEER_FORMS`` holds the peers' sparse losses written for any f (each a D_BT to minimise, differentiable in the
 student): renormalised on S (NeMo-RL, TRL), S plus one tail bucket (TRL's server trainers), S with no tail term
-(verl ``forward_kl_topk``). Their gradients are exact for a coarser or truncated divergence, not for D_f.
+(verl ``forward_kl_topk``). Their gradients are exact for a coarser or truncated divergence, not for D_f. With
+the tail baseline, this estimator's exact part *is* the tail bucket's gradient (for every f), and the sample adds
+what the bucket drops, ``1[y not in S] (w_f(u_y) - w_f(u_bar)) grad log pi(y)`` (docs/math.md §8).
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from opdlab.divergences import Divergence, get, over_row_chunks, validate_log_pr
 from opdlab.errors import UserError
 from opdlab.estimators import _reduce, clip_log_u, compute_advantages, less_leave_one_out
 
-__all__ = ["TopK", "topk_payload", "payload_on_support", "SparseTerms", "sparse_terms", "sparse_loss",
+__all__ = ["TopK", "topk_payload", "payload_on_support", "SparseTerms", "sparse_terms", "sparse_surrogate",
+           "sparse_loss",
            "tail_log_ratio", "renormalised_divergence", "tail_bucket_divergence", "no_tail_divergence",
            "PEER_FORMS", "SPARSE_BASELINES"]
 
@@ -152,6 +155,7 @@ class SparseTerms:
             leave-one-out mean with ``"loo"``), multiplying grad log pi(y_t).
         in_support_BT: whether y_t lies in S.
         baseline_BT: b (0 unless ``"tail"``).
+        log_u_BT: log u of the sampled tokens after the clip, 0 where the mask is 0 (as ``Advantages.log_u_BT``).
         n_clipped: unmasked sampled tokens and support entries whose log u the clip moved.
         n_tokens: unmasked positions.
     """
@@ -160,8 +164,14 @@ class SparseTerms:
     A_BT: torch.Tensor
     in_support_BT: torch.Tensor
     baseline_BT: torch.Tensor
+    log_u_BT: torch.Tensor
     n_clipped: int
     n_tokens: int
+
+    @property
+    def clip_fraction(self) -> float:
+        """Clipped entries (sampled tokens and support) per unmasked position."""
+        return self.n_clipped / max(self.n_tokens, 1)
 
 
 def sparse_terms(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,
@@ -204,24 +214,34 @@ def sparse_terms(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_B
         if not bool(torch.isfinite(weight).all()):
             raise UserError(f"{div.name}'s weights on the support overflowed (largest |log u| = "
                             f"{float(log_u_BTK.abs().max()):.1f}); pass log_u_clip (e.g. 10.0), or compute in float64")
-    return SparseTerms(weight, adv.A_BT, in_S, b, adv.n_clipped + n_clipped_S, adv.n_tokens)
+    return SparseTerms(weight, adv.A_BT, in_S, b, adv.log_u_BT, adv.n_clipped + n_clipped_S, adv.n_tokens)
 
 
-def sparse_loss(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,
-                mask_BT: torch.Tensor | None = None, gamma: float = 0.0, baseline: str = "none",
-                group_size: int | None = None, log_u_clip: float | None = None,
-                reduction: str = DEFAULT_REDUCTION) -> torch.Tensor:
+def sparse_surrogate(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,
+                     mask_BT: torch.Tensor | None = None, gamma: float = 0.0, baseline: str = "none",
+                     group_size: int | None = None, log_u_clip: float | None = None,
+                     reduction: str = DEFAULT_REDUCTION) -> tuple[torch.Tensor, SparseTerms]:
     """Surrogate ``L = -(1/n) sum_{b,t} mask [sum_{a in S} weight_a log pi(a) + A_t log pi(y_t)]`` (minimised),
-    whose gradient is the module's estimator; n is B (``"sequence"``) or the unmasked tokens (``"token"``), as
-    in ``estimators.reinforce_loss``. Differentiable through ``logp_student_BTV`` only; arguments as
-    ``sparse_terms``. Its value is not D_f: only its gradient means something.
+    whose gradient is the module's estimator, and the ``SparseTerms`` behind it (for a step's metrics). n is B
+    (``"sequence"``) or the unmasked tokens (``"token"``), as in ``estimators.reinforce_loss``. Differentiable
+    through ``logp_student_BTV`` only (two gathers: S and y_t); arguments as ``sparse_terms``. Its value is
+    not D_f: only its gradient means something.
     """
     terms = sparse_terms(div, logp_student_BTV, tokens_BT, payload, mask_BT, gamma, baseline, group_size,
                          log_u_clip)
     ids = payload.ids_BTK.to(torch.int64)
     exact_BT = (terms.weight_BTK * logp_student_BTV.gather(-1, ids)).sum(-1)
     sampled_BT = terms.A_BT * logp_student_BTV.gather(-1, tokens_BT[..., None].to(torch.int64))[..., 0]
-    return -_reduce(exact_BT + sampled_BT, mask_BT, reduction)
+    return -_reduce(exact_BT + sampled_BT, mask_BT, reduction), terms
+
+
+def sparse_loss(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,
+                mask_BT: torch.Tensor | None = None, gamma: float = 0.0, baseline: str = "none",
+                group_size: int | None = None, log_u_clip: float | None = None,
+                reduction: str = DEFAULT_REDUCTION) -> torch.Tensor:
+    """The loss of ``sparse_surrogate`` alone."""
+    return sparse_surrogate(div, logp_student_BTV, tokens_BT, payload, mask_BT, gamma, baseline, group_size,
+                            log_u_clip, reduction)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

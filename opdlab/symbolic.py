@@ -194,7 +194,8 @@ def as_divergence(f: str | sp.Expr, name: str | None = None) -> Divergence:
         fn = sp.lambdify(log_u, expr.subs(U, sp.exp(log_u)), "torch")
         return lambda L: fn(L) + torch.zeros_like(L)  # a constant expression still gives a tensor of L's shape
 
-    return Divergence(name or str(derivation.f), str(derivation.f), str(derivation.f), str(derivation.opd_plus_advantage),
+    f_text, w_text = str(derivation.f), str(derivation.opd_plus_advantage)
+    return Divergence(name or f_text, f_text, f_text, w_text,
                       compiled(derivation.f), compiled(derivation.f_prime), compiled(derivation.opd_plus_advantage),
                       bounded_weight=False)
 

@@ -180,7 +180,8 @@ def test_a_support_that_depends_on_the_sample_is_biased():
 
     def with_the_sample(tokens):
         top = teacher.topk(8, -1).indices
-        ids = torch.where((top == tokens[..., None]).any(-1, keepdim=True), top, torch.cat([top[..., :7], tokens[..., None]], -1))
+        swapped = torch.cat([top[..., :7], tokens[..., None]], -1)
+        ids = torch.where((top == tokens[..., None]).any(-1, keepdim=True), top, swapped)
         return payload_on_support(teacher, tokens, ids)
 
     mean = pi @ _every_sample_gradient("jsd", toy, with_the_sample, "none")
@@ -196,6 +197,22 @@ def test_the_peers_sparse_forms_are_biased(form):
         assert _cos(peer, target) < 0.9999 and float((peer - target).norm()) > 1e-2 * float(target.norm())
         # at S = V each is D_f itself (the tail bucket and the normaliser are empty or 1)
         torch.testing.assert_close(categorical_peer_gradient(name, toy, 64, form), target, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", EVERY)
+def test_with_the_tail_baseline_the_support_part_is_the_tail_bucket_gradient(name):
+    """grad [sum_S pi f(u) + (1 - Pi_S) f(u_bar)] = -sum_S pi (w(u_a) - w(u_bar)) grad log pi: the exact part with
+    b = w(u_bar) is the tail bucket's gradient, for any f, and the sample adds the residual
+    1[y not in S] (w(u_y) - w(u_bar)) grad log pi(y), which the bucket drops. A sampled token in S adds
+    nothing else at gamma = 0, so its gradient is the bucket's; a token outside adds the residual."""
+    toy = make_near_teacher(64, seed=3, temperature=0.5)
+    teacher = toy.logp_teacher_K.expand(64, 1, 64)
+    G = _every_sample_gradient(name, toy, lambda tokens: topk_payload(teacher, tokens, 8), "tail")
+    bucket = categorical_peer_gradient(name, toy, 8, "tail_bucket")
+    top = toy.logp_teacher_K.topk(8).indices
+    torch.testing.assert_close(G[top], bucket.expand(8, -1), rtol=1e-9, atol=1e-12 * float(bucket.norm()))
+    outside = torch.ones(64, dtype=torch.bool).index_fill(0, top, False)
+    assert float((G[outside] - bucket).norm(dim=-1).max()) > 1e-3 * float(bucket.norm())
 
 
 @pytest.mark.parametrize("name", EVERY)
