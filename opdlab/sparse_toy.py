@@ -25,10 +25,11 @@ from opdlab.errors import UserError
 from opdlab.estimators import full_vocabulary_loss
 from opdlab.sparse import PEER_FORMS, TopK, sparse_loss, sparse_terms, topk_payload
 from opdlab.toy import (CategoricalToy, SequenceToy, as_generator, exact_gradient, expected_estimator_gradient,
-                        make_categorical, sequence_log_probs)
+                        make_categorical, make_sequence, sequence_estimator_moments, sequence_log_probs,
+                        token_local_gradient)
 
 __all__ = ["make_near_teacher", "categorical_topk_moments", "categorical_peer_gradient", "sequence_topk_moments",
-           "sequence_topk_payload", "topk_table", "TOPK_COLUMNS"]
+           "sequence_topk_payload", "topk_table", "sequence_topk_table", "TOPK_COLUMNS"]
 
 TOPK_COLUMNS = ("toy", "divergence", "k", "method", "baseline", "teacher_mass", "cosine", "relative_bias",
                 "relative_variance")
@@ -151,21 +152,56 @@ def sequence_topk_payload(toy: SequenceToy, k: int, index_n: torch.Tensor | None
     return topk_payload(toy.logp_teacher_NV[nodes_SH[index_n]], tokens_SH[index_n], k)
 
 
-def sequence_topk_moments(div: Divergence | str, toy: SequenceToy, k: int, gamma: float = 0.0,
-                          baseline: str = "none", log_u_clip: float | None = None) -> tuple[torch.Tensor, float]:
-    """Exact ``E_y[g(y)]`` (shape (N * V,)) and ``tr Cov(g)`` of the gradient of ``sparse.sparse_loss`` for one
-    sequence y, enumerating every sequence: each gets its own copy of the logits, so one backward pass gives
-    every per-sequence gradient. E[g] is ``token_local_gradient`` at gamma = 0 and ``exact_sequence_gradient``
-    at gamma = 1 (the ``"sequence"`` reduction)."""
+def _sequence_moments(toy: SequenceToy, loss_of) -> tuple[torch.Tensor, float]:
+    """Exact mean and ``tr Cov`` over sequences of the gradient of ``loss_of(logp_SHV, tokens_SH)`` (a loss with
+    the ``"sequence"`` reduction, over every enumerated sequence): each sequence gets its own copy of the
+    logits, so one backward pass gives every per-sequence gradient."""
     tokens_SH, nodes_SH, _, _ = toy.tree
     n_seq = tokens_SH.shape[0]
     theta_SNV = toy.logits_student_NV.detach().expand(n_seq, -1, -1).clone().requires_grad_(True)
     logp_SHV = torch.log_softmax(theta_SNV, -1)[torch.arange(n_seq)[:, None], nodes_SH]
-    payload = sequence_topk_payload(toy, k)
-    loss = sparse_loss(div, logp_SHV, tokens_SH, payload, None, gamma, baseline, None, log_u_clip, "sequence")
-    (grad_SNV,) = torch.autograd.grad(loss * n_seq, theta_SNV)  # the loss is the mean over sequences
+    (grad_SNV,) = torch.autograd.grad(loss_of(logp_SHV, tokens_SH) * n_seq, theta_SNV)  # a mean over sequences
     grads_SD = grad_SNV.reshape(n_seq, -1)
     P_S = sequence_log_probs(toy).exp()
     mean_D = P_S @ grads_SD
     return mean_D, float(P_S @ (grads_SD - mean_D).pow(2).sum(-1))
 
+
+def sequence_topk_moments(div: Divergence | str, toy: SequenceToy, k: int, gamma: float = 0.0,
+                          baseline: str = "none", log_u_clip: float | None = None) -> tuple[torch.Tensor, float]:
+    """Exact ``E_y[g(y)]`` (shape (N * V,)) and ``tr Cov(g)`` of the gradient of ``sparse.sparse_loss`` for one
+    sequence y, by enumerating every sequence. E[g] is ``token_local_gradient`` at gamma = 0 and
+    ``exact_sequence_gradient`` at gamma = 1 (the ``"sequence"`` reduction)."""
+    payload = sequence_topk_payload(toy, k)
+    return _sequence_moments(toy, lambda logp_SHV, tokens_SH: sparse_loss(
+        div, logp_SHV, tokens_SH, payload, None, gamma, baseline, None, log_u_clip, "sequence"))
+
+
+def sequence_topk_table(divergences: Sequence[str], k: int, n_toys: int = 5, vocab_size: int = 40,
+                        horizon: int = 2, seed: int = 0, temperature: float = 0.5) -> pd.DataFrame:
+    """``topk_table`` on random sequence toys (``toy.make_sequence``) at gamma = 0, against the token-local
+    gradient: there the full-vocabulary method keeps the variance of the contexts it visits. One-sample OPD+
+    is the dense path (``toy.sequence_estimator_moments``); the peers' forms are summed over visited contexts
+    and differentiated as a loss. ``teacher_mass`` is Q_S averaged over prefixes."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < vocab_size:
+        raise UserError(f"teacher top-k must be an integer in [1, {vocab_size - 1}] (below the toy's "
+                        f"{vocab_size} tokens), got {k!r}")
+    rows, divs = [], [get(name) for name in divergences]
+    for toy_id in range(seed, seed + n_toys):
+        toy = make_sequence(vocab_size, horizon, toy_id, temperature)
+        mass = float(toy.logp_teacher_NV.topk(k, -1).values.exp().sum(-1).mean())
+        payload = sequence_topk_payload(toy, k)
+        for div in divs:
+            target = token_local_gradient(div, toy)
+
+            def add(method, baseline, moments):
+                rows.append(_row(toy_id, div, k, method, baseline, mass, *moments, target))
+
+            add("opd_plus", "none", sequence_estimator_moments(div, toy, "opd_plus", 0.0, "none"))
+            add("full_vocabulary", "none", _sequence_moments(toy, lambda ls, tokens: full_vocabulary_loss(
+                div, ls, toy.logp_teacher_NV[toy.tree[1]], None, "sequence")))
+            for baseline in ("none", "tail"):
+                add("sparse", baseline, sequence_topk_moments(div, toy, k, 0.0, baseline))
+            for form, peer in PEER_FORMS.items():
+                add(form, "none", _sequence_moments(toy, lambda ls, tokens: peer(div, ls, payload).sum(-1).mean()))
+    return pd.DataFrame(rows, columns=list(TOPK_COLUMNS))

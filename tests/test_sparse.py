@@ -10,7 +10,7 @@ from opdlab.estimators import baselined_advantages, full_vocabulary_loss, reinfo
 from opdlab.montecarlo import DIVERGENCES
 from opdlab.sparse import PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_terms, topk_payload
 from opdlab.sparse_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
-                               sequence_topk_moments, topk_table)
+                               sequence_topk_moments, sequence_topk_table, topk_table)
 from opdlab.symbolic import as_divergence
 from opdlab.toy import exact_gradient, exact_sequence_gradient, make_sequence, token_local_gradient
 
@@ -255,6 +255,15 @@ def test_the_tail_baseline_lowers_the_variance_where_the_support_holds_the_mass(
     assert (table.query("method == 'sparse'").cosine > 0.9999).all()
     toy = make_near_teacher(50, seed=0)
     assert categorical_topk_moments("reverse_kl", toy, 50, "tail")[1] == pytest.approx(0.0, abs=1e-20)
+
+
+def test_the_sequence_table_keeps_the_contexts_variance():
+    """On a sequence toy the full-vocabulary method keeps the variance of the contexts it visits (so the table
+    compares something), every unbiased method has cosine 1, and the tail bucket does not."""
+    table = sequence_topk_table(["reverse_kl"], 8, n_toys=1, vocab_size=12, horizon=2).set_index("method")
+    assert table.loc["full_vocabulary", "relative_variance"] > 0.1
+    assert (table.loc[["opd_plus", "full_vocabulary", "sparse"], "cosine"] > 0.9999).all()
+    assert table.loc["tail_bucket", "cosine"] < 0.9999
 
 
 def test_sparse_terms_report_the_clip():
