@@ -8,7 +8,9 @@ from opdlab import cli
 from opdlab.errors import UserError
 from opdlab.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
 from opdlab.montecarlo import DIVERGENCES
-from opdlab.sparse import PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_terms, topk_payload
+from opdlab.divergences import CHUNK_ELEMENTS
+from opdlab.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_terms, tail_log_ratio,
+                           topk_payload)
 from opdlab.sparse_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
                                sequence_topk_moments, sequence_topk_table, topk_table)
 from opdlab.symbolic import as_divergence
@@ -264,6 +266,23 @@ def test_the_sequence_table_keeps_the_contexts_variance():
     assert table.loc["full_vocabulary", "relative_variance"] > 0.1
     assert (table.loc[["opd_plus", "full_vocabulary", "sparse"], "cosine"] > 0.9999).all()
     assert table.loc["tail_bucket", "cosine"] < 0.9999
+
+
+def test_the_tail_ratio_over_row_chunks_of_a_large_vocabulary():
+    """A 49,152-token vocabulary (SmolLM2's) over more than CHUNK_ELEMENTS entries: the student's tail mass is
+    summed chunk by chunk, and equals the masked sum done at once; S = V gives u_bar = 1 (log 0)."""
+    g = torch.Generator().manual_seed(0)
+    V, T = 49152, CHUNK_ELEMENTS // 49152 + 2
+    logits_s, logits_t = torch.randn(1, T, V, generator=g), 3 * torch.randn(1, T, V, generator=g)
+    logp_s = torch.log_softmax(logits_s, -1)
+    tokens = torch.zeros(1, T, dtype=torch.long)
+    payload = topk_payload(logits_t, tokens, 32)
+    outside = torch.ones(1, T, V, dtype=torch.bool).scatter(-1, payload.ids_BTK, False)
+    log_tail_s = torch.where(outside, logp_s, -torch.inf).logsumexp(-1)
+    log_tail_q = torch.where(outside, torch.log_softmax(logits_t, -1), -torch.inf).logsumexp(-1)
+    torch.testing.assert_close(tail_log_ratio(logp_s, payload), log_tail_q - log_tail_s, rtol=1e-9, atol=1e-9)
+    whole = topk_payload(logits_t[:, :2, :50], tokens[:, :2], 50)
+    assert torch.equal(tail_log_ratio(logp_s[:, :2, :50], whole), torch.zeros(1, 2))
 
 
 def test_sparse_terms_report_the_clip():
