@@ -38,8 +38,7 @@ from opdlab.errors import UserError
 from opdlab.estimators import _reduce, clip_log_u, compute_advantages, less_leave_one_out
 
 __all__ = ["TopK", "topk_payload", "payload_on_support", "SparseTerms", "sparse_terms", "sparse_surrogate",
-           "sparse_loss",
-           "tail_log_ratio", "renormalised_divergence", "tail_bucket_divergence", "no_tail_divergence",
+           "sparse_loss", "renormalised_divergence", "tail_bucket_divergence", "no_tail_divergence",
            "PEER_FORMS", "SPARSE_BASELINES"]
 
 
@@ -78,13 +77,17 @@ class TopK:
 
 def payload_on_support(logits_teacher_BTV: torch.Tensor, tokens_BT: torch.Tensor, ids_BTK: torch.Tensor) -> TopK:
     """The payload of a teacher that scores a given support ``ids_BTK`` (e.g. the student's top-k) and the
-    sampled tokens: ``log softmax(logits)`` gathered there, with no (B, T, V) log-probability tensor made."""
+    sampled tokens: ``logits - logsumexp(logits)`` gathered there, with no (B, T, V) log-probability tensor
+    made. Half-precision logits give float32 log-probabilities."""
     with torch.no_grad():
-        log_Z_BT1 = torch.logsumexp(logits_teacher_BTV.float() if logits_teacher_BTV.dtype in (
-            torch.float16, torch.bfloat16) else logits_teacher_BTV, -1, keepdim=True)
-        gather = lambda ids: logits_teacher_BTV.gather(-1, ids).to(log_Z_BT1.dtype) - log_Z_BT1  # noqa: E731
-        return TopK(ids_BTK, gather(ids_BTK).clamp_max(0.0),
-                    gather(tokens_BT[..., None])[..., 0].clamp_max(0.0))
+        logits = logits_teacher_BTV.detach()
+        dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        log_Z_BT1 = torch.logsumexp(logits.to(dtype), -1, keepdim=True)
+
+        def logp_at(ids):
+            return (logits.gather(-1, ids.to(torch.int64)).to(dtype) - log_Z_BT1).clamp_max(0.0)
+
+        return TopK(ids_BTK, logp_at(ids_BTK), logp_at(tokens_BT[..., None])[..., 0])
 
 
 def topk_payload(logits_teacher_BTV: torch.Tensor, tokens_BT: torch.Tensor, k: int) -> TopK:
@@ -98,7 +101,7 @@ def topk_payload(logits_teacher_BTV: torch.Tensor, tokens_BT: torch.Tensor, k: i
         raise UserError(f"tokens_BT has shape {tuple(tokens_BT.shape)}, expected "
                         f"{tuple(logits_teacher_BTV.shape[:2])} (the teacher logits' first two axes)")
     ids_BTK = logits_teacher_BTV.detach().topk(k, dim=-1, sorted=False).indices
-    return payload_on_support(logits_teacher_BTV.detach(), tokens_BT, ids_BTK)
+    return payload_on_support(logits_teacher_BTV, tokens_BT, ids_BTK)
 
 
 def tail_log_ratio(logp_student_BTV: torch.Tensor, payload: TopK) -> torch.Tensor:
@@ -123,7 +126,7 @@ def tail_log_ratio(logp_student_BTV: torch.Tensor, payload: TopK) -> torch.Tenso
         return torch.where(torch.isfinite(log_u_bar), log_u_bar, 0.0)
 
 
-def _check(div, logp_student_BTV, tokens_BT, payload, mask_BT, baseline):
+def _check(logp_student_BTV, tokens_BT, payload, baseline):
     if not isinstance(payload, TopK):
         raise TypeError(f"payload must be an opdlab.sparse.TopK, got {type(payload).__name__}")
     if baseline == "expected":
@@ -132,6 +135,9 @@ def _check(div, logp_student_BTV, tokens_BT, payload, mask_BT, baseline):
                         f"allowed here: {', '.join(SPARSE_BASELINES)} ('tail' is w_f at the tail's ratio u_bar)")
     if baseline not in SPARSE_BASELINES:
         raise UserError(f"unknown baseline {baseline!r} for a top-k teacher; allowed: {', '.join(SPARSE_BASELINES)}")
+    if logp_student_BTV.dim() != 3:
+        raise UserError(f"logp_student_BTV must be (batch, time, vocabulary), got shape "
+                        f"{tuple(logp_student_BTV.shape)}")
     B, T, V = logp_student_BTV.shape
     if tuple(tokens_BT.shape) != (B, T) or payload.ids_BTK.shape[:2] != (B, T):
         raise UserError(f"logp_student_BTV {(B, T, V)}, tokens_BT {tuple(tokens_BT.shape)} and the payload "
@@ -170,8 +176,8 @@ class SparseTerms:
 
     @property
     def clip_fraction(self) -> float:
-        """Clipped entries (sampled tokens and support) per unmasked position."""
-        return self.n_clipped / max(self.n_tokens, 1)
+        """Fraction of the unmasked entries (sampled tokens and support entries) at which the log u clip binds."""
+        return self.n_clipped / max(self.n_tokens * (1 + self.weight_BTK.shape[-1]), 1)
 
 
 def sparse_terms(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,
@@ -189,7 +195,7 @@ def sparse_terms(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_B
         baseline: ``"none"``, ``"tail"`` or ``"loo"`` (within consecutive groups of ``group_size``).
     """
     div = get(div)
-    _check(div, logp_student_BTV, tokens_BT, payload, mask_BT, baseline)
+    _check(logp_student_BTV, tokens_BT, payload, baseline)
     with torch.no_grad():
         ls_BTV = logp_student_BTV.detach()
         ids = payload.ids_BTK.to(torch.int64)
