@@ -176,6 +176,9 @@ def compute_advantages(
         log_u, n_clipped = clip_log_u(log_u, log_u_clip, mask)
         A = div.advantage(log_u, method)
         if local_BT is not None:
+            if local_BT.dtype != torch.bool or tuple(local_BT.shape) != tuple(A.shape):
+                raise ValueError(f"local_BT must be a boolean tensor of shape {tuple(A.shape)}, got "
+                                 f"{local_BT.dtype} of shape {tuple(local_BT.shape)}")
             A = torch.where(local_BT, A, 0.0)
         if gamma > 0.0:
             A = A - discounted_future_sum(div.f(log_u) * mask, gamma)
