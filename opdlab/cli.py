@@ -88,9 +88,12 @@ def _cmd_toy(args) -> int:
     from opdlab.montecarlo import DIVERGENCES, estimator_cosines
 
     names = args.divergence or list(DIVERGENCES)
-    if args.teacher_topk:
+    topk = bool(args.teacher_topk)
+    for key, classic, sparse in (("n_tokens", 8, 2000), ("temperature", 1.0, 0.3), ("n_toys", 100, 20)):
+        if getattr(args, key) is None:  # each mode's own default
+            setattr(args, key, sparse if topk else classic)
+    if topk:
         return _toy_topk(args, names)
-    args.n_tokens, args.temperature = args.n_tokens or 8, args.temperature or 1.0
     cosines = estimator_cosines(names, n_toys=args.n_toys, n_tokens=args.n_tokens, seed=args.seed,
                                 temperature=args.temperature)
     stats = cosines.groupby(["divergence", "method"], sort=False).agg(
@@ -111,7 +114,7 @@ def _cmd_toy(args) -> int:
 def _toy_topk(args, names) -> int:
     from opdlab.sparse_toy import topk_table
 
-    n_tokens, temperature, k = args.n_tokens or 2000, args.temperature or 0.3, args.teacher_topk
+    n_tokens, temperature, k = args.n_tokens, args.temperature, args.teacher_topk
     table = topk_table(names, k, n_toys=args.n_toys, n_tokens=n_tokens, seed=args.seed, temperature=temperature)
     table["estimator"] = table["method"] + table["baseline"].map({"none": "", "tail": "+tail"})
     means = table.groupby(["divergence", "estimator"], sort=False)[["cosine", "relative_variance"]].mean()
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("-d", "--divergence", nargs="+", action="extend", metavar="DIVERGENCE",
                     help="registry names, e.g. forward_kl gjsd:0.5 (default: the nine of notebook 02)")
     ty.add_argument("--seed", type=int, default=0, help="first toy's seed; toys use seed, seed + 1, ...")
-    ty.add_argument("--n-toys", type=_positive_int, default=100, help="number of random toys (default 100)")
+    ty.add_argument("--n-toys", type=_positive_int, help="number of random toys (default 100; 20 with --teacher-topk)")
     ty.add_argument("--n-tokens", type=_positive_int, help="vocabulary size K of each toy (default 8; 2000 with "
                                                              "--teacher-topk)")
     ty.add_argument("--temperature", type=float,
