@@ -9,8 +9,8 @@ from opdlab.errors import UserError
 from opdlab.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
 from opdlab.montecarlo import DIVERGENCES
 from opdlab.divergences import CHUNK_ELEMENTS
-from opdlab.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_terms, tail_log_ratio,
-                           topk_payload)
+from opdlab.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_surrogate, sparse_terms,
+                           tail_log_ratio, topk_payload)
 from opdlab.sparse_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
                                sequence_topk_moments, sequence_topk_table, topk_table)
 from opdlab.symbolic import as_divergence
@@ -321,3 +321,26 @@ def test_cli_toy_teacher_topk_prints_and_writes_the_table(capsys, tmp_path):
 def test_cli_toy_teacher_topk_out_of_range(capsys):
     assert cli.main(["toy", "--teacher-topk", "8", "--n-tokens", "8", "--n-toys", "1"]) == 2
     assert "teacher top-k must be an integer in [1, 7]" in capsys.readouterr().err
+
+
+def test_the_step_call_in_float32():
+    """What a training step does: the teacher's logits become a payload, and the student's float32
+    log-probabilities meet only that. At k = V its gradient is the exact one (float64) to float32 precision:
+    no further off than full_vocabulary_loss computed in float32."""
+    logits_s, logits_t, tokens, mask = _batch(B=4, T=5, V=300)
+
+    def gradient(dtype, sparse):
+        theta = logits_s.detach().to(dtype).requires_grad_(True)
+        logp_s = torch.log_softmax(theta, -1)
+        if not sparse:
+            return _grad(full_vocabulary_loss("jsd", logp_s, torch.log_softmax(logits_t.to(dtype), -1), mask,
+                                              "token"), theta).double()
+        payload = topk_payload(logits_t.to(dtype), tokens, 300)
+        loss, terms = sparse_surrogate("jsd", logp_s, tokens, payload, mask, 0.0, "tail", 2, None, "token")
+        assert loss.dtype == dtype and terms.n_tokens == int(mask.sum())
+        return _grad(loss, theta).double()
+
+    exact = gradient(torch.float64, sparse=False)
+    error = {sparse: float((gradient(torch.float32, sparse) - exact).abs().max() / exact.abs().max())
+             for sparse in (True, False)}
+    assert error[True] <= max(error[False], 1e-6)
