@@ -12,7 +12,7 @@ import warnings
 
 from opdlab.errors import UserError
 
-__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
+__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
            "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
 
 METHODS = ("opd", "opd_plus")
@@ -30,6 +30,11 @@ TRAIN_METHODS = METHODS + REFERENCE_METHODS
 BASELINES = ("none", "expected", "loo")
 """``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the
 mean advantage of the other samples of the same group at the same position (docs/math.md §5)."""
+
+SPARSE_BASELINES = ("none", "tail", "loo")
+"""Baselines of OPD+ from a top-k teacher (``opdlab.sparse``): ``"tail"`` is w_f at the tail's aggregate ratio
+u_bar = (1 - Q_S) / (1 - Pi_S), corrected on the support; ``"expected"`` needs the whole teacher and is refused
+there (docs/math.md §8)."""
 
 REDUCTIONS = ("token", "sequence")
 LR_SCHEDULES = ("constant", "cosine")

@@ -1,7 +1,8 @@
 """Command line: ``opdlab <command>`` (or ``python -m opdlab``).
 
-    opdlab toy [-d DIVERGENCE ...] [--seed S] [--n-toys N] [--csv PATH]
-                                         cos(E[g], grad D_f) of OPD and OPD+ on random categorical toys, exact
+    opdlab toy [-d DIVERGENCE ...] [--seed S] [--n-toys N] [--teacher-topk K] [--csv PATH]
+                                         cos(E[g], grad D_f) of OPD and OPD+ on random categorical toys, exact;
+                                         with K > 0, OPD+ from a top-K teacher (opdlab.sparse_toy.topk_table)
     opdlab divergences                   the registry: f, OPD+ advantage, bounded or not
     opdlab train RUN_DIR [-p FIELD VALUE ...]
                                          one OPD/OPD+ run (RunSpec and Runtime fields, -p preset NAME),
@@ -93,6 +94,12 @@ def _cmd_toy(args) -> int:
     from opdlab.montecarlo import DIVERGENCES, estimator_cosines
 
     names = args.divergence or list(DIVERGENCES)
+    topk = bool(args.teacher_topk)
+    for key, classic, sparse in (("n_tokens", 8, 2000), ("temperature", 1.0, 0.3), ("n_toys", 100, 20)):
+        if getattr(args, key) is None:  # each mode's own default
+            setattr(args, key, sparse if topk else classic)
+    if topk:
+        return _toy_topk(args, names)
     cosines = estimator_cosines(names, n_toys=args.n_toys, n_tokens=args.n_tokens, seed=args.seed,
                                 temperature=args.temperature)
     stats = cosines.groupby(["divergence", "method"], sort=False).agg(
@@ -107,6 +114,29 @@ def _cmd_toy(args) -> int:
               f"{opd.relative_bias:13.3f}")
     if args.csv:
         _write_csv(cosines, args.csv)
+    return 0
+
+
+def _toy_topk(args, names) -> int:
+    from opdlab.sparse_toy import topk_table
+
+    n_tokens, temperature, k = args.n_tokens, args.temperature, args.teacher_topk
+    table = topk_table(names, k, n_toys=args.n_toys, n_tokens=n_tokens, seed=args.seed, temperature=temperature)
+    table["estimator"] = table["method"] + table["baseline"].map({"none": "", "tail": "+tail"})
+    means = table.groupby(["divergence", "estimator"], sort=False)[["cosine", "relative_variance"]].mean()
+    columns = list(table["estimator"].unique())
+    print(f"teacher top-{k} of {n_tokens} tokens (S holds {table['teacher_mass'].mean():.2f} of the teacher's mass), "
+          f"exact, mean over {args.n_toys} toys (temperature {temperature}, student = teacher + N(0, 1) logits, "
+          f"seeds {args.seed}..{args.seed + args.n_toys - 1})")
+    width = max(len("divergence"), *(len(n) for n in table["divergence"].unique()))
+    for value, title in (("cosine", "cos(E[g], grad D_f)"),
+                         ("relative_variance", "E||g - grad D_f||^2 / ||grad D_f||^2, one sample")):
+        print(f"\n{title}\n{'divergence':<{width}}  " + "  ".join(f"{c:>15}" for c in columns))
+        for name in table["divergence"].unique():
+            fmt = "15.4f" if value == "cosine" else "15.4g"
+            print(f"{name:<{width}}  " + "  ".join(f"{means.loc[(name, c), value]:{fmt}}" for c in columns))
+    if args.csv:
+        _write_csv(table.drop(columns="estimator"), args.csv)
     return 0
 
 
@@ -252,10 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("-d", "--divergence", nargs="+", action="extend", metavar="DIVERGENCE",
                     help="registry names, e.g. forward_kl gjsd:0.5 (default: the nine of notebook 02)")
     ty.add_argument("--seed", type=int, default=0, help="first toy's seed; toys use seed, seed + 1, ...")
-    ty.add_argument("--n-toys", type=_positive_int, default=100, help="number of random toys (default 100)")
-    ty.add_argument("--n-tokens", type=_positive_int, default=8, help="vocabulary size K of each toy (default 8)")
-    ty.add_argument("--temperature", type=float, default=1.0,
-                    help="logits ~ N(0, 1) / temperature; lower is peakier (default 1)")
+    ty.add_argument("--n-toys", type=_positive_int, help="number of random toys (default 100; 20 with --teacher-topk)")
+    ty.add_argument("--n-tokens", type=_positive_int, help="vocabulary size K of each toy (default 8; 2000 with "
+                                                             "--teacher-topk)")
+    ty.add_argument("--temperature", type=float,
+                    help="logits ~ N(0, 1) / temperature; lower is peakier (default 1; 0.3 with --teacher-topk)")
+    ty.add_argument("--teacher-topk", type=int, default=0, metavar="K",
+                    help="K > 0: OPD+ from the teacher's top-K against one-sample OPD+, the full vocabulary and "
+                         "the peers' sparse forms (cosine, relative variance)")
     ty.add_argument("--csv", metavar="PATH", help="write the tidy table (one row per toy, divergence, method)")
     ty.set_defaults(func=_cmd_toy)
 

@@ -185,14 +185,15 @@ def validate_log_probs(**tensors: torch.Tensor) -> None:
 
 def over_row_chunks(fn, *tensors: torch.Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """``fn(*tensors)`` for a reduction over the last axis, computed over chunks of rows (all axes but the last
-    flattened) of at most about ``chunk_elements`` elements, so its temporaries stay small. Each row's sum is
-    the same computation either way; tensors up to ``chunk_elements`` go to ``fn`` whole."""
+    flattened) of at most about ``chunk_elements`` elements of the first tensor, so its temporaries stay small.
+    The tensors share all axes but the last. Each row's sum is the same computation either way; tensors up to
+    ``chunk_elements`` go to ``fn`` whole."""
     first = tensors[0]
     if first.numel() <= chunk_elements or first.dim() < 2:
         return fn(*tensors)
     V = first.shape[-1]
     rows = max(1, chunk_elements // max(V, 1))
-    flat = [t.reshape(-1, V) for t in tensors]
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]  # rows align; last axes may differ (ids on a support)
     out = torch.cat([fn(*(t[i:i + rows] for t in flat)) for i in range(0, flat[0].shape[0], rows)])
     return out.reshape(first.shape[:-1])
 

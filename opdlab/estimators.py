@@ -35,7 +35,8 @@ from opdlab.errors import UserError
 
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
-    "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "full_vocabulary_loss",
+    "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "less_leave_one_out",
+    "full_vocabulary_loss",
     "reinforce_loss", "importance_ratio_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
 
@@ -147,6 +148,7 @@ def compute_advantages(
     gamma: float = 0.0,
     baseline_BT: torch.Tensor | None = None,
     log_u_clip: float | None = None,
+    local_BT: torch.Tensor | None = None,
 ) -> Advantages:
     """``A_t = a(u_t) - sum_{s>t, mask_s} gamma^(s-t) f(u_s) - b_t`` with its bookkeeping (see module doc).
 
@@ -158,6 +160,9 @@ def compute_advantages(
         gamma: weight of the future terms, in [0, 1].
         baseline_BT: b(c_t), subtracted at every unmasked token; must not depend on y_t.
         log_u_clip: clamp log_u to [-log_u_clip, log_u_clip] first; None for no clip.
+        local_BT: boolean, False where the token-local term a(u_t) is left out because the caller computes
+            it exactly (``opdlab.sparse``: the sampled token lies in the teacher's support); None keeps it
+            everywhere. The future terms and the baseline are subtracted either way.
 
     The result is computed without gradient tracking: advantages are constants of the surrogate.
     """
@@ -171,6 +176,11 @@ def compute_advantages(
         log_u = torch.where(counts, logp_teacher_BT - logp_student_BT, 0.0)
         log_u, n_clipped = clip_log_u(log_u, log_u_clip, mask)
         A = div.advantage(log_u, method)
+        if local_BT is not None:
+            if local_BT.dtype != torch.bool or tuple(local_BT.shape) != tuple(A.shape):
+                raise ValueError(f"local_BT must be a boolean tensor of shape {tuple(A.shape)}, got "
+                                 f"{local_BT.dtype} of shape {tuple(local_BT.shape)}")
+            A = torch.where(local_BT, A, 0.0)
         if gamma > 0.0:
             A = A - discounted_future_sum(div.f(log_u) * mask, gamma)
         if baseline_BT is not None:
@@ -215,10 +225,14 @@ def baselined_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT=None, me
         expected_BT = expected_advantage_baseline(div, logp_student_BTV, logp_teacher_BTV, method, log_u_clip)
     adv = compute_advantages(div, logp_student_BT, logp_teacher_BT, mask_BT, method, gamma, expected_BT,
                              log_u_clip)
-    if baseline == "loo":
-        mask = torch.ones_like(adv.A_BT) if mask_BT is None else mask_BT.to(adv.A_BT.dtype)
-        adv = replace(adv, A_BT=(adv.A_BT - leave_one_out_baseline(adv.A_BT, mask, group_size)) * mask)
-    return adv
+    return less_leave_one_out(adv, mask_BT, group_size) if baseline == "loo" else adv
+
+
+def less_leave_one_out(adv: Advantages, mask_BT: torch.Tensor | None = None,
+                       group_size: int | None = None) -> Advantages:
+    """``adv`` with ``leave_one_out_baseline`` of its own advantages subtracted (zero where the mask is 0)."""
+    mask = torch.ones_like(adv.A_BT) if mask_BT is None else mask_BT.to(adv.A_BT.dtype)
+    return replace(adv, A_BT=(adv.A_BT - leave_one_out_baseline(adv.A_BT, mask, group_size)) * mask)
 
 
 def _check_full(logp_student_BTV, logp_teacher_BTV):

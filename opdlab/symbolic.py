@@ -23,13 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import sympy as sp
+import torch
 from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
 from opdlab.divergences import Divergence, get
 from opdlab.errors import UserError
 
 __all__ = ["U", "Derivation", "parse_f", "derive", "constant_error_solution", "error_is_constant",
-           "registry_expression", "REGISTRY_NAMES", "advantage_table", "advantage_curves", "check_f"]
+           "registry_expression", "REGISTRY_NAMES", "advantage_table", "advantage_curves", "check_f",
+           "as_divergence"]
 
 U = sp.Symbol("u", positive=True)
 BETA, ALPHA = sp.Symbol("beta", positive=True), sp.Symbol("alpha", real=True)
@@ -180,6 +182,23 @@ def derive(f: str | sp.Expr, check: bool = True, parameters: dict | None = None)
     if check:
         check_f(f, parameters)
     return _derive(f)
+
+
+def as_divergence(f: str | sp.Expr, name: str | None = None) -> Divergence:
+    """A ``Divergence`` for any convex f with f(1) = 0 (checked), its f, f' and w_f derived by sympy and
+    compiled to torch functions of log u, so every estimator (dense, full-vocabulary, ``opdlab.sparse``) takes
+    it like a registry entry. It carries no perspective form, and its weight is marked unbounded."""
+    derivation = derive(f)
+    log_u = sp.Symbol("log_u", real=True)
+
+    def compiled(expr):
+        fn = sp.lambdify(log_u, expr.subs(U, sp.exp(log_u)), "torch")
+        return lambda L: fn(L) + torch.zeros_like(L)  # a constant expression still gives a tensor of L's shape
+
+    f_text, w_text = str(derivation.f), str(derivation.opd_plus_advantage)
+    return Divergence(name or f_text, f_text, f_text, w_text,
+                      compiled(derivation.f), compiled(derivation.f_prime), compiled(derivation.opd_plus_advantage),
+                      bounded_weight=False)
 
 
 def error_is_constant(f: str | sp.Expr) -> bool:

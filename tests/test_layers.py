@@ -14,8 +14,8 @@ LAYERS = [
     ["errors", "lm"],                                       # the one user-facing exception; the lm package itself (empty)
     ["choices", "tasks", "heartbeat"],                      # names and tasks: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets"],   # a run's spec: no torch
-    ["estimators", "lm.device", "lm.tokenizer"],
-    ["toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft"],
+    ["estimators", "sparse", "lm.device", "lm.tokenizer"],
+    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft"],
     ["montecarlo", "audit", "audit_catalogue", "lm.cache"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
     ["step"],
