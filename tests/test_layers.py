@@ -17,7 +17,7 @@ LAYERS = [
     ["toy", "symbolic", "lm.modeling", "lm.sampling", "lm.sft"],
     ["montecarlo", "audit", "audit_catalogue", "lm.cache", "config"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
-    ["train", "widgets"],
+    ["train", "widgets", "integrations"],
     ["noise"],
     ["sweep"],
     ["notebook_runner", "cli", "__main__", "__init__"],
