@@ -214,8 +214,8 @@ def run_step(name: str, a) -> dict:
         record = dict(status="skipped", line=str(why))
     except Exception as err:  # noqa: BLE001 - reported, and the check goes on with the next step
         import traceback
-        record = dict(status="failed", line=f"{type(err).__name__}: {str(err).splitlines()[0][:150] if str(err) else ''}",
-                      traceback=traceback.format_exc()[-3000:])
+        first = (str(err).splitlines() or [""])[0][:150]
+        record = dict(status="failed", line=f"{type(err).__name__}: {first}", traceback=traceback.format_exc()[-3000:])
     return dict(record, step=name, seconds=round(time.perf_counter() - t0, 1))
 
 
@@ -226,9 +226,9 @@ def spawn(name: str, a, limit_s: float) -> dict:
            "--cache", a.cache] + (["--dry-run"] if a.dry_run else [])
     t0 = time.perf_counter()
     try:
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this tree's opdlab
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit_s,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                                             os.environ.get("PYTHONPATH")]))})
+                              env={**os.environ, "PYTHONPATH": path})
     except subprocess.TimeoutExpired:
         return dict(step=name, status="failed", seconds=round(limit_s, 1), line=f"timed out after {limit_s:.0f} s")
     if not out.exists():

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from opdlab import estimators  # noqa: E402
+from opdlab import divergences, estimators  # noqa: E402
 from opdlab.choices import FIXED_DIVERGENCES  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
 from opdlab.integrations.trl import OPDConfig, OPDTrainer  # noqa: E402
@@ -123,6 +123,22 @@ def test_a_clip_changes_the_gradient_it_is_compared_with(tmp_path):
     unclipped = _reference(trainer, inputs, "opd_plus")
     with pytest.raises(AssertionError):
         _assert_same(loss, grad, unclipped.detach(), _grad(trainer, unclipped))
+
+
+def test_the_logged_entropy_and_divergence_are_the_students(tmp_path):
+    trainer = _trainer(tmp_path, divergence="jsd", method="opd_plus")
+    inputs = _sampled(trainer)
+    trainer.compute_loss(trainer.model, inputs)
+    mask = inputs["completion_mask"].float()
+    with torch.no_grad():
+        _, ls_V = _logp(trainer.model, inputs)
+        _, lt_V = _logp(trainer.teacher_model, inputs)
+    n = mask.sum()
+    entropy = float((-(ls_V.exp() * ls_V).sum(-1) * mask).sum() / n)
+    D = float((divergences.get(trainer.args.divergence).exact(lt_V, ls_V) * mask).sum() / n)
+    logged = trainer._metrics["train"]
+    assert logged["entropy"][-1] == pytest.approx(entropy, rel=RTOL)
+    assert logged["opd/exact_divergence"][-1] == pytest.approx(D, rel=1e-4)  # a small number: relative rounding
 
 
 def test_training_logs_the_estimators_statistics(tmp_path):

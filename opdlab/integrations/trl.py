@@ -62,7 +62,7 @@ contexts it is given, however they were reached) accepts them."""
 
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                     "token_type_ids", "mm_token_type_ids", "image_position_ids")
-_STATS = ("n_clipped", "n_tokens", "divergence_sum", "adv_sum", "log_u_sum")
+_STATS = ("n_clipped", "n_tokens", "divergence_sum", "adv_sum", "log_u_sum", "entropy_sum")
 
 
 @dataclass
@@ -132,7 +132,8 @@ def opd_loss(args, logits_student_BTV, logits_teacher_BTV, ids_BT, mask_BT, deno
     ``logits_*_BTV`` predict ``ids_BT`` (position t's logits are those before token t); the teacher's carry no
     graph. ``denominator``: the sum of the per-token terms is divided by it (TRL's global normaliser); None uses
     ``args.reduction`` on this batch alone, as ``estimators.reinforce_loss`` does. ``stats`` is a float64 tensor of
-    ``_STATS`` sums over unmasked tokens (clipped log u, tokens, exact D_f, advantages, log u), for logging.
+    ``_STATS`` sums over unmasked tokens (clipped log u, tokens, exact D_f, advantages, log u after the clip, the
+    student's entropy in nats), for logging.
     """
     div = get_divergence(args.divergence)
     logp_student_BT, logp_student_BTV = gather_logp(logits_student_BTV.float(), ids_BT)
@@ -152,11 +153,12 @@ def opd_loss(args, logits_student_BTV, logits_teacher_BTV, ids_BT, mask_BT, deno
     with torch.no_grad():
         D = (div.exact(logp_teacher_BTV, logp_student_BTV.detach()) * mask_BT).sum()
         n = mask_BT.sum()
+        H = (-(logp_student_BTV.exp() * logp_student_BTV).sum(-1) * mask_BT).sum()
         if adv is None:
             log_u_sum = ((logp_teacher_BT - logp_student_BT.detach()) * mask_BT).sum()
-            parts = [0.0, n, D, 0.0, log_u_sum]
+            parts = [0.0, n, D, 0.0, log_u_sum, H]
         else:
-            parts = [adv.n_clipped, n, D, adv.A_BT.sum(), adv.log_u_BT.sum()]
+            parts = [adv.n_clipped, n, D, adv.A_BT.sum(), adv.log_u_BT.sum(), H]
         stats = torch.stack([torch.as_tensor(p, dtype=torch.float64, device=ids_BT.device) for p in parts])
     return loss, stats
 
@@ -213,7 +215,9 @@ class OPDTrainer(DistillationTrainer):
         ``(loss, entropy_sum, n_valid)`` like TRL's, and keeps the step's ``_STATS`` for ``compute_loss``."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask_BT = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+        mask_BT = inputs["completion_mask"]
+        if "tool_mask" in inputs:  # tool results inside a completion were not sampled: they do not count
+            mask_BT = mask_BT * inputs["tool_mask"]
         ids_BT, T = inputs["completion_ids"], inputs["completion_ids"].size(1)
         multimodal = {k: inputs[k] for k in _MULTIMODAL_KEYS if k in inputs}
         logits_student_BTV = self._completion_logits(unwrapped_student, input_ids, attention_mask, T, multimodal)
@@ -223,13 +227,11 @@ class OPDTrainer(DistillationTrainer):
             logits_teacher_BTV = self._forward_redirection(self.teacher_model, unwrapped_teacher,
                                                            self._completion_logits, unwrapped_teacher, input_ids,
                                                            attention_mask, T, multimodal)
-        loss, self._opd_stats = opd_loss(self.args, logits_student_BTV, logits_teacher_BTV.to(logits_student_BTV.device),
-                                         ids_BT, mask_BT.to(logits_student_BTV.device),
+        device = logits_student_BTV.device  # a model split over devices may end its forward elsewhere
+        loss, self._opd_stats = opd_loss(self.args, logits_student_BTV, logits_teacher_BTV.to(device),
+                                         ids_BT.to(device), mask_BT.to(device),
                                          self._denominator(ids_BT.shape[0], num_items_in_batch))
-        with torch.no_grad():
-            logp_BTV = torch.log_softmax(logits_student_BTV.float(), -1)
-            entropy_sum = (-(logp_BTV.exp() * logp_BTV).sum(-1) * mask_BT).sum()
-        return loss, entropy_sum, mask_BT.sum()
+        return loss, self._opd_stats[_STATS.index("entropy_sum")].float(), mask_BT.sum().to(device)
 
     def _denominator(self, B: int, num_items_in_batch):
         """TRL's global normaliser in training (``num_items_in_batch``: the global unmasked tokens over the ranks),
@@ -246,7 +248,7 @@ class OPDTrainer(DistillationTrainer):
         """TRL's ``compute_loss`` (which calls ``_compute_loss`` inside the wrapper's forward), then the step's
         estimator statistics summed over ranks: clip fraction, exact D_f per token, mean advantage and log u."""
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        s = dict(zip(_STATS, self.accelerator.gather_for_metrics(self._opd_stats[None]).sum(0).tolist()))
+        s = dict(zip(_STATS, self.accelerator.gather(self._opd_stats[None]).sum(0).tolist()))
         n, metrics = max(s["n_tokens"], 1.0), self._metrics["train" if self.model.training else "eval"]
         metrics["opd/exact_divergence"].append(s["divergence_sum"] / n)
         metrics["opd/log_u_mean"].append(s["log_u_sum"] / n)
