@@ -35,8 +35,9 @@ def _recipe(seed: int, hidden: int = 32) -> ModelRecipe:
 def _trainer(tmp_path, tok=None, teacher_tok=None, teacher=None, **opd):
     tok = tok or char_tokenizer(ALPHABET)
     teacher = teacher or build_model(_recipe(1, 48), tok)
-    args = OPDConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(PROMPTS), max_completion_length=10,
-                     bf16=False, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0, **opd)
+    args = OPDConfig(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=len(PROMPTS),
+                               max_completion_length=24, bf16=False, use_cpu=True, report_to="none",
+                               save_strategy="no", disable_tqdm=True, seed=0), **opd})
     return OPDTrainer(model=build_model(_recipe(0), tok), teacher_model=teacher, args=args, processing_class=tok,
                       teacher_processing_class=teacher_tok, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
 
@@ -46,7 +47,8 @@ def _sampled(trainer):
     trainer.model.train()
     torch.manual_seed(0)
     inputs = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS])
-    assert inputs["completion_mask"].sum() > len(PROMPTS), "completions this short test nothing"
+    lengths = inputs["completion_mask"].sum(1)
+    assert lengths.min() < lengths.max() and lengths.float().mean() > 3, "ragged, not tiny: padding is exercised"
     return inputs
 
 
@@ -112,6 +114,31 @@ def test_loss_and_gradient_are_opdlabs_surrogate(tmp_path, divergence, method, e
         assert set(trainer._metrics["train"]) >= {"opd/clip_fraction", "opd/exact_divergence", "entropy"}
         if extra.get("log_u_clip"):
             assert trainer._metrics["train"]["opd/clip_fraction"][-1] > 0, "the clip bound nowhere: untested"
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_accumulated_micro_batches_give_the_whole_batchs_gradient(tmp_path, reduction):
+    """Gradient accumulation over two halves of a generation batch (as TRL splits it) sums to the gradient of
+    opdlab's surrogate over the whole batch: the normaliser is the global one, not each micro-batch's."""
+    from trl.trainer.utils import split_tensor_dict
+
+    trainer = _trainer(tmp_path, divergence="forward_kl", method="opd_plus", baseline="expected", gamma=0.5,
+                       reduction=reduction, per_device_train_batch_size=len(PROMPTS) // 2,
+                       gradient_accumulation_steps=2)
+    inputs = _sampled(trainer)
+    trainer.current_gradient_accumulation_steps = 2  # what Trainer sets for the window
+    halves = split_tensor_dict(inputs, 2)
+    assert halves[0]["completion_mask"].sum() != halves[1]["completion_mask"].sum(), "equal halves test less"
+    grad = sum(_grad(trainer, trainer.compute_loss(trainer.model, h)) for h in halves)
+    ref = _reference(trainer, inputs, "opd_plus", gamma=0.5, baseline="expected", reduction=reduction)
+    ref_grad = _grad(trainer, ref)
+    torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=RTOL * float(ref_grad.abs().max()))
+    if reduction == "sequence":  # halves of equal size: their own means average to the whole batch's
+        return
+    # each half normalised by its own token count instead (the per-micro-batch mean) is another gradient
+    own = sum(_grad(trainer, _reference(trainer, h, "opd_plus", gamma=0.5, baseline="expected", reduction=reduction))
+              for h in halves) / 2
+    assert not torch.allclose(own, ref_grad, rtol=RTOL, atol=RTOL * float(ref_grad.abs().max()))
 
 
 def test_a_clip_changes_the_gradient_it_is_compared_with(tmp_path):
