@@ -237,3 +237,10 @@ def test_two_cpu_processes_train_and_log(tmp_path):
     steps = [h for h in record["log_history"] if "loss" in h]
     assert [h["step"] for h in steps] == [1, 2, 3]
     assert all(h["opd/exact_divergence"] > 0 and h["grad_norm"] > 0 for h in steps)
+
+
+def test_without_trl_the_import_says_how_to_get_it():
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "try:\n    import opdlab.integrations.trl\nexcept ImportError as err:\n    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "pip install 'opdlab[trl]'" in done.stdout, done.stdout + done.stderr
