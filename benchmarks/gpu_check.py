@@ -162,7 +162,6 @@ def step_bench_cohort(a):
 
 
 def step_nb06(a):
-    from opdlab.lm.modeling import load_model
     from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
     from opdlab.tasks import get_task
     fields = dict(NB06_TOY if a.dry_run else NB06, device=a.device, cache=a.cache)
@@ -171,7 +170,7 @@ def step_nb06(a):
         teacher_dir = _toy_teacher(a.work, task) if a.dry_run else smollm2_teacher(a.cache, progress=False)
     except (ImportError, FileNotFoundError) as err:
         raise Skip(str(err).splitlines()[0]) from None
-    n_layers = load_model(teacher_dir)[0].config.num_hidden_layers
+    n_layers = json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"]
     student_dir = layer_dropped_student(teacher_dir, spread_layers(n_layers, min(6, n_layers - 1)), a.cache,
                                         progress=False)  # notebook 06 keeps 6 of SmolLM2's 30 layers
     res, parts = {}, []
@@ -180,7 +179,7 @@ def step_nb06(a):
                        student_path=str(student_dir))
         ev = df[df["kind"] == "eval"]
         res[method] = dict(kl=ev["exact_reverse_kl"].tolist(), accuracy=ev["greedy_accuracy"].tolist())
-        parts.append(f"{method} KL {res[method]['kl'][0]:.2f} -> {res[method]['kl'][-1]:.2f}, "
+        parts.append(f"{method} KL {res[method]['kl'][0]:.3g} -> {res[method]['kl'][-1]:.3g}, "
                      f"acc {res[method]['accuracy'][0]:.2f} -> {res[method]['accuracy'][-1]:.2f}")
     return f"{fields['task']} {fields['divergence']}: " + "; ".join(parts), res
 
@@ -242,7 +241,7 @@ def header(a) -> str:
     import torch
     import transformers
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    gpu = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    gpu = torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else "cpu"
     return (f"opdlab gpu-check{' (dry run, toy sizes)' if a.dry_run else ''}: {gpu}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, commit {commit.stdout.strip() or '?'}, "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
