@@ -177,6 +177,8 @@ def test_training_logs_the_estimators_statistics(tmp_path):
     for h in logged:
         assert all(k in h for k in ("opd/exact_divergence", "opd/clip_fraction", "opd/adv_mean", "grad_norm"))
         assert h["opd/exact_divergence"] > 0 and torch.isfinite(torch.tensor(h["loss"]))
+    evaluated = trainer.evaluate(Dataset.from_dict({"prompt": PROMPTS}))  # TRL's eval path: the batch's own mean
+    assert evaluated["eval_opd/exact_divergence"] > 0 and "eval_opd/adv_mean" in evaluated
 
 
 @pytest.mark.parametrize("setting,phrase", [
