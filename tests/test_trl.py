@@ -246,3 +246,45 @@ def test_without_trl_the_import_says_how_to_get_it():
             "try:\n    import opdlab.integrations.trl\nexcept ImportError as err:\n    print(err)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "pip install 'opdlab[trl]'" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["token"])  # "sequence" passes too (about 30 s more)
+def test_two_processes_step_along_the_global_batchs_gradient(tmp_path, reduction):
+    """Two gloo processes, one SGD step at lr 1 without clipping (tests/trl_ddp_step.py): the update is minus the
+    gradient of opdlab's surrogate over both ranks' completions together, normalised by the global batch."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "trl_ddp_step.py"), str(tmp_path), "forward_kl", reduction]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = torch.load(tmp_path / "weights.pt")
+    assert saved["num_processes"] == 2
+    tok = char_tokenizer(ALPHABET)
+    student, teacher = build_model(_recipe(0), tok), build_model(_recipe(1, 48), tok)
+    student.load_state_dict(saved["initial"])
+    ranks = [torch.load(tmp_path / f"inputs{r}.pt") for r in range(2)]
+    assert not torch.equal(ranks[0]["completion_ids"], ranks[1]["completion_ids"]), "the ranks sampled alike"
+    n = sum(float(r["completion_mask"].sum()) for r in ranks) if reduction == "token" else len(PROMPTS)
+    parts = []  # each rank's summed surrogate ("sequence" times its B) over the global normaliser
+    for inputs in ranks:
+        mask = inputs["completion_mask"].float()
+        with torch.no_grad():
+            lt, lt_V = _logp(teacher, inputs)
+        ls, ls_V = _logp(student, inputs)
+        adv = estimators.baselined_advantages("forward_kl", ls.detach(), lt, mask, "opd_plus", 0.0, "expected",
+                                              ls_V.detach(), lt_V)
+        parts.append(estimators.reinforce_loss(ls, adv.A_BT, mask, "sequence") * mask.shape[0] / n)
+    names = [k for k, _ in student.named_parameters()]
+
+    def flat(loss):
+        grads = torch.autograd.grad(loss, list(student.parameters()), retain_graph=True)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    step = torch.cat([(saved["initial"][k] - saved["final"][k]).reshape(-1) for k in names])
+    ref = flat(parts[0] + parts[1])
+    torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    # the check can fail: rank 0's completions alone (normalised by its own count) are another step
+    share = float(ranks[0]["completion_mask"].sum()) / n if reduction == "token" else 0.5
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(step, flat(parts[0] / share), rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
