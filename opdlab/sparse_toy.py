@@ -100,7 +100,7 @@ def make_near_teacher(n_tokens: int, seed: int, temperature: float = 0.3,
     if student_noise is None:
         return make_categorical(n_tokens, seed, temperature)
     if not student_noise >= 0:
-        raise ValueError(f"student_noise must be a number >= 0 (or None), got {student_noise!r}")
+        raise UserError(f"student_noise must be a number >= 0 (or None), got {student_noise!r}")
     teacher = make_categorical(n_tokens, seed, temperature)  # validates; its student row is discarded
     noise = torch.randn(n_tokens, generator=as_generator(seed + 1_000_003), dtype=teacher.logp_teacher_K.dtype)
     return CategoricalToy(teacher.logp_teacher_K + student_noise * noise, teacher.logp_teacher_K)

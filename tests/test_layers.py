@@ -19,7 +19,7 @@ LAYERS = [
     ["montecarlo", "audit", "audit_catalogue", "lm.cache"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
     ["step"],
-    ["train", "widgets", "noise"],
+    ["train", "widgets", "noise", "integrations"],
     ["sweep"],
     ["report", "notebook_runner", "cli", "__main__", "__init__"],
 ]
