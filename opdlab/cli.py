@@ -13,7 +13,8 @@
     opdlab notebooks [NAME ...] [-p KEY VALUE ...]
                                          execute notebooks with papermill (all by default)
     opdlab audit [ESTIMATOR ...] [--function MODULE:FUNCTION --mode MODE [--claims DIVERGENCE]] [--list]
-                                         what a per-token estimator's expected gradient follows, exactly on toys
+                 [--traceback]           what a per-token estimator's expected gradient follows, exactly on toys;
+                                         an exception in --function is one line (function, type, file:line)
 
 Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
 ``eval`` over ``lm.modeling.load_model``, ``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` /
@@ -194,7 +195,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    from opdlab.audit import audit, catalogue, estimator, format_verdicts, load_function, verdicts
+    from opdlab.audit import (EstimatorFunctionError, audit, catalogue, estimator, format_verdicts, load_function,
+                              verdicts)
+    from opdlab.errors import UserError
 
     entries = catalogue()
     if args.list:
@@ -210,8 +213,13 @@ def _cmd_audit(args) -> int:
             raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
         chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
                                 scope="sequence" if args.sequence_scope else "token_local"))
-    frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
-                  seed=args.seed)
+    try:
+        frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
+                      seed=args.seed)
+    except EstimatorFunctionError as err:
+        if args.traceback:  # the user's own exception, with its whole traceback
+            raise err.__cause__ from None
+        raise
     print(f"exact expected gradients on {args.n_toys} random toys per kind (seeds {args.seed}..."
           f"{args.seed + args.n_toys - 1}); cosines are means over toys")
     print(format_verdicts(verdicts(frame)))
@@ -279,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--n-toys", type=_positive_int, default=50, help="random toys per kind (default 50)")
     au.add_argument("--seed", type=int, default=0, help="first toy's seed (default 0)")
     au.add_argument("--csv", metavar="PATH", help="write the tidy audit table")
+    au.add_argument("--traceback", action="store_true",
+                    help="when --function raises, show its whole traceback instead of one line")
     au.set_defaults(func=_cmd_audit)
 
     nb = sub.add_parser("notebooks", help="execute notebooks headlessly with papermill")

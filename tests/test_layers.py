@@ -15,8 +15,10 @@ LAYERS = [
     ["choices", "tasks", "heartbeat"],                      # names and tasks: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets"],   # a run's spec: no torch
     ["estimators", "lm.device", "lm.tokenizer"],
-    ["toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft"],
-    ["montecarlo", "audit", "audit_catalogue", "lm.cache"],
+    ["toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types"],
+    ["audit_catalogue"],
+    ["montecarlo", "audit", "lm.cache"],
+    ["testing", "audit_docs"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
     ["step"],
     ["train", "widgets", "noise"],
