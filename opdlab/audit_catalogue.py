@@ -130,11 +130,10 @@ def verl_example_default(logp_student_BT, logp_teacher_BT, loss_max_clamp=10.0):
     return -(logp_student_BT - logp_teacher_BT).clamp(-loss_max_clamp, loss_max_clamp)
 
 
-def _verl_topk(logp_teacher_BTV):
-    """verl-style top-k support on a toy: k = ceil(V / 2) of the teacher's most likely tokens (verl's k = 32-128
-    of a ~150k vocabulary; on a 3- or 8-token toy a half keeps the truncation visible)."""
-    k = math.ceil(logp_teacher_BTV.shape[-1] / 2)
-    return torch.topk(logp_teacher_BTV, k, dim=-1).indices
+def _top_half(logp_BTV, k=None):
+    """Indices of the k = ceil(V / 2) most likely tokens (the toys' stand-in for a peer's top-k support:
+    peers use k = 32-128 of a ~150k vocabulary; on a 3- or 8-token toy a half keeps the truncation visible)."""
+    return torch.topk(logp_BTV, k or math.ceil(logp_BTV.shape[-1] / 2), dim=-1).indices
 
 
 def verl_forward_kl_topk(logp_student_BTV, logp_teacher_BTV, loss_max_clamp=10.0, log_prob_min_clamp=-10.0):
@@ -143,11 +142,38 @@ def verl_forward_kl_topk(logp_student_BTV, logp_teacher_BTV, loss_max_clamp=10.0
     log_prob_min_clamp, the sum clamped below at 0 and to ±loss_max_clamp. E[g] = -sum_{a in S} q_a grad log pi_a
     (where no clamp binds): the forward KL's gradient without the tail outside S.
     """
-    idx = _verl_topk(logp_teacher_BTV)
+    idx = _top_half(logp_teacher_BTV)
     lt = torch.gather(logp_teacher_BTV, -1, idx).clamp_min(log_prob_min_clamp)
     ls = torch.gather(logp_student_BTV, -1, idx).clamp_min(log_prob_min_clamp)
     kl = (lt.exp() * (lt - ls)).sum(-1).clamp_min(0.0)
     return kl.clamp(-loss_max_clamp, loss_max_clamp)
+
+
+def nemo_rl_mixed_topk(logp_student_BTV, logp_teacher_BTV, mixed_kl_weight=0.5, top_k=None):
+    """NeMo-RL DistillationLossFn with its defaults (kl_type mixed, mixed_kl_weight 0.5, zero_outside_topk
+    False), backpropagated: on the teacher's top-k S both distributions are renormalised (log_softmax of the
+    gathered logits), and the loss is w KL(q_S || pi_S) + (1 - w) KL(pi_S || q_S). Renormalising on S makes it
+    blind to how much mass the student puts outside S, so it follows no divergence of the full distributions.
+    """
+    idx = _top_half(logp_teacher_BTV, top_k)
+    ls = torch.log_softmax(torch.gather(logp_student_BTV, -1, idx), -1)
+    lt = torch.log_softmax(torch.gather(logp_teacher_BTV, -1, idx), -1)
+    forward = (lt.exp() * (lt - ls)).sum(-1)
+    reverse = (ls.exp() * (ls - lt)).sum(-1)
+    return mixed_kl_weight * forward + (1 - mixed_kl_weight) * reverse
+
+
+def miles_topk_reward(logp_student_BTV, logp_teacher_BTV):
+    """miles' top-k OPD reward (--opd-log-prob-top-k > 0, strategy only-student, weight mode student_p): at each
+    position, R = sum_{a in S} w_a (log pi_a - log q_a) over the student's top-k S with w the student's
+    probabilities renormalised on S, and the advantage -R, detached, at the sampled token. R does not depend on
+    which token was sampled, so E[-R grad log pi(y)] = -R E[grad log pi(y)] = 0 at every context: the term adds
+    variance and no expected gradient.
+    """
+    idx = _top_half(logp_student_BTV)
+    ls = torch.gather(logp_student_BTV, -1, idx)
+    lt = torch.gather(logp_teacher_BTV, -1, idx)
+    return -(torch.softmax(ls, -1) * (ls - lt)).sum(-1).detach()
 
 
 # --- MiniLLM (TRL) and discounted returns ------------------------------------------------------------------------
@@ -329,6 +355,20 @@ SOURCES: dict[str, Source] = {
                                   "clamp_min(0) (losses.py 365); k = ceil(V/2) on the toys",
                                   note="the megatron path (megatron/losses.py) masks tokens below "
                                        "log_prob_min_clamp instead of flooring them; the fsdp path is transcribed"),
+    "nemo_rl_mixed_topk": Source("NVIDIA-NeMo/RL", "nemo_rl/algorithms/loss/loss_functions.py",
+                                 "7ea279abfbeb698b092856d0dab61e7cf39bc909", "1109-1182",
+                                 "kl_forward = teacher_probs * (teacher_topk_logprobs - student_topk_logprobs)",
+                                 "kl_type mixed, mixed_kl_weight 0.5, zero_outside_topk False: both top-k "
+                                 "log-probabilities renormalised by log_softmax (nemo_rl/distributed/model_utils.py "
+                                 "2003-2011); topk_logits_k 64 (examples/configs/distillation_math.yaml 13); "
+                                 "k = ceil(V/2) on the toys"),
+    "miles_topk_reward": Source("radixark/miles", "miles/rollout/on_policy_distillation.py",
+                                "31f1ca961a94cb860cec3b2dea34ec332bfa8f76", "252-348",
+                                "reverse_kl = sum(\n            w * (s_logp - t_logp) for w, s_logp, t_logp in zip(",
+                                "--opd-log-prob-top-k > 0 (default 0: the k1 path), --opd-top-k-strategy "
+                                "only-student, --opd-reward-weight-mode student_p, weights normalised "
+                                "(miles/utils/arguments.py 1633-1660); entering the advantage as adv - opd_kl_coef "
+                                "* reverse_kl (miles/backends/training_utils/loss_hub/opd.py 54); k = ceil(V/2)"),
     "k1_ratio_undetached": Source(TRL, "trl/experimental/minillm/minillm_trainer.py", TRL_AT, "330, 385-392",
                                   'inputs["advantages"] = inputs["advantages"].unsqueeze(1) + reverse_kl_advantage',
                                   "rkl_advantage True, gamma 0, kd_temperature as the toy's",
@@ -385,12 +425,13 @@ SOURCES: dict[str, Source] = {
     "tv_sign": Source("arXiv 2609.08341", "", "paper", "", "",
                       "A = sign(log u); the bounded variant [1 - e^Δ]₊ is not included", read=False,
                       note="no code of the paper could be read here"),
-    "power_opd_alpha5": Source("arXiv 2606.17199", "", "paper", "", "",
-                               "alpha 5 (recommended), r = q(y)^alpha - pi(y)^alpha detached, policy gradient",
-                               read=False,
-                               note="the official code could not be read here; a third-party reimplementation "
-                                    "(compute_power_kl_token: -power_diff * log_prob_student, power_diff = "
-                                    "pi_T^alpha - pi_theta^alpha, alpha = 5.0) agrees"),
+    "power_opd_alpha5": Source("EIT-NLP/PowerOPD", "opd_dynamics/trainer.py",
+                               "65819e14a49c940fa7b2977f07872cabd6229129", "121-123, 391-401",
+                               "power_diff_full = torch.exp(self.power_reward_alpha * teacher_logp_full) - "
+                               "torch.exp(\n            self.power_reward_alpha * student_logp_full",
+                               "reward_mode sampled_power_diff, power_reward_alpha 5 (scripts/run_poweropd.sh 10; "
+                               "the config's default is 0.1), reward_normalization none, loss -(reward * logp) "
+                               "with the reward detached"),
     "opsa_low_probability": Source("arXiv 2608.31046", "", "paper", "", "",
                                    "f 0.2 of each batch's tokens (lowest student probability), A = -0.5 (the "
                                    "fixed-negative preset), the rest masked; the batch quantile modelled per "
@@ -402,18 +443,13 @@ _OPDLAB = Source("opdlab", "opdlab/divergences.py", "this tree", "Divergence.adv
                  "method opd or opd_plus, gamma 0, no baseline, no clip", note="opdlab's own reference")
 
 # The peers' losses this catalogue version does not transcribe, and why (a test reads this).
-_TOPK = ("needs the teacher's top-k support S and a tail rule; the audit's inputs carry full distributions at the "
-         "visited contexts, so it could be written with S taken inside the function (as verl_forward_kl_topk is), "
-         "but {what} was not read line by line here. The top-k payload and the unbiased sparse estimator built on "
-         "it are opdlab.sparse's.")
 OUT_OF_SCOPE: dict[str, str] = {
-    "nemo_rl_distillation_mixed_topk": _TOPK.format(
-        what="NeMo-RL's DistillationLossFn (kl_type mixed: ½ forward + ½ reverse KL over the teacher's top-k, "
-             "renormalised on S, backpropagated)"),
-    "trl_sparse_gjsd_tail_bucket": _TOPK.format(
-        what="TRL's server and async distillation (a sparse top-k generalised JSD whose (k+1)-th element is the "
-             "tail bucket log(1 - sum exp(top-k)), _add_tail_bucket)"),
-    "miles_topk_reward": _TOPK.format(what="miles' top-k reward mode"),
+    "trl_sparse_gjsd_tail_bucket": (
+        "TRL's server distillation (trl/experimental/server_distillation/server_distillation_trainer.py 197-238 at "
+        f"{TRL_AT}: loss_top_k 1, loss_add_tail True) builds its support from the teacher's top-1 token and the "
+        "sampled token's id, then adds the tail bucket log(1 - sum exp(support)). The audit's functions receive the "
+        "sampled token's log-probabilities, not its id, so this support cannot be rebuilt from their inputs without "
+        "a top-k payload that carries token ids (opdlab.sparse's)."),
 }
 
 
@@ -456,6 +492,8 @@ def _build() -> dict[str, Estimator]:
         _entry("verl_dataclass_default", [(verl_dataclass_default, pg)], "reverse_kl"),
         _entry("verl_example_default", [(verl_example_default, pg)], "reverse_kl"),
         _entry("verl_forward_kl_topk", [(verl_forward_kl_topk, bp)], "forward_kl"),
+        _entry("nemo_rl_mixed_topk", [(nemo_rl_mixed_topk, bp)], "jsd"),
+        _entry("miles_topk_reward", [(miles_topk_reward, pg)], "reverse_kl", follows={}),
         _entry("k1_ratio_undetached", [(k1_ratio_undetached, ir)], "reverse_kl", follows={"reverse_kl": 1.0}),
         _entry("minillm_trl_default", [(k1_ratio_undetached, ir), (full_vocab_reverse_kl, bp)], "reverse_kl",
                follows={"reverse_kl": 2.0}, doc_fn=_minillm_doc),

@@ -1,5 +1,6 @@
 """The peers' estimators as they ship: source pins, the three corrected entries against direct closed forms,
 verl's defaults and clamp, the reusable unbiasedness check, and the docs table rendered from the catalogue."""
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +9,7 @@ import torch
 
 from opdlab import cli
 from opdlab.audit import audit, estimator, expected_gradient, get_estimator, verdicts
-from opdlab.audit_catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd
+from opdlab.audit_catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd, nemo_rl_mixed_topk
 from opdlab.audit_docs import MARKERS, render, section
 from opdlab.audit_types import Estimator, Source, Term, target
 from opdlab.errors import UserError
@@ -48,10 +49,20 @@ def test_every_catalogue_entry_carries_its_source_pin():
 
 
 def test_out_of_scope_entries_say_why():
-    assert {"nemo_rl_distillation_mixed_topk", "trl_sparse_gjsd_tail_bucket", "miles_topk_reward"} <= set(OUT_OF_SCOPE)
+    assert set(OUT_OF_SCOPE) == {"trl_sparse_gjsd_tail_bucket"}
     for name, reason in OUT_OF_SCOPE.items():
         assert name not in CATALOGUE
-        assert "top-k" in reason and "opdlab.sparse" in reason and "not read" in reason
+        assert "sampled token's id" in reason and "opdlab.sparse" in reason and "197-238" in reason
+
+
+def test_top_k_losses_renormalised_on_the_support_follow_no_divergence():
+    full = estimator(functools.partial(nemo_rl_mixed_topk, top_k=8), "backprop", name="nemo_full",
+                     follows={"forward_kl": 0.5, "reverse_kl": 0.5})
+    t = verdicts(audit([full, "nemo_rl_mixed_topk", "miles_topk_reward"], kinds="categorical", n_toys=4)
+                 ).set_index("estimator")
+    assert t.loc["nemo_full", "hand_error"] < TOL  # the whole vocabulary as support: ½ FKL + ½ RKL exactly
+    assert t.loc["nemo_rl_mixed_topk", "closest_cosine"] < 1 - 1e-3  # renormalised on the top half: none
+    assert t.loc["miles_topk_reward", "closest"].startswith("nothing")  # a per-context constant advantage
 
 
 def _dpi(toy):
