@@ -108,6 +108,9 @@ def load_function(spec: str) -> Callable:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise UserError(f"cannot import module {module_name!r} of {spec!r}: {err}") from None
+        except Exception as err:  # the user's module failed while importing: one line, traceback as __cause__
+            raise EstimatorFunctionError(f"importing {module_name} raised {type(err).__name__}: {err} (at "
+                                         f"{_where_file(None, err)})") from err
     if not hasattr(module, attr):
         raise UserError(f"module {module_name!r} has no attribute {attr!r}")
     fn = getattr(module, attr)
@@ -307,8 +310,9 @@ def audit(estimators=None, kinds: str | Sequence[str] = KINDS, n_toys: int = 50,
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     names = list(dict.fromkeys([target(d).name for d in divergences] +
                                [target(e.claims).name for e in ests if e.claims]))
+    # a non-f target an estimator follows is compared with that estimator only
     own = {e.name: [n for n in dict.fromkeys(target(d).name for d in e.follows or {})
-                    if n not in names and isinstance(target(n), Objective)] for e in ests}  # a non-f target an estimator follows is compared with that estimator only
+                    if n not in names and isinstance(target(n), Objective)] for e in ests}
     rows = []
     for kind in kinds:
         targets = ("token_local",) if kind == "categorical" else TARGETS

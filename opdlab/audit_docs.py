@@ -46,8 +46,8 @@ def render(verdicts: pd.DataFrame) -> str:
                any((k, n) in table.index for k in ("categorical", "sequence"))]
     if missing:
         raise UserError(f"the verdicts lack catalogue entries {missing}; rerun notebook 07")
-    lines = ["| estimator | mode | claims | categorical toys: closest target | sequence toys: closest target | source | "
-             "defaults modelled |", "|---|---|---|---|---|---|---|"]
+    lines = ["| estimator | mode | claims | categorical toys: closest target | sequence toys: closest target | "
+             "source | defaults modelled |", "|---|---|---|---|---|---|---|"]
     for name, e in CATALOGUE.items():
         if e.source.repo == "opdlab":
             continue

@@ -208,16 +208,16 @@ def _cmd_audit(args) -> int:
     if unknown:
         raise UserError(f"unknown catalogue estimator {unknown[0]!r}; known: {', '.join(entries)}")
     chosen = [entries[n] for n in args.names]
-    if args.function:
-        if not args.mode:
-            raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
-        chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
-                                scope="sequence" if args.sequence_scope else "token_local"))
+    if args.function and not args.mode:
+        raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
     try:
+        if args.function:
+            chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
+                                    scope="sequence" if args.sequence_scope else "token_local"))
         frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
                       seed=args.seed)
-    except EstimatorFunctionError as err:
-        if args.traceback:  # the user's own exception, with its whole traceback
+    except EstimatorFunctionError as err:  # raised in the user's file: one line unless --traceback
+        if args.traceback:
             raise err.__cause__ from None
         raise
     print(f"exact expected gradients on {args.n_toys} random toys per kind (seeds {args.seed}..."
@@ -225,6 +225,10 @@ def _cmd_audit(args) -> int:
     print(format_verdicts(verdicts(frame)))
     if len(chosen) == 1:
         print(f"\n{chosen[0].name}: {chosen[0].doc or '(no docstring)'}\n")
+        source = chosen[0].source
+        if source is not None:
+            print(f"source: {source.repo} {source.path} @ {source.version} lines {source.lines or '-'}\n"
+                  f"  {source.excerpt or source.note}\ndefaults: {source.defaults}\n")
         print(frame.groupby(["kind", "target", "divergence"], sort=False)[["cosine", "relative_error", "scale"]]
               .mean().round(4).to_string())
     if args.csv:

@@ -209,3 +209,9 @@ def test_cli_reports_an_exception_in_the_users_function_in_one_line(tmp_path, ca
     assert cli.main(["audit", "--function", f"{tmp_path}/typo.py:f", "--mode", "backprop"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "raised SyntaxError" in err and "typo.py:2" in err
+    with pytest.raises(SyntaxError):
+        cli.main(["audit", "--function", f"{tmp_path}/typo.py:f", "--mode", "backprop", "--traceback"])
+    (tmp_path / "loud.py").write_text("import math\n\nSCALE = math.log(0)\n")  # fails while importing
+    assert cli.main(["audit", "--function", f"{tmp_path}/loud.py:f", "--mode", "backprop"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "raised ValueError: math domain error" in err and "loud.py:3" in err

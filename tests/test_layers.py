@@ -15,7 +15,8 @@ LAYERS = [
     ["choices", "tasks", "heartbeat"],                      # names and tasks: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets"],   # a run's spec: no torch
     ["estimators", "lm.device", "lm.tokenizer"],
-    ["toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types"],
+    ["toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types",
+     "audit_sources"],
     ["audit_catalogue"],
     ["montecarlo", "audit", "lm.cache"],
     ["testing", "audit_docs"],
