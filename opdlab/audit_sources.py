@@ -53,8 +53,7 @@ SOURCES: dict[str, Source] = {
                    "loss_mode k3, use_policy_gradient True, no clamps (the clamped form is "
                    "verl_dataclass_default)"),
     "k2_pg": _verl(LOSSES, "268-284", "advantages=-distillation_losses.detach(),",
-                   "loss_mode k2 (or mse), use_policy_gradient True; k2 < 10 on the toys, so loss_max_clamp 10 "
-                   "does not bind"),
+                   "loss_mode k2 (or mse), use_policy_gradient True, no loss clamp"),
     "abs_pg": _verl(LOSSES, "268-284", "advantages=-distillation_losses.detach(),",
                     "loss_mode abs, use_policy_gradient True"),
     "abs_backprop": _verl(**_KL_PENALTY,
@@ -116,7 +115,8 @@ SOURCES: dict[str, Source] = {
                                                      "here)"),
     "k1_return_gamma1": Source(TINKER, "tinker_cookbook/distillation/train_on_policy.py", TINKER_AT, "103-105",
                                "kl_advantages = discounted_future_sum_vectorized(kl_advantages, kl_discount_factor)",
-                               "kl_discount_factor 1 (the default is 0)"),
+                               "kl_discount_factor 1 (the default is 0); discounted_future_sum_vectorized sums "
+                               "gamma^k x[i+k] over k >= 0 (tinker_cookbook/rl/metrics.py 192-211)"),
     "k1_return_gamma0.5": Source(TINKER, "tinker_cookbook/distillation/train_on_policy.py", TINKER_AT, "103-105",
                                  "kl_advantages = discounted_future_sum_vectorized(kl_advantages, "
                                  "kl_discount_factor)", "kl_discount_factor 0.5"),
