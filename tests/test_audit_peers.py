@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opdlab import cli
-from opdlab.audit import audit, estimator, expected_gradient, get_estimator, verdicts
+from opdlab.audit import EstimatorFunctionError, audit, estimator, expected_gradient, get_estimator, verdicts
 from opdlab.audit_catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd, nemo_rl_mixed_topk
 from opdlab.audit_docs import MARKERS, render, section
 from opdlab.audit_types import Estimator, Source, Term, target
@@ -215,3 +215,13 @@ def test_cli_reports_an_exception_in_the_users_function_in_one_line(tmp_path, ca
     assert cli.main(["audit", "--function", f"{tmp_path}/loud.py:f", "--mode", "backprop"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "raised ValueError: math domain error" in err and "loud.py:3" in err
+
+
+def test_an_exception_in_a_users_function_keeps_its_traceback_as_the_cause():
+    def indexes(logp_student_BT):
+        return logp_student_BT * [1.0][2]  # IndexError
+
+    with pytest.raises(EstimatorFunctionError, match=r"indexes raised IndexError.*test_audit_peers\.py:\d+") as err:
+        audit(estimator(indexes, "backprop"), kinds="categorical", n_toys=1)
+    assert isinstance(err.value, UserError) and isinstance(err.value.__cause__, IndexError)
+    assert err.value.__cause__.__traceback__ is not None
