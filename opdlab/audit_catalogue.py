@@ -101,8 +101,8 @@ def abs_backprop(logp_student_BT, logp_teacher_BT):
 def verl_yaml_default(logp_student_BT, logp_teacher_BT):
     """verl with its YAML defaults (verl/trainer/config/distillation/distillation.yaml: loss_mode k3,
     use_policy_gradient false, loss_max_clamp null): ``verl_k3`` backpropagated. E[g] = grad KL(q || pi) where
-    the clamps do not bind: the forward KL. k3 > 10 once u > 13.6 or so, which happens on the sequence toys, so
-    no exact hand derivation is claimed."""
+    the clamps do not bind: the forward KL. k3 > 10 once u > 13.6 or so, and there the clamp zeroes the gradient
+    of exactly the tokens the teacher prefers most; that happens on the toys, so no hand derivation is claimed."""
     return verl_k3(logp_student_BT, logp_teacher_BT)
 
 

@@ -145,6 +145,10 @@ def test_verl_defaults_follow_their_targets_where_the_clamps_do_not_bind():
     for kind in ("categorical", "sequence"):
         assert mild.loc[(kind, "verl_yaml_default"), "cos_forward_kl"] == pytest.approx(1.0, abs=TOL)
         assert mild.loc[(kind, "verl_example_default"), "rel_error_claimed"] < TOL
+    usual = verdicts(audit(["verl_yaml_default", "k3_backprop"], n_toys=20, seed=0)).set_index(["kind", "estimator"])
+    for kind in ("categorical", "sequence"):  # k3 clamped at 10 zeroes the gradient where u > 13.6: it binds here
+        assert usual.loc[(kind, "k3_backprop"), "cos_forward_kl"] == pytest.approx(1.0, abs=TOL)
+        assert usual.loc[(kind, "verl_yaml_default"), "cos_forward_kl"] < 1 - 1e-3
     cold = verdicts(audit(["verl_example_default", "k1_pg"], n_toys=20, seed=0, temperature=0.25)
                     ).set_index(["kind", "estimator"])
     for kind in ("categorical", "sequence"):
