@@ -197,7 +197,6 @@ def _cmd_eval(args) -> int:
 def _cmd_audit(args) -> int:
     from opdlab.audit import (EstimatorFunctionError, audit, catalogue, estimator, format_verdicts, load_function,
                               verdicts)
-    from opdlab.errors import UserError
 
     entries = catalogue()
     if args.list:
