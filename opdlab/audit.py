@@ -19,107 +19,62 @@ and returns a (B, T) tensor v. The gradient modes (per sequence, minimised; pi =
 On the exact toys of ``opdlab.toy`` every sequence y can be enumerated, so the audit computes the per-sample
 gradient g(y) = grad_theta L(y) (autograd with the sample held fixed, as a framework's backward pass does), its
 exact mean E[g] = sum_y P_theta(y) g(y) and per-sample variance tr Cov(g), and compares E[g] with the exact
-gradient of every registry divergence: token-local (prefix probabilities held fixed, the gamma = 0 target)
-and, on sequence toys, sequence-level (grad of E[sum_t f(u_t)]). On a categorical toy (one context) the two
-coincide and only "token_local" is reported.
+gradient of every registry divergence, and of the non-f targets an estimator names (``opdlab.audit_types``:
+a density-power divergence, the student's low-probability mass): token-local (prefix probabilities held fixed,
+the gamma = 0 target) and, on sequence toys, sequence-level (grad of E[sum_t f(u_t)]). On a categorical toy (one
+context) the two coincide and only "token_local" is reported.
 
-An estimator may carry a hand derivation ``follows = {divergence: c, ...}``: the claim
-E[g] = sum_d c_d grad D_d at its ``scope``; the audit reports how far the enumeration is from it (``hand_error``).
+An estimator may carry a hand derivation ``follows = {target: c, ...}``: the claim E[g] = sum_d c_d grad D_d at
+its ``scope``; the audit reports how far the enumeration is from it (``hand_error``). An exception raised inside
+an audited function becomes an ``EstimatorFunctionError`` (a ``UserError``) naming the function, the exception
+type and the line of the function's file; the original exception, with its traceback, is its ``__cause__``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
 import math
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
 
-from opdlab.divergences import get
-from opdlab.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient, make_categorical,
-                        make_sequence, sequence_log_probs, token_local_gradient)
+from opdlab.audit_catalogue import CATALOGUE
+from opdlab.audit_types import (ARGUMENTS, DIVERGENCES, KINDS, MODES, TARGETS, Estimator, Objective, Source, Term,
+                                arguments, target)
 from opdlab.errors import UserError
+from opdlab.toy import (CategoricalToy, SequenceToy, _prefix_log_probs, exact_gradient, exact_sequence_gradient,
+                        make_categorical, make_sequence, sequence_log_probs, token_local_gradient)
 
-__all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Term", "Estimator", "estimator",
+__all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Source", "Term", "Estimator", "estimator",
            "catalogue", "get_estimator", "load_function", "expected_gradient", "audit", "cosine_summary", "verdicts",
-           "format_verdicts"]
+           "format_verdicts", "EstimatorFunctionError"]
 
-MODES = ("backprop", "policy_gradient", "importance_ratio")
-ARGUMENTS = ("logp_student_BT", "logp_teacher_BT", "logp_student_BTV", "logp_teacher_BTV")
-KINDS = ("categorical", "sequence")
-TARGETS = ("token_local", "sequence")
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2", "gjsd:0.1",
-               "alpha:0.5")
 DTYPE = torch.float64
 ZERO_TOL = 1e-9  # E[g] counts as zero when ||E[g]|| <= ZERO_TOL * sqrt(E||g||^2)
 
 
-@dataclass(frozen=True)
-class Term:
-    """One per-token function and the way its gradient is taken (one of ``MODES``)."""
-
-    fn: Callable
-    mode: str
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise UserError(f"unknown gradient mode {self.mode!r}; allowed: {', '.join(MODES)} (backprop: the "
-                             "value is differentiated directly; policy_gradient: a detached advantage times "
-                             "grad log pi; importance_ratio: pi/sg(pi) times the value)")
-        _arguments(self.fn)
-
-
-@dataclass(frozen=True)
-class Estimator:
-    """A per-token estimator: its terms (summed), what it claims, and the hand derivation of what it follows.
-
-    Attributes:
-        name: short identifier, e.g. ``"k3_backprop"``.
-        terms: the (function, gradient mode) pairs whose surrogate losses are added.
-        claims: the registry divergence it is meant to minimise, or None (a control).
-        scope: ``"token_local"`` or ``"sequence"``: which exact gradient ``claims`` and ``follows`` refer to.
-        follows: hand derivation ``{divergence: c}`` meaning E[g] = sum c grad D (``{}``: E[g] = 0), or None.
-        doc: what it does and where it comes from (repository and file, or paper).
-    """
-
-    name: str
-    terms: tuple[Term, ...]
-    claims: str | None = None
-    scope: str = "token_local"
-    follows: dict[str, float] | None = None
-    doc: str = ""
-
-    def __post_init__(self):
-        if not self.terms:
-            raise UserError(f"estimator {self.name!r} has no terms")
-        if self.scope not in TARGETS:
-            raise UserError(f"scope of {self.name!r} must be one of {', '.join(TARGETS)}, got {self.scope!r}")
-        for name in ([self.claims] if self.claims else []) + list(self.follows or {}):
-            get(name)  # a clear error for an unknown divergence
-
-    @property
-    def mode(self) -> str:
-        """The gradient modes of its terms, joined with '+'."""
-        return "+".join(t.mode for t in self.terms)
+class EstimatorFunctionError(UserError):
+    """An exception raised inside the audited function: said in one line (the function, the exception type, the
+    line of the function's file it came from); the original exception is ``__cause__``, with its traceback."""
 
 
 def estimator(fn: Callable, mode: str, name: str | None = None, claims: str | None = None,
               scope: str = "token_local", follows: dict[str, float] | None = None) -> Estimator:
     """An ``Estimator`` of one function: ``fn`` returns per-token values, ``mode`` is one of ``MODES``."""
     if not callable(fn):
-        raise TypeError(f"an estimator is a function of {', '.join(ARGUMENTS)}; got {type(fn).__name__}")
+        raise UserError(f"an estimator is a function of {', '.join(ARGUMENTS)}; got {type(fn).__name__}")
     return Estimator(name or getattr(fn, "__name__", "estimator"), (Term(fn, mode),), claims, scope, follows,
                      inspect.getdoc(fn) or "")
 
 
 def catalogue() -> dict[str, Estimator]:
     """The estimators the field uses, by name (``opdlab.audit_catalogue``), then OPD and OPD+ references."""
-    from opdlab.audit_catalogue import CATALOGUE
-
     return dict(CATALOGUE)
 
 
@@ -143,48 +98,28 @@ def load_function(spec: str) -> Callable:
             raise FileNotFoundError(f"no such file: {path}")
         loaded = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
+        try:
+            loaded.loader.exec_module(module)
+        except Exception as err:  # the user's file: one line, the traceback kept as __cause__
+            raise EstimatorFunctionError(f"loading {path} raised {type(err).__name__}: {err} (at "
+                                         f"{_where_file(str(path.resolve()), err)})") from err
     else:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise UserError(f"cannot import module {module_name!r} of {spec!r}: {err}") from None
+        except Exception as err:  # the user's module failed while importing: one line, traceback as __cause__
+            raise EstimatorFunctionError(f"importing {module_name} raised {type(err).__name__}: {err} (at "
+                                         f"{_where_file(None, err)})") from err
     if not hasattr(module, attr):
         raise UserError(f"module {module_name!r} has no attribute {attr!r}")
     fn = getattr(module, attr)
-    _arguments(fn)
+    arguments(fn)
     return fn
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Enumeration and per-sample gradients.
-
-
-def _arguments(fn: Callable) -> tuple[str, ...]:
-    """The ``ARGUMENTS`` that ``fn`` takes, or a TypeError naming the parameter that is not one of them."""
-    label = getattr(fn, "__name__", repr(fn))
-    if not callable(fn):
-        raise TypeError(f"estimator function must be callable, got {type(fn).__name__}")
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        raise TypeError(f"cannot read the signature of {label}; write it as a def with named parameters "
-                        f"from: {', '.join(ARGUMENTS)}") from None
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return ARGUMENTS
-    names = []
-    for p in params:
-        if p.kind in (p.VAR_POSITIONAL,):
-            continue
-        if p.name in ARGUMENTS:
-            names.append(p.name)
-        elif p.default is p.empty:
-            raise TypeError(f"estimator function {label} has parameter {p.name!r}, which the audit cannot "
-                            f"supply; allowed parameter names: {', '.join(ARGUMENTS)} (others need defaults)")
-    if not names:
-        raise TypeError(f"estimator function {label} takes none of {', '.join(ARGUMENTS)}; it must read at "
-                        "least the student's log-probabilities")
-    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -213,13 +148,37 @@ def _enumerate(toy: CategoricalToy | SequenceToy) -> _Enumeration:
     raise TypeError(f"a toy is an opdlab.toy.CategoricalToy or SequenceToy, got {type(toy).__name__}")
 
 
+def _where_file(home: str | None, err: BaseException) -> str:
+    """``file:line`` of the deepest frame of ``err`` in the file ``home`` (else the deepest frame at all; for a
+    SyntaxError, where it points)."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}"
+    frames = traceback.extract_tb(err.__traceback__)
+    mine = [f for f in frames if f.filename == home] or frames[-1:]
+    return f"{mine[-1].filename}:{mine[-1].lineno}" if mine else "unknown line"
+
+
+def _where(fn: Callable, err: BaseException) -> str:
+    """``file:line`` of the deepest frame of ``err`` inside ``fn``'s file."""
+    fn = fn.func if isinstance(fn, functools.partial) else fn
+    return _where_file(getattr(getattr(inspect.unwrap(fn), "__code__", None), "co_filename", None), err)
+
+
+def _call(term: Term, inputs: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    label = getattr(term.fn, "__name__", name)
+    try:
+        return term.fn(**{k: inputs[k] for k in arguments(term.fn)})
+    except Exception as err:  # the user's code: reported in one line, the traceback kept as __cause__
+        raise EstimatorFunctionError(f"estimator {name!r}: {label} raised {type(err).__name__}: {err} (at "
+                                     f"{_where(term.fn, err)}; --traceback shows where)") from err
+
+
 def _values(term: Term, inputs: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    wanted = _arguments(term.fn)
-    v = term.fn(**{k: inputs[k] for k in wanted})
+    v = _call(term, inputs, name)
     label = getattr(term.fn, "__name__", name)
     shape = tuple(inputs["logp_student_BT"].shape)
     if not isinstance(v, torch.Tensor):
-        raise TypeError(f"estimator {name!r}: {label} returned {type(v).__name__}; it must return a tensor of "
+        raise UserError(f"estimator {name!r}: {label} returned {type(v).__name__}; it must return a tensor of "
                         f"per-token values with shape (B, T) = {shape}")
     if tuple(v.shape) != shape:
         raise UserError(f"estimator {name!r}: {label} returned shape {tuple(v.shape)}; expected one value per "
@@ -275,10 +234,28 @@ def expected_gradient(est: Estimator, toy: CategoricalToy | SequenceToy) -> tupl
     return _moments(*per_sample_gradients(est, toy))
 
 
-def _exact(name: str, toy, target: str) -> torch.Tensor:
+def _objective_gradient(objective: Objective, toy, scope: str) -> torch.Tensor:
+    """``grad sum_c P(c) D(c)`` for a non-f target, by autograd (P held fixed for the token-local gradient)."""
     if isinstance(toy, CategoricalToy):
-        return exact_gradient(name, toy)
-    return (token_local_gradient if target == "token_local" else exact_sequence_gradient)(name, toy)
+        theta = toy.logits_student_K.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective.exact(toy.logp_teacher_K, torch.log_softmax(theta, -1)), theta)
+        return grad
+    theta = toy.logits_student_NV.detach().clone().requires_grad_(True)
+    logp_NV = torch.log_softmax(theta, -1)
+    P_N = _prefix_log_probs(logp_NV, toy).exp()
+    P_N = P_N.detach() if scope == "token_local" else P_N
+    (grad,) = torch.autograd.grad((P_N * objective.exact(toy.logp_teacher_NV, logp_NV)).sum(), theta)
+    return grad.reshape(-1)
+
+
+def _exact(name: str, toy, scope: str) -> torch.Tensor:
+    """The exact gradient of target ``name`` (a registry divergence or an ``Objective``) on ``toy``."""
+    t = target(name)
+    if isinstance(t, Objective):
+        return _objective_gradient(t, toy, scope)
+    if isinstance(toy, CategoricalToy):
+        return exact_gradient(t.name, toy)
+    return (token_local_gradient if scope == "token_local" else exact_sequence_gradient)(t.name, toy)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,7 +282,7 @@ def _as_estimators(estimators) -> list[Estimator]:
         if isinstance(e, str):
             e = get_estimator(e)
         elif not isinstance(e, Estimator):
-            raise TypeError(f"audit takes Estimators or catalogue names (wrap a function with "
+            raise UserError(f"audit takes Estimators or catalogue names (wrap a function with "
                             f"opdlab.audit.estimator(fn, mode)), got {type(e).__name__}")
         out.append(e)
     return out
@@ -327,36 +304,42 @@ def audit(estimators=None, kinds: str | Sequence[str] = KINDS, n_toys: int = 50,
     (per-sample tr Cov(g)), mean_norm (``||E[g]||``), rms_norm (``sqrt(E||g||^2)``) and hand_error
     (``||E[g] - sum_d c_d grad D_d|| / max(||sum_d c_d grad D_d||, rms_norm)`` for the estimator's hand
     derivation; NaN where it has none). ``divergences`` are compared; a divergence an estimator claims is
-    added to them.
+    added to them, and a non-f target it follows (``dpd:ALPHA``, ``low_mass:FRAC``) is compared for it alone.
     """
     ests = _as_estimators(estimators)
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
-    names = list(dict.fromkeys([get(d).name for d in divergences] +
-                               [get(e.claims).name for e in ests if e.claims]))
+    names = list(dict.fromkeys([target(d).name for d in divergences] +
+                               [target(e.claims).name for e in ests if e.claims]))
+    # a non-f target an estimator follows is compared with that estimator only
+    own = {e.name: [n for n in dict.fromkeys(target(d).name for d in e.follows or {})
+                    if n not in names and isinstance(target(n), Objective)] for e in ests}
     rows = []
     for kind in kinds:
         targets = ("token_local",) if kind == "categorical" else TARGETS
         for toy_seed, toy in _toys(kind, n_toys, seed, n_tokens, vocab_size, horizon, temperature):
-            exact = {(d, t): _exact(d, toy, t) for d in names for t in targets}
+            shared = {(d, t): _exact(d, toy, t) for d in names for t in targets}
             for est in ests:
+                exact = {**shared, **{(d, t): _exact(d, toy, t) for d in own[est.name] for t in targets}}
                 g_SD, P_S = per_sample_gradients(est, toy)
                 mean_D, variance = _moments(g_SD, P_S)
                 rms = math.sqrt(float(P_S @ g_SD.pow(2).sum(-1)))
                 scope = est.scope if kind == "sequence" else "token_local"
                 hand = float("nan")
                 if est.follows is not None:
-                    h = sum((c * _exact(get(d).name, toy, scope) for d, c in est.follows.items()),
+                    h = sum((c * _exact(d, toy, scope) for d, c in est.follows.items()),
                             torch.zeros_like(mean_D))
                     hand = float((mean_D - h).norm()) / max(float(h.norm()), rms, 1e-300)
                 common = dict(kind=kind, toy_seed=toy_seed, estimator=est.name, mode=est.mode,
-                              claims=get(est.claims).name if est.claims else "", scope=est.scope,
+                              claims=target(est.claims).name if est.claims else "", scope=est.scope,
                               variance=variance, mean_norm=float(mean_D.norm()), rms_norm=rms, hand_error=hand)
                 zero = float(mean_D.norm()) <= ZERO_TOL * rms
                 for (d, t), grad in exact.items():
+                    flat = float(grad @ grad) == 0.0  # a target without gradient on this toy (an empty S)
                     rows.append(dict(common, divergence=d, target=t,
                                      cosine=float("nan") if zero else _cosine(mean_D, grad),
-                                     relative_error=float((mean_D - grad).norm() / grad.norm()),
-                                     scale=float(mean_D @ grad) / float(grad @ grad)))
+                                     relative_error=float("nan") if flat else
+                                     float((mean_D - grad).norm() / grad.norm()),
+                                     scale=float("nan") if flat else float(mean_D @ grad) / float(grad @ grad)))
     cols = ["kind", "toy_seed", "estimator", "mode", "claims", "scope", "divergence", "target", "cosine",
             "relative_error", "scale", "variance", "mean_norm", "rms_norm", "hand_error"]
     return pd.DataFrame(rows)[cols]
@@ -396,13 +379,18 @@ def verdicts(frame: pd.DataFrame) -> pd.DataFrame:
             cos_forward_kl=at.cosine.get("forward_kl", float("nan")),
             cos_claimed=at.cosine.get(claimed, float("nan")) if claimed else float("nan"),
             rel_error_claimed=at.relative_error.get(claimed, float("nan")) if claimed else float("nan"),
-            closest="nothing (E[g] = 0)" if zero else (best[0] if best[1] == "token_local" or kind == "categorical"
-                                                        else f"{best[0]} (sequence)"),
+            closest="nothing (E[g] = 0)" if zero else _label(best[0], best[1] == "sequence" and kind == "sequence"),
             closest_cosine=float("nan") if zero else float(means.cosine[best]),
             closest_scale=float("nan") if zero else float(means.scale[best]),
             variance=float(d.groupby("toy_seed").variance.first().mean()),
             hand_error=float(d.hand_error.max()) if d.hand_error.notna().any() else float("nan")))
     return pd.DataFrame(rows)
+
+
+def _label(name: str, sequence: bool) -> str:
+    """A verdict's words: the registry name, or what a non-f objective does; "(sequence)" for the sequence one."""
+    t = target(name)
+    return (t.label if isinstance(t, Objective) else t.name) + (" (sequence)" if sequence else "")
 
 
 def format_verdicts(table: pd.DataFrame) -> str:

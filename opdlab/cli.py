@@ -17,7 +17,8 @@
                                          regenerate docs/results.md and the README's marked tables from
                                          figures/data; --check exits 1 naming what differs
     opdlab audit [ESTIMATOR ...] [--function MODULE:FUNCTION --mode MODE [--claims DIVERGENCE]] [--list]
-                                         what a per-token estimator's expected gradient follows, exactly on toys
+                 [--traceback]           what a per-token estimator's expected gradient follows, exactly on toys;
+                                         an exception in --function is one line (function, type, file:line)
 
 Each command is a thin wrapper: ``toy`` over ``opdlab.montecarlo.estimator_cosines`` (notebook 02's cosines),
 ``eval`` over ``lm.modeling.load_model``, ``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` /
@@ -227,7 +228,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    from opdlab.audit import audit, catalogue, estimator, format_verdicts, load_function, verdicts
+    from opdlab.audit import (EstimatorFunctionError, audit, catalogue, estimator, format_verdicts, load_function,
+                              verdicts)
 
     entries = catalogue()
     if args.list:
@@ -238,18 +240,27 @@ def _cmd_audit(args) -> int:
     if unknown:
         raise UserError(f"unknown catalogue estimator {unknown[0]!r}; known: {', '.join(entries)}")
     chosen = [entries[n] for n in args.names]
-    if args.function:
-        if not args.mode:
-            raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
-        chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
-                                scope="sequence" if args.sequence_scope else "token_local"))
-    frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
-                  seed=args.seed)
+    if args.function and not args.mode:
+        raise UserError("--function needs --mode: backprop, policy_gradient or importance_ratio")
+    try:
+        if args.function:
+            chosen.append(estimator(load_function(args.function), args.mode, claims=args.claims,
+                                    scope="sequence" if args.sequence_scope else "token_local"))
+        frame = audit(chosen or None, kinds=args.kind or ["categorical", "sequence"], n_toys=args.n_toys,
+                      seed=args.seed)
+    except EstimatorFunctionError as err:  # raised in the user's file: one line unless --traceback
+        if args.traceback:
+            raise err.__cause__ from None
+        raise
     print(f"exact expected gradients on {args.n_toys} random toys per kind (seeds {args.seed}..."
           f"{args.seed + args.n_toys - 1}); cosines are means over toys")
     print(format_verdicts(verdicts(frame)))
     if len(chosen) == 1:
         print(f"\n{chosen[0].name}: {chosen[0].doc or '(no docstring)'}\n")
+        source = chosen[0].source
+        if source is not None:
+            print(f"source: {source.repo} {source.path} @ {source.version} lines {source.lines or '-'}\n"
+                  f"  {source.excerpt or source.note}\ndefaults: {source.defaults}\n")
         print(frame.groupby(["kind", "target", "divergence"], sort=False)[["cosine", "relative_error", "scale"]]
               .mean().round(4).to_string())
     if args.csv:
@@ -332,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--n-toys", type=_positive_int, default=50, help="random toys per kind (default 50)")
     au.add_argument("--seed", type=int, default=0, help="first toy's seed (default 0)")
     au.add_argument("--csv", metavar="PATH", help="write the tidy audit table")
+    au.add_argument("--traceback", action="store_true",
+                    help="when --function raises, show its whole traceback instead of one line")
     au.set_defaults(func=_cmd_audit)
 
     rp = sub.add_parser("report", help="render docs/results.md and the README's tables from figures/data")

@@ -15,8 +15,11 @@ LAYERS = [
     ["choices", "tasks", "heartbeat"],                      # names and tasks: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets"],   # a run's spec: no torch
     ["estimators", "sparse", "lm.device", "lm.tokenizer"],
-    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft"],
-    ["montecarlo", "audit", "audit_catalogue", "lm.cache"],
+    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types",
+     "audit_sources"],
+    ["audit_catalogue"],
+    ["montecarlo", "audit", "lm.cache"],
+    ["testing", "audit_docs"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
     ["step"],
     ["train", "widgets", "noise", "integrations"],
