@@ -37,7 +37,7 @@ __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
     "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "less_leave_one_out",
     "full_vocabulary_loss",
-    "reinforce_loss", "importance_ratio_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
+    "reinforce_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
 
 
@@ -56,11 +56,6 @@ class Advantages:
     log_u_BT: torch.Tensor
     n_clipped: int
     n_tokens: int
-
-    @property
-    def clip_fraction(self) -> float:
-        """Fraction of unmasked tokens at which the log_u clip binds."""
-        return self.n_clipped / max(self.n_tokens, 1)
 
 
 def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
@@ -314,29 +309,6 @@ def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCT
         raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
                          f"A_BT {tuple(A_BT.shape)}")
     return -_reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
-
-
-def importance_ratio_loss(logp_student_BT, logp_old_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCTION,
-                          ratio_clip: float | None = None) -> torch.Tensor:
-    """Surrogate for reusing a batch sampled by an older policy: ``L = -(1/B) sum rho_t A_t``,
-    ``rho_t = pi_theta(y_t|c_t) / pi_old(y_t|c_t)`` (written for ``reduction="sequence"``; the reductions are
-    those of ``reinforce_loss``).
-
-    At theta = theta_old its gradient equals ``reinforce_loss``'s. With ``ratio_clip = eps`` it is the PPO
-    form ``-min(rho A, clip(rho, 1-eps, 1+eps) A)``. Departure from the exact gradient: the advantages stay
-    those computed at theta_old, while the OPD+ weight w_f(u) itself moves with theta.
-    """
-    if not (logp_student_BT.shape == logp_old_BT.shape == A_BT.shape):
-        raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
-                         f"logp_old_BT {tuple(logp_old_BT.shape)}, A_BT {tuple(A_BT.shape)}")
-    A = A_BT.detach()
-    rho = torch.exp(logp_student_BT - logp_old_BT.detach())
-    objective = rho * A
-    if ratio_clip is not None:
-        if not ratio_clip > 0:
-            raise UserError(f"ratio_clip must be positive (or None), got {ratio_clip!r}")
-        objective = torch.minimum(objective, rho.clamp(1.0 - ratio_clip, 1.0 + ratio_clip) * A)
-    return -_reduce(objective, mask_BT, reduction)
 
 
 def supervised_loss(logp_student_BT, mask_BT=None, reduction=DEFAULT_REDUCTION) -> torch.Tensor:

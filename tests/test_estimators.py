@@ -6,7 +6,7 @@ from naive import naive_advantages
 from opdlab.divergences import get
 from opdlab.estimators import (
     DEFAULT_REDUCTION, baselined_advantages, compute_advantages, discounted_future_sum,
-    expected_advantage_baseline, full_vocabulary_loss, importance_ratio_loss, leave_one_out_baseline,
+    expected_advantage_baseline, full_vocabulary_loss, leave_one_out_baseline,
     reinforce_loss, token_advantages,
 )
 
@@ -75,7 +75,6 @@ def test_clip_binds_and_is_counted():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     out = compute_advantages("forward_kl", logp_s, logp_t, mask, log_u_clip=2.0)
     assert out.n_clipped == 2 and out.n_tokens == 3  # the masked 4th token is not counted
-    assert out.clip_fraction == pytest.approx(2 / 3)
     torch.testing.assert_close(out.A_BT, torch.tensor([[0.0, 2.0, -2.0, 0.0]]).exp() * mask)
     assert compute_advantages("forward_kl", logp_s, logp_t, mask).n_clipped == 0
 
@@ -145,7 +144,7 @@ def test_one_default_reduction_everywhere():
 
     from opdlab.spec import Objective
     assert DEFAULT_REDUCTION == "token" == Objective().reduction
-    for fn in (reinforce_loss, importance_ratio_loss, full_vocabulary_loss):
+    for fn in (reinforce_loss, full_vocabulary_loss):
         assert inspect.signature(fn).parameters["reduction"].default == DEFAULT_REDUCTION
 
 
@@ -176,25 +175,6 @@ def test_baselined_advantages_refuse_unknown_names_and_missing_distributions():
         baselined_advantages("jsd", logp_s, logp_t, mask, baseline="mean")
     with pytest.raises(ValueError, match="needs the full distributions"):
         baselined_advantages("jsd", logp_s, logp_t, mask, baseline="expected")
-
-
-def test_importance_ratio_loss_equals_reinforce_at_the_sampling_policy():
-    logits = torch.randn(2, 5, 4, requires_grad=True)
-    y = torch.randint(0, 4, (2, 5))
-    logp = torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
-    A = torch.randn(2, 5)
-    (g_is,) = torch.autograd.grad(importance_ratio_loss(logp, logp.detach(), A), logits, retain_graph=True)
-    (g_pg,) = torch.autograd.grad(reinforce_loss(logp, A), logits, retain_graph=True)
-    torch.testing.assert_close(g_is, g_pg)
-    (g_clip,) = torch.autograd.grad(importance_ratio_loss(logp, logp.detach(), A, ratio_clip=0.2), logits)
-    torch.testing.assert_close(g_clip, g_pg)
-
-
-def test_importance_ratio_clip_stops_the_gradient_outside_the_trust_region():
-    logp = torch.tensor([[-1.0]], requires_grad=True)
-    old = torch.tensor([[-2.0]])  # rho = e > 1.2
-    (g,) = torch.autograd.grad(importance_ratio_loss(logp, old, torch.tensor([[1.0]]), ratio_clip=0.2), logp)
-    assert float(g) == 0.0
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd", "neyman_chi2"])
