@@ -70,8 +70,8 @@ def test_the_pool_prints_the_running_runs_between_finished_ones(tmp_path, monkey
     from opdlab import heartbeat
 
     monkeypatch.setattr(heartbeat, "EVERY", 0.05)
-    sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=4), ["arithmetic"], ["forward_kl"], ["opd_plus"],
-          [0, 1], tmp_path / "runs", progress=True, workers=2)
+    sweep(BASE.replace(steps=4), ["arithmetic"], ["forward_kl"], ["opd_plus"], [0, 1], tmp_path / "runs",
+          RUNTIME.replace(cache=str(tmp_path / "cache"), progress=True), workers=2)
     lines = capsys.readouterr().out.splitlines()
     status = [line for line in lines if " runs done; running: " in line]
     assert status and all(line.split(" runs done")[0] in ("0/2", "1/2") for line in status), lines
@@ -85,8 +85,8 @@ def test_in_process_runs_print_their_step(tmp_path, monkeypatch, capsys):
     from opdlab import heartbeat
 
     monkeypatch.setattr(heartbeat, "EVERY", 0.0)
-    sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=3), ["arithmetic"], ["forward_kl"], ["opd_plus"], [0],
-          tmp_path / "runs", progress=True, workers=1)
+    sweep(BASE.replace(steps=3), ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], tmp_path / "runs",
+          RUNTIME.replace(cache=str(tmp_path / "cache"), progress=True), workers=1)
     steps = [line.split(": ")[1] for line in capsys.readouterr().out.splitlines()
              if line.startswith("arithmetic-forward_kl-opd_plus-s0-") and ": step " in line]
     assert steps == ["step 1/3", "step 2/3", "step 3/3"], steps
@@ -94,8 +94,8 @@ def test_in_process_runs_print_their_step(tmp_path, monkeypatch, capsys):
 
 def test_variants_cross_every_arm_and_seed_in_one_pool(tmp_path):
     variants = [{"gamma": 0.0}, {"gamma": 0.5, "log_u_clip": 2.0}]
-    evals, _ = sweep(BASE.replace(cache=str(tmp_path / "cache"), steps=1), ["arithmetic"], ["forward_kl"],
-                     ["opd_plus"], [0, 1], tmp_path / "runs", progress=False, workers=2, variants=variants)
+    evals, _ = sweep(BASE.replace(steps=1), ["arithmetic"], ["forward_kl"], ["opd_plus"], [0, 1], tmp_path / "runs",
+                     RUNTIME.replace(cache=str(tmp_path / "cache")), workers=2, variants=variants)
     last = evals[evals["step"] == 1]
     got = sorted((r.gamma, None if pd.isna(r.log_u_clip) else r.log_u_clip, r.seed) for r in last.itertuples())
     assert got == [(0.0, None, 0), (0.0, None, 1), (0.5, 2.0, 0), (0.5, 2.0, 1)]
@@ -105,12 +105,11 @@ def test_variants_cross_every_arm_and_seed_in_one_pool(tmp_path):
 @pytest.mark.parametrize("bad", [[], {"gamma": 0.5}, [{"seed": 1}], [{"divergence": "jsd"}], ["gamma"]])
 def test_bad_variants_are_refused(tmp_path, bad):
     with pytest.raises(ValueError, match="variants must be"):
-        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], tmp_path, progress=False, variants=bad)
+        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], tmp_path, RUNTIME, variants=bad)
 
 
-@pytest.mark.parametrize("seeds, variants", [([0, 0], None), ([0], [{}, {"compile_decode": True}])])
+@pytest.mark.parametrize("seeds, variants", [([0, 0], None), ([0], [{}, {"gamma": 0.0}])])  # gamma 0 is the default
 def test_runs_that_would_share_a_directory_are_refused_before_any_training(tmp_path, seeds, variants):
-    with pytest.raises(ValueError, match="would share the directory .*compile_decode.*drop the duplicate"):
-        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], seeds, tmp_path, progress=False,
-              variants=variants)
+    with pytest.raises(ValueError, match="would share the directory .*specs are the same.*drop the duplicate"):
+        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], seeds, tmp_path, RUNTIME, variants=variants)
     assert not (tmp_path / "runs").exists() and not any(tmp_path.iterdir())
