@@ -24,6 +24,7 @@ import torch
 
 from opdlab.divergences import get
 from opdlab.errors import UserError
+from opdlab.choices import REPRESENTATIVE_DIVERGENCES
 
 __all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Source", "Term", "Estimator", "Objective",
            "target", "arguments", "low_mass_mask"]
@@ -32,8 +33,7 @@ MODES = ("backprop", "policy_gradient", "importance_ratio")
 ARGUMENTS = ("logp_student_BT", "logp_teacher_BT", "logp_student_BTV", "logp_teacher_BTV")
 KINDS = ("categorical", "sequence")
 TARGETS = ("token_local", "sequence")
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2", "gjsd:0.1",
-               "alpha:0.5")
+DIVERGENCES = REPRESENTATIVE_DIVERGENCES
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import warnings
 
 from opdlab.errors import UserError
 
-__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES",
+__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES", "REPRESENTATIVE_DIVERGENCES",
            "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
 
 METHODS = ("opd", "opd_plus")
@@ -53,6 +53,10 @@ DIVERGENCE_FAMILIES = {
     "gjsd": "generalised JSD with weight β on the teacher, β in [0, 1], e.g. 'gjsd:0.1' (gjsd:0.5 is jsd)",
     "alpha": "Amari α-divergence, any finite α, e.g. 'alpha:0.5' (α=0 and α=1 are the continuous limits)",
 }
+
+REPRESENTATIVE_DIVERGENCES = FIXED_DIVERGENCES + ("gjsd:0.1", "alpha:0.5")
+"""Every fixed divergence and one member of each family: the set that studies, the audit and the symbolic
+checks iterate over when they mean 'every divergence'."""
 
 
 def allowed_divergences() -> str:

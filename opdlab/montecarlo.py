@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from opdlab.divergences import get
-from opdlab.choices import METHODS
+from opdlab.choices import METHODS, REPRESENTATIVE_DIVERGENCES
 from opdlab.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
                         make_categorical, sequence_estimator_moments, make_sequence, sample_gradients,
                         sequence_sample_gradients, token_local_gradient, train_categorical)
@@ -32,8 +32,7 @@ from opdlab.errors import UserError
 __all__ = ["DIVERGENCES", "categorical_study", "estimator_cosines", "sequence_study", "training_study",
            "summarise_estimates", "cosine"]
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2",
-               "gjsd:0.1", "alpha:0.5")
+DIVERGENCES = REPRESENTATIVE_DIVERGENCES
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

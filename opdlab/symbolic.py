@@ -28,6 +28,7 @@ from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transfo
 
 from opdlab.divergences import Divergence, get
 from opdlab.errors import UserError
+from opdlab.choices import REPRESENTATIVE_DIVERGENCES
 
 __all__ = ["U", "Derivation", "parse_f", "derive", "constant_error_solution", "error_is_constant",
            "registry_expression", "REGISTRY_NAMES", "advantage_table", "advantage_curves", "check_f",
@@ -35,8 +36,7 @@ __all__ = ["U", "Derivation", "parse_f", "derive", "constant_error_solution", "e
 
 U = sp.Symbol("u", positive=True)
 BETA, ALPHA = sp.Symbol("beta", positive=True), sp.Symbol("alpha", real=True)
-REGISTRY_NAMES = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2",
-                  "gjsd:0.1", "alpha:0.5")
+REGISTRY_NAMES = REPRESENTATIVE_DIVERGENCES
 
 _FUNCTIONS = {"log": sp.log, "ln": sp.log, "exp": sp.exp, "sqrt": sp.sqrt, "Abs": sp.Abs, "abs": sp.Abs,
               "sign": sp.sign, "pi": sp.pi, "E": sp.E}

@@ -5,9 +5,10 @@ import warnings
 import pytest
 import torch
 
+from opdlab.choices import FIXED_DIVERGENCES
 from opdlab.divergences import get, names
 
-FIXED = ["reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "pearson_chi2", "neyman_chi2"]
+FIXED = list(FIXED_DIVERGENCES)
 FAMILY = ["gjsd:0.1", "gjsd:0.5", "gjsd:0.9", "alpha:-1", "alpha:0", "alpha:0.5", "alpha:1", "alpha:2"]
 ALL = FIXED + FAMILY
 

@@ -354,3 +354,20 @@ def test_a_malformed_number_in_a_call_is_an_error_without_a_warning():
                 parse_call(text)
         assert parse_call("add(a=1, b=2)") == ("add", {"a": 1, "b": 2})
     assert not caught, [str(w.message) for w in caught]
+
+
+def test_a_scorer_bug_keeps_its_traceback_and_malformed_kinds_are_counted():
+    """Task.score no longer turns every exception into 'malformed': a bug in a scorer (here a KeyError) raises,
+    while a completion's own errors stay malformed scores, counted by kind."""
+    task = get_task("tool_use")
+    example = task.examples("test", 1, seed=0)[0]
+
+    class Buggy(type(task)):
+        def _score(self, example, completion):
+            return {}["missing"]
+
+    with pytest.raises(KeyError):
+        Buggy().score(example, "A:1\n")
+    df = score_batch(task, [example] * 3, ["<call>)(</call>A:1\n", "<call>nope(a=1)</call>A:3\n", "A:"])
+    kinds = summarize(df)["malformed_kinds"]
+    assert sum(kinds.values()) == int(df["malformed"].sum()) == 3 and kinds.get("malformed call") == 2, kinds

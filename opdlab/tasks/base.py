@@ -2,7 +2,8 @@
 
 A task hands out :class:`Example` objects (a prompt, the reference answer, and one correct completion split
 into model-written and environment-written pieces) and scores any completion string with :class:`Score`.
-Scoring never raises: whatever a model writes, the worst it gets is ``correct=False, malformed=True``.
+Scoring a model's completion never raises: whatever a model writes, the worst it gets is ``correct=False,
+malformed=True`` with the kind in its reason; a bug in a scorer keeps its traceback.
 
 Splits. Every example is assigned to ``train`` or ``test`` by a hash of its prompt (a fixed fraction, 20% by
 default, goes to ``test``), independent of the seed, so the two splits are disjoint for every pair of seeds.
@@ -113,17 +114,18 @@ class Task(ABC):
 
     # -- scoring ------------------------------------------------------------------------------------------
     def score(self, example: Example, completion: str) -> Score:
-        """Score ``completion`` (everything after the prompt, tool results included). Never raises."""
-        try:
-            if not isinstance(completion, str):
-                return Score(False, True, self._no_call(), f"completion is {type(completion).__name__}, not str")
-            return self._score(example, completion)
-        except Exception as err:  # a scorer bug must not end a training run; it shows up as malformed
-            return Score(False, True, self._no_call(), f"scorer error: {type(err).__name__}: {err}"[:200])
+        """Score ``completion`` (everything after the prompt, tool results included). Whatever a model writes is
+        scored, never raised: each task's ``_score`` catches the parse and execution errors it expects (a call
+        that does not parse, an unknown tool, bad arguments, a tool that refuses a value) and says which in
+        ``reason``. Anything else is a bug in the scorer and keeps its traceback, rather than passing for a
+        malformed completion."""
+        if not isinstance(completion, str):
+            return Score(False, True, self._no_call(), f"completion is {type(completion).__name__}, not str")
+        return self._score(example, completion)
 
     @abstractmethod
     def _score(self, example: Example, completion: str) -> Score:
-        """The task's scoring rule; :meth:`score` wraps it so that it never raises."""
+        """The task's scoring rule: catch the errors a completion can cause, and only those."""
 
     def _no_call(self) -> bool | None:
         return False if self.scores_calls else None
@@ -218,12 +220,22 @@ def score_batch(task: Task, examples, completions) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def malformed_kind(reason: str) -> str:
+    """The kind of a malformed completion, from its ``Score.reason``: the text before the first ':' (e.g.
+    ``"malformed call"``, ``"no final answer 'A'"``), so that counts group like with like."""
+    return reason.split(":", 1)[0].strip()
+
+
 def summarize(df: pd.DataFrame) -> dict:
-    """``n``, ``accuracy``, ``malformed_rate`` and ``call_accuracy`` (NaN when no row has a call score)."""
+    """``n``, ``accuracy``, ``malformed_rate``, ``call_accuracy`` (NaN when no row has a call score) and
+    ``malformed_kinds``: how many malformed completions of each kind (``malformed_kind``)."""
     n = len(df)
     if n == 0:
-        return {"n": 0, "accuracy": math.nan, "malformed_rate": math.nan, "call_accuracy": math.nan}
+        return {"n": 0, "accuracy": math.nan, "malformed_rate": math.nan, "call_accuracy": math.nan,
+                "malformed_kinds": {}}
     calls = df["call_correct"].dropna()
+    kinds = df.loc[df["malformed"].astype(bool), "reason"].map(malformed_kind).value_counts()
     return {"n": n, "accuracy": float(df["correct"].astype(float).mean()),
             "malformed_rate": float(df["malformed"].astype(float).mean()),
-            "call_accuracy": float(calls.astype(float).mean()) if len(calls) else math.nan}
+            "call_accuracy": float(calls.astype(float).mean()) if len(calls) else math.nan,
+            "malformed_kinds": {str(k): int(v) for k, v in kinds.items()}}
