@@ -119,6 +119,10 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     examples. A run whose directory already holds a finished run is read back, not retrained.
     """
     runtime = runtime or Runtime()
+    for name, values in (("tasks", tasks), ("divergences", divergences), ("methods", methods), ("seeds", seeds)):
+        if not isinstance(values, (list, tuple)) or not values:
+            raise UserError(f"{name} must be a non-empty list, got {values!r}: a sweep of nothing would still "
+                            "train its teachers")
     workers = resolve_workers(workers, runtime.device)
     progress = runtime.progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]

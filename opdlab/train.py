@@ -64,9 +64,41 @@ def load_models(spec: RunSpec, task, runtime: Runtime | None = None) -> Models:
         return _load_models(spec, task, device, runtime)
 
 
+def check_before_training(spec: RunSpec, task, runtime: Runtime) -> None:
+    """What can be checked before a teacher or warm-up trains: the cache path is a directory (or can be one), and
+    the recipes of the models to be built build (on the meta device: no memory, no time). A ``UserError`` names
+    the setting."""
+    from opdlab.lm.cache import cache_dir
+    from opdlab.lm.modeling import build_model
+    from opdlab.lm.tokenizer import char_tokenizer
+
+    root = cache_dir(runtime.cache)
+    for parent in (root, *root.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cache = {str(root)!r}: {parent} is a file, not a directory; give another cache "
+                                "directory (-p cache DIR or $OPDLAB_CACHE)")
+            break
+    m = spec.models
+    roles = [r for r, path in (("teacher", m.teacher_path), ("student", m.student_path)) if path is None]
+    if not roles or not hasattr(task, "alphabet"):
+        return
+    tokenizer = char_tokenizer(task.alphabet)
+    for role in roles:
+        recipe = m.recipe(role)
+        try:
+            with torch.device("meta"):
+                build_model(recipe, tokenizer)
+        except Exception as err:  # transformers and torch each refuse a shape in their own words
+            raise UserError(f"the {role} of hidden {recipe.hidden}, {recipe.layers} layers, {recipe.heads} heads "
+                            f"cannot be built ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+                            f"change {role}_hidden or {role}_layers") from None
+
+
 def _load_models(spec: RunSpec, task, device, runtime: Runtime) -> Models:
     m = spec.models
     teacher, student, tokenizer, meta = None, None, None, {}
+    check_before_training(spec, task, runtime)
     if m.teacher_path is None or m.student_path is None:
         teacher, student, tokenizer, meta = teacher_and_student(
             task, m.recipe("teacher"), m.recipe("student"), device, runtime.cache, runtime.progress)

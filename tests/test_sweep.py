@@ -113,3 +113,22 @@ def test_runs_that_would_share_a_directory_are_refused_before_any_training(tmp_p
     with pytest.raises(ValueError, match="would share the directory .*specs are the same.*drop the duplicate"):
         sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd_plus"], seeds, tmp_path, RUNTIME, variants=variants)
     assert not (tmp_path / "runs").exists() and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["tasks", "divergences", "methods", "seeds"])
+def test_an_empty_list_is_refused_before_any_model_trains(tmp_path, name):
+    lists = dict(tasks=["arithmetic"], divergences=["forward_kl"], methods=["opd_plus"], seeds=[0])
+    lists[name] = []
+    with pytest.raises(ValueError, match=f"{name} must be a non-empty list"):
+        sweep(BASE, lists["tasks"], lists["divergences"], lists["methods"], lists["seeds"], tmp_path / "runs",
+              RUNTIME.replace(cache=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_any_model_trains(tmp_path):
+    from opdlab.tasks import get_task
+    from opdlab.train import load_models
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        load_models(BASE, get_task("arithmetic"), RUNTIME.replace(cache=str(tmp_path / "file" / "cache")))
