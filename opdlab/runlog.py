@@ -63,8 +63,25 @@ def versions(device: str | None = None) -> dict:
 
     import opdlab
     return dict(python=sys.version.split()[0], torch=torch.__version__, transformers=transformers.__version__,
-                opdlab=getattr(opdlab, "__version__", "unknown"), platform=platform.platform(),
-                device=device, threads=torch.get_num_threads())
+                opdlab=getattr(opdlab, "__version__", "unknown"), opdlab_commit=_commit(Path(opdlab.__file__).parent),
+                platform=platform.platform(), device=device, threads=torch.get_num_threads())
+
+
+def _commit(where: Path) -> str | None:
+    """The git commit the package was imported from (``+dirty`` with uncommitted changes), None outside a
+    checkout or without git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def weights_digest(model) -> str:

@@ -45,6 +45,9 @@ class Runtime:
     """Save model, optimizer, RNG state and step every this many steps (and at the end)."""
     progress: bool = True
     """Progress bars in this process."""
+    report_to: tuple = ()
+    """Trackers that mirror the metrics besides metrics.jsonl: ``"tensorboard"``, ``"trackio"``
+    (``opdlab.tracking``)."""
 
     def __post_init__(self):
         if not (self.cache is None or (isinstance(self.cache, str) and self.cache.strip())):
@@ -60,6 +63,8 @@ class Runtime:
             raise UserError(f"sampler = {self.sampler!r} is invalid: expected one of {SAMPLERS}")
         if self.scorer not in SCORERS:
             raise UserError(f"scorer = {self.scorer!r} is invalid: expected one of {SCORERS}")
+        from opdlab.tracking import check_reporters
+        object.__setattr__(self, "report_to", check_reporters(self.report_to))
         if not (is_int(self.checkpoint_every) and self.checkpoint_every >= 1):
             raise UserError(f"checkpoint_every = {self.checkpoint_every!r} is invalid: expected an int >= 1")
 

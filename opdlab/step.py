@@ -29,6 +29,7 @@ from opdlab import distributed, divergences, estimators
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.lm.sft import warmup_cosine_lr
+from opdlab.lm.tokenizer import stop_ids
 from opdlab.runtime import Runtime
 from opdlab.spec import Objective, RunSpec
 
@@ -216,7 +217,8 @@ def opd_step(tr: Trainer, step: int) -> dict:
     values = _step_values(tr, examples, rollout, adv, value, scores)
     metrics = _train_metrics(distributed.gather(values, tr.world), grad_norm)
     clock.lap("bookkeeping")
-    return {**metrics, "lr": lr, **clock.times}
+    seconds = sum(clock.times.values())
+    return {**metrics, "lr": lr, **clock.times, "time_tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
 
 
 def _step_values(tr, examples, rollout, adv, loss_value, scores: Scores) -> dict:
@@ -225,8 +227,14 @@ def _step_values(tr, examples, rollout, adv, loss_value, scores: Scores) -> dict
     and log u at unmasked tokens with the clip counts (for the methods that have advantages)."""
     mask_BT = rollout.mask_BT
     D_BT = tr.div.exact(scores.logp_teacher_BTV, scores.logp_student_BTV.detach())
+    logp_BTV = scores.logp_student_BTV.detach()
+    entropy_BT = -(logp_BTV.exp() * logp_BTV).sum(-1)  # the student's per-token entropy at the visited contexts
+    ends = rollout.attention_BT.sum(1).clamp_min(1) - 1
+    last_B = rollout.completion_ids_BT.gather(1, ends[:, None]).squeeze(1)
+    stopped = torch.isin(last_B, torch.tensor(stop_ids(tr.tokenizer), device=last_B.device))
     values = dict(loss=loss_value.detach(), D=(D_BT * mask_BT).reshape(-1), mask=mask_BT.reshape(-1),
-                  lengths=mask_BT.sum(1), tokens=rollout.n_sampled,
+                  H=(entropy_BT * mask_BT).reshape(-1), lengths=mask_BT.sum(1), tokens=rollout.n_sampled,
+                  stopped=stopped.float(), truncated=((~stopped) & (rollout.attention_BT.sum(1) >= tr.max_new_tokens)).float(),
                   correct=[tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)])
     if adv is not None:
         values.update(A=adv.A_BT[mask_BT > 0], log_u=adv.log_u_BT[mask_BT > 0], n_clipped=adv.n_clipped,
@@ -237,7 +245,9 @@ def _step_values(tr, examples, rollout, adv, loss_value, scores: Scores) -> dict
 def _train_metrics(parts: list[dict], grad_norm: float) -> dict:
     """The step's metrics from the ranks' ``_step_values`` (in rank order; one part in one process): the
     global batch's loss (the sum of the ranks' parts), mean exact divergence per unmasked token, advantage
-    statistics over all unmasked tokens, sampled tokens, mean completion length and accuracy."""
+    statistics over all unmasked tokens, the student's mean per-token entropy, sampled tokens, mean completion
+    length, the fractions of completions that ended at a stop token (``eos_rate``) and that ran into the token
+    budget without one (``truncation_rate``), and accuracy."""
     def cat(key):
         return torch.cat([p[key] for p in parts])
 
@@ -251,7 +261,9 @@ def _train_metrics(parts: list[dict], grad_norm: float) -> dict:
                        log_u_mean=float(log_u.mean()) if log_u.numel() else 0.0,
                        clip_fraction=n_clipped / max(n_tokens, 1))
     correct = [c for p in parts for c in p["correct"]]
-    metrics.update(exact_divergence=float(cat("D").sum() / cat("mask").sum().clamp_min(1.0)),
+    n_mask = cat("mask").sum().clamp_min(1.0)
+    metrics.update(exact_divergence=float(cat("D").sum() / n_mask), entropy=float(cat("H").sum() / n_mask),
                    tokens=sum(p["tokens"] for p in parts), completion_length=float(cat("lengths").mean()),
+                   eos_rate=float(cat("stopped").mean()), truncation_rate=float(cat("truncated").mean()),
                    accuracy=sum(correct) / len(correct))
     return metrics

@@ -43,6 +43,7 @@ from opdlab.runlog import RunLog, fingerprint, read_metrics
 from opdlab.runtime import Runtime
 from opdlab.spec import RunSpec, run_name
 from opdlab.step import EVAL_SEED, Models, Trainer, eval_examples, max_new_tokens, opd_step
+from opdlab.tracking import Tracker
 
 __all__ = ["train", "evaluate", "load_models", "run_name", "Interrupted", "ITEM_COLUMNS"]
 
@@ -223,14 +224,21 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``train``; its message says how to resume."""
 
 
-def _evaluate_and_log(tr: Trainer, log: RunLog | None, step: int, final: bool) -> None:
+def _record(log: RunLog | None, tracker: Tracker | None, record: dict) -> None:
+    """Rank 0: one metrics record to metrics.jsonl (the source of truth) and to the runtime's trackers."""
+    if log is not None:
+        log.log(record)
+        tracker.log(record)
+
+
+def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final: bool) -> None:
     """Rank 0: evaluate at ``step`` and write the metrics line and the per-item records; the final evaluation
     covers ``final_eval_n`` items where the spec asks for more than ``eval_n``."""
     if log is None:
         return
     n = tr.spec.eval.final_eval_n if final and tr.spec.eval.final_eval_n else None
     metrics, items = evaluate(tr, step, n)
-    log.log({"step": step, "kind": "eval", **metrics})
+    _record(log, tracker, {"step": step, "kind": "eval", **metrics})
     log.write_items(step, items)
 
 
@@ -266,16 +274,16 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
         tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
         loaded = distributed.from_main(lambda: _start(tr, log, models), w)
         start = saved = _resume(tr, run_dir, loaded, log)
+        tracker = Tracker(run_dir, runtime.report_to, run_dir.name, spec.to_dict(), start) if log is not None else None
         try:
             if start == 0:
-                _evaluate_and_log(tr, log, 0, steps == 0)
+                _evaluate_and_log(tr, log, tracker, 0, steps == 0)
             end = steps if stop_after is None else min(steps, stop_after)
             o = spec.objective
             for step in tqdm(range(start, end), desc=f"OPD {o.divergence}/{o.method}", initial=start, total=steps,
                              disable=not (runtime.progress and w.is_main), leave=False):
                 metrics = opd_step(tr, step)
-                if log is not None:
-                    log.log({"step": step + 1, "kind": "train", **metrics})
+                _record(log, tracker, {"step": step + 1, "kind": "train", **metrics})
                 if not math.isfinite(metrics["grad_norm"]):  # the global norm: every rank stops here
                     raise UserError(f"step {step + 1} of {run_dir}: the gradient norm is {metrics['grad_norm']}, so "
                                     f"the run stops before checkpointing it (last checkpoint: step {saved}); "
@@ -284,7 +292,7 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
                 if heartbeat is not None and w.is_main:
                     heartbeat.beat(lambda: f"{run_dir.name}: step {done}/{steps}")
                 if done % every == 0 or done == steps:
-                    _evaluate_and_log(tr, log, done, done == steps)  # the other ranks go on sampling
+                    _evaluate_and_log(tr, log, tracker, done, done == steps)  # the other ranks go on sampling
                 if done % runtime.checkpoint_every == 0 or done == steps:
                     rng = _rng_state(tr)
                     if log is not None:
@@ -293,4 +301,7 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
         except KeyboardInterrupt:
             raise Interrupted(f"{run_dir} stopped; its last checkpoint is step {saved} of {steps}: run "
                               f"`opdlab train {run_dir}` again to resume from there") from None
+        finally:
+            if tracker is not None:
+                tracker.close()
     return distributed.from_main(lambda: read_metrics(run_dir), w)

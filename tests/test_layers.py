@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "opdlab"
 LAYERS = [
     ["errors", "lm"],                                       # the one user-facing exception; the lm package itself (empty)
     ["choices", "tasks", "heartbeat"],                      # names and tasks: no torch
-    ["divergences", "lm.recipe", "spec", "runtime", "presets"],   # a run's spec: no torch
+    ["divergences", "lm.recipe", "spec", "runtime", "presets", "tracking"],   # a run's spec: no torch
     ["estimators", "sparse", "lm.device", "lm.tokenizer"],
     ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types",
      "audit_sources"],
