@@ -7,6 +7,9 @@ pm = pytest.importorskip("papermill")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
+TINY_MODELS = dict(teacher_hidden=32, teacher_layers=1, teacher_sft_steps=4, student_hidden=16, student_layers=1,
+                   student_warmup_steps=2)
+"""RunSpec fields over notebooks 08's and 09's preset (the training notebooks take them in ``overrides``)."""
 TINY = {
     "01_bias_derivation": dict(divergences=["reverse_kl", "forward_kl", "tv"], n_points=21),
     "02_categorical_toys": dict(divergences=["reverse_kl", "forward_kl", "jsd"], n_samples=[4, 64], n_repeats=30,
@@ -14,12 +17,10 @@ TINY = {
     "03_sequences": dict(divergences=["reverse_kl", "forward_kl"], gammas=[0.0, 0.5, 1.0],
                          baselines=["none", "expected"], n_repeats=5, vocab_size=2, horizon=3),
     "07_estimator_audit": dict(n_toys=2, n_tokens=4, vocab_size=2, horizon=2, assert_finding=False),
-    "08_estimator_noise": dict(prompts=4, n_resamples=3, teacher_hidden=32, teacher_layers=1, teacher_sft_steps=4,
-                               student_hidden=16, student_layers=1, student_warmup_steps=2, assert_finding=False),
-    "09_variance_tradeoff": dict(gammas=[0.0, 1.0], baselines=["none", "loo"], seeds=[0], steps=2, prompts_per_step=2,
-                                 samples_per_prompt=2, eval_n=8, n_batches=2, teacher_hidden=32, teacher_layers=1,
-                                 teacher_sft_steps=4, student_hidden=16, student_layers=1, student_warmup_steps=2,
-                                 device="cpu", assert_finding=False),
+    "08_estimator_noise": dict(prompts=4, n_resamples=3, overrides=TINY_MODELS, assert_finding=False),
+    "09_variance_tradeoff": dict(gammas=[0.0, 1.0], baselines=["none", "loo"], seeds=[0], n_batches=2,
+                                 overrides=dict(TINY_MODELS, steps=2, prompts_per_step=2, samples_per_prompt=2,
+                                                eval_n=8), assert_finding=False),
 }
 FIGURES = {
     "01_bias_derivation": ["01_advantage_curves"],
@@ -37,7 +38,8 @@ def test_notebook_runs_with_tiny_parameters(name, tmp_path):
     figures = tmp_path / "figures"
     pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
                         parameters=dict(TINY[name], figures_dir=str(figures), seed=1,
-                                        **({"cache": str(tmp_path / "cache")} if name[:2] in ("08", "09") else {}),
+                                        **({"runtime": {"device": "cpu", "cache": str(tmp_path / "cache")}}
+                                           if name[:2] in ("08", "09") else {}),
                                         **({"runs_dir": str(tmp_path / "runs")} if name.startswith("09") else {})),
                         cwd=str(NOTEBOOKS),
                         progress_bar=False, kernel_name="python3")
