@@ -106,6 +106,13 @@ def make_near_teacher(n_tokens: int, seed: int, temperature: float = 0.3,
     return CategoricalToy(teacher.logp_teacher_K + student_noise * noise, teacher.logp_teacher_K)
 
 
+
+def _check_k(k, n_tokens: int) -> None:
+    """A ``UserError`` unless ``k`` is an integer in [1, n_tokens - 1]: the support must leave a tail."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < n_tokens:
+        raise UserError(f"teacher top-k must be an integer in [1, {n_tokens - 1}] (below the toy's "
+                        f"{n_tokens} tokens), got {k!r}")
+
 def topk_table(divergences: Sequence[str], k: int, n_toys: int = 20, n_tokens: int = 2000, seed: int = 0,
                temperature: float = 0.3, student_noise: float | None = 1.0) -> pd.DataFrame:
     """Exact cosine, relative bias and relative variance of each estimator of grad D_f on ``n_toys`` random
@@ -116,9 +123,7 @@ def topk_table(divergences: Sequence[str], k: int, n_toys: int = 20, n_tokens: i
     ``none`` and ``tail``) and the peers' forms of ``sparse.PEER_FORMS``. ``teacher_mass`` is Q_S. Returns a
     tidy DataFrame with the columns ``TOPK_COLUMNS``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < n_tokens:
-        raise UserError(f"teacher top-k must be an integer in [1, {n_tokens - 1}] (below the toy's "
-                         f"{n_tokens} tokens), got {k!r}")
+    _check_k(k, n_tokens)
     rows, divs = [], [get(name) for name in divergences]
     for toy_id in range(seed, seed + n_toys):
         toy = make_near_teacher(n_tokens, toy_id, temperature, student_noise)
@@ -183,9 +188,7 @@ def sequence_topk_table(divergences: Sequence[str], k: int, n_toys: int = 5, voc
     gradient: there the full-vocabulary method keeps the variance of the contexts it visits. One-sample OPD+
     is the dense path (``toy.sequence_estimator_moments``); the peers' forms are summed over visited contexts
     and differentiated as a loss. ``teacher_mass`` is Q_S averaged over prefixes."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k < vocab_size:
-        raise UserError(f"teacher top-k must be an integer in [1, {vocab_size - 1}] (below the toy's "
-                        f"{vocab_size} tokens), got {k!r}")
+    _check_k(k, vocab_size)
     rows, divs = [], [get(name) for name in divergences]
     for toy_id in range(seed, seed + n_toys):
         toy = make_sequence(vocab_size, horizon, toy_id, temperature)
