@@ -2,7 +2,7 @@
 
     RunSpec
       task       TaskSpec    task, max_new_tokens
-      objective  Objective   divergence, method, gamma, baseline, log_u_clip, reduction
+      objective  Objective   divergence, method, gamma, baseline, log_u_clip, reduction, teacher_topk
       optim      Optim       steps, prompts_per_step, samples_per_prompt, lr, lr_schedule, weight_decay,
                              grad_clip, seed
       models     ModelsSpec  arch, teacher/student sizes and supervised schedules, teacher_path, student_path
@@ -24,7 +24,8 @@ import json
 import math
 from dataclasses import dataclass, fields
 
-from opdlab.choices import BASELINES, DEFAULT_REDUCTION, LR_SCHEDULES, REDUCTIONS, TRAIN_METHODS, parse_divergence
+from opdlab.choices import (BASELINES, DEFAULT_REDUCTION, LR_SCHEDULES, REDUCTIONS, SPARSE_BASELINES, TRAIN_METHODS,
+                             parse_divergence)
 from opdlab.errors import UserError
 from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
@@ -98,6 +99,11 @@ class Objective:
     reduction: str = DEFAULT_REDUCTION
     """``"token"`` divides the summed terms by the number of unmasked tokens, ``"sequence"`` by the number of
     sequences; only ``"sequence"`` keeps the estimate unbiased (docs/math.md §4)."""
+    teacher_topk: int | None = None
+    """None: the teacher's whole distribution is at hand (today's estimators). k >= 0: the teacher sends only its
+    top-k log-probabilities at each position and that of the sampled token, as a served teacher does, and OPD+ is
+    estimated from that alone, exactly on the support and from the sample on the tail (``opdlab.sparse``,
+    docs/math.md §8); k = 0 is one-sample OPD+. Baselines then: ``"none"``, ``"tail"`` or ``"loo"``."""
 
     def __post_init__(self):
         try:
@@ -105,6 +111,14 @@ class Objective:
         except (ValueError, TypeError) as err:
             raise UserError(f"divergence = {self.divergence!r} is invalid: {err}") from None
         _check(self.method in TRAIN_METHODS, "method", self.method, f"one of {TRAIN_METHODS}")
+        _check(self.teacher_topk is None or (is_int(self.teacher_topk) and self.teacher_topk >= 0), "teacher_topk",
+               self.teacher_topk, "None (the whole teacher distribution) or an int >= 0")
+        if self.teacher_topk is not None:
+            _check(self.method == "opd_plus", "method", self.method,
+                   "'opd_plus' with teacher_topk: the top-k estimator is OPD+'s (opdlab.sparse)")
+            _check(self.baseline in SPARSE_BASELINES, "baseline", self.baseline,
+                   f"one of {SPARSE_BASELINES} with teacher_topk: 'expected' needs the teacher's whole distribution")
+            return
         _check(self.baseline in BASELINES, "baseline", self.baseline, f"one of {BASELINES}")
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"one of {REDUCTIONS}")
         _check(_number(self.gamma) and 0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")

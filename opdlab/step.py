@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from opdlab import distributed, divergences, estimators
+from opdlab import distributed, divergences, estimators, sparse
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.lm.sft import warmup_cosine_lr
@@ -116,6 +116,8 @@ class Scores:
     logp_teacher_BTV: torch.Tensor
     logp_student_BT: torch.Tensor
     logp_student_BTV: torch.Tensor
+    ids_BT: torch.Tensor | None = None
+    """The scored tokens (a top-k teacher's payload is built at them)."""
 
 
 class _Clock:
@@ -160,17 +162,24 @@ def score(teacher, student, rollout: Rollout, scorer: str = "packed", clock=None
     student.eval()
     logp_student_BT, logp_student_BTV = gather_logp(completion_logits(student, rollout, fast), ids_BT)
     _lap(clock, "student_forward")
-    return Scores(logp_teacher_BT, logp_teacher_BTV, logp_student_BT, logp_student_BTV)
+    return Scores(logp_teacher_BT, logp_teacher_BTV, logp_student_BT, logp_student_BTV, ids_BT)
 
 
 def loss(objective: Objective, div, scores: Scores, mask_BT: torch.Tensor,
-         samples_per_prompt: int) -> tuple[torch.Tensor, estimators.Advantages | None]:
+         samples_per_prompt: int) -> tuple[torch.Tensor, estimators.Advantages | sparse.SparseTerms | None]:
     """Step 3: the loss whose gradient the step follows, and the advantages behind it (None for the reference
     methods). ``"opd"`` / ``"opd_plus"``: ``estimators.baselined_advantages`` (γ, baseline, log u clip) in the
     REINFORCE surrogate, the student's log-probabilities detached inside the advantage; ``"full_vocabulary"``:
     ``estimators.full_vocabulary_loss`` (the exact token-local gradient at the visited contexts);
-    ``"supervised_kd"``: ``estimators.supervised_loss`` on completions the teacher sampled."""
+    ``"supervised_kd"``: ``estimators.supervised_loss`` on completions the teacher sampled. With
+    ``teacher_topk`` set, OPD+ from the teacher's top-k log-probabilities and the sampled token's alone
+    (``sparse.sparse_surrogate``: exact on the support, the tail from the sample); the teacher's full
+    distribution is used only to build that payload and to monitor the exact divergence."""
     o, s = objective, scores
+    if o.teacher_topk is not None:  # only what a served teacher sends reaches the estimator
+        payload = sparse.topk_payload(s.logp_teacher_BTV, s.ids_BT, o.teacher_topk)
+        return sparse.sparse_surrogate(div, s.logp_student_BTV, s.ids_BT, payload, mask_BT, o.gamma, o.baseline,
+                                       samples_per_prompt, o.log_u_clip, o.reduction)
     if o.method == "full_vocabulary":
         return estimators.full_vocabulary_loss(div, s.logp_student_BTV, s.logp_teacher_BTV, mask_BT, o.reduction), None
     if o.method == "supervised_kd":

@@ -227,3 +227,24 @@ def test_bad_config_values_are_named(bad, match):
         make(**bad)
     with pytest.raises(UserError, match="unknown run field.*'stepz' \\(did you mean steps"):
         RunSpec.from_dict({"stepz": 3})
+
+
+def test_a_top_k_teacher_trains_and_its_k0_limit_is_sampled_opd_plus(tmp_path):
+    """teacher_topk: only the teacher's top-k and the sampled token's log-probabilities reach the estimator.
+    At k = 0 (no support) it is one-sample OPD+, so the run's steps equal the dense run's; at k = 4 with the
+    tail baseline it is another estimator of the same gradient, and trains."""
+    models = models_for_test()
+    runs = {}
+    for name, fields in {"dense": {}, "k0": dict(teacher_topk=0), "k4": dict(teacher_topk=4, baseline="tail")}.items():
+        spec, rt = make(**{**SMALL, "steps": 2}, divergence="forward_kl", method="opd_plus", **fields)
+        train(spec, tmp_path / name, rt, TASK, models)
+        runs[name] = read_metrics(tmp_path / name, volatile=False).query("kind == 'train'").reset_index(drop=True)
+    for key in ("loss", "grad_norm", "adv_mean", "exact_divergence", "tokens"):
+        assert runs["k0"][key].tolist() == pytest.approx(runs["dense"][key].tolist(), rel=1e-5, abs=1e-7), key
+    # the first step samples the same tokens (same generator, same student); only the estimator differs
+    assert runs["k4"]["grad_norm"].notna().all() and runs["k4"]["tokens"][0] == runs["dense"]["tokens"][0]
+    assert runs["k4"]["loss"].tolist() != pytest.approx(runs["dense"]["loss"].tolist(), rel=1e-3)
+    with pytest.raises(UserError, match="'expected' needs the teacher's whole distribution"):
+        make(teacher_topk=4, baseline="expected")
+    with pytest.raises(UserError, match="'opd_plus' with teacher_topk"):
+        make(teacher_topk=4, method="opd")
