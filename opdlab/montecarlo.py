@@ -14,14 +14,17 @@ the sampled estimator against the truth:
   against the sequence gradient and against the token-local gradient, RMSE of n-sample estimates, and
   per-sample variance: the bias/variance trade-off of gamma.
 * ``training_study``: ``train_categorical`` for every divergence x method, concatenated.
+* ``bias_claims``: which estimators of a ``categorical_study`` are unbiased, tested on its samples
+  (``opdlab.stats.bias_claims``), so that a notebook's claim can fail.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 
+from opdlab import stats
 from opdlab.divergences import get
 from opdlab.choices import METHODS, REPRESENTATIVE_DIVERGENCES
 from opdlab.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
@@ -30,7 +33,7 @@ from opdlab.toy import (as_generator, exact_gradient, exact_sequence_gradient, e
 from opdlab.errors import UserError
 
 __all__ = ["DIVERGENCES", "categorical_study", "estimator_cosines", "sequence_study", "training_study",
-           "summarise_estimates", "cosine"]
+           "summarise_estimates", "cosine", "bias_claims"]
 
 DIVERGENCES = REPRESENTATIVE_DIVERGENCES
 
@@ -164,3 +167,18 @@ def training_study(divergences: Sequence[str] = ("reverse_kl", "forward_kl", "js
     frames = [train_categorical(name, method, toy, steps, n_samples, lr, seed)
               for name in divergences for method in methods]
     return pd.concat(frames, ignore_index=True)
+
+
+def bias_claims(study: pd.DataFrame, n_repeats: int, unbiased: Callable[[pd.DataFrame], "pd.Series"],
+                alpha: float = 0.05) -> pd.DataFrame:
+    """Test the claim ``unbiased(rows)`` (True: E[g] = grad D_f; False: biased) for every toy x divergence x
+    method of a ``categorical_study``, on all its draws: at the largest n the estimate is the mean of
+    K = n_repeats * n samples, its offset ``bias = ||mean - grad D_f||`` and its standard error
+    ``sqrt(variance / K)`` (``variance`` = per-sample tr Cov). ``opdlab.stats.bias_claims`` gives p, Holm within
+    each family of claims, and ``holds``; rows also carry toy_seed, divergence, method, n_draws.
+    """
+    last = study[study.n_samples == study.n_samples.max()].reset_index(drop=True)
+    k = int(n_repeats) * int(last.n_samples.iloc[0])
+    claims = stats.bias_claims(last.divergence + " " + last.method, last.bias, (last.variance / k) ** 0.5, k,
+                               unbiased(last), alpha)
+    return pd.concat([last[["toy_seed", "divergence", "method"]], claims.drop(columns="name")], axis=1).assign(n_draws=k)
