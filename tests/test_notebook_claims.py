@@ -105,3 +105,14 @@ def test_notebook_08_reports_the_clip_as_the_test_finds_it(capsys):
         assert line.startswith("clip: bias detected" if claim.holds else "clip: no bias detected")
         assert claim.holds or f"{claim.detectable:.2f} |g| or more" in line
         assert ratio is None or claim.holds
+
+
+def test_notebook_02_slope_assert_fails_on_the_stop_gradient_estimator():
+    # the notebook's 1/sqrt(N) check, fed stop-gradient OPD's errors (which flatten at their bias) instead of OPD+'s
+    study = pd.read_csv(DATA / "02_error_vs_samples.csv")
+    sg = study[(study.method == "opd") & (study.divergence != "reverse_kl")].assign(method="opd_plus")
+    namespace = dict(np=np, pd=pd, montecarlo=montecarlo, study_csv=sg, n_repeats=200,
+                     cosines_csv=pd.read_csv(DATA / "02_cosines.csv"), history_csv=pd.read_csv(DATA / "02_training.csv"))
+    with pytest.raises(AssertionError) as failed:
+        exec(last_code_cell("02_categorical_toys.ipynb"), namespace)
+    assert "slope" in namespace and not -0.8 < namespace["slope"] < -0.25, failed.value
