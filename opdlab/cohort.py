@@ -1,0 +1,175 @@
+"""Cohorts: R runs of one student architecture and size, stepped in lockstep in one process.
+
+A cohort step (``cohort_step``) does for each of R runs (``train.Trainer``s) what ``train.opd_step`` does for
+one, with the model work batched across runs:
+
+1. sampling: the R students decode together (``lm.decoder.KVDecoder`` over ``lm.block``'s stacked weights),
+   each run its own prompts with its own generator, drawing the tokens it would draw alone (``sample_runs``);
+   runs whose method samples from the teacher (``supervised_kd``) decode together from the teacher;
+2. the teacher scores every run's samples in one forward (``teacher_logits``);
+3. the students' logits with gradient come from one stacked packed forward (``student_logits``);
+4. each run's surrogate is its own (``train.surrogate_loss``: divergence, method, γ, baseline, clip); one
+   backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only;
+5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate.
+
+What each run keeps for itself: its config, optimizer state, learning rate, generator, prompts and metrics.
+So a run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever
+the other members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and
+completion budget, and students of one architecture and size (``check``). Phase times (``time_*``) are the
+cohort's: every member reports the wall time of the step it shared.
+"""
+from __future__ import annotations
+
+import torch
+
+from opdlab.errors import UserError
+from opdlab.lm import packed
+from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
+from opdlab.lm.sft import warmup_cosine_lr
+from opdlab.train import Trainer, _Clock, _step_values, _train_metrics, surrogate_loss
+
+__all__ = ["check", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits", "student_logits",
+           "cohort_step"]
+
+
+def check(trainers: list[Trainer]) -> None:
+    """Raise ``UserError`` unless ``trainers`` can step as one cohort: at least one, one process each, and one
+    teacher, tokenizer, task and completion budget (the students' shapes are checked where they are stacked)."""
+    if not trainers:
+        raise UserError("a cohort needs at least one run, got none")
+    first = trainers[0]
+    for r, tr in enumerate(trainers):
+        if tr.world.size != 1:
+            raise UserError(f"a cohort steps in one process; run {r} is one of {tr.world.size} ranks")
+        for name in ("teacher", "tokenizer", "task"):
+            if getattr(tr, name) is not getattr(first, name):
+                raise UserError(f"run {r} of the cohort has another {name} than run 0; a cohort shares one {name}")
+        if tr.max_new_tokens != first.max_new_tokens:
+            raise UserError(f"run {r} of the cohort samples up to {tr.max_new_tokens} tokens, run 0 up to "
+                            f"{first.max_new_tokens}; a cohort shares one completion budget (max_new_tokens)")
+        if tr.config.prompts_per_step * tr.config.samples_per_prompt != \
+                first.config.prompts_per_step * first.config.samples_per_prompt:
+            raise UserError(f"run {r} of the cohort samples another batch (prompts_per_step x samples_per_prompt) "
+                            "than run 0; a cohort's runs sample equally many completions per step")
+
+
+def split_rollout(rollout: Rollout, R: int) -> list[Rollout]:
+    """The R runs of a rollout of R equal groups of rows (run-major), each trimmed to its own prompt width and
+    completion length: the layout it has when sampled alone."""
+    B = len(rollout.texts) // R
+    out = []
+    for r in range(R):
+        rows = slice(r * B, (r + 1) * B)
+        P = int(rollout.prompt_attention_BP[rows].sum(1).max())
+        T = int(rollout.attention_BT[rows].sum(1).max())
+        out.append(Rollout(rollout.prompt_ids_BP[rows, -P:], rollout.prompt_attention_BP[rows, -P:],
+                           rollout.completion_ids_BT[rows, :T], rollout.mask_BT[rows, :T],
+                           rollout.attention_BT[rows, :T], rollout.logp_BT[rows, :T], rollout.texts[rows]))
+    return out
+
+
+def merge_rollouts(rollouts: list[Rollout], pad: int) -> Rollout:
+    """One rollout of all ``rollouts``' rows, prompts left-padded and completions right-padded with ``pad``."""
+    P = max(r.prompt_ids_BP.shape[1] for r in rollouts)
+    T = max(r.completion_ids_BT.shape[1] for r in rollouts)
+
+    def left(x, value):
+        return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=value)
+
+    def right(x, value):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+    return Rollout(torch.cat([left(r.prompt_ids_BP, pad) for r in rollouts]),
+                   torch.cat([left(r.prompt_attention_BP, 0) for r in rollouts]),
+                   torch.cat([right(r.completion_ids_BT, pad) for r in rollouts]),
+                   torch.cat([right(r.mask_BT, 0) for r in rollouts]),
+                   torch.cat([right(r.attention_BT, 0) for r in rollouts]),
+                   torch.cat([right(r.logp_BT, 0) for r in rollouts]), [t for r in rollouts for t in r.texts])
+
+
+@torch.no_grad()
+def sample_runs(models: list, tokenizer, prompts: list[list[str]], task, max_new_tokens: int,
+                generators: list[torch.Generator], compiled: bool = False) -> list[Rollout]:
+    """Run r's rollout of ``prompts[r]`` from ``models[r]`` with ``generators[r]`` (temperature 1, full
+    vocabulary, tools executed), all runs in one stacked decoder; each equals ``sample(models[r], ...,
+    generators[r])`` alone, to float rounding of the sampler's log-probabilities."""
+    if len({len(p) for p in prompts}) != 1:
+        raise UserError(f"the runs of a cohort sample equally many prompts, got {[len(p) for p in prompts]}")
+    rollout = sample(list(models), tokenizer, [p for run in prompts for p in run], task, max_new_tokens,
+                     list(generators), greedy=False, temperature=1.0, compiled=compiled)
+    return split_rollout(rollout, len(models))
+
+
+@torch.no_grad()
+def teacher_logits(teacher, rollouts: list[Rollout], pad: int) -> list[torch.Tensor]:
+    """``completion_logits(teacher, rollouts[r])`` for every r, from one forward over all runs' rows."""
+    logits = completion_logits(teacher, merge_rollouts(rollouts, pad))
+    out, start = [], 0
+    for r in rollouts:
+        B, T = r.completion_ids_BT.shape
+        out.append(logits[start:start + B, :T])
+        start += B
+    return out
+
+
+def student_logits(students: list, rollouts: list[Rollout]) -> list[torch.Tensor]:
+    """``completion_logits(students[r], rollouts[r])`` with gradient for every r: one stacked packed forward
+    where every student supports it (``packed.supports``), else one forward per run."""
+    if all(packed.supports(s) for s in students):
+        return packed.stacked_completion_logits(list(students), rollouts)
+    return [completion_logits(s, r) for s, r in zip(students, rollouts)]
+
+
+def _sample(trainers: list[Trainer], examples: list[list]) -> list[Rollout]:
+    """Step 1: every run's rollout; runs that sample from the teacher (``supervised_kd``) decode apart from those
+    that sample from their student, each group in one stacked decoder."""
+    first, rollouts = trainers[0], [None] * len(trainers)
+    for from_teacher in (False, True):
+        group = [r for r, tr in enumerate(trainers) if (tr.config.method == "supervised_kd") == from_teacher]
+        if not group:
+            continue
+        models = [trainers[r].teacher if from_teacher else trainers[r].student for r in group]
+        got = sample_runs(models, first.tokenizer, [[ex.prompt for ex in examples[r]] for r in group], first.task,
+                          first.max_new_tokens, [trainers[r].generator for r in group],
+                          compiled=any(tr.config.compile_decode for tr in trainers))
+        for r, rollout in zip(group, got):
+            rollouts[r] = rollout
+    return rollouts
+
+
+def cohort_step(trainers: list[Trainer], step: int) -> list[dict]:
+    """One update of every run on the prompts of ``step`` (see the module doc); returns each run's metrics, the
+    keys of ``train.opd_step``'s."""
+    check(trainers)
+    first, clock = trainers[0], _Clock(trainers[0].device)
+    examples = [tr.batch(step) for tr in trainers]
+    for tr in trainers:
+        tr.student.eval()
+    rollouts = _sample(trainers, examples)
+    clock.lap("sample")
+    lt = [gather_logp(x, r.completion_ids_BT) for x, r in
+          zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id), rollouts)]
+    clock.lap("teacher")
+    ls = [gather_logp(x, r.completion_ids_BT) for x, r in zip(student_logits([tr.student for tr in trainers],
+                                                                             rollouts), rollouts)]
+    clock.lap("student_forward")
+    losses = [surrogate_loss(tr.config, tr.div, s_BT, s_BTV, t_BT, t_BTV, r.mask_BT)
+              for tr, (s_BT, s_BTV), (t_BT, t_BTV), r in zip(trainers, ls, lt, rollouts)]
+    clock.lap("advantage")
+    for tr in trainers:
+        tr.optimizer.zero_grad(set_to_none=True)
+    torch.stack([loss for loss, _ in losses]).sum().backward()
+    clock.lap("student_backward")
+    norms, lrs = [], []
+    for tr in trainers:
+        c = tr.config
+        norms.append(torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip))
+        lrs.append(c.lr if c.lr_schedule == "constant" else warmup_cosine_lr(step, c.steps, c.lr))
+        for group in tr.optimizer.param_groups:
+            group["lr"] = lrs[-1]
+        tr.optimizer.step()
+    clock.lap("optimizer")
+    metrics = [_train_metrics([_step_values(tr, ex, r, adv, loss, s_BTV.detach(), t_BTV)], norm)
+               for tr, ex, r, (loss, adv), (_, s_BTV), (_, t_BTV), norm
+               in zip(trainers, examples, rollouts, losses, ls, lt, norms)]
+    clock.lap("bookkeeping")
+    return [{**m, "lr": lr, **clock.times} for m, lr in zip(metrics, lrs)]
