@@ -7,7 +7,8 @@ one, with the model work batched across runs:
    each run its own prompts with its own generator, drawing the tokens it would draw alone (``sample_runs``);
    runs whose method samples from the teacher (``supervised_kd``) decode together from the teacher;
 2. the teacher scores every run's samples in one forward (``teacher_logits``);
-3. the students' logits with gradient come from one stacked packed forward (``student_logits``);
+3. the students' logits with gradient come from one stacked packed forward (``student_logits``); steps 2 and 3
+   run run by run instead where that is faster (``scores_together``: on CPU);
 4. each run's surrogate is its own (``train.surrogate_loss``: divergence, method, γ, baseline, clip); one
    backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only;
 5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate.
@@ -28,7 +29,7 @@ from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
 from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.train import Trainer, _Clock, _step_values, _train_metrics, surrogate_loss
 
-__all__ = ["check", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits", "student_logits",
+__all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits", "student_logits",
            "cohort_step"]
 
 
@@ -99,9 +100,22 @@ def sample_runs(models: list, tokenizer, prompts: list[list[str]], task, max_new
     return split_rollout(rollout, len(models))
 
 
+def scores_together(device: torch.device) -> bool:
+    """Whether a cohort scores all runs in one forward on ``device`` (``cohort_step``'s default): on CUDA, where
+    one run leaves the chip idle; not on CPU, where notebook 04's products already run near the peak and R runs'
+    activations at once leave the caches (measured once, on a shared 2-core machine, one thread: a stacked student
+    forward and backward of 8 notebook-04 runs took 2.2 times as long as 8 single ones, its elementwise products
+    3.4 times as long, its matrix products about as long; ``benchmarks/bench_cohort.py --scoring`` measures
+    both ways)."""
+    return device.type == "cuda"
+
+
 @torch.no_grad()
-def teacher_logits(teacher, rollouts: list[Rollout], pad: int) -> list[torch.Tensor]:
-    """``completion_logits(teacher, rollouts[r])`` for every r, from one forward over all runs' rows."""
+def teacher_logits(teacher, rollouts: list[Rollout], pad: int, together: bool = True) -> list[torch.Tensor]:
+    """``completion_logits(teacher, rollouts[r])`` for every r: from one forward over all runs' rows, or
+    (``together=False``) one forward per run."""
+    if not together:
+        return [completion_logits(teacher, r) for r in rollouts]
     logits = completion_logits(teacher, merge_rollouts(rollouts, pad))
     out, start = [], 0
     for r in rollouts:
@@ -111,10 +125,10 @@ def teacher_logits(teacher, rollouts: list[Rollout], pad: int) -> list[torch.Ten
     return out
 
 
-def student_logits(students: list, rollouts: list[Rollout]) -> list[torch.Tensor]:
+def student_logits(students: list, rollouts: list[Rollout], together: bool = True) -> list[torch.Tensor]:
     """``completion_logits(students[r], rollouts[r])`` with gradient for every r: one stacked packed forward
-    where every student supports it (``packed.supports``), else one forward per run."""
-    if all(packed.supports(s) for s in students):
+    where every student supports it (``packed.supports``) and ``together``, else one forward per run."""
+    if together and all(packed.supports(s) for s in students):
         return packed.stacked_completion_logits(list(students), rollouts)
     return [completion_logits(s, r) for s, r in zip(students, rollouts)]
 
@@ -136,10 +150,12 @@ def _sample(trainers: list[Trainer], examples: list[list]) -> list[Rollout]:
     return rollouts
 
 
-def cohort_step(trainers: list[Trainer], step: int) -> list[dict]:
+def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None = None) -> list[dict]:
     """One update of every run on the prompts of ``step`` (see the module doc); returns each run's metrics, the
-    keys of ``train.opd_step``'s."""
+    keys of ``train.opd_step``'s. ``score_together`` (None: ``scores_together(device)``) scores all runs in one
+    teacher forward and one stacked student forward; False scores run by run (sampling stays stacked)."""
     check(trainers)
+    score_together = scores_together(trainers[0].device) if score_together is None else score_together
     first, clock = trainers[0], _Clock(trainers[0].device)
     examples = [tr.batch(step) for tr in trainers]
     for tr in trainers:
@@ -147,10 +163,10 @@ def cohort_step(trainers: list[Trainer], step: int) -> list[dict]:
     rollouts = _sample(trainers, examples)
     clock.lap("sample")
     lt = [gather_logp(x, r.completion_ids_BT) for x, r in
-          zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id), rollouts)]
+          zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id, score_together), rollouts)]
     clock.lap("teacher")
     ls = [gather_logp(x, r.completion_ids_BT) for x, r in zip(student_logits([tr.student for tr in trainers],
-                                                                             rollouts), rollouts)]
+                                                                             rollouts, score_together), rollouts)]
     clock.lap("student_forward")
     losses = [surrogate_loss(tr.config, tr.div, s_BT, s_BTV, t_BT, t_BTV, r.mask_BT)
               for tr, (s_BT, s_BTV), (t_BT, t_BTV), r in zip(trainers, ls, lt, rollouts)]

@@ -137,5 +137,7 @@ def test_a_stack_of_models_of_different_shapes_is_refused_by_name():
         block.stack([small, deeper])
     with pytest.raises(UserError, match="multiple of 2 rows"):
         decoder.KVDecoder([small, small], 5, 8)
+    with pytest.raises(UserError, match="one generator per model"):
+        sample([small, small], TOK, PROMPTS[:2], TASK, 4, [torch.Generator()] * 3)
     with pytest.raises(UserError, match="needs the stacked decoder"):
         sample([small, small], TOK, PROMPTS[:2], TASK, 4, [torch.Generator()] * 2, fast=False)

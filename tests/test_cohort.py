@@ -33,13 +33,14 @@ def clone(tr):
     return Trainer(tr.config, tr.task, tr.teacher, copy.deepcopy(tr.student), tr.tokenizer)
 
 
-@pytest.mark.parametrize("arch, kv_heads", [("qwen3", 1), ("llama", 2)])
-def test_a_run_in_a_cohort_of_mixed_arms_steps_as_it_does_alone(arch, kv_heads):
+@pytest.mark.parametrize("arch, kv_heads, together", [("qwen3", 1, True), ("llama", 2, True), ("qwen3", 1, False)],
+                         ids=["qwen3-stacked", "llama-stacked", "qwen3-apart"])
+def test_a_run_in_a_cohort_of_mixed_arms_steps_as_it_does_alone(arch, kv_heads, together):
     teacher, cohort = trainers_of(ARMS, arch, kv_heads)
     alone = [clone(tr) for tr in cohort]
     for step in range(BASE.steps):
         before = [[p.detach().clone() for p in tr.student.parameters()] for tr in alone]
-        got = cohort_step(cohort, step)
+        got = cohort_step(cohort, step, score_together=together)
         for r, (tr, solo) in enumerate(zip(cohort, alone)):
             want = opd_step(solo, step)
             assert torch.equal(tr.generator.get_state(), solo.generator.get_state()), (step, r)
@@ -60,7 +61,7 @@ def test_a_run_in_a_cohort_of_mixed_arms_steps_as_it_does_alone(arch, kv_heads):
 def test_the_other_members_change_nothing_in_a_run():
     teacher, first = trainers_of(ARMS[:3], "qwen3", None)
     other = [clone(first[0])] + trainers_of(ARMS[3:], "qwen3", None, teacher=teacher)[1]
-    a, b = cohort_step(first, 0)[0], cohort_step(other, 0)[0]
+    a, b = cohort_step(first, 0, score_together=True)[0], cohort_step(other, 0, score_together=True)[0]
     assert {k: v for k, v in a.items() if not k.startswith("time_")} == pytest.approx(
         {k: v for k, v in b.items() if not k.startswith("time_")}, rel=1e-5, abs=1e-6)
     for p, q in zip(first[0].student.parameters(), other[0].student.parameters()):

@@ -177,8 +177,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Te
     if w.shape[0] == 1:
         return F.linear(x, w[0], None if b is None else b[0])
     y = torch.bmm(x.reshape(w.shape[0], -1, x.shape[-1]), w.transpose(1, 2))
-    if b is not None:
-        y = y + b[:, None]
+    if b is not None:  # (in the product's dtype, as F.linear adds it under autocast)
+        y = y + b[:, None].to(y.dtype)
     return y.view(*x.shape[:-1], w.shape[1])
 
 

@@ -146,8 +146,11 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise UserError(f"temperature must be a positive number (1.0 samples from the model itself), "
                          f"got {temperature!r}")
-    models = model if isinstance(model, (list, tuple)) else [model]
-    device = next(models[0].parameters()).device
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    model, device = models[0] if len(models) == 1 else models, next(models[0].parameters()).device
+    if isinstance(generator, (list, tuple)) and (len(generator) != len(models) or len(prompts) % len(models)):
+        raise UserError(f"sampling {len(models)} model(s) needs one generator per model and equally many prompts "
+                        f"per model; got {len(generator)} generators for {len(prompts)} prompts")
     pad = tokenizer.pad_token_id
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     prompt_BP, prompt_att = collate(rows, pad).to(device), collate([[1] * len(r) for r in rows], 0).to(device)
