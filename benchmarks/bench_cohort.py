@@ -7,14 +7,14 @@ decoder, the teacher scoring all runs' samples in one forward, the students' for
 stacked forward, each run's own advantage, clip and AdamW), as R / (median step time) run-steps per second.
 ``--scoring`` chooses whether teacher and students score all runs in one forward or run by run (the default
 follows ``cohort.scores_together``: together on CUDA, run by run on CPU); sampling is always stacked.
-The runs mix notebook 04's arms (reverse KL, forward KL, JSD, each stop-gradient and OPD+, expected baseline,
-log u clip 2) and seeds. Beside it, the baseline: today's sweep, which gives each worker process one run
+The runs mix notebook 04's arms (reverse KL, forward KL, JSD, each stop-gradient and OPD+, with the preset's
+expected baseline and log u clip 2) and seeds. Beside it, the baseline: today's sweep, which gives each worker process one run
 (``opdlab.sweep.resolve_workers("auto")``: as many single-threaded workers as CPUs, here 2; on CUDA one
-process), all stepping ``train.opd_step`` at once; its run-steps per second is the sum over workers of 1 /
+process), all stepping ``step.opd_step`` at once; its run-steps per second is the sum over workers of 1 /
 (median step time). ``ratio`` = cohort / baseline: above 1 the cohort wins.
 
-Sizes: notebook 04's (teacher 128 x 4 layers, student 96 x 4; arithmetic 64 prompts x 4 samples, tool use
-32 x 4; the task's completion budget) and bench_peers.py's 4.6M / 1.1M (256 x 6 / 128 x 5, arithmetic, 16 x
+Sizes: notebook 04's (the ``notebook04`` preset: teacher 128 x 4 layers, student 96 x 4; arithmetic 64 prompts
+x 4 samples, tool use 32 x 4; the task's completion budget) and bench_peers.py's 4.6M / 1.1M (256 x 6 / 128 x 5, arithmetic, 16 x
 4, 64 tokens). The models are random (no teacher is trained): their completions run to the budget far more
 often than a warm-up student's, so the sampling phase weighs more here than in a real run.
 
@@ -48,27 +48,27 @@ import torch
 
 from bench_train import matmul_peak, model_flops_per_token
 
+from opdlab import presets
 from opdlab.cohort import cohort_step, sample_runs
-from opdlab.config import TrainConfig
 from opdlab.lm import packed
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
+from opdlab.step import Trainer, opd_step
 from opdlab.sweep import resolve_workers
 from opdlab.tasks import get_task
-from opdlab.train import Trainer, opd_step
 
-_NB04 = TrainConfig()
+_NB04 = presets.get("notebook04")
 SIZES = {  # name: (teacher recipe, student recipe)
-    "nb04": (_NB04.recipe("teacher"), _NB04.recipe("student")),
+    "nb04": (_NB04.spec.models.recipe("teacher"), _NB04.spec.models.recipe("student")),
     "4.6M/1.1M": (ModelRecipe(hidden=256, layers=6, heads=4, intermediate=640, seed=0),
                   ModelRecipe(hidden=128, layers=5, heads=4, intermediate=384, seed=1)),
 }
-CASES = {  # (size, task): notebook 04's batch and learning rate for the task, or bench_peers.py's workload
-    ("nb04", "arithmetic"): dict(prompts_per_step=64, samples_per_prompt=4, lr=1e-3),
-    ("nb04", "tool_use"): dict(prompts_per_step=32, samples_per_prompt=4, lr=3e-4),
-    ("4.6M/1.1M", "arithmetic"): dict(prompts_per_step=16, samples_per_prompt=4, lr=1e-4, max_new_tokens=64),
+CASES = {  # (size, task): notebook 04's spec for the task (batch, learning rate, clip), or bench_peers.py's workload
+    ("nb04", "arithmetic"): _NB04.spec_for("arithmetic"),
+    ("nb04", "tool_use"): _NB04.spec_for("tool_use"),
+    ("4.6M/1.1M", "arithmetic"): _NB04.spec_for("arithmetic").replace(prompts_per_step=16, lr=1e-4, max_new_tokens=64),
 }
 ARMS = [(d, m) for d in ("reverse_kl", "forward_kl", "jsd") for m in ("opd", "opd_plus")]
 COLUMNS = ("size", "task", "R", "run_steps_per_s", "baseline_run_steps_per_s", "ratio", "gflops",
@@ -87,9 +87,8 @@ def trainers(size: str, task_name: str, R: int, steps: int, device: torch.device
     out = []
     for r in range(R):
         divergence, method = ARMS[r % len(ARMS)]
-        config = TrainConfig(task=task_name, divergence=divergence, method=method, baseline="expected",
-                             log_u_clip=2.0, steps=steps, seed=r, eval_n=1, **CASES[(size, task_name)])
-        out.append(Trainer(config, task, teacher, copy.deepcopy(student), tok))
+        spec = CASES[(size, task_name)].replace(divergence=divergence, method=method, steps=steps, seed=r, eval_n=1)
+        out.append(Trainer(spec, task, teacher, copy.deepcopy(student), tok))
     return out
 
 

@@ -1,6 +1,6 @@
 """Cohorts: R runs of one student architecture and size, stepped in lockstep in one process.
 
-A cohort step (``cohort_step``) does for each of R runs (``train.Trainer``s) what ``train.opd_step`` does for
+A cohort step (``cohort_step``) does for each of R runs (``step.Trainer``s) what ``step.opd_step`` does for
 one, with the model work batched across runs:
 
 1. sampling: the R students decode together (``lm.decoder.KVDecoder`` over ``lm.block``'s stacked weights),
@@ -9,14 +9,15 @@ one, with the model work batched across runs:
 2. the teacher scores every run's samples in one forward (``teacher_logits``);
 3. the students' logits with gradient come from one stacked packed forward (``student_logits``); steps 2 and 3
    run run by run instead where that is faster (``scores_together``: on CPU);
-4. each run's surrogate is its own (``train.surrogate_loss``: divergence, method, γ, baseline, clip); one
+4. each run's surrogate is its own (``step.loss``: divergence, method, γ, baseline, clip); one
    backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only;
 5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate.
 
-What each run keeps for itself: its config, optimizer state, learning rate, generator, prompts and metrics.
+What each run keeps for itself: its spec, optimizer state, learning rate, generator, prompts and metrics.
 So a run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever
 the other members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and
-completion budget, and students of one architecture and size (``check``). Phase times (``time_*``) are the
+completion budget, and students of one architecture and size (``check``). A run whose runtime asks for the
+``transformers`` sampler or the padded scorer gets it: the cohort then samples or scores run by run. Phase times (``time_*``) are the
 cohort's: every member reports the wall time of the step it shared.
 """
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 
 from opdlab.errors import UserError
 from opdlab.lm import packed
-from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample
-from opdlab.lm.sft import warmup_cosine_lr
-from opdlab.train import Trainer, _Clock, _step_values, _train_metrics, surrogate_loss
+from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
+from opdlab.lm.sampling import sample as sample_completions
+from opdlab.step import Scores, Trainer, _Clock, _step_values, _train_metrics, loss, sample, score, step_lr
 
 __all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits", "student_logits",
            "cohort_step"]
@@ -48,8 +49,7 @@ def check(trainers: list[Trainer]) -> None:
         if tr.max_new_tokens != first.max_new_tokens:
             raise UserError(f"run {r} of the cohort samples up to {tr.max_new_tokens} tokens, run 0 up to "
                             f"{first.max_new_tokens}; a cohort shares one completion budget (max_new_tokens)")
-        if tr.config.prompts_per_step * tr.config.samples_per_prompt != \
-                first.config.prompts_per_step * first.config.samples_per_prompt:
+        if len(tr.batch(0)) != len(first.batch(0)):
             raise UserError(f"run {r} of the cohort samples another batch (prompts_per_step x samples_per_prompt) "
                             "than run 0; a cohort's runs sample equally many completions per step")
 
@@ -95,8 +95,8 @@ def sample_runs(models: list, tokenizer, prompts: list[list[str]], task, max_new
     generators[r])`` alone, to float rounding of the sampler's log-probabilities."""
     if len({len(p) for p in prompts}) != 1:
         raise UserError(f"the runs of a cohort sample equally many prompts, got {[len(p) for p in prompts]}")
-    rollout = sample(list(models), tokenizer, [p for run in prompts for p in run], task, max_new_tokens,
-                     list(generators), greedy=False, temperature=1.0, compiled=compiled)
+    rollout = sample_completions(list(models), tokenizer, [p for run in prompts for p in run], task,
+                                 max_new_tokens, list(generators), greedy=False, temperature=1.0, compiled=compiled)
     return split_rollout(rollout, len(models))
 
 
@@ -111,11 +111,8 @@ def scores_together(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def teacher_logits(teacher, rollouts: list[Rollout], pad: int, together: bool = True) -> list[torch.Tensor]:
-    """``completion_logits(teacher, rollouts[r])`` for every r: from one forward over all runs' rows, or
-    (``together=False``) one forward per run."""
-    if not together:
-        return [completion_logits(teacher, r) for r in rollouts]
+def teacher_logits(teacher, rollouts: list[Rollout], pad: int) -> list[torch.Tensor]:
+    """``completion_logits(teacher, rollouts[r])`` for every r, from one forward over all runs' rows."""
     logits = completion_logits(teacher, merge_rollouts(rollouts, pad))
     out, start = [], 0
     for r in rollouts:
@@ -125,67 +122,80 @@ def teacher_logits(teacher, rollouts: list[Rollout], pad: int, together: bool = 
     return out
 
 
-def student_logits(students: list, rollouts: list[Rollout], together: bool = True) -> list[torch.Tensor]:
+def student_logits(students: list, rollouts: list[Rollout]) -> list[torch.Tensor]:
     """``completion_logits(students[r], rollouts[r])`` with gradient for every r: one stacked packed forward
-    where every student supports it (``packed.supports``) and ``together``, else one forward per run."""
-    if together and all(packed.supports(s) for s in students):
+    where every student supports it (``packed.supports``), else one forward per run."""
+    if all(packed.supports(s) for s in students):
         return packed.stacked_completion_logits(list(students), rollouts)
     return [completion_logits(s, r) for s, r in zip(students, rollouts)]
 
 
 def _sample(trainers: list[Trainer], examples: list[list]) -> list[Rollout]:
-    """Step 1: every run's rollout; runs that sample from the teacher (``supervised_kd``) decode apart from those
-    that sample from their student, each group in one stacked decoder."""
+    """Step 1: every run's rollout. Runs that sample from their student decode together, as do runs that sample
+    from the teacher (``supervised_kd``); a run whose runtime asks for the ``transformers`` sampler samples alone
+    (``step.sample``)."""
     first, rollouts = trainers[0], [None] * len(trainers)
+    for r, tr in enumerate(trainers):
+        tr.student.eval()
+        if tr.runtime.sampler != "fast":
+            rollouts[r] = sample(tr, examples[r])
     for from_teacher in (False, True):
-        group = [r for r, tr in enumerate(trainers) if (tr.config.method == "supervised_kd") == from_teacher]
+        group = [r for r, tr in enumerate(trainers) if rollouts[r] is None
+                 and (tr.spec.objective.method == "supervised_kd") == from_teacher]
         if not group:
             continue
         models = [trainers[r].teacher if from_teacher else trainers[r].student for r in group]
         got = sample_runs(models, first.tokenizer, [[ex.prompt for ex in examples[r]] for r in group], first.task,
                           first.max_new_tokens, [trainers[r].generator for r in group],
-                          compiled=any(tr.config.compile_decode for tr in trainers))
+                          compiled=any(trainers[r].runtime.compile_decode for r in group))
         for r, rollout in zip(group, got):
             rollouts[r] = rollout
     return rollouts
 
 
+def _score(trainers: list[Trainer], rollouts: list[Rollout], together: bool, clock) -> list[Scores]:
+    """Step 2: every run's scores; all runs in one teacher forward and one stacked student forward when
+    ``together`` and every run scores packed, else run by run (``step.score``)."""
+    first = trainers[0]
+    if not together or any(tr.runtime.scorer != "packed" for tr in trainers):
+        return [score(tr.teacher, tr.student, r, tr.runtime.scorer, clock) for tr, r in zip(trainers, rollouts)]
+    lt = [gather_logp(x, r.completion_ids_BT) for x, r in
+          zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id), rollouts)]
+    clock.lap("teacher")
+    ls = [gather_logp(x, r.completion_ids_BT) for x, r in
+          zip(student_logits([tr.student for tr in trainers], rollouts), rollouts)]
+    clock.lap("student_forward")
+    return [Scores(t_BT, t_BTV, s_BT, s_BTV) for (t_BT, t_BTV), (s_BT, s_BTV) in zip(lt, ls)]
+
+
 def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None = None) -> list[dict]:
     """One update of every run on the prompts of ``step`` (see the module doc); returns each run's metrics, the
-    keys of ``train.opd_step``'s. ``score_together`` (None: ``scores_together(device)``) scores all runs in one
+    keys of ``step.opd_step``'s. ``score_together`` (None: ``scores_together(device)``) scores all runs in one
     teacher forward and one stacked student forward; False scores run by run (sampling stays stacked)."""
     check(trainers)
-    score_together = scores_together(trainers[0].device) if score_together is None else score_together
     first, clock = trainers[0], _Clock(trainers[0].device)
+    together = scores_together(first.device) if score_together is None else score_together
     examples = [tr.batch(step) for tr in trainers]
-    for tr in trainers:
-        tr.student.eval()
     rollouts = _sample(trainers, examples)
     clock.lap("sample")
-    lt = [gather_logp(x, r.completion_ids_BT) for x, r in
-          zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id, score_together), rollouts)]
-    clock.lap("teacher")
-    ls = [gather_logp(x, r.completion_ids_BT) for x, r in zip(student_logits([tr.student for tr in trainers],
-                                                                             rollouts, score_together), rollouts)]
-    clock.lap("student_forward")
-    losses = [surrogate_loss(tr.config, tr.div, s_BT, s_BTV, t_BT, t_BTV, r.mask_BT)
-              for tr, (s_BT, s_BTV), (t_BT, t_BTV), r in zip(trainers, ls, lt, rollouts)]
+    scores = _score(trainers, rollouts, together, clock)
+    losses = [loss(tr.spec.objective, tr.div, sc, r.mask_BT, tr.spec.optim.samples_per_prompt)
+              for tr, sc, r in zip(trainers, scores, rollouts)]
     clock.lap("advantage")
+    # step 4 for every run: one backward of the summed losses (run r's depends on run r's weights only), then
+    # each run's own clip, learning rate and AdamW step, as step.update does for one
     for tr in trainers:
         tr.optimizer.zero_grad(set_to_none=True)
-    torch.stack([loss for loss, _ in losses]).sum().backward()
+    torch.stack([value for value, _ in losses]).sum().backward()
     clock.lap("student_backward")
-    norms, lrs = [], []
-    for tr in trainers:
-        c = tr.config
-        norms.append(torch.nn.utils.clip_grad_norm_(tr.student.parameters(), c.grad_clip))
-        lrs.append(c.lr if c.lr_schedule == "constant" else warmup_cosine_lr(step, c.steps, c.lr))
+    norms, lrs = [], [step_lr(tr.spec, step) for tr in trainers]
+    for tr, lr in zip(trainers, lrs):
+        norms.append(float(torch.nn.utils.clip_grad_norm_(tr.student.parameters(), tr.spec.optim.grad_clip)))
         for group in tr.optimizer.param_groups:
-            group["lr"] = lrs[-1]
+            group["lr"] = lr
         tr.optimizer.step()
     clock.lap("optimizer")
-    metrics = [_train_metrics([_step_values(tr, ex, r, adv, loss, s_BTV.detach(), t_BTV)], norm)
-               for tr, ex, r, (loss, adv), (_, s_BTV), (_, t_BTV), norm
-               in zip(trainers, examples, rollouts, losses, ls, lt, norms)]
+    metrics = [_train_metrics([_step_values(tr, ex, r, adv, value, sc)], norm)
+               for tr, ex, r, (value, adv), sc, norm in zip(trainers, examples, rollouts, losses, scores, norms)]
     clock.lap("bookkeeping")
     return [{**m, "lr": lr, **clock.times} for m, lr in zip(metrics, lrs)]

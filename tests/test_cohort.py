@@ -1,6 +1,6 @@
 """Cohorts (opdlab.cohort): a run stepped inside a cohort of mixed arms draws the same tokens, gets the same
 gradient and ends each step with the same metrics, weights and generator state as the same run stepped alone
-by train.opd_step, to float rounding; the comparison fails for another run (the counterfactual)."""
+by step.opd_step, to float rounding; the comparison fails for another run (the counterfactual)."""
 import copy
 
 import pytest
@@ -8,12 +8,13 @@ import torch
 from test_decoder import TASK, TOK, model_of
 
 from opdlab.cohort import check, cohort_step, merge_rollouts, split_rollout
-from opdlab.config import TrainConfig
 from opdlab.errors import UserError
 from opdlab.lm.sampling import sample
-from opdlab.train import Trainer, opd_step
+from opdlab.runtime import Runtime
+from opdlab.spec import RunSpec
+from opdlab.step import Trainer, opd_step
 
-BASE = TrainConfig(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_n=4, device="cpu")
+BASE = RunSpec.from_dict(dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_n=4))
 ARMS = [  # divergence, method, γ, baseline, learning rate, clip, schedule and seed all differ
     dict(divergence="reverse_kl", method="opd_plus", baseline="expected", lr=1e-3, seed=0),
     dict(divergence="forward_kl", method="opd", gamma=0.5, log_u_clip=2.0, lr=3e-4, seed=1, grad_clip=0.05),
@@ -23,22 +24,27 @@ ARMS = [  # divergence, method, γ, baseline, learning rate, clip, schedule and 
 ]
 
 
-def trainers_of(arms, arch, kv_heads, teacher=None):
+def trainers_of(arms, arch, kv_heads, teacher=None, runtimes=None):
     teacher = teacher or model_of(arch, seed=99, kv_heads=kv_heads)
     students = [model_of(arch, seed=20 + i, kv_heads=kv_heads) for i in range(len(arms))]
-    return teacher, [Trainer(BASE.replace(arch=arch, **arm), TASK, teacher, s, TOK) for arm, s in zip(arms, students)]
+    runtimes = runtimes or [Runtime()] * len(arms)
+    return teacher, [Trainer(BASE.replace(arch=arch, **arm), TASK, teacher, s, TOK, rt)
+                     for arm, s, rt in zip(arms, students, runtimes)]
 
 
 def clone(tr):
-    return Trainer(tr.config, tr.task, tr.teacher, copy.deepcopy(tr.student), tr.tokenizer)
+    return Trainer(tr.spec, tr.task, tr.teacher, copy.deepcopy(tr.student), tr.tokenizer, tr.runtime)
 
 
 @pytest.mark.parametrize("arch, kv_heads, together", [("qwen3", 1, True), ("llama", 2, True), ("qwen3", 1, False)],
                          ids=["qwen3-stacked", "llama-stacked", "qwen3-apart"])
 def test_a_run_in_a_cohort_of_mixed_arms_steps_as_it_does_alone(arch, kv_heads, together):
-    teacher, cohort = trainers_of(ARMS, arch, kv_heads)
+    """Scored apart, run 2 also asks for the transformers sampler and the padded scorer: it samples alone."""
+    runtimes = [Runtime(sampler="transformers", scorer="padded") if r == 2 and not together else Runtime()
+                for r in range(len(ARMS))]
+    teacher, cohort = trainers_of(ARMS, arch, kv_heads, runtimes=runtimes)
     alone = [clone(tr) for tr in cohort]
-    for step in range(BASE.steps):
+    for step in range(BASE.optim.steps):
         before = [[p.detach().clone() for p in tr.student.parameters()] for tr in alone]
         got = cohort_step(cohort, step, score_together=together)
         for r, (tr, solo) in enumerate(zip(cohort, alone)):
@@ -84,12 +90,12 @@ def test_a_cohort_refuses_runs_that_cannot_share_a_step():
     check(trainers)
     with pytest.raises(UserError, match="at least one run"):
         check([])
-    other_teacher = Trainer(trainers[1].config, TASK, model_of("qwen3", seed=5), trainers[1].student, TOK)
+    other_teacher = Trainer(trainers[1].spec, TASK, model_of("qwen3", seed=5), trainers[1].student, TOK)
     with pytest.raises(UserError, match="run 1 of the cohort has another teacher"):
         check([trainers[0], other_teacher])
-    bigger = Trainer(trainers[1].config.replace(prompts_per_step=4), TASK, trainers[0].teacher, trainers[1].student, TOK)
+    bigger = Trainer(trainers[1].spec.replace(prompts_per_step=4), TASK, trainers[0].teacher, trainers[1].student, TOK)
     with pytest.raises(UserError, match="equally many completions"):
         check([trainers[0], bigger])
-    budget = Trainer(trainers[1].config.replace(max_new_tokens=20), TASK, trainers[0].teacher, trainers[1].student, TOK)
+    budget = Trainer(trainers[1].spec.replace(max_new_tokens=20), TASK, trainers[0].teacher, trainers[1].student, TOK)
     with pytest.raises(UserError, match="up to 20 tokens"):
         check([trainers[0], budget])

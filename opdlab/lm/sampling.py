@@ -32,7 +32,6 @@ from opdlab.errors import UserError
 from opdlab.lm import decoder, packed
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
-from opdlab.errors import UserError
 
 __all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
 
