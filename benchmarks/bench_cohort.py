@@ -1,22 +1,22 @@
 """Benchmark: run-steps per second of a cohort (R runs stepped together, ``opdlab.cohort``) against today's
 sweep workers, each stepping one run.
 
-What is measured, per size and task and R in {1, 2, 4, 8, 16, 32}: the wall time of one ``cohort.cohort_step``
-of R runs (R students of one size, each sampling its own completions with its own generator from one stacked
-decoder, the teacher scoring all runs' samples in one forward, the students' forward and backward in one
-stacked forward, each run's own advantage, clip and AdamW), as R / (median step time) run-steps per second.
-``--scoring`` chooses whether teacher and students score all runs in one forward or run by run (the default
-follows ``cohort.scores_together``: together on CUDA, run by run on CPU); sampling is always stacked.
-The runs mix notebook 04's arms (reverse KL, forward KL, JSD, each stop-gradient and OPD+, with the preset's
-expected baseline and log u clip 2) and seeds. Beside it, the baseline: today's sweep, which gives each worker process one run
-(``opdlab.sweep.resolve_workers("auto")``: as many single-threaded workers as CPUs, here 2; on CUDA one
-process), all stepping ``step.opd_step`` at once; its run-steps per second is the sum over workers of 1 /
-(median step time). ``ratio`` = cohort / baseline: above 1 the cohort wins.
+What is measured, per size and task and R in {1, 2, 4, 8, 16, 32}: the wall time of one ``cohort.cohort_step`` of R
+runs (R students of one size, each sampling its own completions with its own generator from one stacked decoder,
+the teacher scoring all runs' samples in one forward, the students' forward and backward in one stacked forward,
+each run's own advantage, clip and AdamW), as R / (median step time) run-steps per second. ``--scoring`` chooses
+whether teacher and students score all runs in one forward or run by run (the default follows
+``cohort.scores_together``: together on CUDA, run by run on CPU); sampling is always stacked. The runs mix notebook
+04's arms (reverse KL, forward KL, JSD, each stop-gradient and OPD+, with the preset's expected baseline and log u
+clip 2) and seeds. Beside it, the baseline: today's sweep, which gives each worker process one run
+(``opdlab.sweep.resolve_workers("auto")``: as many single-threaded workers as CPUs, here 2; on CUDA one process),
+all stepping ``step.opd_step`` at once; its run-steps per second is the sum over workers of 1 / (median step time).
+``ratio`` = cohort / baseline: above 1 the cohort wins.
 
-Sizes: notebook 04's (the ``notebook04`` preset: teacher 128 x 4 layers, student 96 x 4; arithmetic 64 prompts
-x 4 samples, tool use 32 x 4; the task's completion budget) and bench_peers.py's 4.6M / 1.1M (256 x 6 / 128 x 5, arithmetic, 16 x
-4, 64 tokens). The models are random (no teacher is trained): their completions run to the budget far more
-often than a warm-up student's, so the sampling phase weighs more here than in a real run.
+Sizes: notebook 04's (the ``notebook04`` preset: teacher 128 x 4 layers, student 96 x 4; arithmetic 64 prompts x 4
+samples, tool use 32 x 4; the task's completion budget) and bench_peers.py's 4.6M / 1.1M (256 x 6 / 128 x 5,
+arithmetic, 16 x 4, 64 tokens). The models are random (no teacher is trained): their completions run to the budget
+far more often than a warm-up student's, so the sampling phase weighs more here than in a real run.
 
 GFLOP/s counts model FLOPs as bench_train.py does (2 N per token forward, 4 N backward; sampling over the
 sampled tokens, scoring over the packed tokens), summed over runs, over the median step time; ``peak_fraction``

@@ -10,15 +10,16 @@ one, with the model work batched across runs:
 3. the students' logits with gradient come from one stacked packed forward (``student_logits``); steps 2 and 3
    run run by run instead where that is faster (``scores_together``: on CPU);
 4. each run's surrogate is its own (``step.loss``: divergence, method, γ, baseline, clip); one
-   backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only;
+   backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only
+   (scored run by run, each run's backward follows its forward, so one run's activations are held at a time);
 5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate.
 
-What each run keeps for itself: its spec, optimizer state, learning rate, generator, prompts and metrics.
-So a run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever
-the other members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and
-completion budget, and students of one architecture and size (``check``). A run whose runtime asks for the
-``transformers`` sampler or the padded scorer gets it: the cohort then samples or scores run by run. Phase times (``time_*``) are the
-cohort's: every member reports the wall time of the step it shared.
+What each run keeps for itself: its spec, optimizer state, learning rate, generator, prompts and metrics. So a
+run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever the other
+members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and completion budget,
+and students of one architecture and size (``check``). A run whose runtime asks for the ``transformers`` sampler or
+the padded scorer gets it: the cohort then samples or scores run by run. Phase times (``time_*``) are the cohort's:
+every member reports the wall time of the step it shared.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.step import Scores, Trainer, _Clock, _step_values, _train_metrics, loss, sample, score, step_lr
 
-__all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits", "student_logits",
-           "cohort_step"]
+__all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits",
+           "student_logits", "cohort_step"]
 
 
 def check(trainers: list[Trainer]) -> None:
@@ -153,19 +154,38 @@ def _sample(trainers: list[Trainer], examples: list[list]) -> list[Rollout]:
     return rollouts
 
 
-def _score(trainers: list[Trainer], rollouts: list[Rollout], together: bool, clock) -> list[Scores]:
-    """Step 2: every run's scores; all runs in one teacher forward and one stacked student forward when
-    ``together`` and every run scores packed, else run by run (``step.score``)."""
+def _losses(trainers: list[Trainer], rollouts: list[Rollout], together: bool, clock) -> tuple[list, list]:
+    """Steps 2 to 4's backward: every run's scores and ``(loss, advantages)``, and its gradient in its student's
+    ``.grad``. With ``together`` (and every run scoring packed) all runs in one teacher forward, one stacked
+    student forward and one backward of the summed losses (run r's depends on run r's weights only); else run by
+    run (``step.score``), each backward right after its forward, so that one run's activations are held at a
+    time."""
     first = trainers[0]
+    objectives = [(tr.spec.objective, tr.div, tr.spec.optim.samples_per_prompt) for tr in trainers]
+    for tr in trainers:
+        tr.optimizer.zero_grad(set_to_none=True)
     if not together or any(tr.runtime.scorer != "packed" for tr in trainers):
-        return [score(tr.teacher, tr.student, r, tr.runtime.scorer, clock) for tr, r in zip(trainers, rollouts)]
+        scores, losses = [], []
+        for tr, r, (objective, div, G) in zip(trainers, rollouts, objectives):
+            scores.append(score(tr.teacher, tr.student, r, tr.runtime.scorer, clock))
+            losses.append(loss(objective, div, scores[-1], r.mask_BT, G))
+            clock.lap("advantage")
+            losses[-1][0].backward()
+            clock.lap("student_backward")
+        return scores, losses
     lt = [gather_logp(x, r.completion_ids_BT) for x, r in
           zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id), rollouts)]
     clock.lap("teacher")
     ls = [gather_logp(x, r.completion_ids_BT) for x, r in
           zip(student_logits([tr.student for tr in trainers], rollouts), rollouts)]
     clock.lap("student_forward")
-    return [Scores(t_BT, t_BTV, s_BT, s_BTV) for (t_BT, t_BTV), (s_BT, s_BTV) in zip(lt, ls)]
+    scores = [Scores(t_BT, t_BTV, s_BT, s_BTV) for (t_BT, t_BTV), (s_BT, s_BTV) in zip(lt, ls)]
+    losses = [loss(objective, div, sc, r.mask_BT, G)
+              for (objective, div, G), sc, r in zip(objectives, scores, rollouts)]
+    clock.lap("advantage")
+    torch.stack([value for value, _ in losses]).sum().backward()
+    clock.lap("student_backward")
+    return scores, losses
 
 
 def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None = None) -> list[dict]:
@@ -178,16 +198,8 @@ def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None 
     examples = [tr.batch(step) for tr in trainers]
     rollouts = _sample(trainers, examples)
     clock.lap("sample")
-    scores = _score(trainers, rollouts, together, clock)
-    losses = [loss(tr.spec.objective, tr.div, sc, r.mask_BT, tr.spec.optim.samples_per_prompt)
-              for tr, sc, r in zip(trainers, scores, rollouts)]
-    clock.lap("advantage")
-    # step 4 for every run: one backward of the summed losses (run r's depends on run r's weights only), then
-    # each run's own clip, learning rate and AdamW step, as step.update does for one
-    for tr in trainers:
-        tr.optimizer.zero_grad(set_to_none=True)
-    torch.stack([value for value, _ in losses]).sum().backward()
-    clock.lap("student_backward")
+    scores, losses = _losses(trainers, rollouts, together, clock)
+    # the rest of step 4 for every run: its own clip, learning rate and AdamW step, as step.update does for one
     norms, lrs = [], [step_lr(tr.spec, step) for tr in trainers]
     for tr, lr in zip(trainers, lrs):
         norms.append(float(torch.nn.utils.clip_grad_norm_(tr.student.parameters(), tr.spec.optim.grad_clip)))

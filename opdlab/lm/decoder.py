@@ -1,20 +1,19 @@
 """A lean decode path for sampling: the same transformer as the ``transformers`` model, with a preallocated
 (static) KV cache and none of the per-call machinery.
 
-Why. At the sizes the embedded tasks train (hidden 96-256, 4-6 layers), one decoded token costs far less in
-matrix products than the ``transformers`` forward spends around them: building the causal mask, growing a
-``DynamicCache``, dispatching through attention interfaces and output classes. ``KVDecoder`` reads the model's
-own weights (``opdlab.lm.block.stack``, built when the decoder is) and runs only the arithmetic of a
-Qwen3/Llama block (``opdlab.lm.block``), in the same order as ``transformers`` does it, so its logits agree with the model's to
-float rounding and the sampler draws the same tokens from the same generator state (tested in
-``tests/test_decoder.py``).
+Why. At the sizes the embedded tasks train (hidden 96-256, 4-6 layers), one decoded token costs far less in matrix
+products than the ``transformers`` forward spends around them: building the causal mask, growing a
+``DynamicCache``, dispatching through attention interfaces and output classes. ``KVDecoder`` reads the model's own
+weights (``opdlab.lm.block.stack``, built when the decoder is) and runs only the arithmetic of a Qwen3/Llama block
+(``opdlab.lm.block``), in the same order as ``transformers`` does it, so its logits agree with the model's to float
+rounding and the sampler draws the same tokens from the same generator state (tested in ``tests/test_decoder.py``).
 
-Layout. The cache holds ``(B, H_kv, L_max, D)`` keys and values per layer, L_max = P + max_new_tokens. Column j
-of the cache is column j of ``Rollout.full()``: a left-padded prompt then the completion. ``valid_BL`` marks the
-columns a query may attend to (real prompt tokens and every completion column written so far); a padded
+Layout. The cache holds ``(runs, slots, H_kv, L_max, D)`` keys and values per layer, L_max = P + max_new_tokens
+(one run: slots are the batch's rows). Column j of the cache is column j of ``Rollout.full()``: a left-padded
+prompt then the completion. ``valid_RSL`` marks the columns a query may attend to (real prompt tokens and every completion column written so far); a padded
 prompt column attends to itself only, so that no softmax is empty.
 
-Compiled step. ``KVDecoder(..., compiled=True)`` runs each decode step (batches of two rows or more) through one
+Compiled step. ``KVDecoder(..., compiled=True)`` runs each decode step (two slots or more) through one
 ``torch.compile``d function instead: the same arithmetic with the per-token Python and op dispatch fused away.
 So that one graph serves every token, it attends over the whole cache (columns not yet written masked like
 padding) plus the new key, and returns the new keys and values, which are written into the cache outside it
@@ -131,8 +130,8 @@ class KVDecoder:
 
         def attend(i, q, k, v):
             self._write(i, k, v)
-            o = F.scaled_dot_product_attention(q.flatten(0, 1).transpose(1, 2), self.K[i, :, :, :, :self.n].flatten(0, 1),
-                                               self.V[i, :, :, :, :self.n].flatten(0, 1), attn_mask=mask[:, None],
+            k, v = self.K[i, :, :, :, :self.n].flatten(0, 1), self.V[i, :, :, :, :self.n].flatten(0, 1)
+            o = F.scaled_dot_product_attention(q.flatten(0, 1).transpose(1, 2), k, v, attn_mask=mask[:, None],
                                                scale=self.s.scale, enable_gqa=self.s.Hkv != H)
             return o.transpose(1, 2).reshape(R, S, P, H * D)
         h = block.embed(self.s, ids_BP.view(R, S, P))

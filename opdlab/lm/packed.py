@@ -17,9 +17,10 @@ the same in every such row, since a prompt attends only to itself). Gathering is
 gradient of a shared prompt token is the sum over the completions that attend to it, as in the padded
 forward. Logits are computed only at the positions asked for.
 
-The arithmetic is that of ``transformers`` in the same order (``opdlab.lm.block``), so the logits agree with the padded forward to float rounding (``tests/test_packed.py``). Positions count real
-tokens (``sampling.positions``). Supported models: those of ``decoder.supports`` whose attention has no
-dropout active (the packed path applies none).
+The arithmetic is that of ``transformers`` in the same order (``opdlab.lm.block``), so the logits agree with the
+padded forward to float rounding (``tests/test_packed.py``). Positions count real tokens (``sampling.positions``).
+Supported models: those of ``decoder.supports`` whose attention has no dropout active (the packed path applies
+none).
 
 Runs. ``stacked_completion_logits(models, rollouts)`` scores R rollouts, rollout r by model r (one architecture
 and size), in one forward: each run's packing is padded to the longest run's tokens, rows and row length
