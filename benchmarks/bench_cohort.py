@@ -25,7 +25,7 @@ under bf16 autocast). ``peak_rss_mb`` is the process's peak resident memory: eac
 fresh process, so it is that point's own.
 
     python benchmarks/bench_cohort.py [--quick] [--device cpu] [--R 1 2 4 8 16 32] [--steps 3]
-                                      [--scoring auto|together|apart]
+                                      [--scoring auto|together|apart] [--case nb04/tool_use] [--out PATH]
     python benchmarks/bench_cohort.py --quick   # notebook 04's arithmetic size, R in 1, 2, 4: a test
 
 Writes benchmarks/results/cohort.csv (``--quick``: cohort-quick.csv); the last line printed is
@@ -64,12 +64,17 @@ SIZES = {  # name: (teacher recipe, student recipe)
     "nb04": (_NB04.spec.models.recipe("teacher"), _NB04.spec.models.recipe("student")),
     "4.6M/1.1M": (ModelRecipe(hidden=256, layers=6, heads=4, intermediate=640, seed=0),
                   ModelRecipe(hidden=128, layers=5, heads=4, intermediate=384, seed=1)),
+    "tiny": (ModelRecipe(hidden=32, layers=1, heads=2, intermediate=64, seed=0),  # for tests only (--case)
+             ModelRecipe(hidden=32, layers=1, heads=2, intermediate=64, seed=1)),
 }
 CASES = {  # (size, task): notebook 04's spec for the task (batch, learning rate, clip), or bench_peers.py's workload
     ("nb04", "arithmetic"): _NB04.spec_for("arithmetic"),
     ("nb04", "tool_use"): _NB04.spec_for("tool_use"),
     ("4.6M/1.1M", "arithmetic"): _NB04.spec_for("arithmetic").replace(prompts_per_step=16, lr=1e-4, max_new_tokens=64),
 }
+EXTRA = {("tiny", "arithmetic"): _NB04.spec_for("arithmetic").replace(prompts_per_step=4, samples_per_prompt=2,
+                                                                       max_new_tokens=6)}
+"""Cases run only when named (``--case tiny/arithmetic``): tiny models for a test of the script itself."""
 ARMS = [(d, m) for d in ("reverse_kl", "forward_kl", "jsd") for m in ("opd", "opd_plus")]
 COLUMNS = ("size", "task", "R", "run_steps_per_s", "baseline_run_steps_per_s", "ratio", "gflops",
            "peak_fraction", "peak_rss_mb")
@@ -87,7 +92,7 @@ def trainers(size: str, task_name: str, R: int, steps: int, device: torch.device
     out = []
     for r in range(R):
         divergence, method = ARMS[r % len(ARMS)]
-        spec = CASES[(size, task_name)].replace(divergence=divergence, method=method, steps=steps, seed=r, eval_n=1)
+        spec = {**CASES, **EXTRA}[(size, task_name)].replace(divergence=divergence, method=method, steps=steps, seed=r, eval_n=1)
         out.append(Trainer(spec, task, teacher, copy.deepcopy(student), tok))
     return out
 
@@ -183,6 +188,10 @@ def main() -> None:
     parser.add_argument("--R", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point (after one untimed)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of a cohort")
+    parser.add_argument("--case", action="append", metavar="SIZE/TASK",
+                        help="only this case (repeatable), e.g. nb04/tool_use; default: every case")
+    parser.add_argument("--out", help="the CSV to write (default benchmarks/results/cohort.csv, --quick: "
+                                      "cohort-quick.csv)")
     parser.add_argument("--scoring", choices=("auto", "together", "apart"), default="auto",
                         help="score all runs in one forward (together), run by run (apart), or the device's "
                              "default (auto: together on CUDA, apart on CPU)")
@@ -200,6 +209,12 @@ def main() -> None:
     cases, Rs, steps = list(CASES), args.R, args.steps
     if args.quick:
         cases, Rs, steps = [HEADLINE], [1, 2, 4], 2
+    if args.case:
+        cases = [tuple(c.rsplit("/", 1)) for c in args.case]  # the last "/" ends the size (4.6M/1.1M/arithmetic)
+        unknown = [c for c in cases if c not in {**CASES, **EXTRA}]
+        if unknown:
+            parser.error(f"unknown case(s) {['/'.join(c) for c in unknown]}; known: "
+                         f"{', '.join('/'.join(c) for c in {**CASES, **EXTRA})}")
     rows, best = [], None
     print(f"cohort step against today's sweep workers on {device}, cohort threads {args.threads}, scoring "
           f"{args.scoring}, median of {steps} steps after one untimed")
@@ -227,9 +242,9 @@ def main() -> None:
                   flush=True)
             if (size, task) == HEADLINE and ratio is not None:
                 best = ratio if best is None else max(best, ratio)
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    path = out / ("cohort-quick.csv" if args.quick else "cohort.csv")
+    path = Path(args.out) if args.out else \
+        Path(__file__).resolve().parent / "results" / ("cohort-quick.csv" if args.quick else "cohort.csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(",".join(COLUMNS) + "\n")
         for row in rows:

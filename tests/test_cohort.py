@@ -99,3 +99,27 @@ def test_a_cohort_refuses_runs_that_cannot_share_a_step():
     budget = Trainer(trainers[1].spec.replace(max_new_tokens=20), TASK, trainers[0].teacher, trainers[1].student, TOK)
     with pytest.raises(UserError, match="up to 20 tokens"):
         check([trainers[0], budget])
+
+
+def test_the_cohort_benchmark_writes_its_columns_and_its_ratio_line(tmp_path):
+    """benchmarks/bench_cohort.py on tiny models: a row per R with positive rates, and the last line the ratio's
+    (n/a here: the tiny case is not notebook 04's)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cohort.csv"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cohort.py"), "--case", "tiny/arithmetic",
+                           "--R", "1", "3", "--steps", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "cohort ratio at notebook 04 size: n/a", done.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["size", "task", "R", "run_steps_per_s", "baseline_run_steps_per_s", "ratio", "gflops",
+                             "peak_fraction", "peak_rss_mb"]
+    assert [r["R"] for r in rows] == ["1", "3"], done.stdout
+    for r in rows:
+        assert all(float(r[k]) > 0 for k in ("run_steps_per_s", "baseline_run_steps_per_s", "ratio", "gflops",
+                                               "peak_fraction", "peak_rss_mb")), (r, done.stdout)
