@@ -28,7 +28,8 @@ fresh process, so it is that point's own.
                                       [--scoring auto|together|apart] [--case nb04/tool_use] [--out PATH]
     python benchmarks/bench_cohort.py --quick   # notebook 04's arithmetic size, R in 1, 2, 4: a test
 
-Writes benchmarks/results/cohort.csv (``--quick``: cohort-quick.csv); the last line printed is
+Writes benchmarks/results/cohort.csv (``--quick`` writes no CSV unless ``--out`` names one, so that it never
+replaces the committed measurement); the last line printed is
 ``cohort ratio at notebook 04 size: X.XX``, the best R against the baseline on notebook 04's arithmetic.
 """
 from __future__ import annotations
@@ -92,7 +93,8 @@ def trainers(size: str, task_name: str, R: int, steps: int, device: torch.device
     out = []
     for r in range(R):
         divergence, method = ARMS[r % len(ARMS)]
-        spec = {**CASES, **EXTRA}[(size, task_name)].replace(divergence=divergence, method=method, steps=steps, seed=r, eval_n=1)
+        spec = {**CASES, **EXTRA}[(size, task_name)].replace(divergence=divergence, method=method, steps=steps,
+                                                              seed=r, eval_n=1)
         out.append(Trainer(spec, task, teacher, copy.deepcopy(student), tok))
     return out
 
@@ -190,8 +192,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of a cohort")
     parser.add_argument("--case", action="append", metavar="SIZE/TASK",
                         help="only this case (repeatable), e.g. nb04/tool_use; default: every case")
-    parser.add_argument("--out", help="the CSV to write (default benchmarks/results/cohort.csv, --quick: "
-                                      "cohort-quick.csv)")
+    parser.add_argument("--out", help="the CSV to write (default benchmarks/results/cohort.csv; --quick: none)")
     parser.add_argument("--scoring", choices=("auto", "together", "apart"), default="auto",
                         help="score all runs in one forward (together), run by run (apart), or the device's "
                              "default (auto: together on CUDA, apart on CPU)")
@@ -242,15 +243,16 @@ def main() -> None:
                   flush=True)
             if (size, task) == HEADLINE and ratio is not None:
                 best = ratio if best is None else max(best, ratio)
-    path = Path(args.out) if args.out else \
-        Path(__file__).resolve().parent / "results" / ("cohort-quick.csv" if args.quick else "cohort.csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(",".join(COLUMNS) + "\n")
-        for row in rows:
-            f.write(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
-                                                            else str(row[c])) for c in COLUMNS) + "\n")
-    print(f"wrote {path}")
+    path = Path(args.out) if args.out else None if args.quick else \
+        Path(__file__).resolve().parent / "results" / "cohort.csv"
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(",".join(COLUMNS) + "\n")
+            for row in rows:
+                f.write(",".join("" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float)
+                                                                else str(row[c])) for c in COLUMNS) + "\n")
+        print(f"wrote {path}")
     print(f"cohort ratio at notebook 04 size: {fmt(best, 2) or 'n/a'}")
 
 

@@ -19,7 +19,7 @@ run's tokens, gradient and metrics equal those of the same run stepped alone to 
 members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and completion budget,
 and students of one architecture and size (``check``). A run whose runtime asks for the ``transformers`` sampler or
 the padded scorer gets it: the cohort then samples or scores run by run. Phase times (``time_*``) are the cohort's:
-every member reports the wall time of the step it shared.
+every member reports the wall time of the step it shared (and its own tokens over it).
 """
 from __future__ import annotations
 
@@ -210,4 +210,5 @@ def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None 
     metrics = [_train_metrics([_step_values(tr, ex, r, adv, value, sc)], norm)
                for tr, ex, r, (value, adv), sc, norm in zip(trainers, examples, rollouts, losses, scores, norms)]
     clock.lap("bookkeeping")
-    return [{**m, "lr": lr, **clock.times} for m, lr in zip(metrics, lrs)]
+    seconds = max(sum(clock.times.values()), 1e-9)
+    return [{**m, "lr": lr, **clock.times, "time_tokens_per_s": m["tokens"] / seconds} for m, lr in zip(metrics, lrs)]
