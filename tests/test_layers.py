@@ -15,13 +15,13 @@ LAYERS = [
     ["choices", "tasks", "heartbeat", "stats"],             # names, tasks, statistics: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets", "tracking"],   # a run's spec: no torch
     ["estimators", "sparse", "lm.device", "lm.tokenizer"],
-    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft", "audit_types",
-     "audit_sources"],
+    ["toy", "sparse_toy", "symbolic", "lm.modeling", "lm.block", "lm.decoder", "lm.packed", "lm.sampling", "lm.sft",
+     "audit_types", "audit_sources"],
     ["audit_catalogue"],
     ["montecarlo", "audit", "lm.cache"],
     ["testing", "audit_docs"],
     ["runlog", "distributed", "plots", "lm.pretrained"],
-    ["step"],
+    ["step", "cohort"],
     ["train", "widgets", "noise", "integrations"],
     ["sweep"],
     ["report", "notebook_runner", "cli", "__main__", "__init__"],

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from opdlab.errors import UserError
 from opdlab.lm import decoder, packed
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
-from opdlab.errors import UserError
 
 __all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
 
@@ -101,11 +101,21 @@ def _cache_kwargs(model) -> dict:
     return {name: DynamicCache(config=model.config)}
 
 
-def _next_token(logits_BV: torch.Tensor, greedy: bool, generator, temperature: float):
-    """Draw from softmax(logits / temperature) over the full vocabulary (no top-k, no top-p), or argmax."""
+def _next_token(logits_BV: torch.Tensor, greedy: bool, generator, temperature: float, live_B: torch.Tensor):
+    """Draw from softmax(logits / temperature) over the full vocabulary (no top-k, no top-p), or argmax.
+
+    ``generator`` may be a list of R generators, one per run of B / R rows (run-major): run r's rows are drawn
+    from generator r, and a run whose rows have all ended (``live_B``) draws nothing, as it would have stopped
+    alone; every run thus draws the tokens it draws by itself."""
     logp_BV = torch.log_softmax(logits_BV.float() / temperature, -1)
     if greedy:
         tok_B = logp_BV.argmax(-1)
+    elif isinstance(generator, (list, tuple)):
+        n = len(logits_BV) // len(generator)
+        tok_B = torch.zeros(len(logits_BV), dtype=torch.long, device=logits_BV.device)
+        for r in torch.nonzero(live_B.view(len(generator), n).any(1)).flatten().tolist():
+            tok_B[r * n:(r + 1) * n] = torch.multinomial(logp_BV[r * n:(r + 1) * n].exp(), 1,
+                                                         generator=generator[r]).squeeze(1)
     else:
         tok_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(1)
     return tok_B, logp_BV.gather(1, tok_B[:, None]).squeeze(1)
@@ -123,6 +133,11 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     ``compiled`` runs its decode steps through ``torch.compile`` (``KVDecoder(compiled=True)``; ignored without
     ``fast``).
 
+    Several runs at once: ``model`` a list of R models of one architecture and size, ``prompts`` R groups of
+    equally many (run-major), ``generator`` a list of R generators; group r is sampled from model r with
+    generator r (one stacked decoder, ``fast`` only), drawing what that model alone would draw from that
+    generator, up to float rounding of the logits; ``opdlab.cohort.sample_runs`` splits the result by run.
+
     ``temperature`` must stay 1.0 for the OPD estimator (``opd_step`` passes it explicitly); another value
     samples from softmax(logits / temperature), and the rollout's log-probabilities are then of that
     distribution, not of pi_theta.
@@ -130,7 +145,11 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise UserError(f"temperature must be a positive number (1.0 samples from the model itself), "
                          f"got {temperature!r}")
-    device = next(model.parameters()).device
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    model, device = models[0] if len(models) == 1 else models, next(models[0].parameters()).device
+    if isinstance(generator, (list, tuple)) and (len(generator) != len(models) or len(prompts) % len(models)):
+        raise UserError(f"sampling {len(models)} model(s) needs one generator per model and equally many prompts "
+                        f"per model; got {len(generator)} generators for {len(prompts)} prompts")
     pad = tokenizer.pad_token_id
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     prompt_BP, prompt_att = collate(rows, pad).to(device), collate([[1] * len(r) for r in rows], 0).to(device)
@@ -143,7 +162,10 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     done, forced = torch.zeros(B, dtype=torch.bool, device=device), [[] for _ in range(B)]
     texts_ids: list[list[int]] = [[] for _ in range(B)]
 
-    fast = decoder.supports(model) if fast is None else fast
+    fast = decoder.supports(models[0]) if fast is None else fast
+    if len(models) > 1 and not fast:
+        raise UserError(f"sampling {len(models)} models at once needs the stacked decoder (fast), which supports "
+                        f"Qwen3/Llama causal LMs with full attention; got {type(models[0]).__name__}")
     if fast:
         dec = decoder.KVDecoder(model, B, prompt_BP.shape[1] + max_new_tokens, compiled=compiled)
     else:
@@ -159,7 +181,7 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
             with autocast(device):
                 logits = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True,
                                logits_to_keep=1, **cache).logits[:, -1]
-        tok, logp = _next_token(logits, greedy, generator, temperature)
+        tok, logp = _next_token(logits, greedy, generator, temperature, ~done)
         sampled = ~done
         for i in (i for i in range(B) if forced[i]):  # environment tokens override the draw
             tok[i], sampled[i] = forced[i].pop(0), False
