@@ -284,7 +284,39 @@ def _benchmark(name: str) -> Callable[[Path], str]:
     return render_benchmark
 
 
-REGIONS: dict[str, Callable[[Path], str]] = {"headline": headline,
+MAIN_JOB = "python benchmarks/bench_main_job.py"
+"""The command that measures the main job's FLOP account (``benchmarks/results/main_job.csv``)."""
+
+
+def main_job(root: Path) -> str:
+    """The main job's FLOP account: measured and bound minutes per phase (1 decimal), GFLOP/s (1 decimal) and
+    the fraction of the matmul peak (whole percent), the total and its gap to the bound; or, where no
+    ``benchmarks/results/main_job.csv`` is committed, the command that measures it."""
+    path = root / "benchmarks" / "results" / "main_job.csv"
+    if not path.exists():
+        return (f"No result is committed. `{MAIN_JOB}` measures it (on a quiet machine: the job's counts times "
+                "each phase's measured cost); this region is rendered from `benchmarks/results/main_job.csv` once "
+                "such a file is committed.")
+    job = pd.read_csv(path)
+    phases = job.groupby("phase")[["seconds_total", "bound_seconds", "gflop_total"]].sum().sort_values(
+        "seconds_total", ascending=False)
+    rate = phases["gflop_total"] / phases["seconds_total"]
+    peak, threads = job["peak_gflops"].iloc[0], int(job["threads"].iloc[0])
+    measured, bound = phases["seconds_total"].sum() / 60, phases["bound_seconds"].sum() / 60
+    frame = pd.DataFrame({"phase": phases.index, "measured min": (phases["seconds_total"] / 60).map(lambda x: _f(x, 1)),
+                          "share": (phases["seconds_total"] / phases["seconds_total"].sum()).map(_pct),
+                          "bound at peak, min": (phases["bound_seconds"] / 60).map(lambda x: _f(x, 1)),
+                          "GFLOP/s": [_f(r, 1) if g > 0 else "–" for r, g in zip(rate, phases["gflop_total"])],
+                          "of peak": [_pct(r / peak) if g > 0 else "–" for r, g in zip(rate, phases["gflop_total"])]})
+    return _doc(f"From `benchmarks/results/main_job.csv`, measured by `{MAIN_JOB}`: minutes of one process at "
+                f"{threads} thread(s), each phase's measured cost times its count in the job, beside its model FLOPs "
+                f"at the fp32 matrix-multiply peak measured in the same process ({peak:.0f} GFLOP/s).", frame,
+                f"In all {measured:.1f} minutes measured against a bound of {bound:.1f} at peak: the job takes "
+                f"{measured / bound:.1f}× its bound. The sweep spreads the runs over its worker processes, so their "
+                f"wall time is about these minutes over the workers, and so is the bound.")
+
+
+REGIONS: dict[str, Callable[[Path], str]] = {"headline": headline, "main_job": main_job,
                                              **{name: _benchmark(name) for name in BENCHMARKS}}
 
 

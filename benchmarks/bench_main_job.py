@@ -1,0 +1,388 @@
+"""Benchmark: a FLOP account of the main job (``make figures``): where its minutes go, and its lower bound at peak.
+
+The job's training is notebook 04 (its preset and grid: tasks x arms x seeds, each run ``steps`` OPD steps and an
+evaluation every ``eval_every`` steps) and notebook 09 (its preset, variants x seeds, and the step noise of every
+variant), on teachers and warm-up students trained once per recipe (``opdlab.lm.cache``). Every count is read
+from the presets and the notebooks' ``parameters`` cells (``notebook_runner.notebook_parameters``), never typed
+here. The other notebooks are not in the account.
+
+What it measures, in one process at ``--threads`` threads (a sweep worker runs at one), on the real models:
+per notebook, task and arm kind (OPD+, stop-gradient OPD, full vocabulary, supervised KD), ``--warmup`` untimed
+then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model FLOPs:
+
+- ``decode``: sampling, over the sampled tokens (mask 1);
+- ``teacher``, ``student_forward``: scoring, over the tokens the scorer runs (packed: each distinct prompt once
+  plus every real completion token; padded: the whole padded batch);
+- ``student_backward``: twice the student's forward;
+- ``optimizer``: gradient clip and AdamW, counted as ``ADAMW_FLOPS_PER_PARAMETER`` elementwise FLOPs per
+  parameter (memory-bound: its bound at the matmul peak is far from reachable);
+- ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
+- ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
+  student, per task; ``final_evaluation`` where ``final_eval_n`` differs;
+- ``step_noise``: notebook 09's ``noise.step_noise`` per variant (each batch decoded, scored and differentiated);
+- ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``; forward + backward = 3 forwards, over
+  the padded batch it runs), counted by the steps the cache recorded (``sft_steps_taken``); ``sft_check``: a
+  warm-up's accuracy check every ``SFT_CHECK_EVERY`` steps (``lm.cache``).
+
+Model FLOPs per token are ``bench_train.model_flops_per_token`` (2 x parameters touched per token), the tokens
+are those the models actually ran, recorded while the phase runs. Seconds and FLOPs are multiplied by the job's
+counts; the bound of a phase is its FLOPs at the fp32 matmul peak measured in the same process
+(``bench_train.matmul_peak``, the better of a measurement before and one after). Seconds are one process's at
+``--threads`` threads: the sweep spreads its runs over worker processes, so its wall time is about the total over
+the workers, and so is its bound. The per-step costs are those of the warm-up student's first steps; a student's
+completions lengthen or shorten as it trains.
+
+    python benchmarks/bench_main_job.py [--threads 1] [--steps 3] [--warmup 1] [--device auto] [--tiny]
+
+Writes benchmarks/results/main_job.csv (one row per notebook, phase, task and arm) and main_job.png; ``--tiny``
+measures tiny recipes in a temporary cache (seconds on a CPU; the counts stay the job's) and writes to a
+temporary directory unless ``--out`` says otherwise. The last line reads
+``main job: measured X min, bound at peak Y min``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import matmul_peak, model_flops_per_token  # noqa: E402
+
+import opdlab.lm.sampling  # noqa: E402
+import opdlab.lm.sft  # noqa: E402
+import opdlab.step  # noqa: E402
+import opdlab.train  # noqa: E402
+from opdlab import noise, presets  # noqa: E402
+from opdlab.lm import packed  # noqa: E402
+from opdlab.lm.cache import _target_reached  # noqa: E402
+from opdlab.lm.device import pick_device  # noqa: E402
+from opdlab.lm.modeling import build_model, count_parameters  # noqa: E402
+from opdlab.lm.recipe import SFT_CHECK_EVERY  # noqa: E402
+from opdlab.notebook_runner import notebook_parameters, resolve_notebook  # noqa: E402
+from opdlab.runtime import Runtime  # noqa: E402
+from opdlab.spec import ModelsSpec, RunSpec  # noqa: E402
+from opdlab.step import Trainer, opd_step  # noqa: E402
+from opdlab.tasks import get_task  # noqa: E402
+from opdlab.train import evaluate, load_models  # noqa: E402
+
+COLUMNS = ("notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
+           "gflops_per_s", "peak_fraction", "bound_seconds", "threads", "peak_gflops")
+STEP_PHASES = {"decode": ("sample",), "teacher": ("teacher",), "student_forward": ("student_forward",),
+               "student_backward": ("student_backward",), "optimizer": ("optimizer",),
+               "rest": ("advantage", "bookkeeping")}
+"""Each phase of a training step and the ``opd_step`` clock laps it is made of."""
+ADAMW_FLOPS_PER_PARAMETER = 17
+"""Clip (squared norm 2, scale 1) and AdamW (decay 1, first moment 3, second moment 4, denominator 3, update 3)."""
+TINY_FIELDS = ("prompts_per_step", "samples_per_prompt", "eval_n", "eval_samples", "max_new_tokens",
+               *(f.name for f in dataclasses.fields(ModelsSpec)))
+"""What ``--tiny`` takes from the ``smoke`` preset: its models, batch and evaluation size (steps, evaluation
+schedule, arms and seeds stay the job's)."""
+
+
+@dataclass(frozen=True)
+class Study:
+    """One notebook's runs on one task: the shared ``spec``, the ``(divergence, method)`` arms, the runs of each
+    arm (seeds x variants), and notebook 09's step noise (``noise_calls`` of ``noise_batches`` batches)."""
+
+    notebook: str
+    """The notebook's file name without its suffix, e.g. ``04_real_students``."""
+    task: str
+    spec: RunSpec
+    arms: tuple
+    runs_per_arm: int
+    noise_calls: int = 0
+    noise_batches: int = 0
+
+
+def studies(tiny: bool = False) -> list[Study]:
+    """The job's studies, from the notebooks' parameters and presets (``--tiny``: the smoke preset's sizes)."""
+    smoke = presets.get("smoke").spec.to_dict()
+    shrink = {k: smoke[k] for k in TINY_FIELDS} if tiny else {}
+    nb4, nb9 = resolve_notebook("04"), resolve_notebook("09")
+    p4 = notebook_parameters(nb4)
+    preset4 = presets.get(p4["preset"])
+    arms4 = tuple((d, m) for d in p4["divergences"] for m in p4["methods"]) + tuple(map(tuple, p4["extra_arms"]))
+    out = [Study(nb4.stem, t, preset4.spec_for(t).replace(**{**p4["overrides"], **shrink}), arms4, len(p4["seeds"]))
+           for t in p4["tasks"]]
+    p9 = notebook_parameters(nb9)
+    base9 = presets.get(p9["preset"]).spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
+    variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
+    out.append(Study(nb9.stem, base9.task.task, base9, ((base9.objective.divergence, "opd_plus"),),
+                     variants * len(p9["seeds"]), variants, p9["n_batches"]))
+    return out
+
+
+def arm_kinds(arms) -> dict[str, tuple[str, int]]:
+    """method -> (the divergence its first arm uses, the number of arms with that method)."""
+    kinds: dict[str, tuple[str, int]] = {}
+    for divergence, method in arms:
+        first, n = kinds.get(method, (divergence, 0))
+        kinds[method] = (first, n + 1)
+    return kinds
+
+
+def evaluations(spec: RunSpec) -> tuple[int, int]:
+    """``(regular, final)`` evaluations of one run, as ``train.train`` schedules them: step 0, every
+    ``eval_every`` steps and the last step; the last is counted apart where ``final_eval_n`` changes its size."""
+    steps, every = spec.optim.steps, spec.eval.eval_every
+    total = 1 + sum(1 for done in range(1, steps + 1) if done % every == 0 or done == steps)
+    separate = int(steps > 0 and spec.eval.final_eval_n not in (None, spec.eval.eval_n))
+    return total - separate, separate
+
+
+class Recorder:
+    """While active, records what the models run: every rollout sampled (with the model that sampled it), every
+    rollout scored (with the model and whether the packed scorer ran) and every supervised batch, by wrapping the
+    functions ``opdlab`` calls for them. Counting happens afterwards, outside the timed code."""
+
+    SAMPLERS = ((opdlab.step, "sample_completions"), (opdlab.train, "sample"), (opdlab.lm.sampling, "sample"))
+    SCORERS = ((opdlab.step, "completion_logits"), (opdlab.train, "completion_logits"))
+    SUPERVISED = ((opdlab.lm.sft, "sft_loss"),)
+
+    def __init__(self):
+        self.decoded, self.scored, self.supervised, self._saved = [], [], [], []
+
+    def _wrap(self, module, name, record):
+        fn = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            record(args, kwargs, out)
+            return out
+        self._saved.append((module, name, fn))
+        setattr(module, name, wrapped)
+
+    def __enter__(self) -> "Recorder":
+        for module, name in self.SAMPLERS:
+            self._wrap(module, name, lambda a, k, out: self.decoded.append((a[0], out)))
+        for module, name in self.SCORERS:
+            self._wrap(module, name, lambda a, k, out: self.scored.append((a[0], a[1], _packs(a, k))))
+        for module, name in self.SUPERVISED:
+            self._wrap(module, name, lambda a, k, out: self.supervised.append((a[0], a[1].numel())))
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved = []
+
+    def decode_flops(self) -> float:
+        return sum(model_flops_per_token(m) * r.n_sampled for m, r in self.decoded)
+
+    def score_flops(self, which=lambda model: True) -> float:
+        """Forward FLOPs of the scored rollouts whose model satisfies ``which``."""
+        return sum(model_flops_per_token(m) * scored_tokens(r, p) for m, r, p in self.scored if which(m))
+
+    def supervised_flops(self) -> float:
+        """Forward and backward (3 forwards) over every supervised batch, padding included."""
+        return sum(3 * model_flops_per_token(m) * n for m, n in self.supervised)
+
+
+def _packs(args, kwargs) -> bool:
+    """Whether ``completion_logits(model, rollout, fast)`` takes the packed path (its own rule)."""
+    fast = args[2] if len(args) > 2 else kwargs.get("fast")
+    return packed.supports(args[0]) if fast is None else bool(fast)
+
+
+def scored_tokens(rollout, packs: bool) -> int:
+    """Tokens a scoring forward runs: the packed tokens, or the whole padded prompt + completion batch."""
+    return len(packed.pack_rollout(rollout)[0].ids_N) if packs else rollout.full()[0].numel()
+
+
+def _median(values) -> float:
+    return statistics.median(values)
+
+
+def measure_steps(spec: RunSpec, task, models, runtime: Runtime, warmup: int, steps: int) -> dict:
+    """phase -> ``(seconds, FLOPs)`` of one training step: medians over ``steps`` timed steps after ``warmup``."""
+    tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
+    n_student = count_parameters(tr.student)
+    seconds, flops = {p: [] for p in STEP_PHASES}, {p: [] for p in STEP_PHASES}
+    for step in range(warmup + steps):
+        with Recorder() as rec:
+            metrics = opd_step(tr, step)
+        if step < warmup:
+            continue
+        forward = rec.score_flops(lambda m: m is not tr.teacher)
+        step_flops = dict(decode=rec.decode_flops(), teacher=rec.score_flops(lambda m: m is tr.teacher),
+                          student_forward=forward, student_backward=2 * forward,
+                          optimizer=ADAMW_FLOPS_PER_PARAMETER * n_student, rest=0.0)
+        for phase, laps in STEP_PHASES.items():
+            seconds[phase].append(sum(metrics[f"time_{lap}"] for lap in laps))
+            flops[phase].append(step_flops[phase])
+    return {p: (_median(seconds[p]), _median(flops[p])) for p in STEP_PHASES}
+
+
+def timed(fn, teacher=None, backward: int = 0, repeats: int = 1) -> tuple[float, float]:
+    """``(seconds, FLOPs)`` of ``fn()``, median of ``repeats``: the decoding, scoring and supervised batches it
+    runs, plus ``backward`` times the forward FLOPs of every model it scores but ``teacher`` (2 for a backward)."""
+    seconds, flops = [], []
+    for _ in range(repeats):
+        with Recorder() as rec:
+            t = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - t)
+        student = rec.score_flops(lambda m: m is not teacher)
+        flops.append(rec.decode_flops() + rec.score_flops() + backward * student + rec.supervised_flops())
+    return _median(seconds), _median(flops)
+
+
+class _StepTimes:
+    """An ``sft`` heartbeat that only records when each step ended."""
+
+    def __init__(self):
+        self.ends = [time.perf_counter()]
+
+    def beat(self, message) -> bool:
+        self.ends.append(time.perf_counter())
+        return False
+
+
+def measure_sft(recipe, models, task, device, warmup: int, steps: int) -> tuple[float, float]:
+    """``(seconds, FLOPs)`` of one supervised step of ``recipe`` from scratch: medians after ``warmup`` steps."""
+    model = build_model(recipe, models.tokenizer).to(device)
+    clock = _StepTimes()
+    with Recorder() as rec:
+        opdlab.lm.sft.sft(model, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr,
+                          recipe.seed, progress=False, heartbeat=clock)
+    per_step = [b - a for a, b in zip(clock.ends, clock.ends[1:])][warmup:]
+    per_flops = [3 * model_flops_per_token(m) * n for m, n in rec.supervised][warmup:]
+    return _median(per_step), _median(per_flops)
+
+
+def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[dict]:
+    """Rows ``notebook, phase, task, arm, count, seconds_each, flops_each`` of one study; SFT rows for each
+    cached recipe not yet in ``trained`` (a recipe trains once for the whole job)."""
+    task = get_task(study.task)
+    models = load_models(study.spec, task, runtime)
+    device = next(models.student.parameters()).device
+    rows = []
+
+    def row(phase, arm, count, seconds, flops):
+        rows.append(dict(notebook=study.notebook, phase=phase, task=study.task, arm=arm, count=count,
+                         seconds_each=seconds, flops_each=flops))
+
+    for role, arm in (("teacher", "teacher"), ("student", "warm-up")):
+        meta, recipe = models.meta.get(role, {}), study.spec.models.recipe(role)
+        if "recipe" not in meta or (study.task, recipe) in trained:
+            continue  # a local checkpoint, or a recipe another study already trained
+        trained.add((study.task, recipe))
+        taken = meta["sft_steps_taken"]
+        row("sft", arm, taken, *measure_sft(recipe, models, task, device, args.warmup, args.steps))
+        if recipe.sft_target is not None and taken >= SFT_CHECK_EVERY:
+            check = _target_reached(task, models.tokenizer, recipe)
+            model = models.student if role == "student" else models.teacher
+            with torch.no_grad():
+                row("sft_check", arm, taken // SFT_CHECK_EVERY, *timed(lambda: check(model.eval())))
+    for method, (divergence, n_arms) in arm_kinds(study.arms).items():
+        spec = study.spec.replace(divergence=divergence, method=method)
+        count = spec.optim.steps * n_arms * study.runs_per_arm
+        for phase, (seconds, flops) in measure_steps(spec, task, models, runtime, args.warmup, args.steps).items():
+            row(phase, method, count, seconds, flops)
+    spec = study.spec.replace(divergence=study.arms[0][0], method=study.arms[0][1])
+    runs = len(study.arms) * study.runs_per_arm
+    tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
+    regular, final = evaluations(spec)
+    row("evaluation", "every arm", regular * runs, *timed(lambda: evaluate(tr, 0), repeats=args.eval_repeats))
+    if final:
+        row("final_evaluation", "every arm", final * runs,
+            *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n), repeats=args.eval_repeats))
+    if study.noise_calls:
+        row("step_noise", spec.objective.method, study.noise_calls,
+            *timed(lambda: noise.step_noise(tr, study.noise_batches), models.teacher, backward=2))
+    return rows
+
+
+def account(rows: list[dict], peak_gflops: float, threads: int) -> pd.DataFrame:
+    """The tidy table (``COLUMNS``): each row's per-occurrence cost times its count, and its bound at peak."""
+    job = pd.DataFrame(rows)
+    job["seconds_total"] = job["seconds_each"] * job["count"]
+    job["gflop_total"] = job["flops_each"] * job["count"] / 1e9
+    job["gflops_per_s"] = job["flops_each"] / job["seconds_each"] / 1e9
+    job["peak_fraction"] = job["gflops_per_s"] / peak_gflops
+    job["bound_seconds"] = job["gflop_total"] / peak_gflops
+    job["threads"], job["peak_gflops"] = threads, peak_gflops
+    return job[list(COLUMNS)]
+
+
+def by_phase(job: pd.DataFrame) -> pd.DataFrame:
+    """Measured and bound minutes per phase, largest first."""
+    phases = job.groupby("phase")[["seconds_total", "bound_seconds"]].sum() / 60
+    return phases.rename(columns={"seconds_total": "measured_min", "bound_seconds": "bound_min"}).sort_values(
+        "measured_min", ascending=False)
+
+
+def figure(job: pd.DataFrame, path: Path) -> None:
+    """Measured minutes per phase beside the bound at peak."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = by_phase(job)[::-1]
+    y = range(len(phases))
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(phases) + 1.5))
+    ax.barh([i + 0.2 for i in y], phases["measured_min"], height=0.4, label="measured")
+    ax.barh([i - 0.2 for i in y], phases["bound_min"], height=0.4, label="bound at the matmul peak")
+    ax.set_yticks(list(y), phases.index)
+    ax.set_xlabel(f"minutes of one process at {int(job['threads'].iloc[0])} thread(s)")
+    ax.set_title(f"main job: measured {phases['measured_min'].sum():.1f} min, bound at peak "
+                 f"{phases['bound_min'].sum():.1f} min (peak {job['peak_gflops'].iloc[0]:.0f} GFLOP/s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a sweep worker runs at 1)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per arm kind and task (and SFT)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--eval-repeats", type=int, default=2, help="timed evaluations per task")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", default=None, help="model cache (default: $OPDLAB_CACHE or ~/.cache/opdlab)")
+    parser.add_argument("--tiny", action="store_true", help="tiny recipes in a temporary cache: seconds on a CPU")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default benchmarks/results; with --tiny a temporary one)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> pd.DataFrame:
+    """Measure, multiply, write the CSV and the figure, print the summary; return the table."""
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime = Runtime(cache=tmp if args.tiny else args.cache, device=args.device, progress=False)
+        out = args.out or (Path(tempfile.mkdtemp(prefix="main_job-")) if args.tiny
+                           else Path(__file__).resolve().parent / "results")
+        device = pick_device(args.device)
+        peaks = [matmul_peak(device)]
+        rows, trained = [], set()
+        for study in studies(args.tiny):
+            rows += measure_study(study, runtime, args, trained)
+        peaks.append(matmul_peak(device))
+    job = account(rows, max(peaks), torch.get_num_threads())
+    out.mkdir(parents=True, exist_ok=True)
+    job.to_csv(out / "main_job.csv", index=False)
+    figure(job, out / "main_job.png")
+    phases = by_phase(job)
+    print(f"fp32 matmul peak {max(peaks):.1f} GFLOP/s ({job['threads'].iloc[0]} thread(s), before and after: "
+          f"{peaks[0]:.1f}, {peaks[1]:.1f}); minutes of one process:")
+    print(phases.round(2).to_string())
+    print(f"wrote {out / 'main_job.csv'} and main_job.png")
+    measured, bound = phases["measured_min"].sum(), phases["bound_min"].sum()
+    print(f"main job: measured {measured:.2f} min, bound at peak {bound:.2f} min")
+    return job
+
+
+if __name__ == "__main__":
+    main()

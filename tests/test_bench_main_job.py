@@ -1,0 +1,126 @@
+"""benchmarks/bench_main_job.py with --tiny: the account's table has its columns, positive counts and FLOPs, the
+job's counts as the notebooks give them, and a printed total that is the sum of its phases; its report region
+renders the bound and the gap."""
+import contextlib
+import importlib.util
+import io
+import math
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from opdlab import presets, report
+from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job.py"
+COLUMNS = ["notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
+           "gflops_per_s", "peak_fraction", "bound_seconds"]
+LAST_LINE = re.compile(r"main job: measured ([\d.]+) min, bound at peak ([\d.]+) min")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_main_job", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_main_job"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_main_job", None)
+
+
+@pytest.fixture(scope="module")
+def tiny(bench, tmp_path_factory):
+    """One --tiny run on one thread: ``(table returned, table written, printed lines, output directory)``."""
+    out, threads, printed = tmp_path_factory.mktemp("main_job"), torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            job = bench.main(["--tiny", "--threads", "1", "--steps", "1", "--warmup", "1", "--eval-repeats", "1",
+                              "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return job, pd.read_csv(out / "main_job.csv"), printed.getvalue().splitlines(), out
+
+
+def check_total(job: pd.DataFrame, last_line: str) -> None:
+    """The printed total is the sum of the table's phases (to the printed rounding), and each row's totals are
+    its cost times its count."""
+    measured, bound = map(float, LAST_LINE.fullmatch(last_line).groups())
+    assert measured == pytest.approx(job["seconds_total"].sum() / 60, abs=0.006)
+    assert bound == pytest.approx(job["bound_seconds"].sum() / 60, abs=0.006)
+    assert job["seconds_total"].to_numpy() == pytest.approx((job["seconds_each"] * job["count"]).to_numpy())
+    assert job["bound_seconds"].to_numpy() == pytest.approx((job["gflop_total"] / job["peak_gflops"]).to_numpy())
+
+
+def test_the_table_has_its_columns_and_positive_counts_and_flops(tiny):
+    job, written, lines, out = tiny
+    assert list(written.columns[:len(COLUMNS)]) == COLUMNS
+    assert len(written) == len(job) and (out / "main_job.png").stat().st_size > 0
+    assert (written["count"] > 0).all() and (written["seconds_each"] > 0).all()
+    model = written[written["phase"] != "rest"]  # advantages and metrics: no model FLOPs are counted for them
+    assert (model["gflop_total"] > 0).all() and (model["peak_fraction"] > 0).all()
+    assert (written.loc[written["phase"] == "rest", "gflop_total"] == 0).all()
+    assert {"decode", "teacher", "student_forward", "student_backward", "optimizer", "evaluation", "sft",
+            "step_noise"} <= set(written["phase"])
+    steps = written.set_index(["notebook", "task", "arm", "phase"])["gflop_total"].unstack("phase").dropna(
+        subset=["student_forward"])
+    assert steps["student_backward"].to_numpy() == pytest.approx(2 * steps["student_forward"].to_numpy())
+
+
+def test_the_printed_total_is_the_sum_of_the_phases(tiny):
+    job, written, lines, _ = tiny
+    check_total(written, lines[-1])
+    broken = written.copy()
+    broken.loc[0, "seconds_total"] += 60.0  # a row that no longer adds up: the check must see it
+    with pytest.raises(AssertionError):
+        check_total(broken, lines[-1])
+
+
+def test_the_counts_are_the_notebooks_grid(tiny):
+    """Notebook 04: steps x arms x seeds per task, and an evaluation at step 0, every eval_every and the end."""
+    _, written, _, _ = tiny
+    p = notebook_parameters(resolve_notebook("04"))
+    arms = len(p["divergences"]) * len(p["methods"]) + len(p["extra_arms"])
+    nb04 = written[written["notebook"] == resolve_notebook("04").stem]
+    for task in p["tasks"]:
+        spec = presets.get(p["preset"]).spec_for(task)
+        rows = nb04[nb04["task"] == task].set_index(["phase", "arm"])["count"]
+        assert rows.loc["decode"].sum() == spec.optim.steps * arms * len(p["seeds"])
+        evals = 1 + math.ceil(spec.optim.steps / spec.eval.eval_every)
+        assert rows.loc[("evaluation", "every arm")] == evals * arms * len(p["seeds"])
+    p9 = notebook_parameters(resolve_notebook("09"))
+    nb09 = written[written["notebook"] == resolve_notebook("09").stem].set_index("phase")["count"]
+    variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
+    assert nb09["decode"] == presets.get(p9["preset"]).spec.optim.steps * variants * len(p9["seeds"])
+    assert nb09["step_noise"] == variants
+    assert "sft" not in nb09.index  # notebook 09's models are notebook 04's, trained once
+
+
+def test_evaluations_follow_the_training_loop(bench):
+    spec = presets.get("notebook04").spec
+    assert bench.evaluations(spec) == (5, 0)  # steps 0, 25, 50, 75, 100
+    assert bench.evaluations(spec.replace(steps=10, eval_every=4)) == (4, 0)  # 0, 4, 8, 10
+    assert bench.evaluations(spec.replace(final_eval_n=2 * spec.eval.eval_n)) == (4, 1)
+
+
+def test_the_recorder_restores_what_it_wraps(bench):
+    wrapped = [getattr(m, n) for m, n in bench.Recorder.SAMPLERS + bench.Recorder.SCORERS + bench.Recorder.SUPERVISED]
+    with bench.Recorder():
+        assert all(getattr(m, n) is not f for (m, n), f in zip(
+            bench.Recorder.SAMPLERS + bench.Recorder.SCORERS + bench.Recorder.SUPERVISED, wrapped))
+    assert [getattr(m, n) for m, n in bench.Recorder.SAMPLERS + bench.Recorder.SCORERS
+            + bench.Recorder.SUPERVISED] == wrapped
+
+
+def test_the_report_region_states_the_bound_and_the_gap(tiny, tmp_path):
+    _, written, lines, out = tiny
+    assert "No result is committed" in report.main_job(tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "main_job.csv").write_text((out / "main_job.csv").read_text())
+    text = report.main_job(tmp_path)
+    measured, bound = written["seconds_total"].sum() / 60, written["bound_seconds"].sum() / 60
+    assert f"{measured:.1f} minutes measured against a bound of {bound:.1f}" in text
+    assert f"{measured / bound:.1f}× its bound" in text
