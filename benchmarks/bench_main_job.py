@@ -111,14 +111,20 @@ def studies(tiny: bool = False) -> list[Study]:
     p4 = notebook_parameters(nb4)
     preset4 = presets.get(p4["preset"])
     arms4 = tuple((d, m) for d in p4["divergences"] for m in p4["methods"]) + tuple(map(tuple, p4["extra_arms"]))
-    out = [Study(nb4.stem, t, preset4.spec_for(t).replace(**{**p4["overrides"], **shrink}), arms4, len(p4["seeds"]))
-           for t in p4["tasks"]]
+    out = [Study(nb4.stem, t, preset4.spec_for(t).replace(**{**p4["overrides"], **shrink}), arms4,
+                 len(seeds(p4, preset4))) for t in p4["tasks"]]
     p9 = notebook_parameters(nb9)
-    base9 = presets.get(p9["preset"]).spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
+    preset9 = presets.get(p9["preset"])
+    base9 = preset9.spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
     variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
     out.append(Study(nb9.stem, base9.task.task, base9, ((base9.objective.divergence, "opd_plus"),),
-                     variants * len(p9["seeds"]), variants, p9["n_batches"]))
+                     variants * len(seeds(p9, preset9)), variants, p9["n_batches"]))
     return out
+
+
+def seeds(parameters: dict, preset) -> list:
+    """A notebook's seeds: its ``seeds`` parameter, or where that is None its preset's."""
+    return list(preset.seeds) if parameters["seeds"] is None else parameters["seeds"]
 
 
 def arm_kinds(arms) -> dict[str, tuple[str, int]]:
