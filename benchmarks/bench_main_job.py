@@ -4,7 +4,8 @@ The job's training is notebook 04 (its preset and grid: tasks x arms x seeds, ea
 evaluation every ``eval_every`` steps) and notebook 09 (its preset, variants x seeds, and the step noise of every
 variant), on teachers and warm-up students trained once per recipe (``opdlab.lm.cache``). Every count is read
 from the presets and the notebooks' ``parameters`` cells (``notebook_runner.notebook_parameters``), never typed
-here. The other notebooks are not in the account.
+here. The other notebooks, the reference accuracies (the sweep's, and each newly trained model's held-out score)
+and what runs outside these phases (processes starting, checkpoints, plots) are not in the account.
 
 What it measures, in one process at ``--threads`` threads (a sweep worker runs at one), on the real models:
 per notebook, task and arm kind (OPD+, stop-gradient OPD, full vocabulary, supervised KD), ``--warmup`` untimed
@@ -228,27 +229,35 @@ def measure_steps(spec: RunSpec, task, models, runtime: Runtime, warmup: int, st
     return {p: (_median(seconds[p]), _median(flops[p])) for p in STEP_PHASES}
 
 
-def timed(fn, teacher=None, backward: int = 0, repeats: int = 1) -> tuple[float, float]:
+def timed(fn, device: torch.device, teacher=None, backward: int = 0, repeats: int = 1) -> tuple[float, float]:
     """``(seconds, FLOPs)`` of ``fn()``, median of ``repeats``: the decoding, scoring and supervised batches it
     runs, plus ``backward`` times the forward FLOPs of every model it scores but ``teacher`` (2 for a backward)."""
     seconds, flops = [], []
     for _ in range(repeats):
         with Recorder() as rec:
+            _sync(device)
             t = time.perf_counter()
             fn()
+            _sync(device)
             seconds.append(time.perf_counter() - t)
         student = rec.score_flops(lambda m: m is not teacher)
         flops.append(rec.decode_flops() + rec.score_flops() + backward * student + rec.supervised_flops())
     return _median(seconds), _median(flops)
 
 
-class _StepTimes:
-    """An ``sft`` heartbeat that only records when each step ended."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self):
-        self.ends = [time.perf_counter()]
+
+class _StepTimes:
+    """An ``sft`` heartbeat that only records when each step ended (its kernels finished)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ends = device, [time.perf_counter()]
 
     def beat(self, message) -> bool:
+        _sync(self.device)
         self.ends.append(time.perf_counter())
         return False
 
@@ -256,7 +265,7 @@ class _StepTimes:
 def measure_sft(recipe, models, task, device, warmup: int, steps: int) -> tuple[float, float]:
     """``(seconds, FLOPs)`` of one supervised step of ``recipe`` from scratch: medians after ``warmup`` steps."""
     model = build_model(recipe, models.tokenizer).to(device)
-    clock = _StepTimes()
+    clock = _StepTimes(device)
     with Recorder() as rec:
         opdlab.lm.sft.sft(model, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr,
                           recipe.seed, progress=False, heartbeat=clock)
@@ -288,7 +297,7 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
             check = _target_reached(task, models.tokenizer, recipe)
             model = models.student if role == "student" else models.teacher
             with torch.no_grad():
-                row("sft_check", arm, taken // SFT_CHECK_EVERY, *timed(lambda: check(model.eval())))
+                row("sft_check", arm, taken // SFT_CHECK_EVERY, *timed(lambda: check(model.eval()), device))
     for method, (divergence, n_arms) in arm_kinds(study.arms).items():
         spec = study.spec.replace(divergence=divergence, method=method)
         count = spec.optim.steps * n_arms * study.runs_per_arm
@@ -298,13 +307,14 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
     runs = len(study.arms) * study.runs_per_arm
     tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
     regular, final = evaluations(spec)
-    row("evaluation", "every arm", regular * runs, *timed(lambda: evaluate(tr, 0), repeats=args.eval_repeats))
+    row("evaluation", "every arm", regular * runs, *timed(lambda: evaluate(tr, 0), device, repeats=args.eval_repeats))
     if final:
         row("final_evaluation", "every arm", final * runs,
-            *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n), repeats=args.eval_repeats))
+            *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n), device,
+                   repeats=args.eval_repeats))
     if study.noise_calls:
         row("step_noise", spec.objective.method, study.noise_calls,
-            *timed(lambda: noise.step_noise(tr, study.noise_batches), models.teacher, backward=2))
+            *timed(lambda: noise.step_noise(tr, study.noise_batches), device, models.teacher, backward=2))
     return rows
 
 
@@ -335,13 +345,14 @@ def figure(job: pd.DataFrame, path: Path) -> None:
 
     phases = by_phase(job)[::-1]
     y = range(len(phases))
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(phases) + 1.5))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(phases) + 1.8))
     ax.barh([i + 0.2 for i in y], phases["measured_min"], height=0.4, label="measured")
     ax.barh([i - 0.2 for i in y], phases["bound_min"], height=0.4, label="bound at the matmul peak")
     ax.set_yticks(list(y), phases.index)
     ax.set_xlabel(f"minutes of one process at {int(job['threads'].iloc[0])} thread(s)")
     ax.set_title(f"main job: measured {phases['measured_min'].sum():.1f} min, bound at peak "
-                 f"{phases['bound_min'].sum():.1f} min (peak {job['peak_gflops'].iloc[0]:.0f} GFLOP/s)")
+                 f"{phases['bound_min'].sum():.1f} min\n(fp32 matmul peak {job['peak_gflops'].iloc[0]:.0f} GFLOP/s, "
+                 "same process)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
