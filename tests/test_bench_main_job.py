@@ -13,8 +13,16 @@ import pandas as pd
 import pytest
 import torch
 
+import opdlab.step
 from opdlab import presets, report
+from opdlab.lm.modeling import build_model
+from opdlab.lm.recipe import ModelRecipe
+from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+from opdlab.runtime import Runtime
+from opdlab.spec import RunSpec
+from opdlab.step import Models, Trainer
+from opdlab.tasks import get_task
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job.py"
 COLUMNS = ["notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
@@ -127,3 +135,42 @@ def test_the_report_region_states_the_bound_and_the_gap(tiny, tmp_path):
     measured, bound = written["seconds_total"].sum() / 60, written["bound_seconds"].sum() / 60
     assert f"{measured:.1f} minutes measured against a bound of {bound:.1f}" in text
     assert f"{measured / bound:.1f}× its bound" in text
+
+
+def _models():
+    """A teacher three times as wide as its student, so that FLOPs charged to the wrong model show."""
+    task = get_task("arithmetic")
+    tok = char_tokenizer(task.alphabet)
+    teacher, student = (build_model(ModelRecipe(hidden=h, layers=1, heads=2, intermediate=2 * h), tok).eval()
+                        for h in (48, 16))
+    return task, Models(teacher, student, tok)
+
+
+@pytest.mark.parametrize("method", ["opd_plus", "supervised_kd"])
+def test_each_phase_is_charged_to_the_model_that_ran_it(bench, method):
+    task, models = _models()
+    f_teacher, f_student = (bench.model_flops_per_token(m) for m in (models.teacher, models.student))
+    spec = RunSpec.from_dict(dict(task="arithmetic", method=method, steps=2, prompts_per_step=3, samples_per_prompt=2,
+                                  max_new_tokens=12, eval_n=4))
+    phases = bench.measure_steps(spec, task, models, Runtime(device="cpu", progress=False), warmup=0, steps=1)
+    flops = {p: f for p, (_, f) in phases.items()}
+    # teacher and student score the same tokens: their FLOPs stand as their per-token FLOPs
+    assert flops["teacher"] / flops["student_forward"] == pytest.approx(f_teacher / f_student)
+    sampler = f_teacher if method == "supervised_kd" else f_student  # the supervised arm samples from the teacher
+    tokens = flops["decode"] / sampler
+    assert tokens == round(tokens) and tokens > 0  # a whole number of sampled tokens of the model that sampled
+    other = f_student if method == "supervised_kd" else f_teacher
+    assert (flops["decode"] / other) % 1 != 0  # and not of the other model: the check can tell them apart
+
+
+def test_packed_scoring_counts_each_prompt_once(bench):
+    task, models = _models()
+    spec = presets.get("smoke").spec.replace(samples_per_prompt=4)
+    tr = Trainer(spec, task, models.teacher, models.student, models.tokenizer)
+    with bench.Recorder() as rec:
+        rollout = opdlab.step.sample(tr, tr.batch(0))
+    assert rec.decode_flops() == bench.model_flops_per_token(models.student) * rollout.n_sampled
+    packed_tokens, padded_tokens = bench.scored_tokens(rollout, True), bench.scored_tokens(rollout, False)
+    prompt_tokens = int(rollout.prompt_attention_BP.sum())
+    completion_tokens = int(rollout.attention_BT.sum())
+    assert packed_tokens == prompt_tokens // spec.optim.samples_per_prompt + completion_tokens < padded_tokens
