@@ -11,22 +11,34 @@ What it measures, in one process at ``--threads`` threads (a sweep worker runs a
 per notebook, task and arm kind (OPD+, stop-gradient OPD, full vocabulary, supervised KD), ``--warmup`` untimed
 then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model FLOPs:
 
-- ``decode``: sampling, over the sampled tokens (mask 1);
-- ``teacher``, ``student_forward``: scoring, over the tokens the scorer runs (packed: each distinct prompt once
-  plus every real completion token; padded: the whole padded batch);
-- ``student_backward``: twice the student's forward;
+- ``decode``: sampling (the prompts' prefill, every decoding step, the output head);
+- ``teacher``, ``student_forward``: scoring by the runtime's scorer (packed: each distinct prompt once plus every
+  real completion token; padded: the whole padded batch);
+- ``student_backward``: the student's backward;
 - ``optimizer``: gradient clip and AdamW, counted as ``ADAMW_FLOPS_PER_PARAMETER`` elementwise FLOPs per
   parameter (memory-bound: its bound at the matmul peak is far from reachable);
 - ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
 - ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
   student, per task; ``final_evaluation`` where ``final_eval_n`` differs;
 - ``step_noise``: notebook 09's ``noise.step_noise`` per variant (each batch decoded, scored and differentiated);
-- ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``; forward + backward = 3 forwards, over
-  the padded batch it runs), counted by the steps the cache recorded (``sft_steps_taken``); ``sft_check``: a
+- ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``: forward and backward over the padded
+  batch it runs), counted by the steps the cache recorded (``sft_steps_taken``); ``sft_check``: a
   warm-up's accuracy check every ``SFT_CHECK_EVERY`` steps (``lm.cache``).
 
-Model FLOPs per token are ``bench_train.model_flops_per_token`` (2 x parameters touched per token), the tokens
-are those the models actually ran, recorded while the phase runs. Seconds and FLOPs are multiplied by the job's
+Model FLOPs are those of the matrix products and attention the models actually ran, counted by PyTorch's
+``torch.utils.flop_counter.FlopCounterMode`` (2 x rows x columns per product and token; attention as the kernel
+computes it, every query against every key of its row, its backward 2.5 forwards as the scores are recomputed;
+elementwise work and embedding lookups count nothing), with PyTorch's attention formulas given for the CPU kernel
+it does not count by itself (``CPU_ATTENTION``). They are counted on an untimed replay right after each timed call:
+the same inputs, the sampling generator back at the state the timed call started from, so the replay runs the
+same tokens (checked); a training step is replayed through ``step.sample``, ``score``, ``loss`` and ``update`` on
+a second trainer holding the student's weights from before the timed ``opd_step``. Nothing of ``opdlab`` is
+wrapped or replaced. This is not the ``tokens x 2 x parameters`` convention of ``bench_train``: the count adds the
+prompts' prefill and the attention, and runs the output head only where logits are computed (neither counts the
+embedding lookups; on notebook 04's arithmetic models at initialisation, about 1.8x that convention's decoding
+FLOPs and 1.1-1.2x its scoring FLOPs).
+The optimizer is counted as ``ADAMW_FLOPS_PER_PARAMETER`` per parameter, which the counter would count as zero;
+the rest counts none. Seconds come from the timed calls only. Seconds and FLOPs are multiplied by the job's
 counts; the bound of a phase is its FLOPs at the fp32 matmul peak measured in the same process
 (``bench_train.matmul_peak``, the better of a measurement before and one after). Seconds are one process's at
 ``--threads`` threads: the sweep spreads its runs over worker processes, so its wall time is about the total over
@@ -54,24 +66,21 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import matmul_peak, model_flops_per_token  # noqa: E402
+from bench_train import matmul_peak  # noqa: E402
 
-import opdlab.lm.sampling  # noqa: E402
-import opdlab.lm.sft  # noqa: E402
-import opdlab.step  # noqa: E402
-import opdlab.train  # noqa: E402
 from opdlab import noise, presets  # noqa: E402
-from opdlab.lm import packed  # noqa: E402
 from opdlab.lm.cache import _target_reached  # noqa: E402
 from opdlab.lm.device import pick_device  # noqa: E402
 from opdlab.lm.modeling import build_model, count_parameters  # noqa: E402
 from opdlab.lm.recipe import SFT_CHECK_EVERY  # noqa: E402
+from opdlab.lm.sft import sft  # noqa: E402
 from opdlab.notebook_runner import notebook_parameters, resolve_notebook  # noqa: E402
 from opdlab.runtime import Runtime  # noqa: E402
 from opdlab.spec import ModelsSpec, RunSpec  # noqa: E402
-from opdlab.step import Trainer, opd_step  # noqa: E402
+from opdlab.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
 from opdlab.tasks import get_task  # noqa: E402
 from opdlab.train import evaluate, load_models  # noqa: E402
 
@@ -146,102 +155,105 @@ def evaluations(spec: RunSpec) -> tuple[int, int]:
     return total - separate, separate
 
 
-class Recorder:
-    """While active, records what the models run: every rollout sampled (with the model that sampled it), every
-    rollout scored (with the model and whether the packed scorer ran) and every supervised batch, by wrapping the
-    functions ``opdlab`` calls for them. Counting happens afterwards, outside the timed code."""
-
-    SAMPLERS = ((opdlab.step, "sample_completions"), (opdlab.train, "sample"), (opdlab.lm.sampling, "sample"))
-    SCORERS = ((opdlab.step, "completion_logits"), (opdlab.train, "completion_logits"))
-    SUPERVISED = ((opdlab.lm.sft, "sft_loss"),)
-
-    def __init__(self):
-        self.decoded, self.scored, self.supervised, self._saved = [], [], [], []
-
-    def _wrap(self, module, name, record):
-        fn = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            record(args, kwargs, out)
-            return out
-        self._saved.append((module, name, fn))
-        setattr(module, name, wrapped)
-
-    def __enter__(self) -> "Recorder":
-        for module, name in self.SAMPLERS:
-            self._wrap(module, name, lambda a, k, out: self.decoded.append((a[0], out)))
-        for module, name in self.SCORERS:
-            self._wrap(module, name, lambda a, k, out: self.scored.append((a[0], a[1], _packs(a, k))))
-        for module, name in self.SUPERVISED:
-            self._wrap(module, name, lambda a, k, out: self.supervised.append((a[0], a[1].numel())))
-        return self
-
-    def __exit__(self, *exc):
-        for module, name, fn in reversed(self._saved):
-            setattr(module, name, fn)
-        self._saved = []
-
-    def decode_flops(self) -> float:
-        return sum(model_flops_per_token(m) * r.n_sampled for m, r in self.decoded)
-
-    def score_flops(self, which=lambda model: True) -> float:
-        """Forward FLOPs of the scored rollouts whose model satisfies ``which``."""
-        return sum(model_flops_per_token(m) * scored_tokens(r, p) for m, r, p in self.scored if which(m))
-
-    def supervised_flops(self) -> float:
-        """Forward and backward (3 forwards) over every supervised batch, padding included."""
-        return sum(3 * model_flops_per_token(m) * n for m, n in self.supervised)
+def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _packs(args, kwargs) -> bool:
-    """Whether ``completion_logits(model, rollout, fast)`` takes the packed path (its own rule)."""
-    fast = args[2] if len(args) > 2 else kwargs.get("fast")
-    return packed.supports(args[0]) if fast is None else bool(fast)
+def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def scored_tokens(rollout, packs: bool) -> int:
-    """Tokens a scoring forward runs: the packed tokens, or the whole padded prompt + completion batch."""
-    return len(packed.pack_rollout(rollout)[0].ids_N) if packs else rollout.full()[0].numel()
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward}
+"""PyTorch's own attention formulas for the CPU attention kernel, which ``FlopCounterMode`` does not count by
+itself (it counts the CUDA kernels, and the math path through its ``bmm``s)."""
+
+
+def flop_counter() -> FlopCounterMode:
+    """``FlopCounterMode`` counting the CPU attention kernel too (``CPU_ATTENTION``), printing nothing."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+
+
+class FlopLaps:
+    """A clock for ``step.score`` and ``step.update`` that, inside a ``flop_counter``, charges to each lap the
+    FLOPs counted since the previous one (``times``: ``time_<phase>`` -> FLOPs, as ``opd_step`` names its laps)."""
+
+    def __init__(self, counter: FlopCounterMode):
+        self.counter, self.times, self.at = counter, {}, counter.get_total_flops()
+
+    def lap(self, phase: str) -> None:
+        now = self.counter.get_total_flops()
+        self.times[f"time_{phase}"] = self.times.get(f"time_{phase}", 0) + now - self.at
+        self.at = now
 
 
 def _median(values) -> float:
     return statistics.median(values)
 
 
+def replay_step(shadow: Trainer, examples: list, state: torch.Tensor, step: int, tokens: int) -> dict:
+    """FLOPs per phase of an OPD step, counted on ``shadow`` (a trainer holding the timed student's weights from
+    before its step) by running ``step.sample`` from the generator ``state`` the timed step started from (so the
+    same tokens), ``score``, ``loss`` and ``update`` under ``flop_counter``. ``tokens``: the timed step's sampled
+    tokens, which the replay must match."""
+    spec = shadow.spec
+    shadow.generator.set_state(state)
+    with flop_counter() as counter:
+        rollout = sample(shadow, examples)
+        decode = counter.get_total_flops()
+        laps = FlopLaps(counter)
+        scores = score(shadow.teacher, shadow.student, rollout, shadow.runtime.scorer, laps)
+        value, _ = loss(spec.objective, shadow.div, scores, rollout.mask_BT, spec.optim.samples_per_prompt)
+        update(shadow, value, step, laps)
+    if rollout.n_sampled != tokens:
+        raise RuntimeError(f"the replayed step sampled {rollout.n_sampled} tokens, the timed step {tokens}")
+    return dict(decode=decode, teacher=laps.times["time_teacher"],
+                student_forward=laps.times["time_student_forward"],
+                student_backward=laps.times["time_student_backward"])
+
+
 def measure_steps(spec: RunSpec, task, models, runtime: Runtime, warmup: int, steps: int) -> dict:
-    """phase -> ``(seconds, FLOPs)`` of one training step: medians over ``steps`` timed steps after ``warmup``."""
+    """phase -> ``(seconds, FLOPs)`` of one training step: medians over ``steps`` timed ``opd_step``s after
+    ``warmup``, each step's FLOPs counted on its replay (``replay_step``)."""
     tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
+    shadow = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
     n_student = count_parameters(tr.student)
     seconds, flops = {p: [] for p in STEP_PHASES}, {p: [] for p in STEP_PHASES}
     for step in range(warmup + steps):
-        with Recorder() as rec:
-            metrics = opd_step(tr, step)
+        shadow.student.load_state_dict(tr.student.state_dict())
+        state = tr.generator.get_state()
+        metrics = opd_step(tr, step)
         if step < warmup:
             continue
-        forward = rec.score_flops(lambda m: m is not tr.teacher)
-        step_flops = dict(decode=rec.decode_flops(), teacher=rec.score_flops(lambda m: m is tr.teacher),
-                          student_forward=forward, student_backward=2 * forward,
-                          optimizer=ADAMW_FLOPS_PER_PARAMETER * n_student, rest=0.0)
+        step_flops = dict(replay_step(shadow, tr.batch(step), state, step, metrics["tokens"]),
+                          optimizer=ADAMW_FLOPS_PER_PARAMETER * n_student, rest=0)
         for phase, laps in STEP_PHASES.items():
             seconds[phase].append(sum(metrics[f"time_{lap}"] for lap in laps))
             flops[phase].append(step_flops[phase])
     return {p: (_median(seconds[p]), _median(flops[p])) for p in STEP_PHASES}
 
 
-def timed(fn, device: torch.device, teacher=None, backward: int = 0, repeats: int = 1) -> tuple[float, float]:
-    """``(seconds, FLOPs)`` of ``fn()``, median of ``repeats``: the decoding, scoring and supervised batches it
-    runs, plus ``backward`` times the forward FLOPs of every model it scores but ``teacher`` (2 for a backward)."""
+def timed(fn, device: torch.device, generator: torch.Generator | None = None,
+          repeats: int = 1) -> tuple[float, float]:
+    """``(seconds, FLOPs)`` of ``fn()``, medians of ``repeats``: each call timed, then replayed untimed under
+    ``flop_counter`` with ``generator`` (the one ``fn`` draws from, if any) back at the state the timed call
+    started from, so that the replay runs the same tokens."""
     seconds, flops = [], []
     for _ in range(repeats):
-        with Recorder() as rec:
-            _sync(device)
-            t = time.perf_counter()
+        state = None if generator is None else generator.get_state()
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - t)
+        end = None if generator is None else generator.get_state()
+        if generator is not None:
+            generator.set_state(state)
+        with flop_counter() as counter:
             fn()
-            _sync(device)
-            seconds.append(time.perf_counter() - t)
-        student = rec.score_flops(lambda m: m is not teacher)
-        flops.append(rec.decode_flops() + rec.score_flops() + backward * student + rec.supervised_flops())
+        if generator is not None and not torch.equal(generator.get_state(), end):
+            raise RuntimeError("the replay drew other random numbers than the timed call")
+        flops.append(counter.get_total_flops())
     return _median(seconds), _median(flops)
 
 
@@ -251,26 +263,35 @@ def _sync(device: torch.device) -> None:
 
 
 class _StepTimes:
-    """An ``sft`` heartbeat that only records when each step ended (its kernels finished)."""
+    """An ``sft`` heartbeat that records, at the end of each step, the clock (after the step's kernels finished)
+    and, where ``counter`` is given, the FLOPs counted so far."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.ends = device, [time.perf_counter()]
+    def __init__(self, device: torch.device, counter: FlopCounterMode | None = None):
+        self.device, self.counter, self.ends, self.flops = device, counter, [time.perf_counter()], [0]
 
     def beat(self, message) -> bool:
         _sync(self.device)
         self.ends.append(time.perf_counter())
+        if self.counter is not None:
+            self.flops.append(self.counter.get_total_flops())
         return False
 
 
 def measure_sft(recipe, models, task, device, warmup: int, steps: int) -> tuple[float, float]:
-    """``(seconds, FLOPs)`` of one supervised step of ``recipe`` from scratch: medians after ``warmup`` steps."""
+    """``(seconds, FLOPs)`` of one supervised step of ``recipe`` from scratch: medians after ``warmup`` steps,
+    the FLOPs counted on a replay of the same steps from the same initial weights."""
     model = build_model(recipe, models.tokenizer).to(device)
+    initial = copy.deepcopy(model)
+
     clock = _StepTimes(device)
-    with Recorder() as rec:
-        opdlab.lm.sft.sft(model, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr,
-                          recipe.seed, progress=False, heartbeat=clock)
+    sft(model, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
+                      progress=False, heartbeat=clock)
+    with flop_counter() as counter:
+        replay = _StepTimes(device, counter)
+        sft(initial, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr,
+                          recipe.seed, progress=False, heartbeat=replay)
     per_step = [b - a for a, b in zip(clock.ends, clock.ends[1:])][warmup:]
-    per_flops = [3 * model_flops_per_token(m) * n for m, n in rec.supervised][warmup:]
+    per_flops = [b - a for a, b in zip(replay.flops, replay.flops[1:])][warmup:]
     return _median(per_step), _median(per_flops)
 
 
@@ -314,7 +335,7 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
                    repeats=args.eval_repeats))
     if study.noise_calls:
         row("step_noise", spec.objective.method, study.noise_calls,
-            *timed(lambda: noise.step_noise(tr, study.noise_batches), device, models.teacher, backward=2))
+            *timed(lambda: noise.step_noise(tr, study.noise_batches), device, tr.generator))
     return rows
 
 
