@@ -5,6 +5,7 @@ import contextlib
 import importlib
 import io
 import math
+import types
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import opdlab.step
 from opdlab import presets, report
 from opdlab.lm import packed
 from opdlab.lm.modeling import build_model
@@ -42,17 +44,72 @@ def bench():
         sys.path.remove(str(SCRIPT.parent))
 
 
+def opdlab_attributes() -> dict:
+    """``{module name: its attributes}`` of every imported ``opdlab`` module."""
+    return {name: dict(vars(module)) for name, module in list(sys.modules.items())
+            if (name == "opdlab" or name.startswith("opdlab.")) and module is not None}
+
+
+def changed_attributes(before: dict, after: dict) -> list[str]:
+    """``module.attribute`` for every attribute of a module in ``before`` that is another object, gone or new in
+    ``after``; a submodule that the run imported for the first time is not a change."""
+    changed = []
+    for name, old in before.items():
+        new = after[name]
+        for key in old.keys() | new.keys():
+            if key in old and key in new and old[key] is new[key]:
+                continue
+            if key not in old and isinstance(new[key], types.ModuleType) and new[key].__name__ == f"{name}.{key}":
+                continue
+            changed.append(f"{name}.{key}")
+    return sorted(changed)
+
+
+class _Watched(types.ModuleType):
+    """A module that records every attribute set or deleted on it from outside (``module.x = ...``, ``setattr``):
+    a wrapper put in and taken out again during a run leaves no trace in a snapshot, but is recorded here."""
+
+    writes: list = []
+
+    def __setattr__(self, key, value):
+        if not (isinstance(value, types.ModuleType) and value.__name__ == f"{self.__name__}.{key}"):
+            _Watched.writes.append(f"{self.__name__}.{key}")  # (an import binding a submodule is not a write)
+        super().__setattr__(key, value)
+
+    def __delattr__(self, key):
+        _Watched.writes.append(f"{self.__name__}.{key}")
+        super().__delattr__(key)
+
+
+@contextlib.contextmanager
+def watch_opdlab():
+    """Within: every imported ``opdlab`` module records outside writes to its attributes; yields the list."""
+    modules = [m for name, m in list(sys.modules.items())
+               if (name == "opdlab" or name.startswith("opdlab.")) and type(m) is types.ModuleType]
+    writes = _Watched.writes = []
+    for module in modules:
+        module.__class__ = _Watched
+    try:
+        yield writes
+    finally:
+        for module in modules:
+            types.ModuleType.__setattr__(module, "__class__", types.ModuleType)  # not recorded as a write
+
+
 @pytest.fixture(scope="module")
 def tiny(bench, tmp_path_factory):
-    """One --tiny run on one thread: ``(table returned, table written, printed lines, output directory)``."""
+    """One --tiny run on one thread: ``(table returned, table written, printed lines, output directory, (opdlab's
+    modules' attributes before the run, after it, and the writes to them during it))``."""
     out, threads, printed = tmp_path_factory.mktemp("main_job"), torch.get_num_threads(), io.StringIO()
+    before = opdlab_attributes()
     try:
-        with contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed), watch_opdlab() as writes:
             job = bench.main(["--tiny", "--threads", "1", "--steps", "1", "--warmup", "1", "--eval-repeats", "1",
                               "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
-    return job, pd.read_csv(out / "main_job.csv"), printed.getvalue().splitlines(), out
+    return (job, pd.read_csv(out / "main_job.csv"), printed.getvalue().splitlines(), out,
+            (before, opdlab_attributes(), writes))
 
 
 def check_total(job: pd.DataFrame, last_line: str) -> None:
@@ -66,7 +123,7 @@ def check_total(job: pd.DataFrame, last_line: str) -> None:
 
 
 def test_the_table_has_its_columns_and_positive_counts_and_flops(tiny):
-    job, written, lines, out = tiny
+    job, written, lines, out, _ = tiny
     assert list(written.columns[:len(COLUMNS)]) == COLUMNS
     assert len(written) == len(job) and (out / "main_job.png").stat().st_size > 0
     assert (written["count"] > 0).all() and (written["seconds_each"] > 0).all()
@@ -84,7 +141,7 @@ def test_the_table_has_its_columns_and_positive_counts_and_flops(tiny):
 
 
 def test_the_printed_total_is_the_sum_of_the_phases(tiny):
-    job, written, lines, _ = tiny
+    job, written, lines, _, _ = tiny
     check_total(written, lines[-1])
     broken = written.copy()
     broken.loc[0, "seconds_total"] += 60.0  # a row that no longer adds up: the check must see it
@@ -94,7 +151,7 @@ def test_the_printed_total_is_the_sum_of_the_phases(tiny):
 
 def test_the_counts_are_the_notebooks_grid(tiny):
     """Notebook 04: steps x arms x seeds per task, and an evaluation at step 0, every eval_every and the end."""
-    _, written, _, _ = tiny
+    _, written, _, _, _ = tiny
     p = notebook_parameters(resolve_notebook("04"))
     arms = len(p["divergences"]) * len(p["methods"]) + len(p["extra_arms"])
     nb04 = written[written["notebook"] == resolve_notebook("04").stem]
@@ -122,8 +179,25 @@ def test_evaluations_follow_the_training_loop(bench):
     assert bench.evaluations(spec.replace(final_eval_n=2 * spec.eval.eval_n)) == (4, 1)
 
 
+def test_the_run_changes_no_attribute_of_opdlab(tiny):
+    *_, (before, after, writes) = tiny
+    assert len(before) > 10 and "opdlab.step" in before  # the bench's imports were in place before the run
+    assert changed_attributes(before, after) == [] and writes == []
+
+
+def test_a_changed_attribute_is_seen(monkeypatch):
+    before = opdlab_attributes()
+    with watch_opdlab() as writes:
+        monkeypatch.setattr(opdlab.step, "sample", lambda *args: None)  # what a wrapping benchmark would do
+        assert changed_attributes(before, opdlab_attributes()) == ["opdlab.step.sample"]
+        monkeypatch.undo()  # and then restore: the snapshot no longer shows it, the watch does
+    assert changed_attributes(before, opdlab_attributes()) == []
+    assert writes == ["opdlab.step.sample", "opdlab.step.sample"]
+    assert type(opdlab.step) is types.ModuleType  # the watch is gone
+
+
 def test_the_report_region_states_the_bound_and_the_gap(tiny, tmp_path):
-    _, written, lines, out = tiny
+    _, written, lines, out, _ = tiny
     assert "No result is committed" in report.main_job(tmp_path)
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "main_job.csv").write_text((out / "main_job.csv").read_text())
