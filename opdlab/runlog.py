@@ -8,13 +8,18 @@ Layout of ``runs/<name>/``::
     versions.json     python, torch, transformers, opdlab, platform, device
     metrics.jsonl     one JSON object per line: {"step": s, "kind": "train" | "eval", ...}
     items/step_N.csv  one record per held-out item of the evaluation at step N (``train.ITEM_COLUMNS``)
-    checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint
-    lock              held (flock) by the one process writing the run; the kernel releases it when that process
-                      ends, however it ends
+    checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint; digest.json:
+                      the sha256 of each of its files and of the weights (``opdlab.files``)
+    lock              the pid of the process writing the run (for messages; the lock itself is on the directory)
 
 Nothing is lost or mixed:
 
-- one process at a time: a second one is refused while the first holds ``lock``;
+- one process at a time: the writer holds an flock on the run directory itself (not on a file in it) from
+  start to end, so deleting any file in it lets no second writer in; the kernel releases it when the process
+  ends, however it ends;
+- a checkpoint is verified on every load (resume, ``opdlab eval``): its files against its digest.json, its
+  weights against the recorded weights' digest; one that differs is refused, naming the files. A checkpoint
+  written before digests existed is loaded as it is and its digest recorded then, with a message;
 - an append writes a whole line or nothing (a failed write is cut back); a torn last line, from a crash or a
   full disk, is dropped with a message when the file is read;
 - every rewrite (config, metrics on resume) goes to a temporary file renamed into place, and a checkpoint to a
@@ -31,21 +36,20 @@ under the record's ``"nonfinite"`` key (JSON has no NaN).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from opdlab.lm.modeling import load_model, save_model
-from opdlab.spec import LEGACY_RUNTIME_FIELDS, RunSpec
 from opdlab.errors import UserError
+from opdlab.files import DIGEST_FILE, disk_errors, remove_tree, replace_dir, restore_dir, write_atomic
+from opdlab.lm.modeling import load_verified, record_digest, save_model, torch_bytes, weights_digest
+from opdlab.spec import LEGACY_RUNTIME_FIELDS, RunSpec
 
 __all__ = ["RunLog", "read_items", "read_metrics", "read_records", "results", "versions", "stored_config", "stored_runtime", "weights_digest",
            "fingerprint"]
@@ -84,19 +88,11 @@ def _commit(where: Path) -> str | None:
         return None
 
 
-def weights_digest(model) -> str:
-    """sha256 of a model's state dict (names, dtypes, shapes and bytes): the identity of its weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def fingerprint(config, teacher, student) -> dict:
     """Everything that determines a run: its config and the digests of the teacher's and the initial student's
-    weights (a teacher is known by its weights, not only by the recipe that made it)."""
+    weights (a teacher is known by its weights, not only by the recipe that made it). The models are the ones
+    loaded: a cached or saved model was checked against its recorded digest on load (``lm.modeling``), so the
+    digests recorded here are verified ones."""
     return {"config": config.to_dict(), "teacher": weights_digest(teacher), "student": weights_digest(student)}
 
 
@@ -125,8 +121,22 @@ def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str
     diff = _differences(recorded, current)
     if diff:
         raise UserError(f"{run_dir} holds a run with a different config or models ({source} differs in "
-                         f"{', '.join(diff)}); resume it with what it started with (`opdlab train {run_dir}` "
-                         "without -p reads its config.json) or use a new run directory")
+                        f"{', '.join(diff)}); resume it with what it started with (`opdlab train {run_dir}` "
+                        "without -p reads its recorded config) or use a new run directory")
+
+
+def _check_config_file(run_dir: Path, defaults: dict) -> None:
+    """Refuse a config.json edited after the run started: it must equal the config in fingerprint.json."""
+    config = _read_json(run_dir / "config.json")
+    started = (_read_json(run_dir / "fingerprint.json") or {}).get("config")
+    if config is None or started is None:
+        return
+    diff = _differences({**defaults, **started}, {**defaults, **config})
+    if diff:
+        raise UserError(f"{run_dir / 'config.json'} was changed after the run started: it differs from the config "
+                        f"the run started with (in {run_dir / 'fingerprint.json'}) in {', '.join(diff)}; a run "
+                        "continues only with the config it started with: undo the change, or delete config.json "
+                        "(it is written again from fingerprint.json), or start a new run directory")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -138,10 +148,19 @@ def _read_json(path: Path) -> dict | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} is damaged ({err}); delete it to have it written again") from None
+        raise UserError(f"{path} is damaged ({err}); {_REWRITTEN.get(path.name, 'restore it from a copy')}") \
+            from None
     if not isinstance(value, dict):
-        raise UserError(f"{path} should hold a JSON object, holds {type(value).__name__}")
+        raise UserError(f"{path} should hold a JSON object, holds {type(value).__name__}; "
+                        f"{_REWRITTEN.get(path.name, 'restore it from a copy')}")
     return value
+
+
+_REWRITTEN = {"config.json": "delete it: it is written again from fingerprint.json",
+              "versions.json": "delete it: it is written again on the next start",
+              "run.json": "delete it: it is written again on the next start"}
+"""What to do about a damaged JSON file of a run directory: the ones a start writes again may be deleted;
+fingerprint.json is the run's identity, and holds its config when config.json is gone."""
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict | None:
@@ -156,19 +175,6 @@ def stored_config(run_dir: str | os.PathLike) -> dict | None:
 def stored_runtime(run_dir: str | os.PathLike) -> dict | None:
     """The runtime a run directory last ran with (run.json's ``runtime``), None when it recorded none."""
     return (_read_json(Path(run_dir) / "run.json") or {}).get("runtime")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, flush it to disk and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _json_line(record: dict) -> tuple[str, list[str]]:
@@ -190,19 +196,27 @@ def _run_dir(run_dir) -> Path:
 
 
 def _lock(run_dir: Path) -> int:
-    """Take ``run_dir/lock`` (flock, released by the kernel when the process ends); return its descriptor."""
+    """Take an exclusive flock on the directory ``run_dir`` itself, which no ``rm`` of a file in it can undo
+    (the kernel releases it when the process ends); write this process's pid into ``run_dir/lock`` for the
+    message a second writer gets. Return the directory's descriptor."""
     import fcntl
 
-    fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        try:
+            holder = (run_dir / "lock").read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
         raise UserError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
-                         "one writer at a time: wait for it to finish, or use another run directory") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+                        "one writer at a time: wait for it to finish, or use another run directory") from None
+    try:
+        write_atomic(run_dir / "lock", str(os.getpid()))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -223,8 +237,9 @@ class RunLog:
         try:
             for pattern in TEMPORARY:
                 for orphan in self.dir.glob(pattern):
-                    shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
+                    remove_tree(orphan)
             self._defaults = RunSpec.defaults()
+            _check_config_file(self.dir, self._defaults)
             _check_same(self.dir, stored_config(self.dir), config.to_dict(), "its config", self._defaults)
         except BaseException:
             self.close()
@@ -276,18 +291,19 @@ class RunLog:
         write fails; return the names of its non-finite values (written as null, and said on stderr)."""
         line, bad = _json_line(record)
         data = (line + "\n").encode()
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size, written = os.fstat(fd).st_size, 0
+        with disk_errors(self.metrics_path):
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                written = os.write(fd, data)
-                if written != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+                size, written = os.fstat(fd).st_size, 0
+                try:
+                    written = os.write(fd, data)
+                    if written != len(data):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+                finally:
+                    if written != len(data):
+                        os.ftruncate(fd, size)  # a whole line or nothing
             finally:
-                if written != len(data):
-                    os.ftruncate(fd, size)  # a whole line or nothing
-        finally:
-            os.close(fd)
+                os.close(fd)
         if bad:
             print(f"opdlab: {self.dir}: step {record.get('step')} ({record.get('kind')}): non-finite "
                   f"{', '.join(bad)} (logged as null)", file=sys.stderr)
@@ -308,34 +324,47 @@ class RunLog:
 
     def save_checkpoint(self, model, tokenizer, optimizer, step: int, rng: dict) -> None:
         """Model, tokenizer, optimizer state, RNG states, the number of completed steps and the run's fingerprint,
-        written to a temporary directory and renamed into place."""
+        with the digest of them all (``digest.json``), written to a temporary directory and renamed into place.
+        A failed write (a full disk: an OSError naming the path) leaves the previous checkpoint as it was and no
+        temporary directory."""
         tmp = self.dir / f"checkpoint.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint},
-                   tmp / "state.pt")
-        old = self.dir / "checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.checkpoint_dir.exists():
-            os.replace(self.checkpoint_dir, old)
-        os.replace(tmp, self.checkpoint_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(tmp)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint,
+                 "digested": True}
+        try:
+            with disk_errors(self.checkpoint_dir, rename=True):
+                save_model(model, tokenizer, tmp, files={"state.pt": torch_bytes(state)},
+                           facts={"step": step})
+            replace_dir(tmp, self.checkpoint_dir)
+        finally:
+            remove_tree(tmp)
 
     def _load_checkpoint(self):
         """``(state, model)`` of the checkpoint (on the CPU), ``state = {"step", "optimizer", "rng",
-        "fingerprint"}``, or None when there is none yet; a ValueError when it cannot be read."""
-        if not self.checkpoint_dir.exists() and (self.dir / "checkpoint.old").exists():
-            os.replace(self.dir / "checkpoint.old", self.checkpoint_dir)  # interrupted between the renames
+        "fingerprint"}``, or None when there is none yet, once its files and weights match its digest.json; a
+        UserError naming the checkpoint when they do not, or when it cannot be read. A checkpoint written before
+        digests existed gets its digest recorded now (said on stderr)."""
+        restore_dir(self.checkpoint_dir)  # interrupted between the renames of save_checkpoint
         path = self.checkpoint_dir / "state.pt"
         if not path.exists():
             return None
+        what = f"the checkpoint {self.checkpoint_dir}"
+        remedy = f"restore it from a copy, or delete it (`rm -r {self.checkpoint_dir}`) to start the run over"
         try:
+            model, _, record = load_verified(self.checkpoint_dir, what=what, remedy=remedy + " from step 0")
             state = torch.load(path, weights_only=False, map_location="cpu")
-            model = load_model(self.checkpoint_dir)[0]
+        except UserError:
+            raise
         except Exception as err:  # torch, safetensors and transformers each raise their own kind
-            raise UserError(f"the checkpoint {self.checkpoint_dir} cannot be read ({type(err).__name__}: "
-                             f"{(str(err).splitlines() or [''])[0]}); restore it, or delete it to start the run "
-                             "over from step 0") from None
+            raise UserError(f"{what} cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "
+                            f"{remedy} from step 0") from None
+        if record is None:
+            if state.get("digested"):
+                raise UserError(f"{what} has lost its {DIGEST_FILE} (it was written with one), so it cannot be "
+                                f"verified; {remedy} from step 0")
+            record_digest(model, self.checkpoint_dir, step=state.get("step"), recorded="on first load")
+            print(f"opdlab: {what} was written before checkpoints carried a digest; recorded its digest now, "
+                  "from the files as they are", file=sys.stderr)
         return state, model
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "opdlab"
 
 # The map of docs/architecture.md, bottom to top; a module may import from its own layer or any layer below.
 LAYERS = [
-    ["errors", "lm"],                                       # the one user-facing exception; the lm package itself (empty)
+    ["errors", "files", "lm"],                              # the one user-facing exception; verified files; lm (empty)
     ["choices", "tasks", "heartbeat", "stats"],             # names, tasks, statistics: no torch
     ["divergences", "lm.recipe", "spec", "runtime", "presets", "tracking"],   # a run's spec: no torch
     ["estimators", "sparse", "lm.device", "lm.tokenizer"],

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from opdlab import cli
+from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
@@ -180,7 +181,9 @@ def test_a_run_recorded_before_a_config_field_existed_resumes_under_its_default(
     state_path = run_dir / "checkpoint" / "state.pt"
     state = torch.load(state_path, weights_only=False)
     state["fingerprint"]["config"].pop("lr_schedule")
+    state.pop("digested")  # and before checkpoints carried a digest
     torch.save(state, state_path)
+    (run_dir / "checkpoint" / "digest.json").unlink()
     with pytest.raises(ValueError, match=r"lr_schedule \('constant' -> 'cosine'\)"):
         train(CONFIG.replace(lr_schedule="cosine"), run_dir, RT, TASK, MODELS)
     train(CONFIG, run_dir, RT, TASK, MODELS)  # the default is what the run did
@@ -226,7 +229,15 @@ def test_a_damaged_checkpoint_is_named(tmp_path, name):
     run_dir = cut(tmp_path)
     path = run_dir / "checkpoint" / name
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match="the checkpoint .*checkpoint cannot be read .*delete it to start the run"):
+    with pytest.raises(UserError, match=f"the checkpoint .*checkpoint does not match the digest .*{name} changed"
+                                        ".*delete it .*to start the run over"):
+        train(CONFIG, run_dir, RT, TASK, MODELS)
+    (run_dir / "checkpoint" / "digest.json").unlink()  # as a checkpoint written before digests: read, and fails
+    state = torch.load(run_dir / "checkpoint" / "state.pt", weights_only=False) if name != "state.pt" else None
+    if state is not None:
+        state.pop("digested")
+        torch.save(state, run_dir / "checkpoint" / "state.pt")
+    with pytest.raises(UserError, match="the checkpoint .*checkpoint cannot be read .*delete it .*to start the run"):
         train(CONFIG, run_dir, RT, TASK, MODELS)
 
 
@@ -291,7 +302,7 @@ def test_cli_train_refuses_bad_run_directories(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("opdlab.runlog.os.open", read_only)  # root may write anywhere: stand in for a read-only disk
     assert cli.main(_train_argv(tmp_path / "ro")) == 2
     err = capsys.readouterr().err
-    assert err == (f"opdlab train: error: read-only file system ({tmp_path / 'ro' / 'lock'}); the file system is "
+    assert err == (f"opdlab train: error: read-only file system ({tmp_path / 'ro'}); the file system is "
                    "read-only: choose a path on a writable one\n")
 
 
@@ -305,6 +316,10 @@ def test_garbage_checkpoints_are_named(tmp_path, capsys):
         load_model(tmp_path / "junk")
     save_model(tiny(0), TOK, tmp_path / "model")
     (tmp_path / "model" / "tokenizer.json").unlink()
+    assert cli.main(["eval", str(tmp_path / "model"), "--task", "arithmetic", "--device", "cpu"]) == 2
+    assert "does not match the digest recorded when it was written (tokenizer.json changed" \
+        in capsys.readouterr().err
+    (tmp_path / "model" / "digest.json").unlink()  # a checkpoint written by another program
     assert cli.main(["eval", str(tmp_path / "model"), "--task", "arithmetic", "--device", "cpu"]) == 2
     assert "no tokenizer beside the model at" in capsys.readouterr().err  # not sentencepiece
     assert cli.main(["eval", str(tmp_path / "model"), "--task", "arithmetic", "--device", "cuda:x"]) == 2

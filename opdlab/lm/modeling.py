@@ -4,20 +4,30 @@ directories (``save_pretrained`` / ``from_pretrained``, no network), with the to
 The embedded tasks are learnt from scratch, so their models are small transformers (Qwen3 or Llama
 architecture) built from a config over the character tokenizer of ``opdlab.lm.tokenizer``. A pretrained
 checkpoint directory (with its own tokenizer) loads with ``load_model`` the same way.
+
+Every directory ``save_model`` writes carries a ``digest.json`` (``opdlab.files``): the sha256 of each of its
+files and of the model's weights (``weights_digest``). ``load_model`` checks it before loading and the weights'
+digest after, and refuses a directory that differs (``files.DigestMismatch``, naming the files); a directory
+without one (written by another program, or before digests existed) loads as it is.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from opdlab.errors import UserError
+from opdlab.files import DigestMismatch, check_digest, disk_errors, write_digest
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.errors import UserError
 
-__all__ = ["build_model", "count_parameters", "save_model", "load_model", "quiet_progress", "TOKENIZER_FILES"]
+__all__ = ["build_model", "count_parameters", "save_model", "load_model", "load_verified", "quiet_progress",
+           "TOKENIZER_FILES", "weights_digest", "record_digest", "torch_bytes", "RUN_FILES"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """A checkpoint's tokenizer is one of these (fast tokenizer, sentencepiece model, or a BPE vocabulary)."""
@@ -42,16 +52,51 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_model(model, tokenizer, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """``save_pretrained`` the model and its tokenizer into one directory (plus an optional meta.json)."""
+RUN_FILES = ("fingerprint.json", "metrics.jsonl")
+"""Files that mark a run directory (``opdlab.runlog``), whose model lives in its ``checkpoint/``."""
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes): the identity of its weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def torch_bytes(obj) -> bytes:
+    """``torch.save`` of ``obj`` into memory: written to disk by a plain write, a full disk raises an OSError
+    (torch's own file writer reports it as an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_model(model, tokenizer, path: str | os.PathLike, meta: dict | None = None,
+               files: dict[str, bytes] | None = None, facts: dict | None = None) -> Path:
+    """``save_pretrained`` the model and its tokenizer into one directory, with an optional meta.json and
+    further ``files`` (name -> bytes), then its ``digest.json``: the sha256 of every file, the weights' digest
+    and ``facts``. A failed write (a full disk) is an OSError naming ``path``."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with quiet_progress():
-        model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    if meta is not None:
-        (path / "meta.json").write_text(json.dumps(meta, indent=2))
+    with disk_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
+        with quiet_progress():
+            model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if meta is not None:
+            (path / "meta.json").write_text(json.dumps(meta, indent=2))
+        for name, data in (files or {}).items():
+            (path / name).write_bytes(data)
+    record_digest(model, path, **(facts or {}))
     return path
+
+
+def record_digest(model, path: str | os.PathLike, **facts) -> dict:
+    """Write ``path``'s digest.json (``files.write_digest``): every file's sha256, the digest and dtype of
+    ``model``'s weights, and ``facts``."""
+    return write_digest(path, weights=weights_digest(model), dtype=str(next(model.parameters()).dtype), **facts)
 
 
 @contextlib.contextmanager
@@ -70,14 +115,29 @@ def quiet_progress():
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load ``(model, tokenizer)`` from a local checkpoint directory (``from_pretrained``, no network)."""
+    """Load ``(model, tokenizer)`` from a local checkpoint directory (``from_pretrained``, no network), checked
+    against its ``digest.json`` when it has one (``load_verified``)."""
+    return load_verified(path, device, dtype)[:2]
+
+
+def load_verified(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  what: str = "", remedy: str = ""):
+    """``(model, tokenizer, record)``: the checkpoint at ``path`` once its files match their recorded digests
+    and (at the saved dtype) its weights match the recorded weights' digest; ``record`` is the directory's
+    digest record, None for a directory without one (loaded as it is). A mismatch raises
+    ``files.DigestMismatch`` (a UserError) naming the files, ``what`` the directory and ``remedy`` what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    if not (path / "checkpoint" / "config.json").exists() and any((path / f).exists() for f in RUN_FILES):
+        raise FileNotFoundError(f"{path} is a run directory without a checkpoint yet (a run saves one every "
+                                "checkpoint_every steps, into checkpoint/): resume it with `opdlab train "
+                                f"{path}` and load it once it has one")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint at {path} (expected a config.json from save_pretrained)")
     hint = (f"; {path} looks like a run directory, its model is in {path / 'checkpoint'}"
             if (path / "checkpoint" / "config.json").exists() else "")
+    record = check_digest(path, what, remedy)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer beside the model at {path} (expected {' or '.join(TOKENIZER_FILES)}, "
                                 f"as save_pretrained writes it){hint}")
@@ -88,7 +148,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     except Exception as err:  # transformers, tokenizers and safetensors each raise their own kind
         raise UserError(f"{path} is not a loadable model checkpoint ({type(err).__name__}: "
                          f"{(str(err).splitlines() or [''])[0]}){hint}") from None
+    same_dtype = record is not None and record.get("dtype") == str(next(model.parameters()).dtype)
+    if same_dtype and record.get("weights") not in (None, weights_digest(model)):
+        raise DigestMismatch(path, ["the weights as loaded"], what, remedy)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device), tokenizer
+    return model.to(device), tokenizer, record

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from opdlab.divergences import get
+from opdlab.files import disk_errors, temporary_name
 
 __all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir", "grid", "divergence_title"]
 
@@ -62,19 +63,35 @@ def save_figure(fig: plt.Figure, name: str, directory: str | os.PathLike | None 
     """Write ``fig`` as ``<directory>/<name>.<fmt>`` for each format; return the paths.
 
     ``name`` is the file stem, by convention prefixed with the notebook number (``"02_bias_vs_samples"``).
+    Each file is written whole or not at all (``_replace``): a full disk is an OSError naming the file, and
+    leaves the file as it was.
     """
     out = figures_dir(directory)
     paths = []
     for fmt in formats:
         p = out / f"{name}.{fmt}"
         with plt.rc_context({"svg.hashsalt": name}):  # stable element ids: a rerun rewrites the same SVG
-            fig.savefig(p, dpi=130, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
+            _replace(p, lambda tmp: fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight",
+                                                metadata={"Date": None} if fmt == "svg" else None))
         paths.append(p)
     return paths
 
 
 def save_data(df, name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Write the tidy DataFrame behind a figure to ``<directory>/data/<name>.csv``; return the path."""
+    """Write the tidy DataFrame behind a figure to ``<directory>/data/<name>.csv``, whole or not at all (a full
+    disk is an OSError naming the file, and leaves it as it was); return the path."""
     p = figures_dir(directory) / "data" / f"{name}.csv"
-    df.to_csv(p, index=False)
+    _replace(p, lambda tmp: df.to_csv(tmp, index=False))
     return p
+
+
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it into place; the temporary file is
+    removed however the write ends, and an OS error (a full disk) names ``path``."""
+    tmp = temporary_name(path)
+    try:
+        with disk_errors(path, rename=True):
+            write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
