@@ -160,9 +160,11 @@ LOGP_TOLERANCE = 1e-6
 """How far above 0 a log-probability may lie (rounding); ``log_softmax`` itself never exceeds 0."""
 
 
-def validate_log_probs(**tensors: torch.Tensor) -> None:
-    """Raise a ValueError naming the argument if any log-probability is NaN, +inf or -inf, or above 0 by more
-    than ``LOGP_TOLERANCE`` (a probability above 1: logits, or a log-ratio, passed by mistake)."""
+def validate_log_probs(mask: torch.Tensor | None = None, **tensors: torch.Tensor) -> None:
+    """Raise a UserError naming the argument if any log-probability is NaN, +inf or -inf, or above 0 by more
+    than ``LOGP_TOLERANCE`` (a probability above 1: logits, or a log-ratio, passed by mistake). With ``mask``
+    (1 where a token counts), non-finite entries only at masked positions get their own message: they are
+    refused too, since a surrogate multiplies them by 0 and 0 x NaN is NaN, and the remedy is to fill them."""
     for name, t in tensors.items():
         if t is None:
             continue
@@ -171,9 +173,18 @@ def validate_log_probs(**tensors: torch.Tensor) -> None:
         bad = ~torch.isfinite(t)
         if bool(bad.any()):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            counted = bad if mask is None else bad & (mask > 0)
+            if not bool(counted.any()):
+                raise UserError(
+                    f"{name} has {n_nan} NaN and {n_inf} infinite entries, all at masked positions (mask 0): "
+                    "the advantage ignores them, but a surrogate multiplies them by 0 and 0 x NaN is NaN; fill "
+                    f"masked positions with 0 (torch.where(mask_BT > 0, {name}, 0.0))")
             raise UserError(
-                f"{name} has {n_nan} NaN and {n_inf} infinite entries; log-probabilities must be finite "
-                f"(a token with probability 0 under the sampler cannot have been sampled; clamp or mask it)"
+                f"{name} has {int((torch.isnan(t) & counted).sum())} NaN and {int((torch.isinf(t) & counted).sum())} "
+                "infinite entries at positions that count; "
+                "log-probabilities must be finite there (a token the sampler gave probability 0 cannot have been "
+                "sampled): clamp them (e.g. clamp_min(-1e4)), or, if those positions should not count, set their "
+                "mask to 0 and fill them with 0"
             )
         above = t > LOGP_TOLERANCE
         if bool(above.any()):

@@ -73,7 +73,7 @@ def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
     if mask_BT is not None and tuple(mask_BT.shape) != tuple(logp_student_BT.shape):
         raise UserError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
     _check_mask(mask_BT)
-    validate_log_probs(logp_student_BT=logp_student_BT, logp_teacher_BT=logp_teacher_BT)
+    validate_log_probs(mask_BT, logp_student_BT=logp_student_BT, logp_teacher_BT=logp_teacher_BT)
 
 
 def _check_mask(mask_BT) -> None:
@@ -181,6 +181,12 @@ def compute_advantages(
         if baseline_BT is not None:
             if tuple(baseline_BT.shape) != tuple(A.shape):
                 raise UserError(f"baseline_BT has shape {tuple(baseline_BT.shape)}, expected {tuple(A.shape)}")
+            n_bad = int((counts & ~torch.isfinite(baseline_BT)).sum())
+            if n_bad:
+                raise UserError(f"the baseline b(c_t) has {n_bad} NaN or infinite values at unmasked positions: "
+                                "a baseline must be finite where tokens count, whatever the divergence; check what "
+                                "it was computed from (for baseline='expected': logp_student_BTV and "
+                                "logp_teacher_BTV)")
             A = A - baseline_BT
         A = torch.where(counts, A, 0.0) * mask  # a baseline at a masked context may be anything
         if not bool(torch.isfinite(A).all()):

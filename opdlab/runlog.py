@@ -157,10 +157,11 @@ def _read_json(path: Path) -> dict | None:
 
 
 _REWRITTEN = {"config.json": "delete it: it is written again from fingerprint.json",
+              "fingerprint.json": "delete it: it is written again on the next start, which checks the run against "
+                                  "config.json and the checkpoint's copy of the fingerprint",
               "versions.json": "delete it: it is written again on the next start",
               "run.json": "delete it: it is written again on the next start"}
-"""What to do about a damaged JSON file of a run directory: the ones a start writes again may be deleted;
-fingerprint.json is the run's identity, and holds its config when config.json is gone."""
+"""What to do about a damaged JSON file of a run directory: every one of them is written again by a start."""
 
 
 def stored_config(run_dir: str | os.PathLike) -> dict | None:
@@ -387,8 +388,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
                 print(f"opdlab: {path}: dropped a torn last line ({len(line)} characters); the rest is intact",
                       file=sys.stderr)
                 break
-            raise UserError(f"{path}, line {number}: not a metrics record ({err}); fix or delete that line") \
-                from None
+            raise UserError(f"{path}, line {number}: not a metrics record ({err}); restore that line from a copy, "
+                            "or delete it if its step is after the last checkpoint's (a resume computes those "
+                            "again; without a record of an earlier step the run must start over in a new run "
+                            "directory)") from None
         key = (record["step"], record["kind"])
         if key in seen:
             raise UserError(f"{path}, lines {seen[key]} and {number}: two {key[1]} records of step {key[0]} "
