@@ -8,12 +8,11 @@ docs/math.md (§3 methods, §4 γ and reductions, §5 baselines).
 from __future__ import annotations
 
 import math
-import warnings
 
 from opdlab.errors import UserError
 
 __all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES", "REPRESENTATIVE_DIVERGENCES",
-           "parse_divergence", "allowed_divergences", "check_method", "check_baseline"]
+           "parse_divergence", "allowed_divergences", "check_method", "check_baseline", "check_trainable", "GJSD_MIN_WEIGHT"]
 
 METHODS = ("opd", "opd_plus")
 """``"opd"``: the stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (docs/math.md §3)."""
@@ -69,8 +68,9 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
     """``(key, None)`` for a fixed divergence, ``(family, parameter)`` for ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
 
     Raises a TypeError for a name that is not a string, and a ValueError that lists the allowed names for an
-    unknown name or states the allowed range for a family parameter that is malformed or out of range.
-    Warns that gjsd:0 and gjsd:1 are identically zero.
+    unknown name or states the allowed range for a family parameter that is malformed or out of range. The
+    registry accepts the endpoints gjsd:0 and gjsd:1 (identically zero; the family is continuous there), which
+    ``check_trainable`` refuses for training.
     """
     if not isinstance(name, str):
         raise TypeError(f"a divergence is named by a string, got {type(name).__name__}; "
@@ -94,11 +94,31 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
         if not 0.0 <= value <= 1.0:
             raise UserError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: "
                              f"{DIVERGENCE_FAMILIES['gjsd']}")
-        if value in (0.0, 1.0):
-            warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
-                          "distributions): it gives no learning signal. For the KL limits use forward_kl, "
-                          "reverse_kl, alpha:1 or alpha:0.", stacklevel=3)
     return family, value
+
+
+GJSD_MIN_WEIGHT = 2.0 ** -23
+"""The least weight min(beta, 1 - beta) of a trainable generalised JSD: float32's relative precision, the one
+training computes in. Near its ends gjsd:beta is a multiple of a fixed divergence, f ~ beta (u ln u - u + 1) as
+beta -> 0 and f ~ (1 - beta)(u - 1 - ln u) as beta -> 1, so its advantages are of size min(beta, 1 - beta)
+|log u|-ish: below this weight they are smaller than the float32 rounding of the log-probabilities they are
+computed from, and what training follows is rounding."""
+
+
+def check_trainable(name: str) -> None:
+    """Refuse (UserError) a divergence whose generator is zero to float precision on every u training visits:
+    gjsd:beta with min(beta, 1 - beta) < ``GJSD_MIN_WEIGHT`` (beta = 0 and 1 included), saying why and naming
+    the nearest setting that trains. Other names pass; a malformed one raises as in ``parse_divergence``."""
+    family, value = parse_divergence(name)
+    if family != "gjsd" or min(value, 1.0 - value) >= GJSD_MIN_WEIGHT:
+        return
+    low = value < 0.5
+    nearest = f"gjsd:{GJSD_MIN_WEIGHT:.2g}" if low else f"gjsd:{1.0 - float(f'{GJSD_MIN_WEIGHT:.2g}'):.8f}"
+    shape, limit = ("u ln u - u + 1", "alpha:1") if low else ("u - 1 - ln u", "alpha:0")
+    raise UserError(f"divergence {name!r} trains nothing: its weight {'beta' if low else '1 - beta'} = "
+                    f"{min(value, 1.0 - value):.3g} is below float32 precision ({GJSD_MIN_WEIGHT:.3g}), and f is "
+                    f"that weight times {shape}, so its advantages are rounding; the nearest setting that trains "
+                    f"is {nearest}, and the shape it tends to is {limit}")
 
 
 def check_method(method: str) -> None:

@@ -214,8 +214,16 @@ def over_row_chunks(fn, *tensors: torch.Tensor, chunk_elements: int = CHUNK_ELEM
 
 
 def _expm1_over(a: float, L: torch.Tensor) -> torch.Tensor:
-    """(u^a - 1) / a = expm1(a L) / a, with its limit L at a = 0."""
-    return L.clone() if a == 0.0 else torch.expm1(a * L) / a
+    """(u^a - 1) / a = expm1(a L) / a, with its limit L at a = 0. Where |a L| < 1e-4 it is
+    L (1 + x/2 + x^2/6 + x^3/24), x = a L (error below x^4 / 120 < 1e-18, relative): a L may underflow to 0
+    when a and L are both tiny, and expm1(0) / a would then be 0 instead of L."""
+    if a == 0.0:
+        return L.clone()
+    x = a * L
+    near = x.abs() < 1e-4
+    xs = torch.where(near, x, 0.0)
+    return torch.where(near, L * (1.0 + xs / 2.0 * (1.0 + xs / 3.0 * (1.0 + xs / 4.0))),
+                       torch.expm1(torch.where(near, 1.0, x)) / a)
 
 
 def _log_abs_expm1(x: torch.Tensor) -> torch.Tensor:
@@ -238,41 +246,104 @@ def _p_squared_expm1(log_p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_p + 2.0 * _log_abs_expm1(x))
 
 
-def _gjsd_log_m(b: float) -> Fn:
-    """ln m = ln(beta u + 1 - beta) as a function of L = ln u (exact at beta = 0 and 1)."""
-    def log_m(L):
+SERIES_TERMS = 20
+"""Terms of the power series used near u = 1 (|argument| < ``SERIES_RADIUS``): the first one left out is below
+1e-22 of the sum, far under float64 rounding."""
+SERIES_RADIUS = 0.5
+
+
+def _series(coefficients: list[float], y: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k y^k for k = 2, 3, ... (Horner), ``coefficients`` from c_2 on."""
+    out = torch.zeros_like(y)
+    for c in reversed(coefficients):
+        out = out * y + c
+    return out * y * y
+
+
+_G_COEFFICIENTS = [(-1.0) ** k / math.factorial(k) for k in range(2, SERIES_TERMS + 2)]
+
+
+def _g(y: torch.Tensor) -> torch.Tensor:
+    """g(y) = y - 1 + e^-y = sum_{k>=2} (-y)^k / k! >= 0, to full relative precision: the series where
+    |y| < ``SERIES_RADIUS`` (the closed form cancels there), the closed form elsewhere. ``torch.where`` sees
+    only inputs each branch is accurate and finite on, so gradients stay finite too."""
+    near = y.abs() < SERIES_RADIUS
+    far = torch.where(near, 1.0, y)
+    return torch.where(near, _series(_G_COEFFICIENTS, torch.where(near, y, 0.0)), far + torch.expm1(-far))
+
+
+def _log1p_of(c: float, sign: float, L: torch.Tensor, fallback: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """log(1 + x) for x = c expm1(sign L): ``log1p(x)`` where |x| <= 1/2 (accurate to relative precision however
+    small the result), else ``fallback()`` (a form without cancellation when 1 + x is far from 1). x is only
+    computed where it is used, so that neither its overflow nor its gradient reaches the other branch."""
+    with torch.no_grad():
+        near = (c * torch.expm1(sign * L)).abs() <= 0.5
+    x = c * torch.expm1(sign * torch.where(near, L, 0.0))
+    return torch.where(near, torch.log1p(x), fallback())
+
+
+def _gjsd_logs(b: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``L -> (ln m, ln(u/m))`` for m = beta u + 1 - beta, each to relative precision near u = 1 and near the
+    endpoints: ln m = log1p(beta expm1 L) and ln(u/m) = -log1p((1 - beta) expm1(-L)), with logaddexp forms where
+    the log1p argument is far from 0. Exact at beta = 0 (ln m = 0) and beta = 1 (ln m = L)."""
+    d = 1.0 - b
+
+    def logs(L):
         if b == 0.0:
-            return torch.zeros_like(L)
+            return torch.zeros_like(L), L.clone()
         if b == 1.0:
-            return L.clone()
-        return torch.logaddexp(L + math.log(b), torch.full_like(L, math.log1p(-b)))
-    return log_m
+            return L.clone(), torch.zeros_like(L)
+        log_m = _log1p_of(b, 1.0, L, lambda: torch.logaddexp(L + math.log(b), torch.full_like(L, math.log(d))))
+        log_r = -_log1p_of(d, -1.0, L, lambda: torch.logaddexp(-L + math.log(d), torch.full_like(L, math.log(b))))
+        return log_m, log_r
+    return logs
 
 
 def _gjsd(weight: float) -> tuple[Fn, Fn, Fn]:
     """Generalised JSD with weight ``weight`` (beta) on the teacher; m = beta u + 1 - beta.
 
     f = beta u ln u - m ln m,  f' = beta (ln u - ln m),  w = (1 - beta) ln m.
+
+    f is computed as ``beta u g(ln(u/m)) + (1 - beta) g(ln(1/m))`` with g(y) = y - 1 + e^-y >= 0 (``_g``): the
+    same function, since beta (u ln(u/m) - u + m) + (1 - beta)(-ln m - 1 + m) = beta u ln u - m ln m, written as a
+    sum of two non-negative terms, so it is non-negative by construction (Jensen) and never the difference of
+    two large numbers. The textbook form cancels catastrophically near beta = 0 and 1 (at beta = 1 - 1e-16 and
+    u = e^30 it is pure rounding, and negative); this one keeps full relative precision everywhere.
     """
-    b, log_m = weight, _gjsd_log_m(weight)
+    b, d, logs = weight, 1.0 - weight, _gjsd_logs(weight)
 
     def f(L):
-        lm = log_m(L)
-        return b * L.exp() * L - lm.exp() * lm
+        log_m, log_r = logs(L)
+        return b * L.exp() * _g(log_r) + d * _g(-log_m)
 
-    return f, (lambda L: b * (L - log_m(L))), (lambda L: (1.0 - b) * log_m(L))
+    return f, (lambda L: b * logs(L)[1]), (lambda L: d * logs(L)[0])
+
+
+def _p_g(lp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p g(y) with p = exp(lp): ``exp(lp) g(y)``, or ``p (y - 1) + exp(lp - y)`` where e^-y would overflow."""
+    big = y < -30.0
+    safe = torch.where(big, 0.0, y)
+    return torch.where(big, lp.exp() * (y - 1.0) + torch.exp(lp - y), lp.exp() * _g(safe))
 
 
 def _gjsd_weighted(weight: float) -> tuple[Fn2, Fn2]:
-    """``(p f, p w)`` of the generalised JSD: p f = beta p u ln u - p m ln m and p w = (1 - beta) p ln m, with
-    p u = exp(ln p + L) and p m = exp(ln p + ln m)."""
-    b, log_m = weight, _gjsd_log_m(weight)
+    """``(p f, p w)`` of the generalised JSD in the form of ``_gjsd``: p f = beta (p u) g(ln(u/m)) +
+    (1 - beta) p g(ln(1/m)) and p w = (1 - beta) p ln m, with p u = exp(ln p + L)."""
+    b, d, logs = weight, 1.0 - weight, _gjsd_logs(weight)
 
     def pf(lp, L):
-        lm = log_m(L)
-        return b * torch.exp(lp + L) * L - torch.exp(lp + lm) * lm
+        log_m, log_r = logs(L)
+        return b * torch.exp(lp + L) * _g(log_r) + d * _p_g(lp, -log_m)
 
-    return pf, (lambda lp, L: (1.0 - b) * lp.exp() * log_m(L))
+    return pf, (lambda lp, L: d * lp.exp() * logs(L)[0])
+
+
+def _amari_coefficients(a: float) -> list[float] | None:
+    """c_k = (1 + a + ... + a^(k-2)) / k!, k >= 2: f = sum_k c_k L^k near L = 0 (None for |a| > 1000, where the
+    series' radius is too small to matter)."""
+    if abs(a) > 1000.0:
+        return None
+    return [sum(a ** j for j in range(k - 1)) / math.factorial(k) for k in range(2, SERIES_TERMS + 2)]
 
 
 def _amari(alpha: float) -> tuple[Fn, Fn, Fn]:
@@ -280,14 +351,24 @@ def _amari(alpha: float) -> tuple[Fn, Fn, Fn]:
 
     f' = (u^(a-1) - 1)/(a - 1),  w = (u^a - 1)/a.  Written with expm1 so both limits are exact:
     a -> 0 gives f = u - 1 - ln u (reverse KL plus a linear term), a -> 1 gives f = u ln u - u + 1.
+    Near u = 1 (|L| max(1, |a|) < 1/2) f is its power series sum_k L^k (1 + a + ... + a^(k-2)) / k!, whose
+    coefficients are positive sums: the closed forms subtract two numbers that agree to O(L^2) there.
     """
-    a = alpha
+    a, coefficients = alpha, _amari_coefficients(alpha)
+    radius = SERIES_RADIUS / max(1.0, abs(a))
 
-    def f(L):
+    def closed(L):
         u = L.exp()
         if abs(a) < 0.5:  # form valid for a != 1: ((u^a-1)/a - (u-1)) / (a-1)
             return (_expm1_over(a, L) - (u - 1.0)) / (a - 1.0)
         return (u * _expm1_over(a - 1.0, L) - (u - 1.0)) / a  # form valid for a != 0
+
+    def f(L):
+        if coefficients is None:
+            return closed(L)
+        near = L.abs() < radius
+        series = _series(coefficients, torch.where(near, L, 0.0))
+        return torch.where(near, series, closed(torch.where(near, 1.0, L)))
 
     return f, (lambda L: _expm1_over(a - 1.0, L)), (lambda L: _expm1_over(a, L))
 

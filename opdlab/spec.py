@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, fields
 
 from opdlab.choices import (BASELINES, DEFAULT_REDUCTION, LR_SCHEDULES, REDUCTIONS, SPARSE_BASELINES, TRAIN_METHODS,
-                             parse_divergence)
+                             check_trainable)
 from opdlab.errors import UserError
 from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
@@ -107,7 +107,7 @@ class Objective:
 
     def __post_init__(self):
         try:
-            parse_divergence(self.divergence)
+            check_trainable(self.divergence)  # parses it, and refuses an objective that trains nothing
         except (ValueError, TypeError) as err:
             raise UserError(f"divergence = {self.divergence!r} is invalid: {err}") from None
         _check(self.method in TRAIN_METHODS, "method", self.method, f"one of {TRAIN_METHODS}")

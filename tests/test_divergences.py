@@ -2,11 +2,16 @@
 import math
 import warnings
 
+import mpmath
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from opdlab.choices import FIXED_DIVERGENCES
+from opdlab.choices import FIXED_DIVERGENCES, check_trainable
 from opdlab.divergences import get, names
+from opdlab.errors import UserError
+from opdlab.spec import RunSpec
 
 FIXED = list(FIXED_DIVERGENCES)
 FAMILY = ["gjsd:0.1", "gjsd:0.5", "gjsd:0.9", "alpha:-1", "alpha:0", "alpha:0.5", "alpha:1", "alpha:2"]
@@ -122,10 +127,19 @@ def test_gjsd_is_continuous_at_its_endpoints(inside, endpoint):
         assert (getattr(get(inside), method)(L) - getattr(end, method)(L)).abs().max() < 1e-6
 
 
-def test_gjsd_endpoint_warns_that_it_is_zero():
-    with pytest.warns(UserWarning, match="identically zero"):
-        div = get("gjsd:0")
-    assert div.f(torch.linspace(-3, 3, 7)).abs().max() == 0
+def test_gjsd_endpoints_are_zero_in_the_registry_and_refused_for_training():
+    assert get("gjsd:0").f(torch.linspace(-3, 3, 7)).abs().max() == 0  # the registry keeps the continuous family
+    for name, nearest, shape in [("gjsd:0", "gjsd:1.2e-07", "alpha:1"), ("gjsd:1", "gjsd:0.99999988", "alpha:0"),
+                                 ("gjsd:0.9999999999999999", "gjsd:0.99999988", "alpha:0"),  # a rounding away
+                                 ("gjsd:1e-9", "gjsd:1.2e-07", "alpha:1")]:
+        with pytest.raises(UserError, match=f"trains nothing.*nearest setting that trains is {nearest}.*{shape}"):
+            check_trainable(name)
+        with pytest.raises(ValueError, match="trains nothing"):
+            RunSpec.from_dict({"divergence": name})
+        check_trainable(nearest)  # the advice is a setting that is accepted
+        RunSpec.from_dict({"divergence": nearest})
+    for name in ("gjsd:1e-6", "gjsd:0.5", "reverse_kl", "alpha:0", "alpha:1"):
+        check_trainable(name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -176,3 +190,79 @@ def test_exact_rejects_non_finite_log_probs(bad):
 def test_exact_rejects_different_vocabularies():
     with pytest.raises(ValueError, match="different vocabularies"):
         get("reverse_kl").exact(torch.log_softmax(torch.randn(2, 5), -1), torch.log_softmax(torch.randn(2, 6), -1))
+
+
+# -- the families against a high-precision evaluation, at their parameters' ends -----------------------------------
+DIGITS = 1500
+"""Working digits of the reference: the textbook forms cancel up to about 650 digits at the smallest floats
+(m = 1 + beta (u - 1) with beta, log u near 5e-324), and 50 are left beyond that."""
+END = 1e-12
+LOG_U = st.floats(-30.0, 30.0, allow_nan=False)
+GJSD_WEIGHTS = st.one_of(st.floats(0.0, END), st.floats(1.0 - END, 1.0), st.floats(0.0, 1.0))
+ALPHAS = st.one_of(st.floats(-END, END), st.floats(1.0 - END, 1.0 + END), st.floats(-4.0, 4.0))
+
+
+def mp_gjsd(b, L):
+    """(f, w_f) of gjsd:b at u = e^L from the textbook form, in ``DIGITS`` digits."""
+    with mpmath.workdps(DIGITS):
+        b, L = mpmath.mpf(b), mpmath.mpf(L)
+        u = mpmath.exp(L)
+        m = b * u + 1 - b
+        return b * u * L - m * mpmath.log(m), (1 - b) * mpmath.log(m)
+
+
+def mp_amari(a, L):
+    """(f, w_f) of alpha:a at u = e^L from the textbook form, in ``DIGITS`` digits, with the limits at a = 0, 1."""
+    with mpmath.workdps(DIGITS):
+        a, L = mpmath.mpf(a), mpmath.mpf(L)
+        u = mpmath.exp(L)
+        if a == 0:
+            return u - 1 - L, L
+        if a == 1:
+            return u * L - u + 1, u - 1
+        return (mpmath.exp(a * L) - a * u - (1 - a)) / (a * (a - 1)), (mpmath.exp(a * L) - 1) / a
+
+
+def assert_accurate(value, exact, what):
+    """Relative error below 1e-12 of the high-precision value (and an absolute floor of 1e-300, where the exact
+    value itself is beyond float64)."""
+    assert abs(mpmath.mpf(value) - exact) <= 1e-12 * abs(exact) + 1e-300, (what, value, float(exact))
+
+
+@settings(max_examples=400, deadline=None)
+@given(b=GJSD_WEIGHTS, L=LOG_U)
+def test_gjsd_matches_high_precision_near_its_ends_and_is_non_negative(b, L):
+    div = get(f"gjsd:{b!r}")
+    assert div.parameter == b
+    f_exact, w_exact = mp_gjsd(b, L)
+    f, w = float(div.f(torch.tensor([L]))), float(div.opd_plus_advantage(torch.tensor([L])))
+    assert f >= 0.0  # Jensen: f = beta u g(ln(u/m)) + (1 - beta) g(-ln m), both terms >= 0
+    assert_accurate(f, f_exact, ("f", b, L))
+    assert_accurate(w, w_exact, ("w", b, L))
+
+
+@settings(max_examples=400, deadline=None)
+@given(a=ALPHAS, L=LOG_U)
+def test_amari_matches_high_precision_near_its_ends_and_is_non_negative(a, L):
+    div = get(f"alpha:{a!r}")
+    f_exact, w_exact = mp_amari(a, L)
+    if abs(f_exact) > 1e300:  # u^a beyond float64 (|a| L > 690)
+        return
+    f, w = float(div.f(torch.tensor([L]))), float(div.opd_plus_advantage(torch.tensor([L])))
+    assert f >= 0.0  # convex with f(1) = f'(1) = 0
+    assert_accurate(f, f_exact, ("f", a, L))
+    assert_accurate(w, w_exact, ("w", a, L))
+
+
+def test_the_former_gjsd_form_fails_what_the_registry_passes():
+    """Counterfactual: the form the registry used before, beta u ln u - m ln m with ln m by logaddexp, at a
+    weight a rounding away from 1 is negative and nowhere near the high-precision value (f is 0.0012 there);
+    the property test above would catch it."""
+    b, L = 1.0 - 2.0 ** -53, torch.tensor([30.0])
+    log_m = torch.logaddexp(L + math.log(b), torch.full_like(L, math.log(1.0 - b)))
+    former = float(b * L.exp() * L - log_m.exp() * log_m)
+    exact = mp_gjsd(b, 30.0)[0]
+    assert former < 0 < exact
+    with pytest.raises(AssertionError):
+        assert_accurate(former, exact, "former")
+    assert_accurate(float(get(f"gjsd:{b!r}").f(L)), exact, "registry")
