@@ -8,6 +8,7 @@ docs/math.md (§3 methods, §4 γ and reductions, §5 baselines).
 from __future__ import annotations
 
 import math
+import warnings
 
 from opdlab.errors import UserError
 
@@ -69,8 +70,8 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
 
     Raises a TypeError for a name that is not a string, and a ValueError that lists the allowed names for an
     unknown name or states the allowed range for a family parameter that is malformed or out of range. The
-    registry accepts the endpoints gjsd:0 and gjsd:1 (identically zero; the family is continuous there), which
-    ``check_trainable`` refuses for training.
+    registry accepts the endpoints gjsd:0 and gjsd:1 (identically zero; the family is continuous there) with a
+    warning; ``check_trainable`` refuses them, and weights within float32 precision of them, for training.
     """
     if not isinstance(name, str):
         raise TypeError(f"a divergence is named by a string, got {type(name).__name__}; "
@@ -94,6 +95,10 @@ def parse_divergence(name: str) -> tuple[str, float | None]:
         if not 0.0 <= value <= 1.0:
             raise UserError(f"gjsd weight on the teacher must lie in [0, 1], got {value}: "
                              f"{DIVERGENCE_FAMILIES['gjsd']}")
+        if value in (0.0, 1.0):
+            warnings.warn(f"gjsd:{value:g} is identically zero (the mixture equals one of the two "
+                          "distributions): it gives no learning signal. For the KL limits use forward_kl, "
+                          "reverse_kl, alpha:1 or alpha:0.", stacklevel=3)
     return family, value
 
 
