@@ -62,9 +62,12 @@ def _positive_int(text: str) -> int:
 
 
 def _write_csv(frame, path: str) -> None:
-    """Write a tidy DataFrame to ``path`` (parent directories created) and say so."""
+    """Write a tidy DataFrame to ``path`` (parent directories created; a full disk names the path) and say so."""
+    from opdlab.files import disk_errors
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    with disk_errors(path):
+        frame.to_csv(path, index=False)
     print(f"wrote {len(frame)} rows to {path}")
 
 

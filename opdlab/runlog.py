@@ -10,7 +10,8 @@ Layout of ``runs/<name>/``::
     items/step_N.csv  one record per held-out item of the evaluation at step N (``train.ITEM_COLUMNS``)
     checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint; digest.json:
                       the sha256 of each of its files and of the weights (``opdlab.files``)
-    lock              the pid of the process writing the run (for messages; the lock itself is on the directory)
+    lock              the pid of the process writing the run, for messages; flocked too, as older versions did, to
+                      keep their writers out (the lock no deletion can break is on the directory itself)
 
 Nothing is lost or mixed:
 
@@ -47,7 +48,7 @@ import pandas as pd
 import torch
 
 from opdlab.errors import UserError
-from opdlab.files import DIGEST_FILE, disk_errors, remove_tree, replace_dir, restore_dir, write_atomic
+from opdlab.files import DIGEST_FILE, DigestMismatch, disk_errors, remove_tree, replace_dir, restore_dir, write_atomic
 from opdlab.lm.modeling import load_verified, record_digest, save_model, torch_bytes, weights_digest
 from opdlab.spec import LEGACY_RUNTIME_FIELDS, RunSpec
 
@@ -196,29 +197,35 @@ def _run_dir(run_dir) -> Path:
     return path
 
 
-def _lock(run_dir: Path) -> int:
+def _lock(run_dir: Path) -> tuple[int, ...]:
     """Take an exclusive flock on the directory ``run_dir`` itself, which no ``rm`` of a file in it can undo
-    (the kernel releases it when the process ends); write this process's pid into ``run_dir/lock`` for the
-    message a second writer gets. Return the directory's descriptor."""
+    (the kernel releases it when the process ends), then on ``run_dir/lock``, the file an older opdlab locked,
+    so that a writer of an older version is kept out too; write this process's pid into that file for the
+    message a second writer gets. Return the descriptors to hold."""
     import fcntl
 
-    fd = os.open(run_dir, os.O_RDONLY)
+    held = []
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for path in (run_dir, run_dir / "lock"):
+            fd = os.open(path, os.O_RDONLY) if path == run_dir else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            held.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(held[1], 0)
+        os.write(held[1], str(os.getpid()).encode())
     except BlockingIOError:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
         try:
             holder = (run_dir / "lock").read_text().strip() or "unknown"
         except OSError:
             holder = "unknown"
         raise UserError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
                         "one writer at a time: wait for it to finish, or use another run directory") from None
-    try:
-        write_atomic(run_dir / "lock", str(os.getpid()))
     except BaseException:
-        os.close(fd)
+        for fd in held:
+            os.close(fd)
         raise
-    return fd
+    return tuple(held)
 
 
 class RunLog:
@@ -257,9 +264,9 @@ class RunLog:
 
     def close(self) -> None:
         """Release the run directory's lock."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in self._lock_fd or ():
+            os.close(fd)
+        self._lock_fd = None
 
     def start(self, fingerprint: dict, device: str | None = None, run: dict | None = None) -> None:
         """Check ``fingerprint`` against the recorded one and the checkpoint's (refusing a different one), read
@@ -354,7 +361,7 @@ class RunLog:
         try:
             model, _, record = load_verified(self.checkpoint_dir, what=what, remedy=remedy + " from step 0")
             state = torch.load(path, weights_only=False, map_location="cpu")
-        except UserError:
+        except DigestMismatch:
             raise
         except Exception as err:  # torch, safetensors and transformers each raise their own kind
             raise UserError(f"{what} cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}); "

@@ -71,6 +71,18 @@ def test_deleting_any_file_of_a_run_directory_never_lets_a_second_writer_in(tmp_
     os.close(first), os.close(second)
     with RunLog(run_dir, CONFIG):  # the holder has ended: the kernel released its lock
         pass
+    # a writer of an older version, which locked the file `lock` alone, is kept out as well
+    older = os.open(run_dir / "lock", os.O_RDWR)
+    fcntl.flock(older, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(UserError, match="being written by another process"):
+        RunLog(run_dir, CONFIG)
+    os.close(older)
+
+
+def test_a_full_disk_while_the_command_line_writes_a_csv_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    assert cli.main(["toy", "--n-toys", "1", "-d", "jsd", "--csv", str(tmp_path / "toy.csv")]) == 2
+    one_line(capsys, tmp_path / "toy.csv")
 
 
 # -- a full disk ---------------------------------------------------------------------------------------------------
