@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opdlab.files import remove_tree
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cache_dir
 from opdlab.lm.modeling import count_parameters, load_model, quiet_progress, save_model
@@ -84,9 +85,12 @@ def smollm2_teacher(cache: str | os.PathLike | None = None, progress: bool = Tru
     if progress:
         print(f"converting {gguf.name} to a checkpoint at {path} (once)", flush=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    convert_gguf(gguf, tmp, meta={"role": "teacher", "source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_FILE}"})
-    if not path.exists():
-        os.replace(tmp, path)
+    try:  # the temporary directory never outlives the call, written or not
+        convert_gguf(gguf, tmp, meta={"role": "teacher", "source": f"{SMOLLM2_PACKAGE}/{SMOLLM2_FILE}"})
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        remove_tree(tmp)
     return path
 
 
@@ -165,7 +169,10 @@ def layer_dropped_student(teacher_path: str | os.PathLike, layers, cache: str | 
                      desc="student warm-up", progress=progress, heartbeat=Heartbeat(enabled=progress))
         meta["final_sft_loss"] = losses[-1]
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_model(student.eval(), tokenizer, tmp, meta)
-    if not path.exists():
-        os.replace(tmp, path)
+    try:
+        save_model(student.eval(), tokenizer, tmp, meta)
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        remove_tree(tmp)
     return path
