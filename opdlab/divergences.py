@@ -179,13 +179,15 @@ def validate_log_probs(mask: torch.Tensor | None = None, **tensors: torch.Tensor
                     f"{name} has {n_nan} NaN and {n_inf} infinite entries, all at masked positions (mask 0): "
                     "the advantage ignores them, but a surrogate multiplies them by 0 and 0 x NaN is NaN; fill "
                     f"masked positions with 0 (torch.where(mask_BT > 0, {name}, 0.0))")
-            raise UserError(
-                f"{name} has {int((torch.isnan(t) & counted).sum())} NaN and {int((torch.isinf(t) & counted).sum())} "
-                "infinite entries at positions that count; "
-                "log-probabilities must be finite there (a token the sampler gave probability 0 cannot have been "
-                "sampled): clamp them (e.g. clamp_min(-1e4)), or, if those positions should not count, set their "
-                "mask to 0 and fill them with 0"
-            )
+            n_nan = int((torch.isnan(t) & counted).sum())
+            why = ("a NaN log-probability comes from the model that computed it (weights or logits that are not "
+                   "finite), not from sampling: check that model, e.g. a checkpoint loaded without a digest, or "
+                   "training that diverged" if n_nan else
+                   "-inf is a token given probability 0 (the sampler itself cannot have sampled one): clamp them "
+                   "(e.g. clamp_min(-1e4)), or, if those positions should not count, set their mask to 0 and "
+                   "fill them with 0")
+            raise UserError(f"{name} has {n_nan} NaN and {int((torch.isinf(t) & counted).sum())} infinite entries "
+                            f"at positions that count; log-probabilities must be finite there: {why}")
         above = t > LOGP_TOLERANCE
         if bool(above.any()):
             raise UserError(

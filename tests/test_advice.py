@@ -96,8 +96,13 @@ def test_nan_at_a_masked_position_is_named_as_such_and_filling_it_works():
     assert torch.isnan(reinforce_loss(padded, adv.A_BT, mask))
     unmasked = logp_s.clone()
     unmasked[0, 0] = float("nan")
-    with pytest.raises(UserError, match="1 NaN and 0 infinite entries at positions that count"):
+    with pytest.raises(UserError, match="1 NaN and 0 infinite entries at positions that count") as err:
+        compute_advantages("jsd", logp_s, torch.where(unmasked.isnan(), unmasked, logp_t), mask)
+    assert "comes from the model that computed it" in str(err.value) and "cannot have been sampled" not in str(err.value)
+    unmasked[0, 0] = float("-inf")
+    with pytest.raises(UserError, match="0 NaN and 1 infinite .*clamp them") as err:
         compute_advantages("jsd", unmasked, logp_t, mask)
+    compute_advantages("jsd", unmasked.clamp_min(-1e4), logp_t, mask)  # the advice
 
 
 def test_a_nan_baseline_is_blamed_on_the_baseline_not_the_divergence():
