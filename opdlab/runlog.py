@@ -19,7 +19,8 @@ Nothing is lost or mixed:
   start to end, so deleting any file in it lets no second writer in; the kernel releases it when the process
   ends, however it ends;
 - a checkpoint is verified on every load (resume, ``opdlab eval``): its files against its digest.json, its
-  weights against the recorded weights' digest; one that differs is refused, naming the files. A checkpoint
+  weights against the recorded weights' digest; one that differs is refused, naming the files. It also holds
+  the sha256 of the metric records up to its step, which a resume checks before it keeps them. A checkpoint
   written before digests existed is loaded as it is and its digest recorded then, with a message;
 - an append writes a whole line or nothing (a failed write is cut back); a torn last line, from a crash or a
   full disk, is dropped with a message when the file is read;
@@ -37,6 +38,7 @@ under the record's ``"nonfinite"`` key (JSON has no NaN).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -328,7 +330,21 @@ class RunLog:
             raise UserError(f"{self.metrics_path} does not hold the train records of steps 1..{step} that its "
                              f"checkpoint has done (it holds {len(trained)}): the run's early metrics are lost; "
                              "start it over in a new run directory")
-        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        recorded = (self.checkpoint or ({},))[0].get("metrics_sha256") if step >= 0 else None
+        if recorded is not None and hashlib.sha256(text.encode()).hexdigest() != recorded:
+            raise UserError(f"{self.metrics_path}: its records of steps 0..{step} are not the ones the checkpoint "
+                            "recorded (they were edited or damaged since; the checkpoint holds their sha256): "
+                            f"restore the file from a copy, or delete the checkpoint (`rm -r {self.checkpoint_dir}`) "
+                            "to start the run over from step 0")
+        write_atomic(self.metrics_path, text)
+
+    def _metrics_digest(self, step: int) -> str | None:
+        """sha256 of the metric records of steps up to ``step``, as ``truncate_after`` writes them back."""
+        if not self.metrics_path.exists():
+            return None
+        text = "".join(json.dumps(r) + "\n" for r in read_records(self.metrics_path) if r["step"] <= step)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def save_checkpoint(self, model, tokenizer, optimizer, step: int, rng: dict) -> None:
         """Model, tokenizer, optimizer state, RNG states, the number of completed steps and the run's fingerprint,
@@ -338,7 +354,7 @@ class RunLog:
         tmp = self.dir / f"checkpoint.tmp{os.getpid()}"
         remove_tree(tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint,
-                 "digested": True}
+                 "digested": True, "metrics_sha256": self._metrics_digest(step)}
         try:
             with disk_errors(self.checkpoint_dir, rename=True):
                 save_model(model, tokenizer, tmp, files={"state.pt": torch_bytes(state)},

@@ -15,6 +15,7 @@ from opdlab.lm import cache
 from opdlab.lm.modeling import load_model, save_model, weights_digest
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.train import train
+from runs import resign
 from test_rundir import CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny
 
 
@@ -86,6 +87,32 @@ def test_a_checkpoint_written_before_digests_gets_one_on_first_load(tmp_path, fu
     flip_weight(run_dir / "checkpoint" / "model.safetensors")  # from now on it is verified
     with pytest.raises(UserError, match="model.safetensors changed"):
         train(CONFIG, run_dir, RT, TASK, MODELS)
+
+
+def test_metric_records_before_the_checkpoint_are_verified_on_resume(tmp_path, full):
+    def edit(run_dir):  # a number of step 1's record changed by hand, the line still valid JSON
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+        i = next(i for i, line in enumerate(lines) if json.loads(line)["step"] == 1)
+        lines[i] = json.dumps({**json.loads(lines[i]), "loss": 123.0}) + "\n"
+        (run_dir / "metrics.jsonl").write_text("".join(lines))
+
+    run_dir = cut(tmp_path / "a")
+    edit(run_dir)
+    with pytest.raises(UserError, match=r"metrics.jsonl: its records of steps 0..2 are not the ones the checkpoint"):
+        train(CONFIG, run_dir, RT, TASK, MODELS)
+    shutil.rmtree(run_dir / "checkpoint")  # the advice
+    train(CONFIG, run_dir, RT, TASK, MODELS)
+    assert metrics(run_dir).equals(full)
+    # counterfactual: a checkpoint without the records' digest (as before it existed) keeps the edit silently
+    run_dir = cut(tmp_path / "b")
+    state_path = run_dir / "checkpoint" / "state.pt"
+    state = torch.load(state_path, weights_only=False)
+    state.pop("metrics_sha256")
+    torch.save(state, state_path)
+    resign(run_dir / "checkpoint")
+    edit(run_dir)
+    train(CONFIG, run_dir, RT, TASK, MODELS)
+    assert not metrics(run_dir).equals(full)
 
 
 def test_every_saved_model_is_verified_where_it_is_loaded(tmp_path):

@@ -20,7 +20,7 @@ from opdlab.tasks import get_task
 from opdlab.spec import RunSpec
 from opdlab.step import Models, Trainer, opd_step
 from opdlab.train import train
-from runs import make
+from runs import make, resign
 
 TASK = get_task("arithmetic")
 TOK = char_tokenizer(TASK.alphabet + "<>()")
@@ -199,6 +199,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     state_path = tmp_path / "cut" / "checkpoint" / "state.pt"
     state = torch.load(state_path, weights_only=False)
     torch.save({**state, "rng": {**state["rng"], "device": "cuda"}}, state_path)
+    resign(state_path.parent)
     with pytest.raises(ValueError, match="was started on cuda and is being resumed on cpu"):
         train(config, tmp_path / "cut", rt, TASK, models)
 
