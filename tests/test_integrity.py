@@ -15,8 +15,8 @@ from opdlab.lm import cache
 from opdlab.lm.modeling import load_model, save_model, weights_digest
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.train import train
-from runs import resign
-from test_rundir import CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny
+from runs import make, resign
+from test_rundir import CLI_FIELDS, CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +252,19 @@ def test_digests_record_facts_and_refuse_a_file_that_went_missing(tmp_path):
     assert check_digest(tmp_path / "nothing") is None
     os.makedirs(tmp_path / "e")
     assert json.loads(json.dumps(write_digest(tmp_path / "e")))["files"] == {}
+
+
+def test_a_runs_fingerprint_records_the_verified_digests_of_its_cached_models(tmp_path, capsys):
+    spec, runtime = make(**{**CLI_FIELDS, "steps": 1, "checkpoint_every": 1}, cache=str(tmp_path / "cache"))
+    train(spec, tmp_path / "run", runtime, TASK)  # the teacher and the warm-up student trained into the cache
+    recorded = json.loads((tmp_path / "run" / "fingerprint.json").read_text())
+    entries = {p.name.split("-")[0]: check_digest(p) for p in (tmp_path / "cache").iterdir()}
+    assert recorded["teacher"] == entries["teacher"]["weights"] and recorded["student"] == entries["student"]["weights"]
+    # a damaged teacher entry is trained again before anything is recorded (the recipe is deterministic on the
+    # CPU, so the run's fingerprint still holds), never fingerprinted as it is
+    teacher_entry = next(p for p in (tmp_path / "cache").iterdir() if p.name.startswith("teacher"))
+    flip_weight(teacher_entry / "model.safetensors")
+    train(spec, tmp_path / "again", runtime, TASK)
+    assert "cannot be used, so it is trained again" in capsys.readouterr().err
+    again = json.loads((tmp_path / "again" / "fingerprint.json").read_text())
+    assert again["teacher"] == recorded["teacher"] == check_digest(teacher_entry)["weights"]
