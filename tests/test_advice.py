@@ -98,7 +98,8 @@ def test_nan_at_a_masked_position_is_named_as_such_and_filling_it_works():
     unmasked[0, 0] = float("nan")
     with pytest.raises(UserError, match="1 NaN and 0 infinite entries at positions that count") as err:
         compute_advantages("jsd", logp_s, torch.where(unmasked.isnan(), unmasked, logp_t), mask)
-    assert "comes from the model that computed it" in str(err.value) and "cannot have been sampled" not in str(err.value)
+    message = str(err.value)
+    assert "comes from the model that computed it" in message and "cannot have been sampled" not in message
     unmasked[0, 0] = float("-inf")
     with pytest.raises(UserError, match="0 NaN and 1 infinite .*clamp them") as err:
         compute_advantages("jsd", unmasked, logp_t, mask)
