@@ -19,10 +19,12 @@ def test_the_committed_documents_are_what_the_data_gives():
 
 @pytest.fixture
 def tree(tmp_path):
-    """A copy of what the report reads and writes: README.md, docs/ and figures/data/."""
+    """A copy of what the report reads and writes: README.md, docs/, figures/data/ and benchmarks/results/."""
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
     shutil.copytree(ROOT / "figures" / "data", tmp_path / "figures" / "data")
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results",
+                    ignore=shutil.ignore_patterns("*.png", "*.json"))
     assert report.check(tmp_path) == []
     return tmp_path
 
@@ -59,7 +61,7 @@ def test_changed_data_fails_the_check_for_every_document_it_feeds(tree):
 
 def test_a_committed_benchmark_csv_is_rendered_into_its_region(tree):
     results = tree / "benchmarks" / "results"
-    results.mkdir(parents=True)
+    results.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"phase": ["sample", "teacher"], "median_s": [0.0641234, 0.019]}).to_csv(
         results / "bench_train-cpu.csv", index=False)
     problems = report.check(tree)
