@@ -263,6 +263,7 @@ BENCHMARKS = {  # table name -> the command that measures it
     "bench_memory": "python benchmarks/bench_memory.py",
     "bench_peers": "python benchmarks/bench_peers.py --samples 1 4 --steps 8",
     "bench_levers": "python benchmarks/bench_levers.py",
+    "cohort": "python benchmarks/bench_cohort.py --case nb04/arithmetic --case nb04/tool_use --R 1 2 4 8 16 --steps 2",
 }
 
 
