@@ -338,6 +338,20 @@ class RunLog:
                             f"restore the file from a copy, or delete the checkpoint (`rm -r {self.checkpoint_dir}`) "
                             "to start the run over from step 0")
         write_atomic(self.metrics_path, text)
+        recorded = (self.checkpoint or ({},))[0].get("items_sha256") if step >= 0 else None
+        if recorded is not None and self._items_digest(step) != recorded:
+            raise UserError(f"{self.dir / 'items'}: the per-item records of the evaluations up to step {step} are not "
+                            "the ones the checkpoint recorded (a file was edited, damaged or removed since; the "
+                            "checkpoint holds their sha256): restore them from a copy, or delete the checkpoint "
+                            f"(`rm -r {self.checkpoint_dir}`) to start the run over from step 0")
+
+    def _items_digest(self, step: int) -> str:
+        """sha256 over the per-item record files of the evaluations at steps up to ``step`` (names and bytes)."""
+        digest = hashlib.sha256()
+        for path in sorted(self.dir.glob("items/step_*.csv"), key=lambda p: int(p.stem.split("_")[1])):
+            if int(path.stem.split("_")[1]) <= step:
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()
 
     def _metrics_digest(self, step: int) -> str | None:
         """sha256 of the metric records of steps up to ``step``, as ``truncate_after`` writes them back."""
@@ -354,7 +368,8 @@ class RunLog:
         tmp = self.dir / f"checkpoint.tmp{os.getpid()}"
         remove_tree(tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint,
-                 "digested": True, "metrics_sha256": self._metrics_digest(step)}
+                 "digested": True, "metrics_sha256": self._metrics_digest(step),
+                 "items_sha256": self._items_digest(step)}
         try:
             with disk_errors(self.checkpoint_dir, rename=True):
                 save_model(model, tokenizer, tmp, files={"state.pt": torch_bytes(state)},

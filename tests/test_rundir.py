@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
@@ -454,3 +455,20 @@ def test_kill_9_at_random_points_again_and_again_still_ends_equal(tmp_path, cli_
     assert done.returncode == 0, done.stderr
     assert metrics(run_dir).equals(full)
     assert not list(run_dir.glob("checkpoint.*")) and not list(run_dir.glob(".*.tmp*"))
+
+
+def test_edited_per_item_records_are_refused_on_resume_and_the_advice_works(tmp_path, full):
+    """The checkpoint holds the sha256 of the per-item records up to its step: an edited one is refused by name,
+    and deleting the checkpoint, as the message says, starts the run over to the uninterrupted result."""
+    import shutil
+
+    run_dir = cut(tmp_path)  # checkpoint at step 2; evaluations at steps 0 and 2
+    items = run_dir / "items" / "step_2.csv"
+    frame = pd.read_csv(items)
+    frame.loc[0, "correct"] = 1 - frame.loc[0, "correct"]  # one item's greedy result flipped
+    frame.to_csv(items, index=False)
+    with pytest.raises(UserError, match="per-item records of the evaluations up to step 2"):
+        train(CONFIG, run_dir, RT, TASK, MODELS)
+    shutil.rmtree(run_dir / "checkpoint")
+    train(CONFIG, run_dir, RT, TASK, MODELS)
+    assert metrics(run_dir).equals(full)
