@@ -147,7 +147,7 @@ def _toy_topk(args, names) -> int:
 def _cmd_train(args) -> int:
     from opdlab.distributed import world
     from opdlab.presets import resolve
-    from opdlab.runlog import stored_config, stored_runtime
+    from opdlab.runread import stored_config, stored_runtime
     from opdlab.train import train
 
     if not args.run_dir.strip():

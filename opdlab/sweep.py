@@ -43,7 +43,7 @@ from opdlab import distributed
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.sampling import greedy_accuracy
-from opdlab.runlog import read_items, read_metrics, results, stored_config
+from opdlab.runread import CONFIG_COLUMNS, read_items, read_metrics, results, stored_config
 from opdlab.runtime import Runtime
 from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
@@ -90,10 +90,8 @@ def _references(spec: RunSpec, task, models) -> list[dict]:
 
 
 def item_results(run_dirs) -> pd.DataFrame:
-    """Every per-item evaluation record of ``run_dirs`` (``runlog.read_items``) with the columns that tell runs
-    apart (``runlog.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read."""
-    from opdlab.runlog import CONFIG_COLUMNS
-
+    """Every per-item evaluation record of ``run_dirs`` (``runread.read_items``) with the columns that tell runs
+    apart (``runread.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read."""
     frames = []
     for d in run_dirs:
         items = read_items(d)
@@ -114,7 +112,7 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     of dicts of flat RunSpec fields (e.g. ``{"gamma": 0.5, "log_u_clip": 2.0}``), each crossed with every arm and
     seed, so that one pool trains them all (notebook 09).
 
-    ``evals`` holds every evaluation record of every run (``runlog.results``); ``references`` has rows
+    ``evals`` holds every evaluation record of every run (``runread.results``); ``references`` has rows
     ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
     examples. A run whose directory already holds a finished run is read back, not retrained.
     """

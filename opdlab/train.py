@@ -7,7 +7,7 @@ compiled decoding, checkpoints, progress) is its ``Runtime`` (``opdlab.runtime``
 ``evaluate`` measures held-out greedy accuracy, sampled avg@k and the exact per-token divergence to the teacher
 over the vocabulary, and returns one record per held-out item (``ITEM_COLUMNS``): every run of a task sees the
 same items in the same order, so arms compare item by item (``opdlab.stats``). ``train`` writes these records
-into the run directory (``runlog.RunLog.write_items``; read back with ``runlog.read_items``).
+into the run directory (``runlog.RunLog.write_items``; read back with ``runread.read_items``).
 
 A run started again in the same directory resumes from its checkpoint and ends with the same metrics as an
 uninterrupted one: the training prompts are a fixed seeded list, sampling uses one explicit generator (one per
@@ -39,7 +39,8 @@ from opdlab.lm.cache import teacher_and_student
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
-from opdlab.runlog import RunLog, fingerprint, read_metrics
+from opdlab.runlog import RunLog, fingerprint
+from opdlab.runread import read_metrics
 from opdlab.runtime import Runtime
 from opdlab.spec import RunSpec, run_name
 from opdlab.step import EVAL_SEED, Models, Trainer, eval_examples, max_new_tokens, opd_step

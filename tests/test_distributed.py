@@ -12,7 +12,7 @@ import opdlab.step as step_module
 from opdlab import distributed
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import Rollout, sample
-from opdlab.runlog import read_metrics
+from opdlab.runread import read_metrics
 from opdlab.tasks import get_task
 from opdlab.train import load_models, train
 from runs import make

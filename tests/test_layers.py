@@ -20,7 +20,7 @@ LAYERS = [
     ["audit_catalogue"],
     ["montecarlo", "audit", "lm.cache"],
     ["testing", "audit_docs"],
-    ["runlog", "distributed", "plots", "lm.pretrained"],
+    ["runread", "runlog", "distributed", "plots", "lm.pretrained"],
     ["step", "cohort"],
     ["train", "widgets", "noise", "integrations"],
     ["sweep"],

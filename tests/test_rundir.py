@@ -18,7 +18,8 @@ from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
 from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.runlog import RunLog, read_metrics, read_records
+from opdlab.runlog import RunLog
+from opdlab.runread import read_metrics, read_records
 from opdlab.tasks import get_task
 from opdlab.spec import RunSpec, run_name
 from opdlab.step import Models

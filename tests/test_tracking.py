@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opdlab.errors import UserError
-from opdlab.runlog import read_metrics
+from opdlab.runread import read_metrics
 from opdlab.runtime import Runtime
 from opdlab.tasks import get_task
 from opdlab.train import train

@@ -15,7 +15,7 @@ from opdlab.lm.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.runlog import read_metrics, results
+from opdlab.runread import read_metrics, results
 from opdlab.tasks import get_task
 from opdlab.spec import RunSpec
 from opdlab.step import Models, Trainer, opd_step

@@ -136,7 +136,7 @@ def test_reference_arms_train_end_to_end(tmp_path):
     from the student; both log no advantage statistics and lower their loss's own target on a fixed batch."""
     from test_train import SMALL, TASK as T, models_for_test
 
-    from opdlab.runlog import read_metrics
+    from opdlab.runread import read_metrics
     from opdlab.step import Trainer, opd_step
     from opdlab.train import train
 

@@ -1,6 +1,6 @@
 """Figures of notebook 04: students trained by OPD and OPD+ on the embedded tasks.
 
-Each function takes the tidy DataFrame of evaluation records (``opdlab.runlog.results``: one row per run and
+Each function takes the tidy DataFrame of evaluation records (``opdlab.runread.results``: one row per run and
 evaluation step, with ``task, divergence, method, seed, step`` and the metrics) and returns a Figure.
 Across seeds a curve is the mean with its 95% t-interval, mean +- t_{0.975, n-1} * sd / sqrt(n) (seaborn).
 """
