@@ -1,14 +1,16 @@
 """Benchmark: a FLOP account of the main job (``make figures``): where its minutes go, and its lower bound at peak.
 
-The job's training is notebook 04 (its preset and grid: tasks x arms x seeds, each run ``steps`` OPD steps and an
-evaluation every ``eval_every`` steps) and notebook 09 (its preset, variants x seeds, and the step noise of every
-variant), on teachers and warm-up students trained once per recipe (``opdlab.lm.cache``). Every count is read
+The job's training is notebook 04 (its preset and arms: tasks x arms x seeds, each run its own ``steps`` OPD steps
+and an evaluation every ``eval_every`` steps and at the end) and notebook 09 (its preset, trained variants x seeds,
+the runs notebook 04 already trained read back, and the step noise of every variant), on teachers and warm-up
+students trained once per recipe (``opdlab.lm.cache``). Every count is read
 from the presets and the notebooks' ``parameters`` cells (``notebook_runner.notebook_parameters``), never typed
 here. The other notebooks, the reference accuracies (the sweep's, and each newly trained model's held-out score)
 and what runs outside these phases (processes starting, checkpoints, plots) are not in the account.
 
 What it measures, in one process at ``--threads`` threads (a sweep worker runs at one), on the real models:
-per notebook, task and arm kind (OPD+, stop-gradient OPD, full vocabulary, supervised KD), ``--warmup`` untimed
+per notebook, task and arm kind (OPD+, OPD+ from a top-k teacher, stop-gradient OPD, full vocabulary, supervised
+KD), ``--warmup`` untimed
 then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model FLOPs:
 
 - ``decode``: sampling (the prompts' prefill, every decoding step, the output head);
@@ -79,7 +81,8 @@ from opdlab.lm.recipe import SFT_CHECK_EVERY  # noqa: E402
 from opdlab.lm.sft import sft  # noqa: E402
 from opdlab.notebook_runner import notebook_parameters, resolve_notebook  # noqa: E402
 from opdlab.runtime import Runtime  # noqa: E402
-from opdlab.spec import ModelsSpec, RunSpec  # noqa: E402
+from opdlab.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
+from opdlab.sweep import runs  # noqa: E402
 from opdlab.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
 from opdlab.tasks import get_task  # noqa: E402
 from opdlab.train import evaluate, load_models  # noqa: E402
@@ -100,35 +103,47 @@ schedule, arms and seeds stay the job's)."""
 
 @dataclass(frozen=True)
 class Study:
-    """One notebook's runs on one task: the shared ``spec``, the ``(divergence, method)`` arms, the runs of each
-    arm (seeds x variants), and notebook 09's step noise (``noise_calls`` of ``noise_batches`` batches)."""
+    """One notebook's runs on one task: the shared ``spec``, every run it trains (a run another notebook already
+    trained is read back there, so it counts once, where it is first trained), and notebook 09's step noise
+    (``noise_calls`` of ``noise_batches`` batches)."""
 
     notebook: str
     """The notebook's file name without its suffix, e.g. ``04_real_students``."""
     task: str
     spec: RunSpec
-    arms: tuple
-    runs_per_arm: int
+    runs: tuple
     noise_calls: int = 0
     noise_batches: int = 0
 
 
 def studies(tiny: bool = False) -> list[Study]:
-    """The job's studies, from the notebooks' parameters and presets (``--tiny``: the smoke preset's sizes)."""
+    """The job's studies, from the notebooks' parameters and presets (``--tiny``: the smoke preset's sizes); the
+    runs are the sweeps' own (``sweep.runs``), each counted once by its run name."""
     smoke = presets.get("smoke").spec.to_dict()
     shrink = {k: smoke[k] for k in TINY_FIELDS} if tiny else {}
     nb4, nb9 = resolve_notebook("04"), resolve_notebook("09")
     p4 = notebook_parameters(nb4)
     preset4 = presets.get(p4["preset"])
-    arms4 = tuple((d, m) for d in p4["divergences"] for m in p4["methods"]) + tuple(map(tuple, p4["extra_arms"]))
-    out = [Study(nb4.stem, t, preset4.spec_for(t).replace(**{**p4["overrides"], **shrink}), arms4,
-                 len(seeds(p4, preset4))) for t in p4["tasks"]]
+    seen, out = set(), []
+
+    def new(specs) -> tuple:
+        fresh = tuple(s for s in specs if run_name(s) not in seen)
+        seen.update(run_name(s) for s in fresh)
+        return fresh
+
+    base4 = preset4.spec.replace(**p4["overrides"])
+    task_overrides = {t: {**preset4.per_task.get(t, {}), **p4["overrides"], **shrink} for t in p4["tasks"]}
+    for t in p4["tasks"]:
+        specs = runs(base4, [t], [], [], seeds(p4, preset4), task_overrides, p4["arms"])
+        out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), new(specs)))
     p9 = notebook_parameters(nb9)
     preset9 = presets.get(p9["preset"])
     base9 = preset9.spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
-    variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
-    out.append(Study(nb9.stem, base9.task.task, base9, ((base9.objective.divergence, "opd_plus"),),
-                     variants * len(seeds(p9, preset9)), variants, p9["n_batches"]))
+    noise_variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
+    trained = [dict(gamma=g, baseline="expected", log_u_clip=c) for c in p9["clips"] for g in p9["trained_gammas"]]
+    specs = runs(base9, [base9.task.task], [base9.objective.divergence], ["opd_plus"], seeds(p9, preset9), None, (),
+                 trained)
+    out.append(Study(nb9.stem, base9.task.task, base9, new(specs), noise_variants, p9["n_batches"]))
     return out
 
 
@@ -137,13 +152,17 @@ def seeds(parameters: dict, preset) -> list:
     return list(preset.seeds) if parameters["seeds"] is None else parameters["seeds"]
 
 
-def arm_kinds(arms) -> dict[str, tuple[str, int]]:
-    """method -> (the divergence its first arm uses, the number of arms with that method)."""
-    kinds: dict[str, tuple[str, int]] = {}
-    for divergence, method in arms:
-        first, n = kinds.get(method, (divergence, 0))
-        kinds[method] = (first, n + 1)
-    return kinds
+def kinds(specs) -> dict[tuple, list]:
+    """``(method, teacher_topk)`` -> the runs of that kind: a step's cost depends on the method and on whether the
+    teacher is sparse, little on the divergence or the baseline."""
+    out: dict[tuple, list] = {}
+    for spec in specs:
+        out.setdefault((spec.objective.method, spec.objective.teacher_topk), []).append(spec)
+    return out
+
+
+def kind_name(method: str, topk) -> str:
+    return method if topk is None else f"{method}_top{topk}"
 
 
 def evaluations(spec: RunSpec) -> tuple[int, int]:
@@ -319,18 +338,19 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
             model = models.student if role == "student" else models.teacher
             with torch.no_grad():
                 row("sft_check", arm, taken // SFT_CHECK_EVERY, *timed(lambda: check(model.eval()), device))
-    for method, (divergence, n_arms) in arm_kinds(study.arms).items():
-        spec = study.spec.replace(divergence=divergence, method=method)
-        count = spec.optim.steps * n_arms * study.runs_per_arm
-        for phase, (seconds, flops) in measure_steps(spec, task, models, runtime, args.warmup, args.steps).items():
-            row(phase, method, count, seconds, flops)
-    spec = study.spec.replace(divergence=study.arms[0][0], method=study.arms[0][1])
-    runs = len(study.arms) * study.runs_per_arm
+    for (method, topk), specs in kinds(study.runs).items():
+        count = sum(spec.optim.steps for spec in specs)
+        for phase, (seconds, flops) in measure_steps(specs[0], task, models, runtime, args.warmup, args.steps).items():
+            row(phase, kind_name(method, topk), count, seconds, flops)
+    spec = study.spec
     tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
-    regular, final = evaluations(spec)
-    row("evaluation", "every arm", regular * runs, *timed(lambda: evaluate(tr, 0), device, repeats=args.eval_repeats))
+    regular = sum(evaluations(s)[0] for s in study.runs)
+    final = sum(evaluations(s)[1] for s in study.runs)
+    if regular:
+        row("evaluation", "every arm", regular,
+            *timed(lambda: evaluate(tr, 0), device, repeats=args.eval_repeats))
     if final:
-        row("final_evaluation", "every arm", final * runs,
+        row("final_evaluation", "every arm", final,
             *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n), device,
                    repeats=args.eval_repeats))
     if study.noise_calls:

@@ -31,6 +31,11 @@ BASELINES = ("none", "expected", "loo")
 """``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the
 mean advantage of the other samples of the same group at the same position (docs/math.md §5)."""
 
+EVAL_SPLITS = ("test", "validation")
+VALIDATION_SEED = 20_000
+"""The validation items' stream (``step.eval_examples``); no run trains with this seed (``Optim`` refuses it)."""
+"""Where a run's evaluation items come from (``EvalSpec.eval_split``)."""
+
 SPARSE_BASELINES = ("none", "tail", "loo")
 """Baselines of OPD+ from a top-k teacher (``opdlab.sparse``): ``"tail"`` is w_f at the tail's aggregate ratio
 u_bar = (1 - Q_S) / (1 - Pi_S), corrected on the support; ``"expected"`` needs the whole teacher and is refused

@@ -157,16 +157,19 @@ def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFra
 
 def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
     """Noise of one whole step's gradient under ``trainer.spec`` (any γ, baseline including leave-one-out,
-    clip, reduction): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
+    clip, reduction, a top-k teacher, and the full-vocabulary loss): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
     differentiated exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
     contexts are redrawn too, so this is the variance an optimizer step sees.
 
     Returns ``relative_variance`` = tr Cov[g_hat] / |E g_hat|^2 (scale-free, so estimators whose steps differ in
     size compare; |E g_hat|^2 is estimated without bias as |mean|^2 - tr Cov / K), ``variance`` (tr Cov),
-    ``signal`` (|E g_hat|^2), ``grad_norm`` (mean |g_hat|) and ``tokens`` (mean sampled tokens per step).
+    ``signal`` (|E g_hat|^2), ``log_relative_variance_se`` (the jackknife standard error of
+    log(relative_variance) over the K batches, for comparing two variants: ``stats.log_ratio``), ``grad_norm``
+    (mean |g_hat|), ``tokens`` (mean sampled tokens per step) and ``batches`` (K).
     """
     tr = trainer
-    _sampled_method(tr.spec, "step_noise")
+    if tr.spec.objective.method != "full_vocabulary":  # its step is noisy too: the contexts are sampled
+        _sampled_method(tr.spec, "step_noise")
     if not (isinstance(n_batches, int) and n_batches >= 2):
         raise UserError(f"n_batches must be an int >= 2, got {n_batches!r}")
     params = [p for p in tr.student.parameters() if p.requires_grad]
@@ -177,9 +180,19 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
         loss, _ = opd.loss(tr.spec.objective, tr.div, scores, rollout.mask_BT, tr.spec.optim.samples_per_prompt)
         grads.append(_flat_grad(loss, params))
         tokens.append(rollout.n_sampled)
-    G = torch.stack(grads)
-    K, mean = len(grads), G.mean(0)
+    G = torch.stack(grads).double()
+    K = len(grads)
+    rv = _relative_variance(G)
+    leave_one_out = torch.tensor([math.log(_relative_variance(torch.cat([G[:i], G[i + 1:]]))[0]) for i in range(K)])
+    jackknife_se = float(((K - 1) / K * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())
+    return dict(relative_variance=rv[0], variance=rv[1], signal=rv[2], log_relative_variance_se=jackknife_se,
+                grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K, batches=K)
+
+
+def _relative_variance(G: torch.Tensor) -> tuple[float, float, float]:
+    """``(tr Cov / |E g|^2, tr Cov, |E g|^2)`` of the K x P draws ``G``, |E g|^2 estimated without bias as
+    |mean|^2 - tr Cov / K (floored at 1e-300)."""
+    K = G.shape[0]
     variance = float(G.var(0, unbiased=True).sum())
-    signal = max(float(mean.pow(2).sum()) - variance / K, 1e-300)
-    return dict(relative_variance=variance / signal, variance=variance, signal=signal,
-                grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K)
+    signal = max(float(G.mean(0).pow(2).sum()) - variance / K, 1e-300)
+    return variance / signal, variance, signal

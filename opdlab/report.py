@@ -22,12 +22,13 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from opdlab.errors import UserError
 from opdlab.plots import divergence_title, method_style
 
-__all__ = ["REGIONS", "SECTIONS", "RESULTS", "ROOT", "render", "check", "write", "final_accuracy", "headline"]
+__all__ = ["REGIONS", "SECTIONS", "RESULTS", "ROOT", "render", "check", "write", "arms", "comparisons", "headline"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "docs/results.md"
@@ -60,68 +61,77 @@ def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _arm(method: str, divergence: str) -> str:
-    """An arm's name as the figures' legends give it; the reference arms say which divergence they follow."""
-    label = method_style(method)["label"]
-    if method == "supervised_kd":
-        return label.replace(" (reference)", "")
-    return f"{label.replace(' (reference)', '')}, {divergence_title(divergence)}"
+def _points(x: float, digits: int = 1) -> str:
+    """A difference in accuracy, in points with its sign."""
+    return "–" if pd.isna(x) else f"{100 * x:+.{digits}f}"
 
 
-def _order(column: pd.Series) -> pd.Series:
-    """Sort key: OPD+ first, then stop-gradient OPD and the references; reverse KL, JSD, forward KL first."""
-    first = {"method": ["opd_plus", "opd", "full_vocabulary", "supervised_kd"],
-             "divergence": ["reverse_kl", "jsd", "forward_kl"]}[column.name]
-    return column.map(lambda v: first.index(v) if v in first else len(first))
+def _interval(lo: float, hi: float, fmt=_points) -> str:
+    return f"[{fmt(lo)}, {fmt(hi)}]"
 
 
-# -- notebook 04: the headline ---------------------------------------------------------------------------------
-
-def final_accuracy(root: Path) -> pd.DataFrame:
-    """Notebook 04's final held-out greedy accuracy per task and arm, with its 95% t-interval over seeds, the
-    seeds, the fraction of the warm-up → teacher gap closed, and the lowest accuracy any seed had on the way
-    (from ``04_curves.csv``), as formatted strings."""
-    final, curves = _data(root, "04_final.csv"), _data(root, "04_curves.csv")
-    keys = ["task", "divergence", "method"]
-    lowest = curves.loc[curves.groupby(keys)["greedy_accuracy"].idxmin(), keys + ["greedy_accuracy", "step"]]
-    rows = final.merge(lowest, on=keys, how="left").sort_values(["task", "method", "divergence"], kind="stable",
-                                                                 key=lambda c: c if c.name == "task" else _order(c))
-    return pd.DataFrame({
-        "task": rows["task"], "arm": [_arm(m, d) for m, d in zip(rows["method"], rows["divergence"])],
-        "accuracy": [f"{_f(m)} ± {_f(c)}" for m, c in zip(rows["mean"], rows["ci"])],
-        "seeds": rows["seeds"], "n": rows["n"].astype(str), "gap closed": rows["gap_closed"].map(_pct),
-        "lowest seed at an evaluation (step)": [f"{_f(a)} ({int(s)})"
-                                                for a, s in zip(rows["greedy_accuracy"], rows["step"])],
-    })
+def _p(p: float) -> str:
+    return "–" if pd.isna(p) else (f"{p:.2g}" if p >= 1e-4 else "< 1e-4")
 
 
-def _references(root: Path) -> pd.DataFrame:
-    """The teacher's and the warm-up student's accuracy per task (``04_references.csv``) and the upper end of the
-    warm-up's 95% interval (``04_final.csv``)."""
-    refs = _data(root, "04_references.csv").pivot(index="task", columns="role", values="value")
-    high = _data(root, "04_final.csv").groupby("task")["warm_up_high"].first()
-    return pd.DataFrame({"task": refs.index, "teacher": refs["teacher"].map(_f),
-                         "warm-up student": refs["student"].map(_f),
-                         "warm-up's 95% upper bound": high[refs.index].map(_f)})
+def arms(root: Path) -> pd.DataFrame:
+    """Notebook 04's arms per task (``04_arms.csv``) as formatted cells: accuracy on the final items (mean over
+    seeds and items, 3 decimals), the lowest and highest seed, the gap closed with its bootstrap interval (whole
+    percent) and the difference from the warm-up (points, 1 decimal) with its interval and Holm p
+    (``04_comparisons.csv``, question a or b)."""
+    table, comp = _data(root, "04_arms.csv"), _data(root, "04_comparisons.csv")
+    warm = comp[comp["question"].isin(["a", "b"])].set_index(["task", "a"])
+    rank = [lambda a: a.startswith("OPD+") and "top-" not in a, lambda a: "top-" in a and a.startswith("OPD+"),
+            lambda a: a.startswith("full vocabulary"), lambda a: a == "supervised KD",
+            lambda a: a.startswith("stop-gradient"), lambda a: a == "teacher"]
+    table = table.assign(_rank=[next((i for i, f in enumerate(rank) if f(a)), len(rank)) for a in table["arm"]])
+    table = table.sort_values(["task", "_rank", "arm"], kind="stable")
+    rows = []
+    for r in table.to_dict("records"):
+        if r["arm"] in ("teacher", "warm-up student"):  # one model each, the same for every seed
+            rows.append({"task": r["task"].replace("_", " "), "arm": r["arm"], "accuracy": _f(r["accuracy"]),
+                         "seeds (lowest–highest)": "one model", "gap closed [95%]": "–",
+                         "vs warm-up, points [95%]": "–", "Holm p": "–"})
+            continue
+        w = warm.loc[(r["task"], r["arm"])] if (r["task"], r["arm"]) in warm.index else None
+        rows.append({"task": r["task"].replace("_", " "), "arm": r["arm"],
+                     "accuracy": _f(r["accuracy"]), "seeds (lowest–highest)":
+                     f"{int(r['seeds'])} ({_f(r['seed_min'], 2)}–{_f(r['seed_max'], 2)})",
+                     "gap closed [95%]": "–" if pd.isna(r.get("gap_closed")) else
+                     f"{_pct(r['gap_closed'])} [{_pct(r['gap_lo'])}, {_pct(r['gap_hi'])}]",
+                     "vs warm-up, points [95%]": "–" if w is None else
+                     f"{_points(w['estimate'])} {_interval(w['lo'], w['hi'])}",
+                     "Holm p": "–" if w is None else _p(w["p_holm"])})
+    return pd.DataFrame(rows)
+
+
+def comparisons(root: Path) -> pd.DataFrame:
+    """Notebook 04's family of paired comparisons (``04_comparisons.csv``) as formatted cells."""
+    comp = _data(root, "04_comparisons.csv")
+    return pd.DataFrame({"": comp["question"].map(lambda q: f"({q})"), "task": comp["task"].str.replace("_", " "),
+                         "A − B": [f"{a} − {b}" for a, b in zip(comp["a"], comp["b"])],
+                         "points [95%]": [f"{_points(e)} {_interval(lo, hi)}"
+                                          for e, lo, hi in zip(comp["estimate"], comp["lo"], comp["hi"])],
+                         "Holm p": comp["p_holm"].map(_p), "detectable": comp["mde"].map(lambda m: f"{100 * m:.1f}"),
+                         "verdict": comp["verdict"]})
+
+
+def _design(root: Path) -> str:
+    table, comp = _data(root, "04_arms.csv"), _data(root, "04_comparisons.csv")
+    trained = table[~table["arm"].isin(["warm-up student", "teacher"])]
+    return (f"{int(trained['seeds'].max())} seeds, {int(comp['items'].max()):,} held-out items per run, "
+            f"{len(trained)} arms")
 
 
 def headline(root: Path) -> str:
-    """README's table: each arm's final accuracy per task (mean ± 95% t half-width over seeds, gap closed)."""
-    final = _data(root, "04_final.csv")
-    cells = final.assign(arm=[_arm(m, d) for m, d in zip(final["method"], final["divergence"])],
-                         cell=[f"{_f(m)} ± {_f(c)} ({_pct(g)})"
-                               for m, c, g in zip(final["mean"], final["ci"], final["gap_closed"])])
-    cells = cells.sort_values(["method", "divergence"], key=_order, kind="stable")
-    table = cells.pivot_table(index="arm", columns="task", values="cell", aggfunc="first", sort=False)
-    refs = final.groupby("task").first()
-    for role, column in (("teacher", "teacher"), ("warm-up student", "warm_up")):
-        table.loc[role] = [_f(refs.loc[task, column]) for task in table.columns]
-    table.columns = [task.replace("_", " ") for task in table.columns]
-    n = ", ".join(f"{t.replace('_', ' ')} {k}" for t, k in final.groupby("task")["n"].max().items())
-    return _table(table.reset_index()) + "\n\n" + _prose(
-        f"Held-out greedy accuracy at the last step, mean ± 95% t-interval half-width over seeds (seeds per arm: "
-        f"{n}), rounded to 3 decimals; in brackets the fraction of the warm-up → teacher gap closed, to whole "
-        f"percent.")
+    """README's table: notebook 04's arms, each against the warm-up it starts from, paired over seeds x items."""
+    return _table(arms(root).drop(columns="task" if _data(root, "04_arms.csv")["task"].nunique() == 1 else [])) + \
+        "\n\n" + _prose(
+        f"Held-out greedy accuracy at each run's last step ({_design(root)}; `figures/data/04_arms.csv`), and "
+        "its difference from the warm-up student, paired item by item and seed by seed (standard errors clustered "
+        "by seed and by item, Holm over notebook 04's whole family of comparisons; "
+        "`figures/data/04_comparisons.csv`). The gap closed is (arm − warm-up) / (teacher − warm-up), with a "
+        "hierarchical-bootstrap interval.")
 
 
 # -- the other notebooks ---------------------------------------------------------------------------------------
@@ -213,24 +223,62 @@ def _noise(root: Path) -> str:
 
 
 def _tradeoff(root: Path) -> str:
-    runs = _data(root, "09_tradeoff.csv")
-    means = runs.groupby(["clip", "gamma", "baseline"], sort=False).agg(
-        accuracy=("greedy_accuracy", "mean"), seeds=("seed", "nunique"),
-        variance=("relative_variance", "mean")).reset_index()
-    rho = means["accuracy"].corr(means["variance"], method="spearman")
-    frame = pd.DataFrame({"clip": means["clip"], "γ": means["gamma"].map(str), "baseline": means["baseline"],
-                          "final accuracy": means["accuracy"].map(_f), "seeds": means["seeds"].astype(str),
-                          "relative step variance": means["variance"].map(lambda x: _f(x, 2))})
-    return _doc("OPD+ forward KL on arithmetic: the final held-out greedy accuracy (mean over seeds, 3 decimals) "
-                "and the relative variance of one step's gradient (2 decimals) per variant.", frame,
-                f"Spearman correlation of the variants' variance and accuracy: {_f(rho, 2)}.")
+    noise, claims, comp = _data(root, "09_noise.csv"), _data(root, "09_claims.csv"), _data(root, "09_comparisons.csv")
+    frame = pd.DataFrame({"clip": noise["clip"], "γ": noise["gamma"].map(lambda g: f"{g:g}"),
+                          "baseline": noise["baseline"],
+                          "relative step variance (± jackknife SE)": [
+                              f"{v:.2f} (×/÷ {np.exp(se):.2f})" for v, se in
+                              zip(noise["relative_variance"], noise["log_relative_variance_se"])]})
+    pooled = pd.DataFrame({"claim": claims["claim"], "ratio [95%]": [
+        f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in zip(claims["ratio"], claims["lo_ratio"], claims["hi_ratio"])],
+        "settings": claims["settings"].astype(str), "Holm p": claims["p_holm"].map(_p),
+        "detectable ratio": claims["detectable_ratio"].map(lambda r: f"{r:.2f}")})
+    acc = pd.DataFrame({"A − B": [f"{a} − {b}" for a, b in zip(comp["a"], comp["b"])],
+                        "points [95%]": [f"{_points(e)} {_interval(lo, hi)}"
+                                         for e, lo, hi in zip(comp["estimate"], comp["lo"], comp["hi"])],
+                        "Holm p": comp["p_holm"].map(_p), "verdict": comp["verdict"]})
+    return _doc("OPD+ forward KL on arithmetic, at notebook 04's warm-up student: the relative variance of one step's "
+                "gradient per variant (2 decimals; the jackknife SE of its log as a factor).", frame,
+                "Pooled over the settings, the geometric-mean ratio of step variances with its 95% t-interval, and "
+                "the ratio this design detects with 80% power:",
+                pooled, "Students trained with and without the clip, paired over seeds × items (difference in "
+                "points):", acc)
 
 
 def _students(root: Path) -> str:
-    return _doc("The final held-out greedy accuracy per arm: mean ± 95% t-interval half-width over seeds "
-                "(3 decimals), each seed's value (2 decimals), the fraction of the warm-up → teacher gap closed "
-                "(whole percent) and the lowest accuracy any seed had at an evaluation on the way.",
-                final_accuracy(root), "References (held-out greedy accuracy, 3 decimals):", _references(root))
+    return _doc(f"Each arm's held-out greedy accuracy at its last step ({_design(root)}), the fraction of the "
+                "warm-up → teacher gap it closes and its difference from the warm-up:", arms(root),
+                "The family of paired comparisons (difference of A − B in points of accuracy, its 95% interval per "
+                "comparison, Holm p over the family, the difference detectable with 80% power at this design, the "
+                "verdict):",
+                comparisons(root), *_power(root), *_steps(root))
+
+
+def _steps(root: Path) -> tuple:
+    steps = _data(root, "04_steps.csv")
+    frame = pd.DataFrame({"task": steps["task"].str.replace("_", " "), "arm": steps["arm"],
+                          "relative step variance (×/÷ jackknife SE)": [
+                              "–" if pd.isna(v) else f"{v:.2f} (×/÷ {np.exp(se):.2f})"
+                              for v, se in zip(steps["relative_variance"], steps["log_relative_variance_se"])],
+                          "seconds per step": steps["seconds_per_step"].map(lambda x: _f(x, 2)),
+                          "sampled tokens per step": steps["tokens_per_step"].map(lambda x: f"{x:,.0f}")})
+    return ("The noise of one step at the warm-up student (`noise.step_noise`; supervised KD samples from the "
+            "teacher and is not measured) and the cost of one training step (median over each arm's runs, one "
+            "worker at one thread):", frame)
+
+
+def _power(root: Path) -> tuple:
+    power = _data(root, "04_power.csv")
+    if power.empty:
+        return ()
+    seeds, target = int(power["seeds"].iloc[0]), float(power["target"].iloc[0])
+    frame = pd.DataFrame({"": power["question"].map(lambda q: f"({q})"),
+                          "A − B": [f"{a} − {b}" for a, b in zip(power["a"], power["b"])],
+                          f"detectable at {seeds} seeds, points": power["mde_at_seeds"].map(lambda m: f"{100 * m:.1f}"),
+                          f"seeds to detect {100 * target:g} points": power["seeds_for_target"].map(
+                              lambda x: "more than 64" if pd.isna(x) else f"{int(x)}")})
+    return (f"What more seeds would buy, from the measured variance components of each difference at "
+            f"{int(power['items'].iloc[0]):,} items per run (`stats.plan`; the `study` preset runs {seeds}):", frame)
 
 
 SECTIONS: list[tuple[str, Callable[[Path], str]]] = [

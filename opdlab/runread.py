@@ -17,8 +17,10 @@ __all__ = ["read_records", "read_metrics", "results", "read_items", "stored_conf
            "CONFIG_COLUMNS", "VOLATILE"]
 
 VOLATILE = ("time_",)  # metric names starting with these differ between runs (wall-clock)
-CONFIG_COLUMNS = ("task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip", "reduction")
-"""The config fields copied onto every metrics row: what tells runs apart in a table or a figure."""
+CONFIG_COLUMNS = ("task", "divergence", "method", "seed", "gamma", "baseline", "log_u_clip", "reduction", "teacher_topk",
+                  "steps")
+"""The config fields copied onto every metrics row: what tells runs apart in a table or a figure (not ``lr``: a
+training row's ``lr`` is the scheduled rate of its step; ``stored_config`` has the run's peak rate)."""
 
 
 def _read_json(path: Path) -> dict | None:
@@ -120,7 +122,9 @@ def results(run_dirs, kind: str | None = "eval", long: bool = False) -> pd.DataF
         return pd.DataFrame()
     df = pd.concat(frames, ignore_index=True)
     if kind is not None:
-        df = df[df["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
+        df = df[df["kind"] == kind].reset_index(drop=True)
+        empty = [c for c in df.columns if c not in CONFIG_COLUMNS and df[c].isna().all()]  # the other kind's metrics
+        df = df.drop(columns=empty)
     if long:
         ids = ["run", *CONFIG_COLUMNS, "step", "kind", "nonfinite"]
         df = df.melt(id_vars=[c for c in ids if c in df], var_name="metric", value_name="value")

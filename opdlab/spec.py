@@ -24,8 +24,8 @@ import json
 import math
 from dataclasses import dataclass, fields
 
-from opdlab.choices import (BASELINES, DEFAULT_REDUCTION, LR_SCHEDULES, REDUCTIONS, SPARSE_BASELINES, TRAIN_METHODS,
-                             check_trainable)
+from opdlab.choices import (BASELINES, DEFAULT_REDUCTION, EVAL_SPLITS, LR_SCHEDULES, REDUCTIONS, SPARSE_BASELINES,
+                             TRAIN_METHODS, VALIDATION_SEED, check_trainable)
 from opdlab.errors import UserError
 from opdlab.lm.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.tasks.base import is_int
@@ -150,6 +150,8 @@ class Optim:
 
     def __post_init__(self):
         _ints(self, ("steps", "seed"), 0)
+        _check(self.seed != VALIDATION_SEED, "seed", self.seed,
+               f"any seed but {VALIDATION_SEED}, the stream of the validation items (eval_split='validation')")
         _ints(self, ("prompts_per_step", "samples_per_prompt"), 1)
         _positive(self, ("lr", "grad_clip"))
         _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
@@ -227,12 +229,20 @@ class EvalSpec:
     final_eval_n: int | None = None
     """None, or the held-out examples of the last evaluation (the first ``eval_n`` of them are the ones every
     evaluation sees): the final comparison between arms is where items buy the most power per CPU-second."""
+    eval_split: str = "test"
+    """Where the evaluation items come from: ``"test"`` (the held-out split, for results) or ``"validation"``
+    (training-split problems from a stream no run trains on, disjoint from every test item: for choosing
+    hyperparameters, ``opdlab.protocol``)."""
 
     def __post_init__(self):
         _ints(self, ("eval_every", "eval_n", "eval_samples"), 1)
+        _check(self.eval_split in EVAL_SPLITS, "eval_split", self.eval_split, f"one of {EVAL_SPLITS}")
         _check(self.final_eval_n is None or (is_int(self.final_eval_n) and self.final_eval_n >= 1), "final_eval_n",
                self.final_eval_n, "None or an int >= 1")
 
+
+ADDED_LATER = {"eval_split": "test"}
+"""Fields added after run directories were written, and the value those runs computed with (``RunSpec.digest``)."""
 
 PARTS = {"task": TaskSpec, "objective": Objective, "optim": Optim, "models": ModelsSpec, "eval": EvalSpec}
 """The parts of a ``RunSpec`` by attribute name, in order."""
@@ -304,8 +314,11 @@ class RunSpec:
         return self.from_dict(flat, base=self)
 
     def digest(self) -> str:
-        """sha256 of the flat fields as sorted JSON: the identity of what the run computes."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        """sha256 of the flat fields as sorted JSON: the identity of what the run computes. A field added after
+        run directories existed (``ADDED_LATER``) is left out while it holds the value those runs computed with,
+        so their names stay valid."""
+        flat = {k: v for k, v in self.to_dict().items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
+        return hashlib.sha256(json.dumps(flat, indent=2, sort_keys=True).encode()).hexdigest()
 
 
 def run_name(spec: RunSpec) -> str:

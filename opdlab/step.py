@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from opdlab.choices import VALIDATION_SEED
 from opdlab import distributed, divergences, estimators, sparse
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
@@ -50,9 +51,13 @@ class Models(NamedTuple):
     meta: dict = {}
 
 
-def eval_examples(task, n: int, seed: int = EVAL_SEED) -> list:
+def eval_examples(task, n: int, seed: int = EVAL_SEED, split: str = "test") -> list:
     """The ``n`` held-out examples a run evaluates on (``task.examples("test", n, seed)``): every run of a task,
-    the sweep's reference lines and ``opdlab eval`` see the same examples in the same order."""
+    the sweep's reference lines and ``opdlab eval`` see the same examples in the same order. ``split="validation"``:
+    ``n`` training-split problems from the stream seeded ``VALIDATION_SEED``, which no run trains on (runs draw
+    their prompts from streams seeded by their own seed), disjoint from every test item by the split's hash."""
+    if split == "validation":
+        return task.examples("train", n, seed=VALIDATION_SEED)
     return task.examples("test", n, seed=seed)
 
 
@@ -92,7 +97,7 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(
             distributed.rank_seed(s.optim.seed, self.world.rank))
         self.prompts = self.task.examples("train", s.optim.steps * s.optim.prompts_per_step, seed=s.optim.seed)
-        self.eval_examples = eval_examples(self.task, s.eval.eval_n)
+        self.eval_examples = eval_examples(self.task, s.eval.eval_n, split=s.eval.eval_split)
         self.max_new_tokens = s.task.max_new_tokens or max_new_tokens(self.task)
 
     @property

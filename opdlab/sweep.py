@@ -28,9 +28,12 @@ runs go one after another, each data-parallel over the N processes (``workers`` 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import asdict
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -42,16 +45,16 @@ from tqdm.auto import tqdm
 from opdlab import distributed
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
-from opdlab.lm.sampling import greedy_accuracy
 from opdlab.runread import CONFIG_COLUMNS, read_items, read_metrics, results, stored_config
 from opdlab.runtime import Runtime
 from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
-from opdlab.step import eval_examples, max_new_tokens
-from opdlab.train import load_models, train
+from opdlab.files import write_atomic
+from opdlab.step import Trainer
+from opdlab.train import evaluate, load_models, train
 from opdlab.errors import UserError
 
-__all__ = ["sweep", "resolve_workers", "item_results"]
+__all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "item_results", "reference_items"]
 
 
 def resolve_workers(workers, device: str = "auto") -> int:
@@ -71,7 +74,18 @@ def resolve_workers(workers, device: str = "auto") -> int:
 
 
 def _init_worker(threads: int) -> None:
+    """A worker's thread count; on Linux it also asks to be ended when the process that spawned it ends (a killed
+    notebook kernel would otherwise leave its workers training for nobody). The run it leaves resumes from its
+    last checkpoint."""
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:  # no glibc (e.g. musl): the worker ends when its queue closes instead
+            pass
 
 
 def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
@@ -80,13 +94,38 @@ def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
     return run_dir
 
 
-def _references(spec: RunSpec, task, models) -> list[dict]:
-    """The teacher's and the warm-up student's held-out greedy accuracy on the runs' evaluation examples."""
-    examples = eval_examples(task, spec.eval.eval_n)
-    budget = spec.task.max_new_tokens or max_new_tokens(task)
-    return [dict(task=spec.task.task, role=role, value=greedy_accuracy(model.eval(), models.tokenizer, task,
-                                                                        examples, max_new_tokens=budget))
-            for role, model in (("teacher", models.teacher), ("student", models.student))]
+def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
+    """The teacher's and the warm-up student's held-out greedy accuracy on the items of a run's final evaluation
+    (``final_eval_n`` items where the spec asks for more than ``eval_n``, as ``train.evaluate`` scores them), and
+    the path of their per-item records (``train.evaluate``'s), written once to ``runs_dir/references/`` (named by
+    the task, the models' spec and the item count) and read back after."""
+    n = spec.eval.final_eval_n or spec.eval.eval_n
+    key = hashlib.sha256(json.dumps([asdict(spec.task), asdict(spec.models), n], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
+    rows = []
+    for role, model in (("teacher", models.teacher), ("student", models.student)):
+        path = Path(runs_dir) / "references" / f"{spec.task.task}-{role}-{key}.csv"
+        if path.exists():
+            items = pd.read_csv(path)
+        else:
+            tr = Trainer(spec, task, models.teacher, model.eval(), models.tokenizer, Runtime(progress=False))
+            _, items = evaluate(tr, 0, n)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, items.to_csv(index=False))
+        rows.append(dict(task=spec.task.task, role=role, value=float(items["correct"].mean()), items=len(items),
+                         path=str(path)))
+    return rows
+
+
+def arm_fields(arm) -> dict:
+    """An arm as flat RunSpec fields: a ``(divergence, method)`` pair, or a dict that names both and may set any
+    other field for this arm alone (e.g. ``{"divergence": "jsd", "method": "opd", "steps": 20}``)."""
+    if isinstance(arm, dict) and {"divergence", "method"} <= set(arm) and not {"task", "seed"} & set(arm):
+        return dict(arm)
+    if isinstance(arm, (list, tuple)) and len(arm) == 2:
+        return dict(divergence=arm[0], method=arm[1])
+    raise UserError(f"an arm is a (divergence, method) pair or a dict of flat RunSpec fields naming divergence and "
+                     f"method (and not task or seed, which the sweep sets), got {arm!r}")
 
 
 def item_results(run_dirs) -> pd.DataFrame:
@@ -101,31 +140,24 @@ def item_results(run_dirs) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Path, runtime: Runtime | None = None,
-          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None):
-    """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
+def reference_items(references: pd.DataFrame) -> pd.DataFrame:
+    """The per-item records of a sweep's ``references`` (teacher and warm-up student), with ``task`` and ``role``."""
+    return pd.concat([pd.read_csv(r.path).assign(task=r.task, role=r.role) for r in references.itertuples()],
+                     ignore_index=True)
 
-    ``task_overrides`` maps a task name to flat RunSpec fields that differ for it (e.g. fewer SFT steps for a
-    task with longer sequences). ``workers``: processes to use, see the module doc. ``extra_arms``: more
-    ``(divergence, method)`` pairs run for every task and seed besides the grid, e.g. the reference methods
-    ``("reverse_kl", "full_vocabulary")`` and ``("reverse_kl", "supervised_kd")``. ``variants``: None, or a list
-    of dicts of flat RunSpec fields (e.g. ``{"gamma": 0.5, "log_u_clip": 2.0}``), each crossed with every arm and
-    seed, so that one pool trains them all (notebook 09).
 
-    ``evals`` holds every evaluation record of every run (``runread.results``); ``references`` has rows
-    ``task, role, value``: the teacher's and the warm-up student's held-out greedy accuracy on the same
-    examples. A run whose directory already holds a finished run is read back, not retrained.
-    """
-    runtime = runtime or Runtime()
+def runs(base: RunSpec, tasks, divergences, methods, seeds, task_overrides: dict | None = None, extra_arms=(),
+         variants=None) -> list[RunSpec]:
+    """Every run of a ``sweep`` with these arguments, in its order (see ``sweep``); a ``UserError`` for an empty
+    list, a malformed arm or variant, or two runs with the same spec."""
     for name, values in (("tasks", tasks), ("divergences", divergences), ("methods", methods), ("seeds", seeds)):
-        if not isinstance(values, (list, tuple)) or not values:
+        empty_ok = name in ("divergences", "methods") and extra_arms  # the arms may all be extra_arms
+        if not isinstance(values, (list, tuple)) or not (values or empty_ok):
             raise UserError(f"{name} must be a non-empty list, got {values!r}: a sweep of nothing would still "
                             "train its teachers")
-    workers = resolve_workers(workers, runtime.device)
-    progress = runtime.progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
-    arms = [(d, m) for d in divergences for m in methods]
-    arms += [tuple(arm) for arm in extra_arms if tuple(arm) not in arms]
+    arms = [dict(divergence=d, method=m) for d in divergences for m in methods]
+    arms += [a for a in map(arm_fields, extra_arms) if a not in arms]
     grid = {"task", "divergence", "method", "seed"}  # set by the sweep's own arguments
     if variants is None:
         variants = [{}]
@@ -133,34 +165,58 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
           or not all(isinstance(v, dict) and not grid & set(v) for v in variants)):
         raise UserError(f"variants must be a non-empty list of dicts of flat RunSpec fields other than "
                          f"{sorted(grid)}, got {variants!r}")
-    runs = [c.replace(divergence=d, method=m, seed=s, **v) for c in configs for d, m in arms for v in variants
-            for s in seeds]
-    runs = [(run, str(Path(runs_dir) / run_name(run))) for run in runs]
-    paths = [path for _, path in runs]
-    twice = sorted({path for path in paths if paths.count(path) > 1})
+    specs = [c.replace(**{**arm, **v}, seed=s) for c in configs for arm in arms for v in variants for s in seeds]
+    names = [run_name(spec) for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise UserError(f"two runs of this sweep would share the directory {twice[0]}: their specs are the "
                          "same; drop the duplicate seed, arm or variant")
-    workers = min(workers, len(runs)) or 1
+    return specs
+
+
+def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Path, runtime: Runtime | None = None,
+          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None):
+    """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
+
+    ``task_overrides`` maps a task name to flat RunSpec fields that differ for it (e.g. fewer SFT steps for a
+    task with longer sequences). ``workers``: processes to use, see the module doc. ``extra_arms``: more arms run
+    for every task and seed besides the grid: ``(divergence, method)`` pairs, e.g. the reference methods
+    ``("reverse_kl", "full_vocabulary")``, or dicts of flat RunSpec fields that name both and set others for that
+    arm alone, e.g. ``{"divergence": "jsd", "method": "opd", "steps": 20}`` or ``{..., "teacher_topk": 1,
+    "baseline": "tail"}``. ``variants``: None, or a list of dicts of flat RunSpec fields (e.g. ``{"gamma": 0.5,
+    "log_u_clip": 2.0}``), each crossed with every arm and seed, so that one pool trains them all (notebook 09).
+
+    ``evals`` holds every evaluation record of every run (``runread.results``); ``references`` has rows
+    ``task, role, value, items, path``: the teacher's and the warm-up student's held-out greedy accuracy on the
+    items of the runs' final evaluation, and the CSV of their per-item records (``reference_items`` reads them).
+    A run whose directory already holds a finished run is read back, not retrained.
+    """
+    runtime = runtime or Runtime()
+    specs = runs(base, tasks, divergences, methods, seeds, task_overrides, extra_arms, variants)
+    workers = resolve_workers(workers, runtime.device)
+    progress = runtime.progress and distributed.world().is_main
+    configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
+    jobs = [(run, str(Path(runs_dir) / run_name(run))) for run in specs]
+    workers = min(workers, len(jobs)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
         task, start = get_task(config.task.task), time.perf_counter()
         loaded[config.task.task] = task, load_models(config, task, runtime.replace(progress=progress))
-        refs += _references(config, task, loaded[config.task.task][1])
+        refs += _references(config, task, loaded[config.task.task][1], Path(runs_dir))
         _log(progress, f"{config.task.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
                        f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
     if workers == 1:
         beat = Heartbeat(enabled=progress)
-        for i, (run, run_dir) in enumerate(runs):
+        for i, (run, run_dir) in enumerate(jobs):
             task, models = loaded[run.task.task]
             train(run, run_dir, runtime.replace(progress=progress), task, models, heartbeat=beat)
-            _log(progress, _summary(i + 1, len(runs), run_dir))
+            _log(progress, _summary(i + 1, len(jobs), run_dir))
             beat.reset()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
-            _wait(pool, runs, runtime, f"runs ({workers} workers)", progress)
-    return results([run_dir for _, run_dir in runs], kind="eval"), pd.DataFrame(refs)
+            _wait(pool, jobs, runtime, f"runs ({workers} workers)", progress)
+    return results([run_dir for _, run_dir in jobs], kind="eval"), pd.DataFrame(refs)
 
 
 def _log(progress: bool, message: str) -> None:
@@ -174,7 +230,7 @@ def _summary(i: int, n: int, run_dir: str) -> str:
     """``[i/n] <run name>: greedy accuracy <first> -> <last> in <seconds> s``, from the run's metrics."""
     df = read_metrics(run_dir)
     evals = df[df["kind"] == "eval"]
-    seconds = df.filter(like="time_").sum().sum()
+    seconds = df.filter(regex=r"^time_(?!.*_per_s$)").sum().sum()  # durations, not the rates
     return (f"[{i:>{len(str(n))}}/{n}] {Path(run_dir).name}: greedy accuracy {evals['greedy_accuracy'].iloc[0]:.2f}"
             f" -> {evals['greedy_accuracy'].iloc[-1]:.2f} ({seconds:.0f} s)")
 

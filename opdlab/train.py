@@ -130,7 +130,7 @@ def evaluate(tr: Trainer, step: int, n: int | None = None) -> tuple[dict, pd.Dat
     ``n`` held-out examples (default ``eval_n``). Returns ``(metrics, items)``: the run's metrics and one
     record per item (``ITEM_COLUMNS``)."""
     s, rt, t0 = tr.spec, tr.runtime, time.perf_counter()
-    examples = tr.eval_examples if n is None else eval_examples(tr.task, n)
+    examples = tr.eval_examples if n is None else eval_examples(tr.task, n, split=s.eval.eval_split)
     k, cap = s.eval.eval_samples, tr.max_new_tokens
     tr.student.eval()
     fast = None if rt.sampler == "fast" else False

@@ -149,31 +149,36 @@ def test_the_printed_total_is_the_sum_of_the_phases(tiny):
         check_total(broken, lines[-1])
 
 
-def test_the_counts_are_the_notebooks_grid(tiny):
-    """Notebook 04: steps x arms x seeds per task, and an evaluation at step 0, every eval_every and the end."""
+def test_the_counts_are_the_notebooks_runs(tiny):
+    """Notebook 04: each arm's own steps x seeds per task, and an evaluation at step 0, every eval_every and the
+    end; notebook 09: its trained variants x seeds, less the runs notebook 04 already trained (read back)."""
     _, written, _, _, _ = tiny
     p = notebook_parameters(resolve_notebook("04"))
-    arms = len(p["divergences"]) * len(p["methods"]) + len(p["extra_arms"])
+    preset = presets.get(p["preset"])
+    n_seeds = len(preset.seeds if p["seeds"] is None else p["seeds"])
     nb04 = written[written["notebook"] == resolve_notebook("04").stem]
-    n_seeds = len(presets.get(p["preset"]).seeds if p["seeds"] is None else p["seeds"])
     for task in p["tasks"]:
-        spec = presets.get(p["preset"]).spec_for(task)
+        spec = preset.spec_for(task)
+        steps = [spec.replace(**arm).optim.steps for arm in p["arms"]]
         rows = nb04[nb04["task"] == task].set_index(["phase", "arm"])["count"]
-        assert rows.loc["decode"].sum() == spec.optim.steps * arms * n_seeds
-        evals = 1 + math.ceil(spec.optim.steps / spec.eval.eval_every)
-        assert rows.loc[("evaluation", "every arm")] == evals * arms * n_seeds
+        assert rows.loc["decode"].sum() == sum(steps) * n_seeds
+        evals = [1 + math.ceil(s / spec.eval.eval_every) for s in steps]  # 0, every eval_every, the last
+        n_evals = rows.loc[("evaluation", "every arm")] + rows.loc[("final_evaluation", "every arm")]
+        assert n_evals == sum(evals) * n_seeds
     p9 = notebook_parameters(resolve_notebook("09"))
     nb09 = written[written["notebook"] == resolve_notebook("09").stem].set_index("phase")["count"]
-    variants = len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
     preset9 = presets.get(p9["preset"])
-    n_seeds9 = len(preset9.seeds if p9["seeds"] is None else p9["seeds"])
-    assert nb09["decode"] == preset9.spec.optim.steps * variants * n_seeds9
-    assert nb09["step_noise"] == variants
+    seeds9 = preset9.seeds if p9["seeds"] is None else p9["seeds"]
+    shared = sum(s in (preset.seeds if p["seeds"] is None else p["seeds"]) for s in seeds9)  # clip ±2, γ 0: nb04's
+    trained = len(p9["clips"]) * len(p9["trained_gammas"]) * len(seeds9) - shared
+    assert nb09["decode"] == preset9.spec.optim.steps * trained
+    assert nb09["step_noise"] == len(p9["gammas"]) * len(p9["baselines"]) * len(p9["clips"])
     assert "sft" not in nb09.index  # notebook 09's models are notebook 04's, trained once
 
 
 def test_evaluations_follow_the_training_loop(bench):
     spec = presets.get("notebook04").spec
+    spec = spec.replace(steps=100, eval_every=25, final_eval_n=None)
     assert bench.evaluations(spec) == (5, 0)  # steps 0, 25, 50, 75, 100
     assert bench.evaluations(spec.replace(steps=10, eval_every=4)) == (4, 0)  # 0, 4, 8, 10
     assert bench.evaluations(spec.replace(final_eval_n=2 * spec.eval.eval_n)) == (4, 1)

@@ -20,10 +20,10 @@ LAYERS = [
     ["audit_catalogue"],
     ["montecarlo", "audit", "lm.cache"],
     ["testing", "audit_docs"],
-    ["runread", "runlog", "distributed", "plots", "lm.pretrained"],
+    ["runread", "runlog", "distributed", "plots", "findings", "lm.pretrained"],
     ["step", "cohort"],
     ["train", "widgets", "noise", "integrations"],
-    ["sweep"],
+    ["sweep", "protocol"],
     ["report", "notebook_runner", "cli", "__main__", "__init__"],
 ]
 

@@ -18,9 +18,9 @@ TINY = {
                          baselines=["none", "expected"], n_repeats=5, vocab_size=2, horizon=3),
     "07_estimator_audit": dict(n_toys=2, n_tokens=4, vocab_size=2, horizon=2, assert_finding=False),
     "08_estimator_noise": dict(prompts=4, n_resamples=3, overrides=TINY_MODELS, assert_finding=False),
-    "09_variance_tradeoff": dict(gammas=[0.0, 1.0], baselines=["none", "loo"], seeds=[0], n_batches=2,
+    "09_variance_tradeoff": dict(gammas=[0.0, 1.0], baselines=["none", "expected"], seeds=[0, 1], n_batches=3,
                                  overrides=dict(TINY_MODELS, steps=2, prompts_per_step=2, samples_per_prompt=2,
-                                                eval_n=8), assert_finding=False),
+                                                eval_n=8, final_eval_n=12), assert_finding=False),
 }
 FIGURES = {
     "01_bias_derivation": ["01_advantage_curves"],
@@ -28,7 +28,7 @@ FIGURES = {
     "03_sequences": ["03_gamma_tradeoff"],
     "07_estimator_audit": ["07_cosine_heatmap", "07_cosine_heatmap_sequence"],
     "08_estimator_noise": ["08_cosine_vs_tokens", "08_log_u"],
-    "09_variance_tradeoff": ["09_tradeoff"],
+    "09_variance_tradeoff": ["09_tradeoff", "09_noise"],
 }
 
 

@@ -36,24 +36,23 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 
 def test_an_edited_number_in_the_readme_table_fails_the_check_by_region(tree):
-    headline = report.final_accuracy(tree)["accuracy"].iloc[0]  # e.g. '0.788 ± 0.044', as the README prints it
-    _edit(tree / "README.md", headline.split(" ")[0] + " ±", "0.999 ±")
+    accuracy = report.arms(tree)["accuracy"].iloc[0]  # e.g. '0.672', as the README prints it
+    _edit(tree / "README.md", f"| {accuracy} ", "| 0.999 ")
     problems = report.check(tree)
     assert len(problems) == 1 and problems[0].startswith("README.md region headline differs"), problems
     assert "0.999" in problems[0]  # the first changed line is quoted
 
 
 def test_an_edited_number_in_results_fails_the_check(tree):
-    _edit(tree / "docs" / "results.md", "Spearman correlation of the variants' variance and accuracy: -",
-          "Spearman correlation of the variants' variance and accuracy: +")
+    _edit(tree / "docs" / "results.md", "| γ = 1 / γ = 0 ", "| γ = 2 / γ = 0 ")
     problems = report.check(tree)
     assert len(problems) == 1 and problems[0].startswith("docs/results.md differs"), problems
 
 
 def test_changed_data_fails_the_check_for_every_document_it_feeds(tree):
-    path = tree / "figures" / "data" / "04_final.csv"
+    path = tree / "figures" / "data" / "04_arms.csv"
     final = pd.read_csv(path)
-    final.loc[0, "mean"] += 0.01
+    final.loc[0, "accuracy"] += 0.01
     final.to_csv(path, index=False)
     problems = report.check(tree)
     assert [p.split(" differs")[0] for p in problems] == ["docs/results.md", "README.md region headline"], problems
@@ -74,7 +73,7 @@ def test_a_committed_benchmark_csv_is_rendered_into_its_region(tree):
 
 def test_the_cli_check_exits_1_naming_the_region_and_report_repairs_it(tree, capsys):
     assert main(["report", "--check", "--root", str(tree)]) == 0
-    _edit(tree / "README.md", "| teacher ", "| teacher!")
+    _edit(tree / "README.md", "| supervised KD ", "| supervised KD!")
     assert main(["report", "--check", "--root", str(tree)]) == 1
     assert "README.md region headline differs" in capsys.readouterr().err
     assert main(["report", "--root", str(tree)]) == 0
@@ -90,6 +89,6 @@ def test_bad_markers_and_missing_data_are_refused_by_name(tree, capsys):
     readme.write_text("<!-- report:headline -->\nno end\n")
     with pytest.raises(UserError, match="'headline' is never closed"):
         report.render(tree)
-    (tree / "figures" / "data" / "04_final.csv").unlink()
+    (tree / "figures" / "data" / "04_arms.csv").unlink()
     assert main(["report", "--check", "--root", str(tree)]) == 2
-    assert "04_final.csv is missing" in capsys.readouterr().err
+    assert "04_arms.csv is missing" in capsys.readouterr().err

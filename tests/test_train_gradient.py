@@ -179,5 +179,8 @@ def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baselin
     assert big["variance"] < small["variance"] / 4 and big["relative_variance"] < small["relative_variance"] / 2
     with pytest.raises(ValueError, match="n_batches"):
         noise.step_noise(Trainer(config, TASK, teacher, student, TOK), n_batches=1)
-    with pytest.raises(ValueError, match="sampled estimator"):
-        noise.step_noise(Trainer(config.replace(method="full_vocabulary"), TASK, teacher, student, TOK))
+    with pytest.raises(ValueError, match="sampled estimator"):  # its completions come from the teacher
+        noise.step_noise(Trainer(config.replace(method="supervised_kd"), TASK, teacher, student, TOK))
+    full = noise.step_noise(Trainer(config.replace(method="full_vocabulary", prompts_per_step=4), TASK, teacher,
+                                    student, TOK), n_batches=4)  # noisy too: its contexts are sampled
+    assert full["variance"] > 0 and full["log_relative_variance_se"] > 0

@@ -22,6 +22,7 @@ METHOD_STYLE = {
     "opd_plus": dict(color="#1f77b4", linestyle="-", label="OPD+"),
     "full_vocabulary": dict(color="#2ca02c", linestyle="-.", label="full-vocabulary loss (reference)"),
     "supervised_kd": dict(color="#9467bd", linestyle=":", label="supervised KD on teacher samples (reference)"),
+    "opd_plus_topk": dict(color="#ff7f0e", linestyle=(0, (6, 1, 1, 1, 1, 1)), label="OPD+ from the teacher's top-k"),
 }
 
 

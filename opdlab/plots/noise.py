@@ -7,6 +7,7 @@ beside ``opdlab.noise.step_noise`` measurements. All return a Figure.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
@@ -75,3 +76,28 @@ def tradeoff_figure(points: pd.DataFrame, references: dict[str, float] | None = 
     grid_.set_axis_labels("step variance tr Cov[ĝ] / |E ĝ|²", "held-out greedy accuracy")
     grid_.set_titles("{col_name}")
     return grid_.figure
+
+
+def variance_figure(variance: pd.DataFrame) -> plt.Figure:
+    """The relative variance of one step's gradient per variant (``variance``: columns ``gamma, baseline, clip,
+    relative_variance, log_relative_variance_se``), with ± 2 jackknife standard errors on the log scale: x = γ,
+    colour = baseline, one panel per clip setting."""
+    clips = list(dict.fromkeys(variance["clip"]))
+    fig, axes = plt.subplots(1, len(clips), figsize=(3.6 * len(clips), 3.0), sharey=True, squeeze=False)
+    baselines = list(dict.fromkeys(variance["baseline"]))
+    for ax, clip in zip(axes[0], clips):
+        part = variance[variance["clip"] == clip]
+        for i, b in enumerate(baselines):
+            rows = part[part["baseline"] == b].sort_values("gamma")
+            x = rows["gamma"].to_numpy() + (i - (len(baselines) - 1) / 2) * 0.04
+            rv, se = rows["relative_variance"].to_numpy(), rows["log_relative_variance_se"].to_numpy()
+            ax.errorbar(x, rv, yerr=[rv - rv * np.exp(-2 * se), rv * np.exp(2 * se) - rv], fmt="o-", ms=4,
+                        capsize=2, label=f"baseline {b}")
+        ax.set_yscale("log")
+        ax.set_xlabel("γ")
+        ax.set_title(clip, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("step variance tr Cov[ĝ] / |E ĝ|²")
+    axes[0][-1].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

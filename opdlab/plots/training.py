@@ -55,6 +55,8 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
     ``note``: a line under the legend naming the estimator settings every arm shares (baseline, clip, batch).
     """
     data = evals.assign(panel=[f"{t} · {divergence_title(d)}" for t, d in zip(evals["task"], evals["divergence"])])
+    if "teacher_topk" in data:  # a run that sees only the teacher's top-k is an arm of its own
+        data["method"] = data["method"].where(data["teacher_topk"].isna(), "opd_plus_topk")
     methods = list(dict.fromkeys(data["method"]))
     styles = {m: method_style(m) for m in methods}
     bounds = (0.0, 1.0) if metric.endswith("accuracy") else None
@@ -88,6 +90,8 @@ def curves_figure(evals: pd.DataFrame, metric: str = "greedy_accuracy", referenc
 
 def _dashes(linestyle: str):
     """seaborn's dash spec of a matplotlib line style."""
+    if isinstance(linestyle, tuple):  # matplotlib's (offset, on-off sequence)
+        return linestyle[1]
     return {"-": "", "--": (4, 2), ":": (1, 2), "-.": (4, 1.5, 1, 1.5)}.get(linestyle, "")
 
 
@@ -100,3 +104,35 @@ def final_table(evals: pd.DataFrame, metric: str = "greedy_accuracy") -> pd.Data
         lambda s: " ".join(f"{v:.2f}" for v in s)).rename("seeds").reset_index()
     return table.merge(per_seed, on=["task", "divergence", "method"])[
         ["task", "divergence", "method", "mean", "ci", "n", "seeds"]]
+
+
+def comparisons_figure(table: pd.DataFrame, note: str | None = None) -> plt.Figure:
+    """Each paired comparison of ``findings.ask`` as a point (the difference in accuracy, in points) with its 95%
+    interval, one row per question; filled where Holm rejects, hollow where it does not, and gray ticks at ± the
+    smallest difference the design detects. Two panels with their own scales: against the warm-up (a, b) and
+    between trained arms (c-f), whose differences are an order of magnitude smaller."""
+    rows = table.reset_index(drop=True)
+    parts = [(title, rows[rows["question"].isin(qs)]) for title, qs in
+             (("against the warm-up student", ("a", "b")), ("between trained arms", ("c", "d", "e", "f")))]
+    parts = [(t, p) for t, p in parts if len(p)]
+    fig, axes = plt.subplots(len(parts), 1, figsize=(7.5, 0.3 * len(rows) + 1.0 + 0.5 * len(parts)), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[len(p) + 1 for _, p in parts]))
+    several = rows["task"].nunique() > 1
+    for ax, (title, part) in zip(axes[:, 0], parts):
+        y = np.arange(len(part))[::-1]
+        for yi, r in zip(y, part.to_dict("records")):
+            color = "#1f77b4" if r["estimate"] >= 0 else "#d62728"
+            ax.plot([100 * r["lo"], 100 * r["hi"]], [yi, yi], color=color, lw=1.5)
+            ax.plot(100 * r["estimate"], yi, "o", color=color, mfc=color if r["p_holm"] < 0.05 else "white", ms=5)
+            for side in (-1, 1):
+                ax.plot(side * 100 * r["mde"], yi, "|", color="gray", ms=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(y, [f"({r['question']}) {r['a']} − {r['b']}" + (f" [{r['task']}]" if several else "")
+                          for r in part.to_dict("records")], fontsize=8)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("difference in held-out greedy accuracy, points (95% interval)")
+    fig.suptitle(note or "paired over seeds x items; filled: significant after Holm over the family; gray ticks: "
+                 "± the difference this design detects", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,126 @@
+"""Notebook 04's questions and claims (opdlab.findings): labels, packing, the family of comparisons, and the
+asserted claims on the committed data and on counterfactuals where they must fail."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from opdlab import findings, stats
+from opdlab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "figures" / "data"
+
+
+def test_arm_labels():
+    assert findings.arm_label("opd_plus", "forward_kl") == "OPD+ forward KL"
+    assert findings.arm_label("opd", "jsd") == "stop-gradient Jensen-Shannon"
+    assert findings.arm_label("opd_plus", "jsd", 1.0) == "OPD+ Jensen-Shannon, top-1 teacher"
+    assert findings.arm_label("opd_plus", "jsd", float("nan")) == "OPD+ Jensen-Shannon"
+    assert findings.arm_label("supervised_kd", "reverse_kl") == "supervised KD"
+
+
+def test_pack_and_unpack_are_inverse(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame([dict(task="t", arm=a, seed=s, item=i, correct=int(rng.random() < 0.5))
+                          for a in ("x", "y") for s in (0, 1) for i in range(37)])
+    frame.loc[0:5, "correct"] = 0  # leading zeros: a plain read_csv would parse them away
+    findings.pack_items(frame).to_csv(tmp_path / "p.csv", index=False)
+    back = findings.unpack_items(findings.read_packed(tmp_path / "p.csv"))
+    pd.testing.assert_frame_equal(back.sort_values(["arm", "seed", "item"]).reset_index(drop=True),
+                                  frame.sort_values(["arm", "seed", "item"]).reset_index(drop=True),
+                                  check_dtype=False)
+    with pytest.raises(UserError, match="read_packed"):
+        findings.unpack_items(pd.read_csv(tmp_path / "p.csv"))
+
+
+def test_the_family_asks_a_to_f():
+    jsd = findings.arm_label("opd_plus", "jsd")  # the registry's label: "OPD+ Jensen-Shannon"
+    arms = ["OPD+ reverse KL", "OPD+ forward KL", jsd, "stop-gradient forward KL", "supervised KD",
+            "full vocabulary, reverse KL", "OPD+ forward KL, top-1 teacher", findings.WARM_UP, findings.TEACHER]
+    qs = findings.questions(arms)
+    assert ("a", "OPD+ forward KL, top-1 teacher", findings.WARM_UP) in qs
+    assert ("b", "stop-gradient forward KL", findings.WARM_UP) in qs
+    assert not any(q == "a" and a.startswith("stop-gradient") for q, a, _ in qs)  # "stop-" holds "top-"
+    assert not any(q == "f" and a.startswith("stop-gradient") for q, a, _ in qs)
+    assert ("c", "OPD+ forward KL", "OPD+ reverse KL") in qs and ("c", jsd, "OPD+ reverse KL") in qs
+    assert ("d", jsd, "supervised KD") in qs
+    assert ("e", "OPD+ reverse KL", "full vocabulary, reverse KL") in qs
+    assert ("f", "OPD+ forward KL, top-1 teacher", "OPD+ forward KL") in qs
+    assert ("f", "OPD+ forward KL, top-1 teacher", "full vocabulary, reverse KL") in qs
+    assert not any(b == findings.WARM_UP and a == findings.TEACHER for _, a, b in qs)
+
+
+def _committed():
+    return findings.unpack_items(findings.read_packed(DATA / "04_items.csv"))
+
+
+def _not_claimed():
+    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+
+    return notebook_parameters(resolve_notebook("04"))["not_claimed"]
+
+
+def test_the_committed_claims_hold_and_the_tables_are_what_the_items_give():
+    frame = _committed()
+    table = findings.ask(frame)
+    findings.check_claims(table, _not_claimed())  # the notebook's asserts, on its committed data
+    with pytest.raises(UserError, match="not compared"):
+        findings.claims(table, ["no such arm"])
+    committed = pd.read_csv(DATA / "04_comparisons.csv")
+    pd.testing.assert_frame_equal(table.reset_index(drop=True), committed, check_dtype=False, atol=1e-12)
+
+
+def test_the_claims_fail_when_an_arm_is_no_better_than_the_warm_up():
+    """Counterfactual: every trained arm's records replaced by the warm-up's (no real difference), and the
+    stop-gradient arms' by the warm-up's: every claim (a) and (b) must fail."""
+    frame = _committed()
+    warm = frame[frame["arm"] == findings.WARM_UP]
+    fake = [frame[frame["arm"].isin([findings.WARM_UP, findings.TEACHER])]]
+    rng = np.random.default_rng(1)
+    for arm in frame["arm"].unique():
+        if arm in (findings.WARM_UP, findings.TEACHER):
+            continue
+        same = warm.assign(arm=arm).copy()
+        flip = rng.random(len(same)) < 0.05  # some noise, no direction: a null arm
+        same.loc[flip, "correct"] = 1 - same.loc[flip, "correct"]
+        fake.append(same)
+    table = findings.ask(pd.concat(fake, ignore_index=True))
+    with pytest.raises(AssertionError) as err:
+        findings.check_claims(table, _not_claimed())
+    failed = str(err.value).count(" vs ")
+    assert failed >= len(findings.claims(table, _not_claimed())) - 1, str(err.value)  # one false positive at most
+    assert "stop-gradient" in str(err.value)
+
+
+def test_the_claims_fail_when_stop_gradient_does_not_fall():
+    frame = _committed()
+    stop = frame["arm"].str.startswith("stop-gradient")
+    warm = frame[frame["arm"] == findings.WARM_UP]
+    lifted = [warm.assign(arm=a) for a in frame.loc[stop, "arm"].unique()]
+    table = findings.ask(pd.concat([frame[~stop], *lifted], ignore_index=True))
+    with pytest.raises(AssertionError, match="stop-gradient forward KL"):
+        findings.check_claims(table, _not_claimed())
+
+
+def test_gaps_have_intervals_around_their_estimates():
+    arms = pd.read_csv(DATA / "04_arms.csv")
+    trained = arms.dropna(subset=["gap_closed"])
+    assert len(trained) and (trained["gap_lo"] <= trained["gap_closed"]).all()
+    assert (trained["gap_closed"] <= trained["gap_hi"]).all()
+
+
+def test_log_ratio_pools_settings_and_is_nominal_under_the_null():
+    rng = np.random.default_rng(0)
+    reject = 0
+    R = 400
+    for _ in range(R):
+        se = rng.uniform(0.1, 0.3, 9)
+        a, b = rng.normal(0, se), rng.normal(0, se)
+        reject += stats.log_ratio(a, se, b, se, df=1000)["p"] < 0.05
+    assert abs(reject / R - 0.05) <= 3 * np.sqrt(0.05 * 0.95 / R)
+    r = stats.log_ratio(np.log([2.0, 2.0]), [0.01, 0.01], np.log([1.0, 1.0]), [0.01, 0.01], df=7)
+    assert r["ratio"] == pytest.approx(2.0) and r["lo_ratio"] < 2 < r["hi_ratio"] and r["p"] < 1e-6
+    with pytest.raises(UserError):
+        stats.log_ratio([], [], [], [], df=7)
