@@ -22,7 +22,8 @@ then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model
 - ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
 - ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
   student, per task; ``final_evaluation`` where ``final_eval_n`` differs;
-- ``step_noise``: notebook 09's ``noise.step_noise`` per variant (each batch decoded, scored and differentiated);
+- ``step_noise``: ``noise.step_noise`` per notebook-09 variant and per notebook-04 arm (each batch decoded, scored
+  and differentiated);
 - ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``: forward and backward over the padded
   batch it runs), counted by the steps the cache recorded (``sft_steps_taken``); ``sft_check``: a
   warm-up's accuracy check every ``SFT_CHECK_EVERY`` steps (``lm.cache``).
@@ -135,7 +136,8 @@ def studies(tiny: bool = False) -> list[Study]:
     task_overrides = {t: {**preset4.per_task.get(t, {}), **p4["overrides"], **shrink} for t in p4["tasks"]}
     for t in p4["tasks"]:
         specs = runs(base4, [t], [], [], seeds(p4, preset4), task_overrides, p4["arms"])
-        out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), new(specs)))
+        noisy = sum(arm["method"] != "supervised_kd" for arm in p4["arms"])  # its step-noise cell
+        out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), new(specs), noisy, p4["n_batches"]))
     p9 = notebook_parameters(nb9)
     preset9 = presets.get(p9["preset"])
     base9 = preset9.spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})

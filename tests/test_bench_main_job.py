@@ -165,6 +165,7 @@ def test_the_counts_are_the_notebooks_runs(tiny):
         evals = [1 + math.ceil(s / spec.eval.eval_every) for s in steps]  # 0, every eval_every, the last
         n_evals = rows.loc[("evaluation", "every arm")] + rows.loc[("final_evaluation", "every arm")]
         assert n_evals == sum(evals) * n_seeds
+        assert rows.loc["step_noise"].sum() == sum(arm["method"] != "supervised_kd" for arm in p["arms"])
     p9 = notebook_parameters(resolve_notebook("09"))
     nb09 = written[written["notebook"] == resolve_notebook("09").stem].set_index("phase")["count"]
     preset9 = presets.get(p9["preset"])
