@@ -23,7 +23,8 @@ from opdlab.errors import UserError
 from opdlab.plots import divergence_title
 
 __all__ = ["WARM_UP", "TEACHER", "arm_label", "final_items", "pack_items", "read_packed", "unpack_items", "questions",
-           "ask", "gaps", "claims", "check_claims", "findings", "power", "step_costs"]
+           "ask", "gaps", "claims", "check_claims", "findings", "power", "step_costs",
+           "variance_claims"]
 
 WARM_UP, TEACHER = "warm-up student", "teacher"
 """The two reference models' arm names."""
@@ -231,3 +232,25 @@ def step_costs(train: pd.DataFrame) -> pd.DataFrame:
                                                        tokens=("tokens", "median")).reset_index()
     return runs.groupby(["task", "arm"]).agg(seconds_per_step=("seconds", "median"), runs=("run", "nunique"),
                                              tokens_per_step=("tokens", "median")).reset_index()
+
+
+def variance_claims(variance: pd.DataFrame, n_batches: int, alpha: float = 0.05) -> pd.DataFrame:
+    """Notebook 09's claims on ``noise.step_noise`` rows (columns ``gamma, baseline, log_u_clip,
+    relative_variance, log_relative_variance_se``), each pooled over the settings where both sides are measured
+    (``stats.log_ratio``, ``n_batches - 1`` degrees of freedom), Holm over the two: ``"no clip / clip"`` (the clip
+    lowers the step variance) and ``"γ = 1 / γ = 0"`` (γ = 1 raises it). A claim holds where ``p_holm < alpha``
+    and the ratio exceeds 1."""
+    v = variance.assign(clip=variance["log_u_clip"].notna())
+
+    def pooled(a, b, keys):
+        m = a.merge(b, on=keys, suffixes=("_a", "_b"))
+        return stats.log_ratio(np.log(m["relative_variance_a"]), m["log_relative_variance_se_a"],
+                               np.log(m["relative_variance_b"]), m["log_relative_variance_se_b"], df=n_batches - 1,
+                               alpha=alpha)
+
+    rows = [dict(claim="no clip / clip", **pooled(v[~v["clip"]], v[v["clip"]], ["gamma", "baseline"])),
+            dict(claim="γ = 1 / γ = 0", **pooled(v[v["gamma"] == 1.0], v[v["gamma"] == 0.0], ["baseline", "clip"]))]
+    out = pd.DataFrame(rows)
+    out["p_holm"] = stats.holm(out["p"].to_numpy(), alpha)
+    out["holds"] = (out["p_holm"] < alpha) & (out["estimate"] > 0)
+    return out

@@ -124,3 +124,23 @@ def test_log_ratio_pools_settings_and_is_nominal_under_the_null():
     assert r["ratio"] == pytest.approx(2.0) and r["lo_ratio"] < 2 < r["hi_ratio"] and r["p"] < 1e-6
     with pytest.raises(UserError):
         stats.log_ratio([], [], [], [], df=7)
+
+
+def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
+    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+
+    p = notebook_parameters(resolve_notebook("09"))
+    variance = pd.read_csv(DATA / "09_noise.csv")
+    claims = findings.variance_claims(variance, p["n_batches"]).set_index("claim")
+    asserted = claims.drop(index=p["not_claimed"])
+    assert len(asserted) and asserted["holds"].all()  # the notebook's asserts, on its committed data
+    committed = pd.read_csv(DATA / "09_claims.csv").set_index("claim")
+    pd.testing.assert_series_equal(claims["ratio"], committed["ratio"], check_dtype=False)
+    # counterfactual: γ = 1 measured exactly as γ = 0 (no real difference): its claim no longer holds
+    same = variance.copy()
+    for (b, c), part in variance.groupby(["baseline", variance["log_u_clip"].fillna(-1)]):
+        zero = part[part["gamma"] == 0.0].iloc[0]
+        rows = same.index.isin(part[part["gamma"] == 1.0].index)
+        same.loc[rows, ["relative_variance", "log_relative_variance_se"]] = \
+            zero[["relative_variance", "log_relative_variance_se"]].to_numpy()
+    assert not findings.variance_claims(same, p["n_batches"]).set_index("claim").loc["γ = 1 / γ = 0", "holds"]

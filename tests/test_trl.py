@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from opdlab import divergences, estimators  # noqa: E402
+from opdlab import divergences, estimators, sparse  # noqa: E402
 from opdlab.choices import FIXED_DIVERGENCES  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
 from opdlab.integrations.trl import OPDConfig, OPDTrainer  # noqa: E402
@@ -116,6 +116,35 @@ def test_loss_and_gradient_are_opdlabs_surrogate(tmp_path, divergence, method, e
             assert trainer._metrics["train"]["opd/clip_fraction"][-1] > 0, "the clip bound nowhere: untested"
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_a_top_k_teacher_runs_opdlabs_sparse_estimator_with_its_exact_limits(tmp_path, divergence):
+    """teacher_topk: k = V is the full-vocabulary gradient, k = 0 (no baseline) sampled OPD+; in between the loss is
+    opdlab.sparse's surrogate on the same completions."""
+    trainer = _trainer(tmp_path, divergence=divergence, method="opd_plus", teacher_topk=0)
+    inputs = _sampled(trainer)
+    V = trainer.model.config.vocab_size
+    mask = inputs["completion_mask"].float()
+
+    def close(loss, ref):
+        g, g_ref = _grad(trainer, loss), _grad(trainer, ref)
+        torch.testing.assert_close(g, g_ref, rtol=RTOL, atol=RTOL * float(g_ref.abs().max()))
+
+    for k, method in ((0, "opd_plus"), (V, "full_vocabulary")):
+        trainer.args.teacher_topk = k
+        close(trainer.compute_loss(trainer.model, inputs), _reference(trainer, inputs, method))
+    trainer.args.teacher_topk, trainer.args.baseline = 2, "tail"
+    loss = trainer.compute_loss(trainer.model, inputs)
+    with torch.no_grad():
+        lt, lt_V = _logp(trainer.teacher_model, inputs)
+    ls, ls_V = _logp(trainer.model, inputs)
+    top = lt_V.topk(2, -1)
+    ref = sparse.sparse_loss(divergence, ls_V, inputs["completion_ids"], sparse.TopK(top.indices, top.values, lt),
+                             mask, baseline="tail")
+    close(loss, ref)
+    with pytest.raises(AssertionError):  # and it differs from the dense estimator it replaces
+        close(trainer.compute_loss(trainer.model, inputs), _reference(trainer, inputs, "opd_plus"))
+
+
 @pytest.mark.parametrize("reduction", ["token", "sequence"])
 def test_accumulated_micro_batches_give_the_whole_batchs_gradient(tmp_path, reduction):
     """Gradient accumulation over two halves of a generation batch (as TRL splits it) sums to the gradient of
@@ -193,6 +222,9 @@ def test_training_logs_the_estimators_statistics(tmp_path):
     (dict(method="opd", top_p=0.9), "only method='full_vocabulary'"),
     (dict(method="opd_plus", generation_kwargs={"do_sample": False}), "do_sample"),
     (dict(method="full_vocabulary", baseline="expected"), "no advantages"),
+    (dict(method="opd_plus", teacher_topk=8, baseline="expected"), "none, tail, loo"),
+    (dict(method="opd", teacher_topk=8), "method='opd_plus'"),
+    (dict(method="opd_plus", teacher_topk=-1), "int >= 0"),
 ])
 def test_bad_settings_are_refused_by_name(tmp_path, setting, phrase):
     with pytest.raises(UserError, match=None) as err:

@@ -1,7 +1,7 @@
 """OPD and OPD+ for every registered f-divergence inside TRL's ``DistillationTrainer`` (``pip install opdlab[trl]``).
 
 A user keeps TRL's trainer, data, chat templates, generation (vLLM included), launchers (``accelerate``,
-DeepSpeed, FSDP) and config, and names the estimator in an ``OPDConfig``, a ``DistillationConfig`` with six more
+DeepSpeed, FSDP) and config, and names the estimator in an ``OPDConfig``, a ``DistillationConfig`` with seven more
 fields::
 
     args = OPDConfig(output_dir="out", divergence="forward_kl", method="opd_plus", gamma=0.0, baseline="expected")
@@ -16,7 +16,10 @@ student; here the loss is opdlab's (docs/math.md §3-§5, arXiv 2606.01039 Eq. 7
   ``A_t = w_f(u_t) - sum_{s>t} gamma^(s-t) f(u_s) - b(c_t)``, ``u_t = pi_T(y_t|c_t) / pi_theta(y_t|c_t)``;
 - ``method="opd"``: the same with ``-f(u_t)`` in place of ``w_f(u_t)`` (the stop-gradient baseline);
 - ``method="full_vocabulary"``: ``L = (1/n) sum_t D_f(pi_T(.|c_t) || pi_theta(.|c_t))`` (exact at each visited
-  context, the token-local gradient without sampling noise at the token).
+  context, the token-local gradient without sampling noise at the token);
+- ``teacher_topk=k`` with ``"opd_plus"``: only the teacher's top-k log-probabilities and the sampled token's
+  reach the estimator, as from a served teacher (``opdlab.sparse``: exact on the support, the tail from the
+  sample, unbiased for every f; baselines ``none``, ``tail`` or ``loo``).
 
 The advantages come from ``opdlab.estimators.baselined_advantages`` and the losses from
 ``estimators.reinforce_loss`` / ``estimators.full_vocabulary_loss``; nothing here re-derives them. Departures from
@@ -37,8 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opdlab import estimators
-from opdlab.choices import BASELINES, METHODS, REDUCTIONS, allowed_divergences
+from opdlab import estimators, sparse
+from opdlab.choices import BASELINES, METHODS, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
 from opdlab.divergences import get as get_divergence
 from opdlab.errors import UserError
 from opdlab.lm.sampling import gather_logp
@@ -75,6 +78,10 @@ class OPDConfig(DistillationConfig):
     baseline: str = field(default="none", metadata={"help": "none, expected (exact per-context mean) or loo"})
     log_u_clip: float | None = field(default=None, metadata={"help": "clamp |log u| to this first (None: no clip)"})
     reduction: str = field(default="token", metadata={"help": "token (TRL's) or sequence"})
+    teacher_topk: int | None = field(default=None, metadata={
+        "help": "None: the whole teacher distribution; k: only its top-k log-probabilities and the sampled "
+                "token's reach the estimator (what a served teacher sends; method opd_plus, baseline none, tail "
+                "or loo)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,7 +98,16 @@ def check_settings(args) -> None:
     except (TypeError, ValueError) as err:
         raise UserError(f"OPDConfig.divergence: {err}") from None
     _check_choice("method", args.method, INTEGRATION_METHODS)
-    _check_choice("baseline", args.baseline, BASELINES)
+    topk = getattr(args, "teacher_topk", None)
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
+            raise UserError(f"OPDConfig.teacher_topk must be None or an int >= 0, got {topk!r}")
+        if args.method != "opd_plus":
+            raise UserError(f"teacher_topk needs method='opd_plus' (the top-k estimator is OPD+'s, opdlab.sparse), "
+                            f"got {args.method!r}")
+        _check_choice("baseline", args.baseline, SPARSE_BASELINES)  # 'expected' needs the whole teacher
+    else:
+        _check_choice("baseline", args.baseline, BASELINES)
     _check_choice("reduction", args.reduction, REDUCTIONS)
     if not 0.0 <= args.gamma <= 1.0:
         raise UserError(f"OPDConfig.gamma must lie in [0, 1] (0: token-local, 1: the sequence gradient), "
@@ -143,6 +159,10 @@ def opd_loss(args, logits_student_BTV, logits_teacher_BTV, ids_BT, mask_BT, deno
     if args.method == "full_vocabulary":
         adv = None
         loss = estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT, reduction)
+    elif getattr(args, "teacher_topk", None) is not None:  # only what a served teacher sends reaches the estimator
+        payload = sparse.topk_payload(logits_teacher_BTV.float().detach(), ids_BT, args.teacher_topk)
+        loss, adv = sparse.sparse_surrogate(div, logp_student_BTV, ids_BT, payload, mask_BT, args.gamma,
+                                            args.baseline, None, args.log_u_clip, reduction)
     else:
         adv = estimators.baselined_advantages(div, logp_student_BT.detach(), logp_teacher_BT, mask_BT, args.method,
                                               args.gamma, args.baseline, logp_student_BTV.detach(), logp_teacher_BTV,
