@@ -24,7 +24,7 @@ from opdlab.plots import divergence_title
 
 __all__ = ["WARM_UP", "TEACHER", "arm_label", "final_items", "pack_items", "read_packed", "unpack_items", "questions",
            "ask", "gaps", "claims", "check_claims", "findings", "power", "step_costs",
-           "variance_claims"]
+           "variance_claims", "kl_claims"]
 
 WARM_UP, TEACHER = "warm-up student", "teacher"
 """The two reference models' arm names."""
@@ -253,4 +253,25 @@ def variance_claims(variance: pd.DataFrame, n_batches: int, alpha: float = 0.05)
     out = pd.DataFrame(rows)
     out["p_holm"] = stats.holm(out["p"].to_numpy(), alpha)
     out["holds"] = (out["p_holm"] < alpha) & (out["estimate"] > 0)
+    return out
+
+
+def kl_claims(items: pd.DataFrame, sampled: str = "opd_plus", reference: str | None = "opd") -> pd.DataFrame:
+    """Notebook 06's claims on per-item records (columns ``method, step, item, kl_reverse``; one seed): the
+    ``sampled`` method's per-item KL to the teacher after (its last step) against before (step 0), and against the
+    ``reference`` method after, each ``stats.paired_test`` over the items. A claim holds where its 95% interval
+    lies below zero."""
+    last = int(items["step"].max())
+
+    def kl(method, step):
+        rows = items[(items["method"] == method) & (items["step"] == step)].sort_values("item")
+        if rows.empty:
+            raise UserError(f"no per-item records of {method!r} at step {step}")
+        return rows["kl_reverse"].to_numpy(float)[None]
+
+    pairs = [(f"{sampled} after", f"{sampled} before", kl(sampled, last), kl(sampled, 0))]
+    if reference is not None and (items["method"] == reference).any():
+        pairs.append((f"{sampled} after", f"{reference} after", kl(sampled, last), kl(reference, last)))
+    out = pd.DataFrame([dict(a=a, b=b, items=x.shape[1], **stats.paired_test(x, y)) for a, b, x, y in pairs])
+    out["holds"] = out["hi"] < 0
     return out

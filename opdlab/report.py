@@ -190,9 +190,17 @@ def _checkpoints(root: Path) -> str:
                           "reverse KL after": fin["exact_reverse_kl_after"].map(lambda x: _f(x, 2)),
                           "accuracy before": fin["greedy_accuracy_before"].map(_f),
                           "accuracy after": fin["greedy_accuracy_after"].map(_f),
-                          "teacher accuracy": fin["teacher_accuracy"].map(_f)})
+                          "teacher accuracy": fin["teacher_accuracy"].map(_f),
+                          "at the token cap, after": fin["hit_cap_rate_after"].map(_pct)})
+    claims = _data(root, "06_claims.csv")
+    paired = pd.DataFrame({"A − B": [f"{a} − {b}" for a, b in zip(claims["a"], claims["b"])],
+                           "per-item KL, nats [95%]": [f"{e:+.2f} [{lo:+.2f}, {hi:+.2f}]" for e, lo, hi in
+                                                       zip(claims["estimate"], claims["lo"], claims["hi"])],
+                           "p": claims["p"].map(_p)})
     return _doc("A layer-dropped SmolLM2 student: the exact per-token reverse KL to the teacher (nats, 2 "
-                "decimals) and held-out greedy accuracy, before and after distillation.", frame)
+                "decimals), held-out greedy accuracy before and after distillation, and the share of greedy "
+                "completions that hit the token cap.", frame,
+                "Paired over the held-out items (one seed):", paired)
 
 
 def _audit(root: Path) -> str:

@@ -144,3 +144,15 @@ def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
         same.loc[rows, ["relative_variance", "log_relative_variance_se"]] = \
             zero[["relative_variance", "log_relative_variance_se"]].to_numpy()
     assert not findings.variance_claims(same, p["n_batches"]).set_index("claim").loc["γ = 1 / γ = 0", "holds"]
+
+
+def test_notebook_06_claims_hold_on_its_items_and_fail_for_stop_gradient():
+    items = pd.read_csv(DATA / "06_items.csv")
+    claims = findings.kl_claims(items, "opd_plus", "opd")
+    assert claims["holds"].all() and len(claims) == 2
+    pd.testing.assert_frame_equal(claims.drop(columns="holds"),
+                                  pd.read_csv(DATA / "06_claims.csv").drop(columns="holds"), check_dtype=False)
+    # counterfactual: the same claim of stop-gradient OPD (its KL rose), and of OPD+ against itself
+    assert not findings.kl_claims(items, "opd", None)["holds"].any()
+    assert not findings.kl_claims(items.assign(method="opd_plus").query("step == 0")
+                                  .pipe(lambda d: pd.concat([d, d.assign(step=4)])), "opd_plus", None)["holds"].any()
