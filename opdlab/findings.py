@@ -68,10 +68,16 @@ def final_items(items: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
     refs = pd.concat([refs[refs["task"] == t].assign(seed=s) for t in seeds.index for s in seeds[t]],
                      ignore_index=True)
     out = pd.concat([runs, refs], ignore_index=True)
-    counts = out.groupby(["task", "arm", "seed"])["item"].nunique()
-    if counts.groupby("task").nunique().max() > 1:
-        raise UserError(f"the arms were not evaluated on the same number of items: {counts.to_dict()}; give every "
-                        "run the same final_eval_n (or eval_n)")
+    twice = out[out.duplicated(["task", "arm", "seed", "item"])]
+    if len(twice):
+        raise UserError(f"two runs share the arm name {twice['arm'].iloc[0]!r} at seed {twice['seed'].iloc[0]}: "
+                        "arms that differ only in fields arm_label does not name (baseline, gamma, steps, ...) "
+                        "cannot be compared as arms; run them in separate sweeps")
+    ids = out.groupby(["task", "arm", "seed"])["item_id"].agg(lambda x: tuple(x.sort_index()))
+    for task, part in ids.groupby(level="task"):
+        if part.nunique() > 1:
+            raise UserError(f"{task}: the arms were not evaluated on the same items (their item ids differ): give "
+                            "every run the same final_eval_n (or eval_n) and eval_split as the teacher and warm-up")
     return out[["task", "arm", "seed", "item", "item_id", "correct", "length", "hit_cap"]].astype(
         {"seed": int, "correct": int}).reset_index(drop=True)
 
@@ -155,8 +161,7 @@ def gaps(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame
             per_seed = rows_.groupby("seed")["correct"].mean()
             row = dict(task=task, arm=arm, seeds=len(per_seed), items=rows_["item"].nunique(),
                        accuracy=float(rows_["correct"].mean()), seed_min=float(per_seed.min()),
-                       seed_max=float(per_seed.max()), hit_cap_rate=float(rows_["hit_cap"].mean())
-                       if "hit_cap" in rows_ else np.nan)
+                       seed_max=float(per_seed.max()))
             mean = part.groupby("arm")["correct"].mean()
             gap = mean.get(TEACHER, np.nan) - mean.get(WARM_UP, np.nan)
             if arm not in (WARM_UP, TEACHER) and gap > 0:  # no gap (tiny models): no fraction of it
@@ -234,19 +239,21 @@ def step_costs(train: pd.DataFrame) -> pd.DataFrame:
                                              tokens_per_step=("tokens", "median")).reset_index()
 
 
-def variance_claims(variance: pd.DataFrame, n_batches: int, alpha: float = 0.05) -> pd.DataFrame:
+def variance_claims(variance: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     """Notebook 09's claims on ``noise.step_noise`` rows (columns ``gamma, baseline, log_u_clip,
-    relative_variance, log_relative_variance_se``), each pooled over the settings where both sides are measured
-    (``stats.log_ratio``, ``n_batches - 1`` degrees of freedom), Holm over the two: ``"no clip / clip"`` (the clip
-    lowers the step variance) and ``"γ = 1 / γ = 0"`` (γ = 1 raises it). A claim holds where ``p_holm < alpha``
-    and the ratio exceeds 1."""
+    relative_variance, log_relative_variance_loo``), all measured on the same batches: each pooled over the
+    settings where both sides are measured (``stats.jackknife_log_ratio`` over the shared batches), Holm over the
+    two: ``"no clip / clip"`` (the clip lowers the step variance) and ``"γ = 1 / γ = 0"`` (γ = 1 raises it). A
+    claim holds where ``p_holm < alpha`` and the ratio exceeds 1."""
     v = variance.assign(clip=variance["log_u_clip"].notna())
+
+    def loo(rows):
+        return np.array([[float(x) for x in str(t).split()] for t in rows])
 
     def pooled(a, b, keys):
         m = a.merge(b, on=keys, suffixes=("_a", "_b"))
-        return stats.log_ratio(np.log(m["relative_variance_a"]), m["log_relative_variance_se_a"],
-                               np.log(m["relative_variance_b"]), m["log_relative_variance_se_b"], df=n_batches - 1,
-                               alpha=alpha)
+        return stats.jackknife_log_ratio(loo(m["log_relative_variance_loo_a"]), loo(m["log_relative_variance_loo_b"]),
+                                         np.log(m["relative_variance_a"]), np.log(m["relative_variance_b"]), alpha)
 
     rows = [dict(claim="no clip / clip", **pooled(v[~v["clip"]], v[v["clip"]], ["gamma", "baseline"])),
             dict(claim="γ = 1 / γ = 0", **pooled(v[v["gamma"] == 1.0], v[v["gamma"] == 0.0], ["baseline", "clip"]))]
@@ -259,8 +266,8 @@ def variance_claims(variance: pd.DataFrame, n_batches: int, alpha: float = 0.05)
 def kl_claims(items: pd.DataFrame, sampled: str = "opd_plus", reference: str | None = "opd") -> pd.DataFrame:
     """Notebook 06's claims on per-item records (columns ``method, step, item, kl_reverse``; one seed): the
     ``sampled`` method's per-item KL to the teacher after (its last step) against before (step 0), and against the
-    ``reference`` method after, each ``stats.paired_test`` over the items. A claim holds where its 95% interval
-    lies below zero."""
+    ``reference`` method after, each ``stats.paired_test`` over the items, Holm over the two. A claim holds where
+    its 95% interval lies below zero and its Holm p is below 0.05."""
     last = int(items["step"].max())
 
     def kl(method, step):
@@ -273,5 +280,6 @@ def kl_claims(items: pd.DataFrame, sampled: str = "opd_plus", reference: str | N
     if reference is not None and (items["method"] == reference).any():
         pairs.append((f"{sampled} after", f"{reference} after", kl(sampled, last), kl(reference, last)))
     out = pd.DataFrame([dict(a=a, b=b, items=x.shape[1], **stats.paired_test(x, y)) for a, b, x, y in pairs])
-    out["holds"] = out["hi"] < 0
+    out["p_holm"] = stats.holm(out["p"].to_numpy())
+    out["holds"] = (out["hi"] < 0) & (out["p_holm"] < 0.05)
     return out

@@ -164,8 +164,10 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
     Returns ``relative_variance`` = tr Cov[g_hat] / |E g_hat|^2 (scale-free, so estimators whose steps differ in
     size compare; |E g_hat|^2 is estimated without bias as |mean|^2 - tr Cov / K), ``variance`` (tr Cov),
     ``signal`` (|E g_hat|^2), ``log_relative_variance_se`` (the jackknife standard error of
-    log(relative_variance) over the K batches, for comparing two variants: ``stats.log_ratio``), ``grad_norm``
-    (mean |g_hat|), ``tokens`` (mean sampled tokens per step) and ``batches`` (K).
+    log(relative_variance) over the K batches), ``grad_norm`` (mean |g_hat|), ``tokens`` (mean sampled tokens per
+    step), ``batches`` (K) and ``log_relative_variance_loo`` (the K leave-one-out values of that log, as text).
+    Trainers with the same seed draw the same K batches whatever their estimator, so two variants' measurements
+    are paired: compare them with ``stats.jackknife_log_ratio`` on the leave-one-out values, not as independent.
     """
     tr = trainer
     if tr.spec.objective.method != "full_vocabulary":  # its step is noisy too: the contexts are sampled
@@ -186,7 +188,8 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
     leave_one_out = torch.tensor([math.log(_relative_variance(torch.cat([G[:i], G[i + 1:]]))[0]) for i in range(K)])
     jackknife_se = float(((K - 1) / K * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())
     return dict(relative_variance=rv[0], variance=rv[1], signal=rv[2], log_relative_variance_se=jackknife_se,
-                grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K, batches=K)
+                grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K, batches=K,
+                log_relative_variance_loo=" ".join(f"{x:.17g}" for x in leave_one_out.tolist()))
 
 
 def _relative_variance(G: torch.Tensor) -> tuple[float, float, float]:

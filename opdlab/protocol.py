@@ -1,10 +1,13 @@
 """A declared protocol for the learning rate, the same for every arm, scored on validation items only.
 
 For each task and arm, one run per learning rate of ``grid`` at ``PROTOCOL_SEED`` (a seed no result uses),
-evaluated at its end on validation items (``eval_split="validation"``: training-split problems from a stream no
-run trains on, disjoint from every test item). The chosen rate maximises the validation accuracy; a tie goes to
-the smaller rate. A choice at either end of the grid is flagged (``at_edge``): the best rate may lie beyond it,
-and the grid should be widened before the choice is used. Nothing here reads a test item, so the choice cannot follow the results it is used for.
+evaluated at its end on validation items (``eval_split="validation"``: training-split problems from a stream of
+their own, disjoint from every test item; where the problem space is small some coincide with training
+prompts). The chosen rate maximises the validation accuracy; a tie goes to the smaller rate. A choice at either
+end of the grid is flagged (``at_edge``): the best rate may lie beyond it. The choice reads no test item (the
+sweep also scores the teacher and warm-up on test items for its reference lines; the protocol ignores them), so
+it cannot follow the results it is used for. Choices are grouped by the arm's design, so two arms that share a
+label but differ in any trained field are chosen for apart.
 
     table = choose_lr(base, ["arithmetic"], arms, [3e-4, 1e-3, 3e-3], "runs/04-protocol")
     arms_with_lr, missing = apply(spec_for_task, arms, table)
@@ -56,9 +59,9 @@ def choose_lr(base: RunSpec, tasks, arms, grid, runs_dir, runtime: Runtime | Non
         arm=[arm_label(m, d, k) for m, d, k in zip(last["method"], last["divergence"], last["teacher_topk"])],
         design=[design(spec) for spec in specs], lr=[spec.optim.lr for spec in specs],
         validation_accuracy=last["greedy_accuracy"].to_numpy(), items=last["eval_items"].to_numpy()))
-    table = table.sort_values(["task", "arm", "lr"], kind="stable").reset_index(drop=True)
-    best = table.groupby(["task", "arm"])["validation_accuracy"].transform("max")
-    first = table[table["validation_accuracy"] == best].groupby(["task", "arm"]).head(1).index  # the smaller lr
+    table = table.sort_values(["task", "arm", "design", "lr"], kind="stable").reset_index(drop=True)
+    best = table.groupby(["task", "design"])["validation_accuracy"].transform("max")
+    first = table[table["validation_accuracy"] == best].groupby(["task", "design"]).head(1).index  # the smaller lr
     table["chosen"] = table.index.isin(first)
     table["at_edge"] = table["chosen"] & table["lr"].isin([min(grid), max(grid)])  # the best may lie beyond
     return table

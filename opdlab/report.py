@@ -129,7 +129,8 @@ def headline(root: Path) -> str:
         "\n\n" + _prose(
         f"Held-out greedy accuracy at each run's last step ({_design(root)}; `figures/data/04_arms.csv`), and "
         "its difference from the warm-up student, paired item by item and seed by seed (standard errors clustered "
-        "by seed and by item, Holm over notebook 04's whole family of comparisons; "
+        "by seed and by item; the 95% interval is each comparison's own, the Holm p adjusts for notebook 04's "
+        "whole family of comparisons; "
         "`figures/data/04_comparisons.csv`). The gap closed is (arm − warm-up) / (teacher − warm-up), with a "
         "hierarchical-bootstrap interval.")
 
@@ -234,7 +235,7 @@ def _tradeoff(root: Path) -> str:
     noise, claims, comp = _data(root, "09_noise.csv"), _data(root, "09_claims.csv"), _data(root, "09_comparisons.csv")
     frame = pd.DataFrame({"clip": noise["clip"], "γ": noise["gamma"].map(lambda g: f"{g:g}"),
                           "baseline": noise["baseline"],
-                          "relative step variance (± jackknife SE)": [
+                          "relative step variance (×/÷ jackknife SE)": [
                               f"{v:.2f} (×/÷ {np.exp(se):.2f})" for v, se in
                               zip(noise["relative_variance"], noise["log_relative_variance_se"])]})
     pooled = pd.DataFrame({"claim": claims["claim"], "ratio [95%]": [

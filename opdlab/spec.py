@@ -231,7 +231,7 @@ class EvalSpec:
     evaluation sees): the final comparison between arms is where items buy the most power per CPU-second."""
     eval_split: str = "test"
     """Where the evaluation items come from: ``"test"`` (the held-out split, for results) or ``"validation"``
-    (training-split problems from a stream no run trains on, disjoint from every test item: for choosing
+    (training-split problems from a stream of their own, disjoint from every test item: for choosing
     hyperparameters, ``opdlab.protocol``)."""
 
     def __post_init__(self):

@@ -73,7 +73,7 @@ def resolve_workers(workers, device: str = "auto") -> int:
     return workers
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int | None = None) -> None:
     """A worker's thread count; on Linux it also asks to be ended when the process that spawned it ends (a killed
     notebook kernel would otherwise leave its workers training for nobody). The run it leaves resumes from its
     last checkpoint."""
@@ -85,7 +85,9 @@ def _init_worker(threads: int) -> None:
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except OSError:  # no glibc (e.g. musl): the worker ends when its queue closes instead
-            pass
+            return
+        if parent is not None and os.getppid() != parent:  # the parent ended before the request took effect
+            os._exit(1)
 
 
 def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
@@ -98,10 +100,10 @@ def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
     """The teacher's and the warm-up student's held-out greedy accuracy on the items of a run's final evaluation
     (``final_eval_n`` items where the spec asks for more than ``eval_n``, as ``train.evaluate`` scores them), and
     the path of their per-item records (``train.evaluate``'s), written once to ``runs_dir/references/`` (named by
-    the task, the models' spec and the item count) and read back after."""
+    the task, the models' spec, the item count, the split and the samples per item) and read back after."""
     n = spec.eval.final_eval_n or spec.eval.eval_n
-    key = hashlib.sha256(json.dumps([asdict(spec.task), asdict(spec.models), n], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([asdict(spec.task), asdict(spec.models), n, spec.eval.eval_split,
+                                     spec.eval.eval_samples], sort_keys=True, default=str).encode()).hexdigest()[:12]
     rows = []
     for role, model in (("teacher", models.teacher), ("student", models.student)):
         path = Path(runs_dir) / "references" / f"{spec.task.task}-{role}-{key}.csv"
@@ -214,7 +216,8 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
             beat.reset()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (threads,)) as pool:
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
+                                 (threads, os.getpid())) as pool:
             _wait(pool, jobs, runtime, f"runs ({workers} workers)", progress)
     return results([run_dir for _, run_dir in jobs], kind="eval"), pd.DataFrame(refs)
 

@@ -131,19 +131,25 @@ def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
 
     p = notebook_parameters(resolve_notebook("09"))
     variance = pd.read_csv(DATA / "09_noise.csv")
-    claims = findings.variance_claims(variance, p["n_batches"]).set_index("claim")
+    claims = findings.variance_claims(variance).set_index("claim")
     asserted = claims.drop(index=p["not_claimed"])
     assert len(asserted) and asserted["holds"].all()  # the notebook's asserts, on its committed data
     committed = pd.read_csv(DATA / "09_claims.csv").set_index("claim")
     pd.testing.assert_series_equal(claims["ratio"], committed["ratio"], check_dtype=False)
-    # counterfactual: γ = 1 measured exactly as γ = 0 (no real difference): its claim no longer holds
-    same = variance.copy()
-    for (b, c), part in variance.groupby(["baseline", variance["log_u_clip"].fillna(-1)]):
-        zero = part[part["gamma"] == 0.0].iloc[0]
-        rows = same.index.isin(part[part["gamma"] == 1.0].index)
-        same.loc[rows, ["relative_variance", "log_relative_variance_se"]] = \
-            zero[["relative_variance", "log_relative_variance_se"]].to_numpy()
-    assert not findings.variance_claims(same, p["n_batches"]).set_index("claim").loc["γ = 1 / γ = 0", "holds"]
+    # counterfactual: γ = 1 measured as γ = 0 plus independent noise of the size the batches show (no real
+    # difference): its claim must not hold, at the nominal rate
+    rng, held = np.random.default_rng(0), 0
+    for _ in range(40):
+        same = variance.copy()
+        for _, part in variance.groupby(["baseline", variance["log_u_clip"].fillna(-1)]):
+            zero = part[part["gamma"] == 0.0].iloc[0]
+            loo = np.array([float(x) for x in zero["log_relative_variance_loo"].split()])
+            noise = rng.normal(0, loo.std() + 1e-3, len(loo))
+            row = part[part["gamma"] == 1.0].index[0]
+            same.loc[row, "log_relative_variance_loo"] = " ".join(str(x) for x in loo + noise)
+            same.loc[row, "relative_variance"] = float(np.exp(np.mean(loo + noise)))
+        held += findings.variance_claims(same).set_index("claim").loc["γ = 1 / γ = 0", "holds"]
+    assert held <= 6, held  # a one-sided false claim at most ~2.5% of the time; 6 of 40 is far beyond it
 
 
 def test_notebook_06_claims_hold_on_its_items_and_fail_for_stop_gradient():
@@ -152,7 +158,24 @@ def test_notebook_06_claims_hold_on_its_items_and_fail_for_stop_gradient():
     assert claims["holds"].all() and len(claims) == 2
     pd.testing.assert_frame_equal(claims.drop(columns="holds"),
                                   pd.read_csv(DATA / "06_claims.csv").drop(columns="holds"), check_dtype=False)
-    # counterfactual: the same claim of stop-gradient OPD (its KL rose), and of OPD+ against itself
+    # counterfactual: the same claim of stop-gradient OPD (its KL rose), and of an arm that did not move: its
+    # "after" is its "before" plus symmetric noise of the size the items show (at most a rare false claim)
     assert not findings.kl_claims(items, "opd", None)["holds"].any()
-    assert not findings.kl_claims(items.assign(method="opd_plus").query("step == 0")
-                                  .pipe(lambda d: pd.concat([d, d.assign(step=4)])), "opd_plus", None)["holds"].any()
+    before = items[(items["method"] == "opd_plus") & (items["step"] == 0)]
+    rng, held = np.random.default_rng(0), 0
+    for _ in range(40):
+        after = before.assign(step=4, kl_reverse=before["kl_reverse"] + rng.normal(0, 0.5, len(before)))
+        held += findings.kl_claims(pd.concat([before, after]), "opd_plus", None)["holds"].any()
+    assert held <= 4, held
+
+
+def test_jackknife_log_ratio_keeps_the_pairing_of_shared_batches():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 1.0, (3, 8))  # the batches' noise, common to A and B
+    own = rng.normal(0, 0.01, (3, 8))
+    r = stats.jackknife_log_ratio(shared + 0.1 + own, shared, (shared + 0.1 + own).mean(1), shared.mean(1))
+    assert r["p"] < 1e-3 and r["lo_ratio"] > 1  # the shared noise cancels: 0.1 is found
+    same = stats.jackknife_log_ratio(shared, shared, shared.mean(1), shared.mean(1))
+    assert same["estimate"] == 0 and same["p"] == 1.0
+    with pytest.raises(UserError):
+        stats.jackknife_log_ratio(shared[:, :1], shared[:, :1], [0, 0, 0], [0, 0, 0])

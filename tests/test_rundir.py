@@ -426,8 +426,21 @@ def _wait_for_lock(run_dir, proc, timeout=60):
         time.sleep(0.01)
 
 
+def _longer(argv, steps):
+    """``argv`` with ``steps`` in place of its step count: a run long enough that a signal sent after its first
+    metrics line lands mid-run however loaded the machine is."""
+    argv = list(argv)
+    at = next(i for i in range(len(argv) - 1) if argv[i] == "steps")
+    argv[at + 1] = str(steps)
+    return argv
+
+
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, cli_argv):
-    argv, full = cli_argv
+    argv = _longer(cli_argv[0], 60)
+    done = subprocess.run([a.replace("RUN_DIR", str(tmp_path / "full")) for a in argv], env=ENV,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    full = metrics(tmp_path / "full")
     run_dir = tmp_path / "run"
     proc = _start(argv, run_dir)
     _wait_for_metrics(run_dir, proc)

@@ -174,7 +174,7 @@ def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baselin
     small = noise.step_noise(Trainer(config.replace(prompts_per_step=4), TASK, teacher, student, TOK), n_batches=16)
     big = noise.step_noise(Trainer(config.replace(prompts_per_step=32), TASK, teacher, student, TOK), n_batches=16)
     for r in (small, big):
-        assert all(math.isfinite(v) and v > 0 for v in r.values()), r
+        assert all(math.isfinite(v) and v > 0 for v in r.values() if not isinstance(v, str)), r
     assert big["tokens"] > 4 * small["tokens"]  # 8x the tokens: tr Cov of a mean falls about 8x
     assert big["variance"] < small["variance"] / 4 and big["relative_variance"] < small["relative_variance"] / 2
     with pytest.raises(ValueError, match="n_batches"):
