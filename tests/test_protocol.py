@@ -58,3 +58,19 @@ def test_the_protocol_refuses_what_it_cannot_choose(tmp_path):
         protocol.choose_lr(SMOKE, ["arithmetic"], [{**ARMS[0], "lr": 1e-3}], [1e-3], tmp_path)
     with pytest.raises(UserError, match="20000"):
         SMOKE.replace(seed=20_000)
+
+
+def test_design_sets_aside_rate_seed_and_evaluation_only():
+    spec = get("notebook04").spec
+    assert protocol.design(spec) == protocol.design(spec.replace(lr=0.5, seed=3, final_eval_n=64, eval_n=16,
+                                                                 eval_split="validation", eval_every=7))
+    for changed in (dict(steps=10), dict(prompts_per_step=8), dict(baseline="loo"), dict(teacher_hidden=64)):
+        assert protocol.design(spec.replace(**changed)) != protocol.design(spec), changed
+
+
+def test_run_names_written_before_eval_split_existed_still_resolve():
+    from opdlab.spec import run_name
+
+    spec = get("notebook04").spec.replace(divergence="reverse_kl", method="opd_plus", seed=0)
+    assert run_name(spec) == "arithmetic-reverse_kl-opd_plus-s0-0b9b5a0b"  # a run directory of 2026-12-04
+    assert run_name(spec.replace(eval_split="validation")) != run_name(spec)
