@@ -403,8 +403,11 @@ def cli_argv(tmp_path_factory):
 
 
 def _start(argv, run_dir):
+    """A real ``opdlab train`` process. SIGINT is set back to its default in the child: a test suite started in
+    the background of a non-interactive shell ignores SIGINT, and a child would inherit that and never see Ctrl-C."""
     return subprocess.Popen([a.replace("RUN_DIR", str(run_dir)) for a in argv], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_metrics(run_dir, proc, timeout=60):
@@ -436,7 +439,7 @@ def _longer(argv, steps):
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, cli_argv):
-    argv = _longer(cli_argv[0], 60)
+    argv = _longer(cli_argv[0], 30)
     done = subprocess.run([a.replace("RUN_DIR", str(tmp_path / "full")) for a in argv], env=ENV,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
