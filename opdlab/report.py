@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import textwrap
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 from opdlab.errors import UserError
+from opdlab.report_format import data as _data, doc as _doc, f as _f, interval as _interval, p as _p
+from opdlab.report_format import pct as _pct, points as _points, prose as _prose, table as _table
 from opdlab.plots import divergence_title, method_style
 
 __all__ = ["REGIONS", "SECTIONS", "RESULTS", "ROOT", "render", "check", "write", "arms", "comparisons", "headline"]
@@ -33,45 +34,6 @@ __all__ = ["REGIONS", "SECTIONS", "RESULTS", "ROOT", "render", "check", "write",
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "docs/results.md"
 _MARKER = re.compile(r"^<!-- (/?)report:([\w.-]+) -->$", re.M)
-
-
-def _data(root: Path, name: str) -> pd.DataFrame:
-    path = root / "figures" / "data" / name
-    if not path.exists():
-        raise UserError(f"{path} is missing: the report renders from figures/data/ (run `make figures`, or pass "
-                        f"the repository root as --root)")
-    return pd.read_csv(path)
-
-
-def _table(frame: pd.DataFrame) -> str:
-    """A markdown table of already-formatted cells (strings kept as written)."""
-    return frame.to_markdown(index=False, disable_numparse=True)
-
-
-def _prose(text: str) -> str:
-    """A paragraph of generated prose, wrapped as the hand-written docs are."""
-    return textwrap.fill(text, width=115, break_on_hyphens=False)
-
-
-def _f(x: float, digits: int = 3) -> str:
-    return "–" if pd.isna(x) else f"{x:.{digits}f}"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
-def _points(x: float, digits: int = 1) -> str:
-    """A difference in accuracy, in points with its sign."""
-    return "–" if pd.isna(x) else f"{100 * x:+.{digits}f}"
-
-
-def _interval(lo: float, hi: float, fmt=_points) -> str:
-    return f"[{fmt(lo)}, {fmt(hi)}]"
-
-
-def _p(p: float) -> str:
-    return "–" if pd.isna(p) else (f"{p:.2g}" if p >= 1e-4 else "< 1e-4")
 
 
 def arms(root: Path) -> pd.DataFrame:
@@ -136,11 +98,6 @@ def headline(root: Path) -> str:
 
 
 # -- the other notebooks ---------------------------------------------------------------------------------------
-
-def _doc(*parts: str | pd.DataFrame) -> str:
-    """Paragraphs (wrapped) and tables (a DataFrame of formatted cells), a blank line apart."""
-    return "\n\n".join(_table(p) if isinstance(p, pd.DataFrame) else _prose(p) for p in parts)
-
 
 def _derivation(root: Path) -> str:
     tab = _data(root, "01_advantage_table.csv")

@@ -40,7 +40,7 @@ from opdlab.errors import UserError
 
 __all__ = ["wilson", "accuracies", "paired_matrix", "paired_test", "variance_components", "design_se", "mde", "plan",
            "mcnemar_by_seed", "holm", "bootstrap_means", "gap_closed", "verdict", "compare", "offset_pvalue",
-           "bias_claims", "log_ratio", "jackknife_log_ratio"]
+           "bias_claims", "jackknife_log_ratio"]
 
 REQUIRED = ("arm", "seed", "item", "correct")
 
@@ -335,24 +335,6 @@ def bias_claims(names, offset, se, n_draws, unbiased, alpha: float = 0.05) -> pd
     return pd.DataFrame(dict(name=list(names), claim=np.where(unbiased, "unbiased", "biased"),
                              ratio=np.asarray(offset, float) / se, p=p, p_holm=p_holm, holds=holds,
                              detectable=detectable))
-
-
-def log_ratio(log_a, se_a, log_b, se_b, df, alpha: float = 0.05) -> dict:
-    """Is quantity A larger than B, pooled over matched settings? ``log_a``/``log_b``: the logs of A and B at each
-    setting, ``se_a``/``se_b`` their standard errors (e.g. ``noise.step_noise``'s jackknife SE), independent
-    estimates. The mean log ratio over the settings, its SE ``sqrt(sum(se_a^2 + se_b^2)) / m``, a t-interval and
-    two-sided p with ``df`` degrees of freedom (the jackknife's K - 1: conservative), ``ratio``, ``lo_ratio``,
-    ``hi_ratio``: the geometric-mean ratio A / B and its interval, and ``detectable_ratio``: the ratio this design
-    detects with 80% power (``mde`` on the log scale)."""
-    d = np.asarray(log_a, float) - np.asarray(log_b, float)
-    var = np.asarray(se_a, float) ** 2 + np.asarray(se_b, float) ** 2 * np.ones_like(d)
-    if d.size == 0 or not np.all(np.isfinite(d)) or not np.all(var > 0):
-        raise UserError("log_ratio needs at least one setting with finite logs and positive standard errors")
-    est, se = float(d.mean()), float(np.sqrt(var.sum()) / d.size)
-    half = float(sps.t.ppf(1 - alpha / 2, df)) * se
-    return dict(estimate=est, se=se, lo=est - half, hi=est + half, p=float(2 * sps.t.sf(abs(est) / se, df)),
-                ratio=float(np.exp(est)), lo_ratio=float(np.exp(est - half)), hi_ratio=float(np.exp(est + half)),
-                detectable_ratio=float(np.exp(mde(se, df, alpha))), settings=int(d.size))
 
 
 def jackknife_log_ratio(loo_a, loo_b, full_a, full_b, alpha: float = 0.05) -> dict:

@@ -111,21 +111,6 @@ def test_gaps_have_intervals_around_their_estimates():
     assert (trained["gap_closed"] <= trained["gap_hi"]).all()
 
 
-def test_log_ratio_pools_settings_and_is_nominal_under_the_null():
-    rng = np.random.default_rng(0)
-    reject = 0
-    R = 400
-    for _ in range(R):
-        se = rng.uniform(0.1, 0.3, 9)
-        a, b = rng.normal(0, se), rng.normal(0, se)
-        reject += stats.log_ratio(a, se, b, se, df=1000)["p"] < 0.05
-    assert abs(reject / R - 0.05) <= 3 * np.sqrt(0.05 * 0.95 / R)
-    r = stats.log_ratio(np.log([2.0, 2.0]), [0.01, 0.01], np.log([1.0, 1.0]), [0.01, 0.01], df=7)
-    assert r["ratio"] == pytest.approx(2.0) and r["lo_ratio"] < 2 < r["hi_ratio"] and r["p"] < 1e-6
-    with pytest.raises(UserError):
-        stats.log_ratio([], [], [], [], df=7)
-
-
 def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
     from opdlab.notebook_runner import notebook_parameters, resolve_notebook
 

@@ -24,7 +24,7 @@ LAYERS = [
     ["step", "cohort"],
     ["train", "widgets", "noise", "integrations"],
     ["sweep", "protocol"],
-    ["report", "notebook_runner", "cli", "__main__", "__init__"],
+    ["report_format", "report", "notebook_runner", "cli", "__main__", "__init__"],
 ]
 
 
