@@ -86,7 +86,7 @@ from opdlab.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
 from opdlab.sweep import runs  # noqa: E402
 from opdlab.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
 from opdlab.tasks import get_task  # noqa: E402
-from opdlab.train import evaluate, load_models  # noqa: E402
+from opdlab.train import evaluate, final_sampled_n, load_models  # noqa: E402
 
 COLUMNS = ("notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
            "gflops_per_s", "peak_fraction", "bound_seconds", "threads", "peak_gflops")
@@ -353,7 +353,7 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
             *timed(lambda: evaluate(tr, 0), device, repeats=args.eval_repeats))
     if final:
         row("final_evaluation", "every arm", final,
-            *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n), device,
+            *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n, final_sampled_n(spec)), device,
                    repeats=args.eval_repeats))
     if study.noise_calls:
         row("step_noise", spec.objective.method, study.noise_calls,

@@ -41,9 +41,11 @@ _MODELS_04 = dict(teacher_hidden=128, teacher_layers=4, teacher_sft_steps=1200, 
 
 _NOTEBOOK04 = RunSpec.from_dict(dict(
     steps=50, prompts_per_step=32, samples_per_prompt=4, lr=1e-3, lr_schedule="cosine", baseline="expected",
-    log_u_clip=2.0, eval_every=25, eval_n=256, eval_samples=1, final_eval_n=2048, **_MODELS_04))
+    log_u_clip=2.0, eval_every=25, eval_n=256, eval_samples=1, final_eval_n=2048, final_eval_sampled=False,
+    **_MODELS_04))
 """Notebook 04's run: 50 steps of 32 prompts x 4 samples, evaluated on 256 held-out items along the way and on
-2,048 at the end (the paired tests' items: items are far cheaper than seeds). The learning rate here is the
+2,048 at the end (the paired tests' items: items are far cheaper than seeds), greedy only beyond the first 256
+(the sampled accuracy and the divergences stay on the items every evaluation sees). The learning rate here is the
 fallback; notebook 04 gives each arm the rate its protocol chose (``opdlab.protocol``,
 ``figures/data/04_lr_protocol.csv``)."""
 

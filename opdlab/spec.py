@@ -233,15 +233,21 @@ class EvalSpec:
     """Where the evaluation items come from: ``"test"`` (the held-out split, for results) or ``"validation"``
     (training-split problems from a stream of their own, disjoint from every test item: for choosing
     hyperparameters, ``opdlab.protocol``)."""
+    final_eval_sampled: bool = True
+    """Where ``final_eval_n`` exceeds ``eval_n``: True samples and scores the divergences on all the last
+    evaluation's items; False does so on its first ``eval_n`` only (every evaluation's items, so the curves compare
+    like with like) and scores the rest greedy only, their sampled and divergence columns empty (NaN). Paired
+    comparisons of greedy accuracy are the same either way; False skips most of the last evaluation's work."""
 
     def __post_init__(self):
         _ints(self, ("eval_every", "eval_n", "eval_samples"), 1)
+        _check(isinstance(self.final_eval_sampled, bool), "final_eval_sampled", self.final_eval_sampled, "True or False")
         _check(self.eval_split in EVAL_SPLITS, "eval_split", self.eval_split, f"one of {EVAL_SPLITS}")
         _check(self.final_eval_n is None or (is_int(self.final_eval_n) and self.final_eval_n >= 1), "final_eval_n",
                self.final_eval_n, "None or an int >= 1")
 
 
-ADDED_LATER = {"eval_split": "test"}
+ADDED_LATER = {"eval_split": "test", "final_eval_sampled": True}
 """Fields added after run directories were written, and the value those runs computed with (``RunSpec.digest``)."""
 
 PARTS = {"task": TaskSpec, "objective": Objective, "optim": Optim, "models": ModelsSpec, "eval": EvalSpec}

@@ -51,7 +51,7 @@ from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
 from opdlab.files import write_atomic
 from opdlab.step import Trainer
-from opdlab.train import evaluate, load_models, train
+from opdlab.train import evaluate, final_sampled_n, load_models, train
 from opdlab.errors import UserError
 
 __all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "item_results", "reference_items"]
@@ -99,11 +99,13 @@ def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
 def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
     """The teacher's and the warm-up student's held-out greedy accuracy on the items of a run's final evaluation
     (``final_eval_n`` items where the spec asks for more than ``eval_n``, as ``train.evaluate`` scores them), and
-    the path of their per-item records (``train.evaluate``'s), written once to ``runs_dir/references/`` (named by
-    the task, the models' spec, the item count, the split and the samples per item) and read back after."""
-    n = spec.eval.final_eval_n or spec.eval.eval_n
-    key = hashlib.sha256(json.dumps([asdict(spec.task), asdict(spec.models), n, spec.eval.eval_split,
-                                     spec.eval.eval_samples], sort_keys=True, default=str).encode()).hexdigest()[:12]
+    the path of their per-item records (``train.evaluate``'s, sampled on ``train.final_sampled_n`` of the items),
+    written once to ``runs_dir/references/`` (named by the task, the models' spec, the item count, the split and
+    the samples per item) and read back after."""
+    n, sampled_n = spec.eval.final_eval_n or spec.eval.eval_n, final_sampled_n(spec)
+    named = [asdict(spec.task), asdict(spec.models), n, spec.eval.eval_split, spec.eval.eval_samples]
+    key = hashlib.sha256(json.dumps(named + ([] if sampled_n is None else [sampled_n]), sort_keys=True,
+                                    default=str).encode()).hexdigest()[:12]
     rows = []
     for role, model in (("teacher", models.teacher), ("student", models.student)):
         path = Path(runs_dir) / "references" / f"{spec.task.task}-{role}-{key}.csv"
@@ -111,7 +113,7 @@ def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
             items = pd.read_csv(path)
         else:
             tr = Trainer(spec, task, models.teacher, model.eval(), models.tokenizer, Runtime(progress=False))
-            _, items = evaluate(tr, 0, n)
+            _, items = evaluate(tr, 0, n, sampled_n)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, items.to_csv(index=False))
         rows.append(dict(task=spec.task.task, role=role, value=float(items["correct"].mean()), items=len(items),
@@ -132,10 +134,12 @@ def arm_fields(arm) -> dict:
 
 def item_results(run_dirs) -> pd.DataFrame:
     """Every per-item evaluation record of ``run_dirs`` (``runread.read_items``) with the columns that tell runs
-    apart (``runread.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read."""
+    apart (``runread.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read. The
+    records' own ``divergence`` (the run's divergence to the teacher per item) is ``exact_divergence`` here, since
+    ``divergence`` names the run's divergence."""
     frames = []
     for d in run_dirs:
-        items = read_items(d)
+        items = read_items(d).rename(columns={"divergence": "exact_divergence"})
         if len(items):
             config = stored_config(d) or {}
             frames.append(items.assign(run=Path(d).name, **{k: config.get(k) for k in CONFIG_COLUMNS}))

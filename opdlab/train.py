@@ -124,13 +124,15 @@ def _item_id(prompt: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(tr: Trainer, step: int, n: int | None = None) -> tuple[dict, pd.DataFrame]:
+def evaluate(tr: Trainer, step: int, n: int | None = None, sampled_n: int | None = None) -> tuple[dict, pd.DataFrame]:
     """Held-out greedy accuracy, sampled avg@k, and the exact per-token divergence to the teacher (the run's
     divergence, reverse KL and forward KL) over the vocabulary at the contexts the student visits, on the first
-    ``n`` held-out examples (default ``eval_n``). Returns ``(metrics, items)``: the run's metrics and one
-    record per item (``ITEM_COLUMNS``)."""
+    ``n`` held-out examples (default ``eval_n``); the sampled accuracy and the divergences on the first
+    ``sampled_n`` of them only (default all), the other items' such columns NaN. Returns ``(metrics, items)``: the
+    run's metrics and one record per item (``ITEM_COLUMNS``)."""
     s, rt, t0 = tr.spec, tr.runtime, time.perf_counter()
     examples = tr.eval_examples if n is None else eval_examples(tr.task, n, split=s.eval.eval_split)
+    drawn = examples[:sampled_n] if sampled_n is not None else examples
     k, cap = s.eval.eval_samples, tr.max_new_tokens
     tr.student.eval()
     fast = None if rt.sampler == "fast" else False
@@ -141,7 +143,7 @@ def evaluate(tr: Trainer, step: int, n: int | None = None) -> tuple[dict, pd.Dat
 
     greedy = draw([ex.prompt for ex in examples], None, True)
     gen = torch.Generator(device=tr.device).manual_seed(EVAL_SEED + 7919 * s.optim.seed + step)
-    sampled = draw([ex.prompt for ex in examples for _ in range(k)], gen, False)
+    sampled = draw([ex.prompt for ex in drawn for _ in range(k)], gen, False)
     divs = {"divergence": tr.div, "kl_reverse": divergences.get("reverse_kl"), "kl_forward": divergences.get("forward_kl")}
     sums, totals = {name: [] for name in divs}, {name: 0.0 for name in divs}
     for r in sampled:
@@ -155,14 +157,18 @@ def evaluate(tr: Trainer, step: int, n: int | None = None) -> tuple[dict, pd.Dat
     g_texts = [t for r in greedy for t in r.texts]
     g_len = torch.cat([r.attention_BT.sum(1) for r in greedy])
     s_correct = torch.tensor([float(tr.task.score(ex, t).correct)
-                              for ex, t in zip([ex for ex in examples for _ in range(k)],
+                              for ex, t in zip([ex for ex in drawn for _ in range(k)],
                                                [t for r in sampled for t in r.texts])]).reshape(-1, k)
+    per_item = {"sampled_correct": s_correct.mean(1),
+                **{name: torch.cat(v).double().reshape(-1, k).sum(1) / tokens_N.reshape(-1, k).sum(1).clamp_min(1)
+                   for name, v in sums.items()}}
+    rest = len(examples) - len(drawn)  # items scored greedy only
     items = pd.DataFrame(dict(
         item=range(len(examples)), item_id=[_item_id(ex.prompt) for ex in examples],
         correct=[int(tr.task.score(ex, t).correct) for ex, t in zip(examples, g_texts)],
-        sampled_correct=s_correct.mean(1).numpy(), length=g_len.numpy(), hit_cap=(g_len >= cap).numpy(),
-        **{name: (torch.cat(v).double().reshape(-1, k).sum(1) / tokens_N.reshape(-1, k).sum(1).clamp_min(1)).numpy()
-           for name, v in sums.items()}))[list(ITEM_COLUMNS)]
+        length=g_len.numpy(), hit_cap=(g_len >= cap).numpy(),
+        **{name: torch.cat([v, v.new_full((rest,), float("nan"))]).numpy() for name, v in per_item.items()}
+    ))[list(ITEM_COLUMNS)]
     n_tokens = float(tokens_N.sum())
     totals = {name: total / max(n_tokens, 1) for name, total in totals.items()}
     lengths = torch.cat([r.mask_BT.sum(1) for r in sampled])
@@ -171,7 +177,7 @@ def evaluate(tr: Trainer, step: int, n: int | None = None) -> tuple[dict, pd.Dat
                    exact_reverse_kl=totals["kl_reverse"], exact_forward_kl=totals["kl_forward"],
                    eval_items=len(examples), hit_cap_rate=float(items["hit_cap"].mean()),
                    time_eval=time.perf_counter() - t0)
-    return metrics, items
+    return (metrics if not rest else {**metrics, "sampled_items": len(drawn)}), items
 
 
 def _rng_state(tr: Trainer) -> dict:
@@ -232,13 +238,20 @@ def _record(log: RunLog | None, tracker: Tracker | None, record: dict) -> None:
         tracker.log(record)
 
 
+def final_sampled_n(spec: RunSpec) -> int | None:
+    """How many of the last evaluation's items are sampled and scored for divergence (None: all of them), as
+    ``EvalSpec.final_eval_sampled`` asks."""
+    e = spec.eval
+    return None if e.final_eval_sampled or not e.final_eval_n or e.final_eval_n <= e.eval_n else e.eval_n
+
+
 def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final: bool) -> None:
     """Rank 0: evaluate at ``step`` and write the metrics line and the per-item records; the final evaluation
-    covers ``final_eval_n`` items where the spec asks for more than ``eval_n``."""
+    covers ``final_eval_n`` items where the spec asks for more than ``eval_n`` (sampled on ``final_sampled_n``)."""
     if log is None:
         return
     n = tr.spec.eval.final_eval_n if final and tr.spec.eval.final_eval_n else None
-    metrics, items = evaluate(tr, step, n)
+    metrics, items = evaluate(tr, step, n, final_sampled_n(tr.spec) if n is not None else None)
     _record(log, tracker, {"step": step, "kind": "eval", **metrics})
     log.write_items(step, items)
 

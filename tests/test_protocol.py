@@ -68,9 +68,10 @@ def test_design_sets_aside_rate_seed_and_evaluation_only():
         assert protocol.design(spec.replace(**changed)) != protocol.design(spec), changed
 
 
-def test_run_names_written_before_eval_split_existed_still_resolve():
+def test_run_names_written_before_eval_split_and_final_eval_sampled_existed_still_resolve():
     from opdlab.spec import run_name
 
-    spec = get("notebook04").spec.replace(divergence="reverse_kl", method="opd_plus", seed=0)
+    spec = get("notebook04").spec.replace(divergence="reverse_kl", method="opd_plus", seed=0, final_eval_sampled=True)
     assert run_name(spec) == "arithmetic-reverse_kl-opd_plus-s0-0b9b5a0b"  # a run directory of 2026-12-04
     assert run_name(spec.replace(eval_split="validation")) != run_name(spec)
+    assert run_name(spec.replace(final_eval_sampled=False)) != run_name(spec)

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from opdlab.runread import read_metrics
 from opdlab.sweep import item_results, resolve_workers, sweep
 from runs import make
 
@@ -132,3 +133,30 @@ def test_a_cache_path_that_is_a_file_is_refused_before_any_model_trains(tmp_path
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
         load_models(BASE, get_task("arithmetic"), RUNTIME.replace(cache=str(tmp_path / "file" / "cache")))
+
+
+def test_a_greedy_only_tail_changes_nothing_but_the_tails_sampled_columns(tmp_path):
+    """final_eval_sampled=False scores the last evaluation's items past eval_n greedy only: its paired data
+    (every item's correct), the training and the references are what the full evaluation gives, and the skipped
+    columns are empty, not zeros (the head's samples are drawn as an evaluation of
+    eval_n items draws them, so they equal the full evaluation's only where eval_n fills whole batches of 128)."""
+    out = {}
+    for sampled in (True, False):
+        base = BASE.replace(final_eval_n=8, final_eval_sampled=sampled)
+        runs_dir = tmp_path / f"runs-{sampled}"
+        evals, refs = sweep(base, ["arithmetic"], ["forward_kl"], ["opd_plus"], [0], runs_dir,
+                            RUNTIME.replace(cache=str(tmp_path / "cache")), workers=1)
+        run = item_results(sorted(p for p in runs_dir.iterdir() if p.is_dir()))
+        train = read_metrics(runs_dir / evals["run"].iloc[0], volatile=False)
+        train = train[train["kind"] == "train"].dropna(axis=1, how="all").drop(columns="run").reset_index(drop=True)
+        out[sampled] = evals, refs, run[run["step"] == 2].reset_index(drop=True), train
+    (evals_all, refs_all, all_, train_all), (evals_head, refs_head, head, train_head) = out[True], out[False]
+    assert (all_["correct"] == head["correct"]).all() and len(head) == 8
+    cols = ["sampled_correct", "kl_reverse", "kl_forward", "exact_divergence"]
+    assert head.loc[4:, cols].isna().all().all() and head.loc[:3, cols].notna().all().all()
+    assert all_[cols].notna().all().all()
+    last = evals_head[evals_head["step"] == 2].iloc[0]
+    assert last["eval_items"] == 8 and last["sampled_items"] == 4
+    assert (refs_all["value"].to_numpy() == refs_head["value"].to_numpy()).all()
+    pd.testing.assert_frame_equal(train_all, train_head)
+    assert len(train_head) == 2
