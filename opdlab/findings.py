@@ -264,22 +264,29 @@ def variance_claims(variance: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame
 
 
 def kl_claims(items: pd.DataFrame, sampled: str = "opd_plus", reference: str | None = "opd") -> pd.DataFrame:
-    """Notebook 06's claims on per-item records (columns ``method, step, item, kl_reverse``; one seed): the
-    ``sampled`` method's per-item KL to the teacher after (its last step) against before (step 0), and against the
-    ``reference`` method after, each ``stats.paired_test`` over the items, Holm over the two. A claim holds where
-    its 95% interval lies below zero and its Holm p is below 0.05."""
+    """Notebook 06's claims on per-item records (columns ``method, step, item, kl_reverse``, and ``seed`` where
+    there are several): the ``sampled`` method's per-item KL to the teacher after (its last step) against before
+    (step 0), and against the ``reference`` method after, each ``stats.paired_test`` over seeds x items (seed by
+    seed: a seed's run against that seed's own step 0 and its own reference run), Holm over the two. A claim holds
+    where its 95% interval lies below zero and its Holm p is below 0.05."""
     last = int(items["step"].max())
+    items = items if "seed" in items.columns else items.assign(seed=0)
 
     def kl(method, step):
-        rows = items[(items["method"] == method) & (items["step"] == step)].sort_values("item")
+        rows = items[(items["method"] == method) & (items["step"] == step)]
         if rows.empty:
             raise UserError(f"no per-item records of {method!r} at step {step}")
-        return rows["kl_reverse"].to_numpy(float)[None]
+        table = rows.pivot(index="seed", columns="item", values="kl_reverse")
+        if table.isna().any().any():
+            raise UserError(f"the per-item KL of {method!r} at step {step} is missing for some seed and item: every "
+                            "seed's run must score the same items")
+        return table.sort_index().sort_index(axis=1).to_numpy(float)
 
     pairs = [(f"{sampled} after", f"{sampled} before", kl(sampled, last), kl(sampled, 0))]
     if reference is not None and (items["method"] == reference).any():
         pairs.append((f"{sampled} after", f"{reference} after", kl(sampled, last), kl(reference, last)))
-    out = pd.DataFrame([dict(a=a, b=b, items=x.shape[1], **stats.paired_test(x, y)) for a, b, x, y in pairs])
+    out = pd.DataFrame([dict(a=a, b=b, seeds=x.shape[0], items=x.shape[1], **stats.paired_test(x, y))
+                        for a, b, x, y in pairs])
     out["p_holm"] = stats.holm(out["p"].to_numpy())
     out["holds"] = (out["hi"] < 0) & (out["p_holm"] < 0.05)
     return out

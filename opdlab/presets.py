@@ -53,6 +53,13 @@ _TOOL_USE_04 = dict(teacher_sft_steps=700, student_warmup_steps=400, student_war
 """Tool use's teacher and warm-up train for fewer steps (its task saturates sooner) and distil at 3e-4: at 1e-3
 every tool-use arm dipped first, supervised KD included (docs/LOG.md)."""
 
+_NOTEBOOK06 = RunSpec.from_dict(dict(
+    task="arithmetic", divergence="jsd", steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=48,
+    lr=5e-5, baseline="expected", eval_every=4, eval_n=16, eval_samples=1))
+"""Notebook 06 on CPU: SmolLM2-135M-Instruct's arithmetic answers through its chat template (about 18 tokens),
+so a 48-token budget leaves its completions whole; 4 steps of 2 prompts x 2 samples and 16 held-out items per
+evaluation (a run costs about half a minute on one core). The notebook sets the teacher and student paths."""
+
 PRESETS = {
 "smoke": Preset(
         RunSpec.from_dict(dict(steps=2, prompts_per_step=4, samples_per_prompt=2, eval_every=2, eval_n=8,
@@ -68,6 +75,11 @@ PRESETS = {
     "gpu": Preset(_NOTEBOOK04.replace(prompts_per_step=128, steps=100, final_eval_n=4096),
                   per_task={"tool_use": {**_TOOL_USE_04, "prompts_per_step": 64}},
                   seeds=tuple(range(5)), about="notebook 04 at GPU batch sizes (4x the prompts per step, 100 steps)"),
+    "notebook06": Preset(_NOTEBOOK06, seeds=(0, 1, 2),
+                         about="notebook 06 on CPU: SmolLM2-135M into its layer-dropped student, 3 seeds, minutes"),
+    "notebook06_gpu": Preset(_NOTEBOOK06.replace(steps=100, prompts_per_step=32, samples_per_prompt=4,
+                                                 max_new_tokens=96, eval_every=25, eval_n=512),
+                             seeds=tuple(range(5)), about="notebook 06 at GPU size: 100 steps of 32 x 4, 5 seeds"),
 }
 """Every preset by name."""
 

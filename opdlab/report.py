@@ -144,21 +144,26 @@ def _checkpoints(root: Path) -> str:
     fin = _data(root, "06_final.csv")
     frame = pd.DataFrame({"method": fin["method"].map(lambda m: method_style(m)["label"]),
                           "divergence": fin["divergence"].map(divergence_title), "task": fin["task"],
+                          "seeds": fin["seeds"].astype(str),
                           "reverse KL before": fin["exact_reverse_kl_before"].map(lambda x: _f(x, 2)),
                           "reverse KL after": fin["exact_reverse_kl_after"].map(lambda x: _f(x, 2)),
                           "accuracy before": fin["greedy_accuracy_before"].map(_f),
                           "accuracy after": fin["greedy_accuracy_after"].map(_f),
                           "teacher accuracy": fin["teacher_accuracy"].map(_f),
-                          "at the token cap, after": fin["hit_cap_rate_after"].map(_pct)})
+                          "at the token cap, before": fin["hit_cap_rate_before"].map(_pct),
+                          "after": fin["hit_cap_rate_after"].map(_pct),
+                          "teacher": fin["teacher_hit_cap_rate"].map(_pct)})
     claims = _data(root, "06_claims.csv")
     paired = pd.DataFrame({"A − B": [f"{a} − {b}" for a, b in zip(claims["a"], claims["b"])],
                            "per-item KL, nats [95%]": [f"{e:+.2f} [{lo:+.2f}, {hi:+.2f}]" for e, lo, hi in
                                                        zip(claims["estimate"], claims["lo"], claims["hi"])],
-                           "p": claims["p"].map(_p)})
+                           "Holm p": claims["p_holm"].map(_p),
+                           "claim": claims["holds"].map({True: "holds", False: "not supported"})})
     return _doc("A layer-dropped SmolLM2 student: the exact per-token reverse KL to the teacher (nats, 2 "
-                "decimals), held-out greedy accuracy before and after distillation, and the share of greedy "
-                "completions that hit the token cap.", frame,
-                "Paired over the held-out items (one seed):", paired)
+                "decimals) and held-out greedy accuracy before and after distillation, means over the seeds, and "
+                "the share of greedy completions that hit the token cap.", frame,
+                f"Paired over {int(claims['seeds'].iloc[0])} seeds × {int(claims['items'].iloc[0])} held-out items, "
+                "Holm over the two:", paired)
 
 
 def _audit(root: Path) -> str:
