@@ -64,6 +64,8 @@ def _same_kind(default, value) -> bool:
         return isinstance(default, bool) and isinstance(value, bool)
     if default is None or value is None:  # an optional parameter: None turns it off, a value turns it on
         return True
+    if default == "auto":  # "auto" or a count (workers, cohort)
+        return isinstance(value, (str, int))
     if isinstance(default, float):
         return isinstance(value, (int, float))
     if isinstance(default, (list, tuple)):

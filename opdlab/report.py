@@ -336,7 +336,22 @@ def main_job(root: Path) -> str:
                 f"wall time is about these minutes over the workers, and so is the bound.")
 
 
-REGIONS: dict[str, Callable[[Path], str]] = {"headline": headline, "main_job": main_job,
+def make_figures(root: Path) -> str:
+    """``make figures`` end to end (``benchmarks/results/make_figures.csv``): minutes per notebook (1 decimal) and
+    the total against the 20-minute target; or the command that measures it."""
+    path = root / "benchmarks" / "results" / "make_figures.csv"
+    if not path.exists():
+        return "No result is committed. `python benchmarks/bench_make_figures.py` measures it."
+    job = pd.read_csv(path)
+    total = float(job.loc[job["part"] == "total", "seconds"].iloc[0]) / 60
+    frame = pd.DataFrame({"part": job["part"], "minutes": (job["seconds"] / 60).map(lambda x: _f(x, 1))})
+    verdict = (f"{total - 20:.1f} minutes over" if total > 20 else f"{20 - total:.1f} minutes under")
+    return _doc(f"From `benchmarks/results/make_figures.csv`, measured by `python benchmarks/bench_make_figures.py` "
+                f"on commit {job['commit'].iloc[0]}: a fresh clone, an empty model cache, setup included.", frame,
+                f"In all {total:.1f} minutes: {verdict} the 20-minute target.")
+
+
+REGIONS: dict[str, Callable[[Path], str]] = {"headline": headline, "main_job": main_job, "make_figures": make_figures,
                                              **{name: _benchmark(name) for name in BENCHMARKS}}
 
 

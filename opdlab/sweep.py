@@ -18,6 +18,13 @@ CPU and 1 on CUDA (one process owns the GPU); there are never more workers than 
 everything runs in this process with per-run progress bars. A run's numbers depend on its thread count
 only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
 
+Cohorts. ``cohort=R`` steps up to R runs of one task, pair of models and batch size together in one process
+(``cohort.train_cohort``): each run still writes its own directory, resumes and is read back as a run alone
+does, and ends as it would alone, to float rounding. ``cohort="auto"`` is 1 (no cohorts) on CPU, where
+``benchmarks/bench_cohort.py`` found every size slower than the worker processes, and on CUDA until that
+benchmark has run there. A run of a cohort that fails fails alone (its ``error.json`` says why); the sweep
+finishes the others and then names every failed run.
+
 Progress. With ``progress`` on, the sweep prints plain lines (``opdlab notebooks`` streams them live): one per
 finished run and, between those, one naming the step each running run has reached, at most
 ``heartbeat.EVERY`` seconds apart.
@@ -54,7 +61,7 @@ from opdlab.step import Trainer
 from opdlab.train import evaluate, final_sampled_n, load_models, train
 from opdlab.errors import UserError
 
-__all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "item_results", "reference_items"]
+__all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "resolve_cohort", "item_results", "reference_items"]
 
 
 def resolve_workers(workers, device: str = "auto") -> int:
@@ -90,10 +97,41 @@ def _init_worker(threads: int, parent: int | None = None) -> None:
             os._exit(1)
 
 
-def _run(spec: RunSpec, run_dir: str, runtime: Runtime) -> str:
-    """Worker: train (or resume, or read back) one run."""
-    train(spec, run_dir, runtime.replace(progress=False))
-    return run_dir
+def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat=None) -> list[tuple]:
+    """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``train.train``, its failure
+    raised), several as one cohort (``cohort.train_cohort``). Returns ``(run_dir, exception or None)`` per run."""
+    if len(group) == 1:
+        (spec, run_dir), = group
+        train(spec, run_dir, runtime, task, models, heartbeat=heartbeat)
+        return [(run_dir, None)]
+    from opdlab.cohort import train_cohort
+
+    out = train_cohort([s for s, _ in group], [d for _, d in group], runtime, task, models)
+    return [(d, r if isinstance(r, BaseException) else None) for (_, d), r in zip(group, out)]
+
+
+def resolve_cohort(cohort, device: str = "auto") -> int:
+    """Runs per cohort (``opdlab.cohort.train_cohort``): ``cohort`` itself (a positive int), or for ``"auto"``
+    the size ``benchmarks/bench_cohort.py`` showed to pay on this kind of device: 1 on CPU, where every cohort
+    size measured was slower than the sweep's worker processes (``benchmarks/results/cohort.csv``), and 1 on
+    CUDA until the benchmark has been run there (pass a size to use cohorts)."""
+    if cohort == "auto":
+        return 1
+    if isinstance(cohort, bool) or not isinstance(cohort, int) or cohort < 1:
+        raise UserError(f"cohort must be a positive int or 'auto', got {cohort!r}")
+    return cohort
+
+
+def _groups(jobs: list[tuple], size: int) -> list[list[tuple]]:
+    """``jobs`` in groups of at most ``size`` that can step as one cohort: one task and models spec and one
+    batch size per group, in the jobs' order within each kind (size 1: every job alone, in order)."""
+    if size == 1:
+        return [[job] for job in jobs]
+    kinds: dict = {}
+    for spec, run_dir in jobs:
+        key = (spec.task, spec.models, spec.optim.prompts_per_step * spec.optim.samples_per_prompt)
+        kinds.setdefault(key, []).append((spec, run_dir))
+    return [same[i:i + size] for same in kinds.values() for i in range(0, len(same), size)]
 
 
 def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
@@ -181,7 +219,8 @@ def runs(base: RunSpec, tasks, divergences, methods, seeds, task_overrides: dict
 
 
 def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Path, runtime: Runtime | None = None,
-          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None):
+          task_overrides: dict | None = None, workers: int | str = 1, extra_arms=(), variants=None,
+          cohort: int | str = "auto"):
     """Train one student per (task, divergence, method, seed) from ``base``; return ``(evals, references)``.
 
     ``task_overrides`` maps a task name to flat RunSpec fields that differ for it (e.g. fewer SFT steps for a
@@ -191,6 +230,8 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     arm alone, e.g. ``{"divergence": "jsd", "method": "opd", "steps": 20}`` or ``{..., "teacher_topk": 1,
     "baseline": "tail"}``. ``variants``: None, or a list of dicts of flat RunSpec fields (e.g. ``{"gamma": 0.5,
     "log_u_clip": 2.0}``), each crossed with every arm and seed, so that one pool trains them all (notebook 09).
+    ``cohort``: runs stepped together in one process (``resolve_cohort``); a run of a cohort that fails fails
+    alone, and the sweep names every such run once the others are done.
 
     ``evals`` holds every evaluation record of every run (``runread.results``); ``references`` has rows
     ``task, role, value, items, path``: the teacher's and the warm-up student's held-out greedy accuracy on the
@@ -203,7 +244,8 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     progress = runtime.progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     jobs = [(run, str(Path(runs_dir) / run_name(run))) for run in specs]
-    workers = min(workers, len(jobs)) or 1
+    groups = _groups(jobs, resolve_cohort(cohort, runtime.device)) if jobs else []
+    workers = min(workers, len(groups)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
         task, start = get_task(config.task.task), time.perf_counter()
@@ -211,19 +253,32 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
         refs += _references(config, task, loaded[config.task.task][1], Path(runs_dir))
         _log(progress, f"{config.task.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
                        f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
+    failed = []
     if workers == 1:
-        beat = Heartbeat(enabled=progress)
-        for i, (run, run_dir) in enumerate(jobs):
-            task, models = loaded[run.task.task]
-            train(run, run_dir, runtime.replace(progress=progress), task, models, heartbeat=beat)
-            _log(progress, _summary(i + 1, len(jobs), run_dir))
+        beat, done = Heartbeat(enabled=progress), 0
+        for group in groups:
+            task, models = loaded[group[0][0].task.task]
+            for run_dir, err in _run(group, runtime.replace(progress=progress), task, models, heartbeat=beat):
+                done += 1
+                failed += _finished(progress, done, len(jobs), run_dir, err)
             beat.reset()
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
                                  (threads, os.getpid())) as pool:
-            _wait(pool, jobs, runtime, f"runs ({workers} workers)", progress)
+            failed = _wait(pool, groups, runtime, f"runs ({workers} workers)", progress)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(jobs)} runs failed (each alone, the others are done): "
+                        + "; ".join(failed))
     return results([run_dir for _, run_dir in jobs], kind="eval"), pd.DataFrame(refs)
+
+
+def _finished(progress: bool, done: int, n: int, run_dir: str, err) -> list[str]:
+    """The line of a finished run; for a failed one (in a cohort) nothing but its entry in the sweep's list."""
+    if err is None:
+        _log(progress, _summary(done, n, run_dir))
+        return []
+    return [f"{Path(run_dir).name}: {type(err).__name__}: {err} (recorded in its error.json)"]
 
 
 def _log(progress: bool, message: str) -> None:
@@ -242,28 +297,32 @@ def _summary(i: int, n: int, run_dir: str) -> str:
             f" -> {evals['greedy_accuracy'].iloc[-1]:.2f} ({seconds:.0f} s)")
 
 
-def _wait(pool: ProcessPoolExecutor, runs: list[tuple], runtime: Runtime, desc: str, progress: bool) -> None:
-    """Train the ``(config, run_dir)`` pairs in ``pool`` and wait for all, with a progress bar, a line per
-    finished run and, between those, a line on the running runs at least every ``heartbeat.EVERY`` seconds;
-    re-raise the first failure."""
-    pending = {pool.submit(_run, run, run_dir, runtime): (run, run_dir) for run, run_dir in runs}
-    n, done, beat, started = len(pending), 0, Heartbeat(enabled=progress), time.time()
+def _wait(pool: ProcessPoolExecutor, groups: list[list[tuple]], runtime: Runtime, desc: str,
+          progress: bool) -> list[str]:
+    """Train the groups of ``(config, run_dir)`` pairs in ``pool`` (``_run``) and wait for all, with a progress
+    bar, a line per finished run and, between those, a line on the running runs at least every
+    ``heartbeat.EVERY`` seconds; re-raise the first failure of a run alone, return those of runs in cohorts."""
+    pending = {pool.submit(_run, group, runtime.replace(progress=False)): group for group in groups}
+    n, done, failed = sum(len(g) for g in groups), 0, []
+    beat, started = Heartbeat(enabled=progress), time.time()
     try:
         with tqdm(total=n, desc=desc, disable=not progress) as bar:
             while pending:
                 finished, _ = wait(pending, timeout=max(0.05, beat.remaining()) if progress else None,
                                    return_when=FIRST_COMPLETED)
                 for future in finished:
-                    run_dir = future.result()  # a failed run raises here
+                    for run_dir, err in future.result():  # a failed run alone raises here
+                        done += 1
+                        bar.update(1)
+                        failed += _finished(progress, done, n, run_dir, err)
                     pending.pop(future)
-                    done += 1
-                    bar.update(1)
-                    _log(progress, _summary(done, n, run_dir))
                     beat.reset()
-                beat.beat(lambda: _running(done, n, [r for f, r in pending.items() if f.running()], started))
+                beat.beat(lambda: _running(done, n, [r for f, g in pending.items() if f.running() for r in g],
+                                           started))
     except BaseException:  # an error or an interrupt: drop the queued jobs; running ones end at a checkpoint
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    return failed
 
 
 def _running(done: int, n: int, running: list[tuple], since: float) -> str:

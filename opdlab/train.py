@@ -256,6 +256,43 @@ def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final
     log.write_items(step, items)
 
 
+def begin(spec: RunSpec, run_dir: Path, runtime: Runtime, task, models: Models, log: RunLog | None):
+    """A run's trainer from ``models`` (the student copied), its checkpoint loaded where it has one (``_start``,
+    ``_resume``; a collective under a launcher), and its tracker (rank 0). Returns ``(trainer, completed steps,
+    tracker or None)``."""
+    tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
+    w = tr.world
+    loaded = distributed.from_main(lambda: _start(tr, log, models), w)
+    start = _resume(tr, run_dir, loaded, log)
+    tracker = Tracker(run_dir, runtime.report_to, run_dir.name, spec.to_dict(), start) if log is not None else None
+    return tr, start, tracker
+
+
+def finish_step(tr: Trainer, log: RunLog | None, tracker, metrics: dict, done: int, saved: int, run_dir: Path) -> int:
+    """After step ``done`` of a run: its metrics line; a ``UserError`` where the gradient norm is not finite
+    (before the step is checkpointed); the evaluation and the checkpoint where they fall due. Returns the step
+    of the run's last checkpoint."""
+    spec, steps = tr.spec, tr.spec.optim.steps
+    _record(log, tracker, {"step": done, "kind": "train", **metrics})
+    if not math.isfinite(metrics["grad_norm"]):  # the global norm: every rank stops here
+        raise UserError(f"step {done} of {run_dir}: the gradient norm is {metrics['grad_norm']}, so "
+                        f"the run stops before checkpointing it (last checkpoint: step {saved}); "
+                        f"lower lr (now {spec.optim.lr}) or set log_u_clip, in a new run directory")
+    if done % spec.eval.eval_every == 0 or done == steps:
+        _evaluate_and_log(tr, log, tracker, done, done == steps)  # the other ranks go on sampling
+    if done % tr.runtime.checkpoint_every == 0 or done == steps:
+        rng = _rng_state(tr)
+        if log is not None:
+            log.save_checkpoint(tr.student, tr.tokenizer, tr.optimizer, done, rng)
+        saved = done
+    return saved
+
+
+def stopped_message(run_dir: Path, saved: int, steps: int) -> str:
+    return (f"{run_dir} stopped; its last checkpoint is step {saved} of {steps}: run `opdlab train {run_dir}` "
+            "again to resume from there")
+
+
 def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, task=None,
           models: Models | None = None, stop_after: int | None = None, heartbeat=None) -> pd.DataFrame:
     """Run (or resume) OPD training as ``spec`` says, the way ``runtime`` says, writing ``run_dir``; return its
@@ -279,16 +316,14 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
         torch.set_num_threads(runtime.threads)
     w = distributed.world()
     distributed.check_share(spec.optim.prompts_per_step, w)
-    steps, every = spec.optim.steps, spec.eval.eval_every
+    steps = spec.optim.steps
     with RunLog(run_dir, spec) if w.is_main else contextlib.nullcontext() as log:  # rank 0 writes the run
         run_dir = Path(run_dir)
         task = task if task is not None else get_task(spec.task.task)
         models = models if models is not None else load_models(spec, task, runtime)
         distributed.join(next(models.student.parameters()).device)
-        tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
-        loaded = distributed.from_main(lambda: _start(tr, log, models), w)
-        start = saved = _resume(tr, run_dir, loaded, log)
-        tracker = Tracker(run_dir, runtime.report_to, run_dir.name, spec.to_dict(), start) if log is not None else None
+        tr, start, tracker = begin(spec, run_dir, runtime, task, models, log)
+        saved = start
         try:
             if start == 0:
                 _evaluate_and_log(tr, log, tracker, 0, steps == 0)
@@ -296,25 +331,11 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
             o = spec.objective
             for step in tqdm(range(start, end), desc=f"OPD {o.divergence}/{o.method}", initial=start, total=steps,
                              disable=not (runtime.progress and w.is_main), leave=False):
-                metrics = opd_step(tr, step)
-                _record(log, tracker, {"step": step + 1, "kind": "train", **metrics})
-                if not math.isfinite(metrics["grad_norm"]):  # the global norm: every rank stops here
-                    raise UserError(f"step {step + 1} of {run_dir}: the gradient norm is {metrics['grad_norm']}, so "
-                                    f"the run stops before checkpointing it (last checkpoint: step {saved}); "
-                                    f"lower lr (now {spec.optim.lr}) or set log_u_clip, in a new run directory")
-                done = step + 1
+                saved = finish_step(tr, log, tracker, opd_step(tr, step), step + 1, saved, run_dir)
                 if heartbeat is not None and w.is_main:
-                    heartbeat.beat(lambda: f"{run_dir.name}: step {done}/{steps}")
-                if done % every == 0 or done == steps:
-                    _evaluate_and_log(tr, log, tracker, done, done == steps)  # the other ranks go on sampling
-                if done % runtime.checkpoint_every == 0 or done == steps:
-                    rng = _rng_state(tr)
-                    if log is not None:
-                        log.save_checkpoint(tr.student, models.tokenizer, tr.optimizer, done, rng)
-                    saved = done
+                    heartbeat.beat(lambda: f"{run_dir.name}: step {step + 1}/{steps}")
         except KeyboardInterrupt:
-            raise Interrupted(f"{run_dir} stopped; its last checkpoint is step {saved} of {steps}: run "
-                              f"`opdlab train {run_dir}` again to resume from there") from None
+            raise Interrupted(stopped_message(run_dir, saved, steps)) from None
         finally:
             if tracker is not None:
                 tracker.close()

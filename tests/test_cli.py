@@ -28,6 +28,14 @@ def test_good_overrides_pass(notebook):
     check_parameters(notebook, dict(seed=3, lr=1, names=("jsd", "tv"), quick=True, figures_dir="/tmp/x"))
 
 
+def test_an_auto_parameter_takes_a_count():
+    """Notebook 04's ``workers = "auto"`` and ``cohort = "auto"`` take ``-p workers 2``; another type is refused."""
+    path = resolve_notebook("04")
+    assert check_parameters(path, dict(workers=2, cohort=4)) == dict(workers=2, cohort=4)
+    with pytest.raises(ValueError, match="'cohort' of 04_real_students.ipynb must be a str"):
+        check_parameters(path, dict(cohort=[2]))
+
+
 def test_none_turns_an_optional_float_parameter_off(notebook):
     check_parameters(notebook, dict(lr=None))  # e.g. notebook 04's -p log_u_clip None
 

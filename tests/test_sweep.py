@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+from opdlab.errors import UserError
 from opdlab.runread import read_metrics
 from opdlab.sweep import item_results, resolve_workers, sweep
 from runs import make
@@ -160,3 +161,17 @@ def test_a_greedy_only_tail_changes_nothing_but_the_tails_sampled_columns(tmp_pa
     assert (refs_all["value"].to_numpy() == refs_head["value"].to_numpy()).all()
     pd.testing.assert_frame_equal(train_all, train_head)
     assert len(train_head) == 2
+
+
+def test_a_sweep_in_cohorts_gives_the_runs_a_sweep_of_single_runs_gives(tmp_path):
+    """cohort=3 over 4 runs: a cohort of 3 and one run alone, in two workers; the same evaluations, to float
+    rounding, as each run trained alone; a bad size is refused."""
+    args = (BASE, ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"], [0, 1])
+    single, _ = sweep(*args, tmp_path / "single", RUNTIME.replace(cache=str(tmp_path / "cache")), workers=1)
+    grouped, _ = sweep(*args, tmp_path / "cohort", RUNTIME.replace(cache=str(tmp_path / "cache")), workers=2,
+                       cohort=3)
+    assert list(grouped["run"]) == list(single["run"]) and len(single) == 12
+    numbers = [c for c in single.columns if pd.api.types.is_float_dtype(single[c]) and not c.startswith("time_")]
+    pd.testing.assert_frame_equal(grouped[numbers], single[numbers], rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="cohort must be a positive int"):
+        sweep(*args, tmp_path / "bad", RUNTIME.replace(cache=str(tmp_path / "cache")), cohort=0)
