@@ -10,7 +10,8 @@ import torch
 
 from runs import make
 from opdlab.lm.modeling import load_model
-from opdlab.lm.pretrained import drop_layers, layer_dropped_student, smollm2_gguf, smollm2_teacher, spread_layers
+from opdlab.lm.pretrained import (drop_layers, layer_dropped_student, smollm2_gguf, smollm2_teacher, spread_layers,
+                                   teacher_answers)
 from opdlab.lm.sampling import completion_logits, gather_logp, marker_end, sample
 from opdlab.lm.tokenizer import encode_example, end_of_turn_id, prompt_ids, stop_ids
 from opdlab.tasks import get_task
@@ -78,6 +79,26 @@ def test_the_layer_dropped_student(teacher, teacher_dir, student_dir):
     for bad in [(), (2, 1), (0, 0), (0, 30), (0.5,)]:
         with pytest.raises(ValueError, match="distinct increasing ints in 0..29"):
             drop_layers(model, bad)
+
+
+def test_a_student_warmed_up_on_its_teachers_answers(teacher, teacher_dir, cache):
+    """warmup_source="teacher": the targets are the teacher's greedy answers that stop within the budget; the recipe
+    (and so the cache entry) differs from the task-target warm-up, and an unknown source is refused."""
+    model, tokenizer = teacher
+    task = get_task("arithmetic")
+    answers = teacher_answers(model.eval(), tokenizer, task, 4, 48)
+    want = sample(model, tokenizer, [ex.prompt for ex in task.examples("train", 4)], task, 48, None, greedy=True)
+    kept = [t for t, n in zip(want.texts, want.mask_BT.sum(1).tolist()) if n < 48]
+    assert [ex.target_segments for ex in answers.pool] == [((t, False),) for t in kept] and kept
+    assert len(answers.examples("train", 9)) == 9  # cycled
+    path = layer_dropped_student(teacher_dir, (0, 29), cache, warmup_task=task, warmup_steps=1, warmup_batch=2,
+                                 progress=False, warmup_source="teacher", warmup_max_new_tokens=48)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["warmup"]["source"] == "teacher" and meta["warmup"]["answers"] >= 1
+    assert path != layer_dropped_student(teacher_dir, (0, 29), cache, warmup_task=task, warmup_steps=1,
+                                         warmup_batch=2, progress=False)
+    with pytest.raises(ValueError, match="warmup_source = 'book' is invalid"):
+        layer_dropped_student(teacher_dir, (0, 29), cache, warmup_task=task, warmup_steps=1, warmup_source="book")
 
 
 def test_chat_template_prompts_and_stops(teacher):

