@@ -24,6 +24,7 @@ every member reports the wall time of the step it shared (and its own tokens ove
 from __future__ import annotations
 
 import contextlib
+import sys
 import traceback
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from opdlab.lm import packed
 from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.step import Scores, Trainer, _Clock, _step_values, _train_metrics, loss, sample, score, step_lr
+from opdlab.train import ERROR_FILE
 
 __all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits",
            "student_logits", "cohort_step", "train_cohort", "ERROR_FILE"]
@@ -41,10 +43,6 @@ __all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_ro
 RUN_ERRORS = (UserError, OSError, RuntimeError, ValueError)
 """What a run's own work may raise and fail alone with (bad numbers, a full disk, torch refusing an input);
 programming errors (TypeError, AttributeError, ...) keep their traceback and stop the cohort."""
-
-ERROR_FILE = "error.json"
-"""Where ``train_cohort`` records why a member run failed (its run directory; removed when the run is taken up
-again)."""
 
 
 def check(trainers: list[Trainer]) -> None:
@@ -255,7 +253,7 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
     from opdlab.train import Interrupted, _evaluate_and_log, begin, finish_step, load_models, stopped_message, train
 
     specs, run_dirs = list(specs), [Path(d) for d in run_dirs]
-    if not specs or len(specs) != len(run_dirs) or len(set(run_dirs)) != len(run_dirs):
+    if not specs or len(specs) != len(run_dirs) or len({d.resolve() for d in run_dirs}) != len(run_dirs):
         raise UserError(f"train_cohort needs one distinct run directory per spec, got {len(specs)} specs and "
                         f"{len(run_dirs)} directories ({len(set(run_dirs))} distinct)")
     for name in ("task", "models"):
@@ -276,18 +274,17 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
         for m in members:
             try:
                 m["log"] = stack.enter_context(RunLog(m["dir"], m["spec"]))
-                (m["dir"] / ERROR_FILE).unlink(missing_ok=True)
                 m["tr"], m["start"], m["tracker"] = begin(m["spec"], m["dir"], runtime, task, models, m["log"])
                 if m["tracker"] is not None:
                     stack.callback(m["tracker"].close)
                 steps = m["spec"].optim.steps
                 m["saved"], m["end"] = m["start"], steps if stop_after is None else min(steps, stop_after)
-            except (UserError, OSError) as err:  # refused or unreadable: this run only
+            except RUN_ERRORS as err:  # refused, unreadable or a damaged checkpoint: this run only
                 if m["log"] is None:
                     m["error"] = err
                 else:
                     _fail(m, 0, err)
-        alive = [m for m in members if m["error"] is None]
+        alive, shared_failure = [m for m in members if m["error"] is None], None
         if alive:
             check([m["tr"] for m in alive])  # one teacher, tokenizer, task, budget and batch: else none can start
         try:
@@ -299,15 +296,17 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
                         _fail(m, 0, err)
             first = min((m["start"] for m in alive if m["error"] is None), default=0)
             last = max((m["end"] for m in alive if m["error"] is None), default=0)
-            shared_failure = None
             for step in range(first, last):
                 due = [m for m in alive if m["error"] is None and m["start"] <= step < m["end"]]
                 if not due:
                     continue
                 try:
                     metrics = cohort_step([m["tr"] for m in due], step)
-                except RUN_ERRORS as err:  # not any one run's: go on run by run
+                except RUN_ERRORS as err:  # not any one run's: go on run by run, and say so
                     shared_failure = err
+                    print(f"the cohort's shared step {step + 1} failed ({type(err).__name__}: {err}); each of its "
+                          "runs goes on alone from its last checkpoint\n" + "".join(traceback.format_exception(err)),
+                          file=sys.stderr, flush=True)
                     break
                 for m, values in zip(due, metrics):
                     try:
@@ -323,7 +322,8 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
                 try:
                     train(m["spec"], m["dir"], runtime, task, models, stop_after=stop_after)
                 except RUN_ERRORS as err:
-                    with RunLog(m["dir"], m["spec"]) as log:
-                        m["log"] = log
+                    m["error"] = err
+                    with contextlib.suppress(*RUN_ERRORS), RunLog(m["dir"], m["spec"]) as log:  # held elsewhere: not
+                        m["log"] = log                                                           # recorded, returned
                         _fail(m, None, err)
     return [m["error"] if m["error"] is not None else read_metrics(m["dir"]) for m in members]

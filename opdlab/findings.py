@@ -276,15 +276,23 @@ def kl_claims(items: pd.DataFrame, sampled: str = "opd_plus", reference: str | N
         rows = items[(items["method"] == method) & (items["step"] == step)]
         if rows.empty:
             raise UserError(f"no per-item records of {method!r} at step {step}")
-        table = rows.pivot(index="seed", columns="item", values="kl_reverse")
-        if table.isna().any().any():
+        if rows.duplicated(["seed", "item"]).any():
+            raise UserError(f"{method!r} at step {step} has two records of one seed and item: one run per seed")
+        table = rows.pivot(index="seed", columns="item", values="kl_reverse").dropna(axis=1, how="all")
+        if table.isna().any().any():  # (items scored greedy only have no KL in any seed: dropped above)
             raise UserError(f"the per-item KL of {method!r} at step {step} is missing for some seed and item: every "
                             "seed's run must score the same items")
-        return table.sort_index().sort_index(axis=1).to_numpy(float)
+        return table.sort_index().sort_index(axis=1)
 
-    pairs = [(f"{sampled} after", f"{sampled} before", kl(sampled, last), kl(sampled, 0))]
+    def paired(a, b, x, y):
+        if not (x.index.equals(y.index) and x.columns.equals(y.columns)):
+            raise UserError(f"{a!r} and {b!r} are not on the same seeds and items (seeds {list(x.index)} against "
+                            f"{list(y.index)}): a paired test pairs each seed's item with itself")
+        return a, b, x.to_numpy(float), y.to_numpy(float)
+
+    pairs = [paired(f"{sampled} after", f"{sampled} before", kl(sampled, last), kl(sampled, 0))]
     if reference is not None and (items["method"] == reference).any():
-        pairs.append((f"{sampled} after", f"{reference} after", kl(sampled, last), kl(reference, last)))
+        pairs.append(paired(f"{sampled} after", f"{reference} after", kl(sampled, last), kl(reference, last)))
     out = pd.DataFrame([dict(a=a, b=b, seeds=x.shape[0], items=x.shape[1], **stats.paired_test(x, y))
                         for a, b, x, y in pairs])
     out["p_holm"] = stats.holm(out["p"].to_numpy())

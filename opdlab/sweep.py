@@ -97,15 +97,22 @@ def _init_worker(threads: int, parent: int | None = None) -> None:
             os._exit(1)
 
 
-def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat=None) -> list[tuple]:
-    """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``train.train``, its failure
-    raised), several as one cohort (``cohort.train_cohort``). Returns ``(run_dir, exception or None)`` per run."""
+def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat=None,
+         alone: bool = True) -> list[tuple]:
+    """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``train.train``), several as
+    one cohort (``cohort.train_cohort``). Returns ``(run_dir, exception or None)`` per run; a run trained alone
+    raises its failure where ``alone`` (a sweep without cohorts), else it is returned like a cohort member's."""
+    from opdlab.cohort import RUN_ERRORS, train_cohort
+
     if len(group) == 1:
         (spec, run_dir), = group
-        train(spec, run_dir, runtime, task, models, heartbeat=heartbeat)
+        try:
+            train(spec, run_dir, runtime, task, models, heartbeat=heartbeat)
+        except RUN_ERRORS as err:
+            if alone:
+                raise
+            return [(run_dir, err)]
         return [(run_dir, None)]
-    from opdlab.cohort import train_cohort
-
     out = train_cohort([s for s, _ in group], [d for _, d in group], runtime, task, models)
     return [(d, r if isinstance(r, BaseException) else None) for (_, d), r in zip(group, out)]
 
@@ -244,7 +251,8 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     progress = runtime.progress and distributed.world().is_main
     configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     jobs = [(run, str(Path(runs_dir) / run_name(run))) for run in specs]
-    groups = _groups(jobs, resolve_cohort(cohort, runtime.device)) if jobs else []
+    size = resolve_cohort(cohort, runtime.device)
+    groups = _groups(jobs, size) if jobs else []
     workers = min(workers, len(groups)) or 1
     refs, loaded = [], {}
     for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
@@ -258,7 +266,7 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
         beat, done = Heartbeat(enabled=progress), 0
         for group in groups:
             task, models = loaded[group[0][0].task.task]
-            for run_dir, err in _run(group, runtime.replace(progress=progress), task, models, heartbeat=beat):
+            for run_dir, err in _run(group, runtime.replace(progress=progress), task, models, beat, size == 1):
                 done += 1
                 failed += _finished(progress, done, len(jobs), run_dir, err)
             beat.reset()
@@ -266,7 +274,7 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
                                  (threads, os.getpid())) as pool:
-            failed = _wait(pool, groups, runtime, f"runs ({workers} workers)", progress)
+            failed = _wait(pool, groups, runtime, f"runs ({workers} workers)", progress, size == 1)
     if failed:
         raise UserError(f"{len(failed)} of {len(jobs)} runs failed (each alone, the others are done): "
                         + "; ".join(failed))
@@ -278,7 +286,8 @@ def _finished(progress: bool, done: int, n: int, run_dir: str, err) -> list[str]
     if err is None:
         _log(progress, _summary(done, n, run_dir))
         return []
-    return [f"{Path(run_dir).name}: {type(err).__name__}: {err} (recorded in its error.json)"]
+    recorded = " (recorded in its error.json)" if (Path(run_dir) / "error.json").exists() else ""
+    return [f"{Path(run_dir).name}: {type(err).__name__}: {err}{recorded}"]
 
 
 def _log(progress: bool, message: str) -> None:
@@ -298,11 +307,11 @@ def _summary(i: int, n: int, run_dir: str) -> str:
 
 
 def _wait(pool: ProcessPoolExecutor, groups: list[list[tuple]], runtime: Runtime, desc: str,
-          progress: bool) -> list[str]:
+          progress: bool, alone: bool = True) -> list[str]:
     """Train the groups of ``(config, run_dir)`` pairs in ``pool`` (``_run``) and wait for all, with a progress
     bar, a line per finished run and, between those, a line on the running runs at least every
-    ``heartbeat.EVERY`` seconds; re-raise the first failure of a run alone, return those of runs in cohorts."""
-    pending = {pool.submit(_run, group, runtime.replace(progress=False)): group for group in groups}
+    ``heartbeat.EVERY`` seconds; re-raise the first failure without cohorts (``alone``), else return them all."""
+    pending = {pool.submit(_run, group, runtime.replace(progress=False), alone=alone): group for group in groups}
     n, done, failed = sum(len(g) for g in groups), 0, []
     beat, started = Heartbeat(enabled=progress), time.time()
     try:

@@ -256,10 +256,16 @@ def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final
     log.write_items(step, items)
 
 
+ERROR_FILE = "error.json"
+"""Where a run of a cohort records why it failed (``cohort.train_cohort``); removed when the run is taken up again."""
+
+
 def begin(spec: RunSpec, run_dir: Path, runtime: Runtime, task, models: Models, log: RunLog | None):
     """A run's trainer from ``models`` (the student copied), its checkpoint loaded where it has one (``_start``,
-    ``_resume``; a collective under a launcher), and its tracker (rank 0). Returns ``(trainer, completed steps,
-    tracker or None)``."""
+    ``_resume``; a collective under a launcher), and its tracker (rank 0), a stale ``ERROR_FILE`` removed. Returns
+    ``(trainer, completed steps, tracker or None)``."""
+    if log is not None:
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
     tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
     w = tr.world
     loaded = distributed.from_main(lambda: _start(tr, log, models), w)

@@ -95,14 +95,15 @@ def test_a_run_that_fails_fails_alone_with_its_error_recorded(tmp_path, alone, m
     assert record["step"] == 2 and record["type"] == "OSError" and "No space left" in record["message"]
     for r in (0, 2):
         same(results[r].drop(columns="run").filter(regex="^(?!time_)"), alone[r])
-    # the failed run resumes from its last checkpoint (step 2) once the disk has room, to the uninterrupted end
+    # the failed run resumes from its last checkpoint (step 1: its evaluation at step 2 failed before step 2's
+    # checkpoint) once the disk has room, to the uninterrupted end
     monkeypatch.setattr(train_module, "_evaluate_and_log", real)
     train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS)
     same(metrics(dirs[1]), alone[1])
     assert not (dirs[1] / ERROR_FILE).exists()
 
 
-def test_when_the_shared_step_fails_each_run_goes_on_alone(tmp_path, alone, monkeypatch):
+def test_when_the_shared_step_fails_each_run_goes_on_alone_and_says_so(tmp_path, alone, monkeypatch, capsys):
     real, calls = cohort.cohort_step, []
 
     def fails_at_step_1(trainers, step, score_together=None):
@@ -117,6 +118,8 @@ def test_when_the_shared_step_fails_each_run_goes_on_alone(tmp_path, alone, monk
     assert calls == [0, 1]
     for got, want in zip(results, alone):
         same(got.drop(columns="run").filter(regex="^(?!time_)"), want)
+    err = capsys.readouterr().err
+    assert "shared step 2 failed (RuntimeError: a torch error in the stacked decoder)" in err and "Traceback" in err
 
 
 def test_a_cohort_refuses_bad_input_before_any_work(tmp_path):
@@ -168,3 +171,16 @@ def test_kill_9_at_random_points_leaves_every_run_resumable_to_the_uninterrupted
     run(tmp_path / "cut")
     for i in range(len(ARMS)):
         same(metrics(tmp_path / "cut" / f"r{i}"), metrics(tmp_path / "full" / f"r{i}"))
+
+
+def test_a_run_that_cannot_start_is_returned_and_the_others_train(tmp_path, alone):
+    """r1's directory is held by another writer: its error comes back (nothing recorded in a directory it could not
+    take), the other runs end as they do alone."""
+    from opdlab.runlog import RunLog
+
+    dirs = [tmp_path / f"r{i}" for i in range(3)]
+    with RunLog(dirs[1], specs(ARMS)[1]):
+        results = train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS)
+    assert isinstance(results[1], UserError) and not (dirs[1] / ERROR_FILE).exists()
+    for r in (0, 2):
+        same(results[r].drop(columns="run").filter(regex="^(?!time_)"), alone[r])

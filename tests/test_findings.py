@@ -152,6 +152,10 @@ def test_notebook_06_claims_reproduce_from_its_items_and_fail_for_an_arm_that_di
         after = before.assign(step=4, kl_reverse=before["kl_reverse"] + rng.normal(0, 0.5, len(before)))
         held += findings.kl_claims(pd.concat([before, after]), "opd_plus", None)["holds"].any()
     assert held <= 4, held
+    # the stop-gradient runs of other seeds do not pair with these
+    other = items.assign(seed=items["seed"].where(items["method"] != "opd", items["seed"] + 10))
+    with pytest.raises(UserError, match="not on the same seeds and items"):
+        findings.kl_claims(other, "opd_plus", "opd")
     # and a seed's records must cover every item
     with pytest.raises(UserError, match="missing for some seed and item"):
         findings.kl_claims(items.drop(items[(items["seed"] == 1) & (items["item"] == 0)].index), "opd_plus", "opd")
