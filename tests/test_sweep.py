@@ -151,7 +151,7 @@ def test_a_greedy_only_tail_changes_nothing_but_the_tails_sampled_columns(tmp_pa
         train = read_metrics(runs_dir / evals["run"].iloc[0], volatile=False)
         train = train[train["kind"] == "train"].dropna(axis=1, how="all").drop(columns="run").reset_index(drop=True)
         out[sampled] = evals, refs, run[run["step"] == 2].reset_index(drop=True), train
-    (evals_all, refs_all, all_, train_all), (evals_head, refs_head, head, train_head) = out[True], out[False]
+    (_, refs_all, all_, train_all), (evals_head, refs_head, head, train_head) = out[True], out[False]
     assert (all_["correct"] == head["correct"]).all() and len(head) == 8
     cols = ["sampled_correct", "kl_reverse", "kl_forward", "exact_divergence"]
     assert head.loc[4:, cols].isna().all().all() and head.loc[:3, cols].notna().all().all()
