@@ -175,3 +175,24 @@ def test_a_sweep_in_cohorts_gives_the_runs_a_sweep_of_single_runs_gives(tmp_path
     pd.testing.assert_frame_equal(grouped[numbers], single[numbers], rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="cohort must be a positive int"):
         sweep(*args, tmp_path / "bad", RUNTIME.replace(cache=str(tmp_path / "cache")), cohort=0)
+
+
+def test_a_failed_run_of_a_cohort_sweep_is_named_after_the_others_finish(tmp_path, monkeypatch):
+    from opdlab import train as train_module
+
+    real = train_module._evaluate_and_log
+
+    def disk_full_for_opd_s1(tr, log, tracker, step, final):
+        if log is not None and "-opd-s1-" in log.dir.name and step == 1:
+            raise OSError(28, "No space left on device", str(log.dir))
+        return real(tr, log, tracker, step, final)
+
+    monkeypatch.setattr(train_module, "_evaluate_and_log", disk_full_for_opd_s1)
+    runs_dir = tmp_path / "runs"
+    with pytest.raises(UserError, match=r"1 of 4 runs failed \(each alone, the others are done\): "
+                                        r"arithmetic-forward_kl-opd-s1-\w+: OSError: .*No space left.*error\.json"):
+        sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"], [0, 1], runs_dir,
+              RUNTIME.replace(cache=str(tmp_path / "cache")), workers=1, cohort=2)
+    finished = [d for d in runs_dir.iterdir() if d.is_dir() and d.name != "references"
+                and read_metrics(d)["step"].max() == BASE.optim.steps]
+    assert len(finished) == 3 and not any("-opd-s1-" in d.name for d in finished)
