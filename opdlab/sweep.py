@@ -19,7 +19,7 @@ everything runs in this process with per-run progress bars. A run's numbers depe
 only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
 
 Cohorts. ``cohort=R`` steps up to R runs of one task, pair of models and batch size together in one process
-(``cohort.train_cohort``): each run still writes its own directory, resumes and is read back as a run alone
+(``cohort_train.train_cohort``): each run still writes its own directory, resumes and is read back as a run alone
 does, and ends as it would alone, to float rounding. ``cohort="auto"`` is 1 (no cohorts) on CPU, where
 ``benchmarks/bench_cohort.py`` found every size slower than the worker processes, and on CUDA until that
 benchmark has run there. A run of a cohort that fails fails alone (its ``error.json`` says why); the sweep
@@ -58,6 +58,7 @@ from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
 from opdlab.files import write_atomic
 from opdlab.step import Trainer
+from opdlab.cohort_train import RUN_ERRORS, train_cohort
 from opdlab.train import evaluate, final_sampled_n, load_models, train
 from opdlab.errors import UserError
 
@@ -100,10 +101,8 @@ def _init_worker(threads: int, parent: int | None = None) -> None:
 def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat=None,
          alone: bool = True) -> list[tuple]:
     """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``train.train``), several as
-    one cohort (``cohort.train_cohort``). Returns ``(run_dir, exception or None)`` per run; a run trained alone
+    one cohort (``cohort_train.train_cohort``). Returns ``(run_dir, exception or None)`` per run; a run trained alone
     raises its failure where ``alone`` (a sweep without cohorts), else it is returned like a cohort member's."""
-    from opdlab.cohort import RUN_ERRORS, train_cohort
-
     if len(group) == 1:
         (spec, run_dir), = group
         try:
@@ -118,7 +117,7 @@ def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat
 
 
 def resolve_cohort(cohort, device: str = "auto") -> int:
-    """Runs per cohort (``opdlab.cohort.train_cohort``): ``cohort`` itself (a positive int), or for ``"auto"``
+    """Runs per cohort (``opdlab.cohort_train.train_cohort``): ``cohort`` itself (a positive int), or for ``"auto"``
     the size ``benchmarks/bench_cohort.py`` showed to pay on this kind of device: 1 on CPU, where every cohort
     size measured was slower than the sweep's worker processes (``benchmarks/results/cohort.csv``), and 1 on
     CUDA until the benchmark has been run there (pass a size to use cohorts)."""

@@ -257,7 +257,8 @@ def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final
 
 
 ERROR_FILE = "error.json"
-"""Where a run of a cohort records why it failed (``cohort.train_cohort``); removed when the run is taken up again."""
+"""Where a run of a cohort records why it failed (``cohort_train.train_cohort``); removed when the run is taken up
+again."""
 
 
 def begin(spec: RunSpec, run_dir: Path, runtime: Runtime, task, models: Models, log: RunLog | None):

@@ -1,4 +1,4 @@
-"""Cohort training (opdlab.cohort.train_cohort): R runs of mixed arms trained in lockstep, each in its own run
+"""Cohort training (opdlab.cohort_train.train_cohort): R runs of mixed arms trained in lockstep, each in its own run
 directory, end as each run alone ends, to float rounding, whatever the other members are; a run that fails fails
 alone, with its error recorded; a kill -9 at any point leaves every run resumable to the uninterrupted result."""
 import json
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from opdlab import cohort
-from opdlab.cohort import ERROR_FILE, train_cohort
+from opdlab.cohort_train import ERROR_FILE, train_cohort
 from opdlab.errors import UserError
 from opdlab.runread import read_items, read_metrics
 from opdlab.sweep import _last_step
@@ -137,7 +137,7 @@ def test_a_cohort_refuses_bad_input_before_any_work(tmp_path):
 SCRIPT = """
 import sys
 from test_cohort_train import ARMS, RT, TASK, MODELS, specs
-from opdlab.cohort import train_cohort
+from opdlab.cohort_train import train_cohort
 runs = [s.replace(steps=2 * s.optim.steps + 4) for s in specs(ARMS)]
 train_cohort(runs, [sys.argv[1] + f"/r{i}" for i in range(len(ARMS))], RT, TASK, MODELS)
 """

@@ -22,7 +22,7 @@ LAYERS = [
     ["testing", "audit_docs"],
     ["runread", "runlog", "distributed", "plots", "findings", "lm.pretrained"],
     ["step", "cohort"],
-    ["train", "widgets", "noise", "integrations"],
+    ["train", "cohort_train", "widgets", "noise", "integrations"],
     ["sweep", "protocol"],
     ["report_format", "report", "notebook_runner", "cli", "__main__", "__init__"],
 ]
