@@ -31,8 +31,14 @@ from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.step import Scores, Trainer, _Clock, _step_values, _train_metrics, loss, sample, score, step_lr
 
-__all__ = ["check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits",
+__all__ = ["key", "check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits",
            "student_logits", "cohort_step"]
+
+
+def key(spec) -> tuple:
+    """What the runs of one cohort share, from their specs: the task spec (task and completion budget), the models
+    spec and the completions sampled per step (``prompts_per_step x samples_per_prompt``)."""
+    return spec.task, spec.models, spec.optim.prompts_per_step * spec.optim.samples_per_prompt
 
 
 def check(trainers: list[Trainer]) -> None:

@@ -51,14 +51,11 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
     if not specs or len(specs) != len(run_dirs) or len({d.resolve() for d in run_dirs}) != len(run_dirs):
         raise UserError(f"train_cohort needs one distinct run directory per spec, got {len(specs)} specs and "
                         f"{len(run_dirs)} directories ({len(set(run_dirs))} distinct)")
-    for name in ("task", "models"):
-        parts = {getattr(s, name) for s in specs}
-        if len(parts) > 1:
-            raise UserError(f"the runs of a cohort share one {name} spec; these differ: {sorted(map(str, parts))}")
-    batches = {s.optim.prompts_per_step * s.optim.samples_per_prompt for s in specs}
-    if len(batches) > 1:
-        raise UserError(f"the runs of a cohort sample equally many completions per step (prompts_per_step x "
-                        f"samples_per_prompt); these sample {sorted(batches)}")
+    kinds = sorted({str(cohort.key(s)) for s in specs})
+    if len(kinds) > 1:
+        raise UserError("the runs of a cohort share one task spec (task and completion budget), one models spec and "
+                        "one number of completions per step (prompts_per_step x samples_per_prompt); these differ: "
+                        + "; ".join(kinds))
     runtime = runtime or Runtime()
     if runtime.threads is not None:
         torch.set_num_threads(runtime.threads)

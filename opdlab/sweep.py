@@ -58,6 +58,7 @@ from opdlab.spec import RunSpec, run_name
 from opdlab.tasks import get_task
 from opdlab.files import write_atomic
 from opdlab.step import Trainer
+from opdlab.cohort import key as cohort_key
 from opdlab.cohort_train import RUN_ERRORS, train_cohort
 from opdlab.train import evaluate, final_sampled_n, load_models, train
 from opdlab.errors import UserError
@@ -129,14 +130,13 @@ def resolve_cohort(cohort, device: str = "auto") -> int:
 
 
 def _groups(jobs: list[tuple], size: int) -> list[list[tuple]]:
-    """``jobs`` in groups of at most ``size`` that can step as one cohort: one task and models spec and one
-    batch size per group, in the jobs' order within each kind (size 1: every job alone, in order)."""
+    """``jobs`` in groups of at most ``size`` that can step as one cohort (one ``cohort.key`` per group), in the
+    jobs' order within each kind (size 1: every job alone, in order)."""
     if size == 1:
         return [[job] for job in jobs]
     kinds: dict = {}
     for spec, run_dir in jobs:
-        key = (spec.task, spec.models, spec.optim.prompts_per_step * spec.optim.samples_per_prompt)
-        kinds.setdefault(key, []).append((spec, run_dir))
+        kinds.setdefault(cohort_key(spec), []).append((spec, run_dir))
     return [same[i:i + size] for same in kinds.values() for i in range(0, len(same), size)]
 
 

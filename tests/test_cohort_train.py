@@ -125,11 +125,11 @@ def test_when_the_shared_step_fails_each_run_goes_on_alone_and_says_so(tmp_path,
 def test_a_cohort_refuses_bad_input_before_any_work(tmp_path):
     with pytest.raises(UserError, match="one distinct run directory per spec"):
         train_cohort(specs(ARMS[:2]), [tmp_path / "a", tmp_path / "a"], RT, TASK, MODELS)
-    with pytest.raises(UserError, match="share one task spec"):
+    with pytest.raises(UserError, match="share one task spec .* these differ: .*tool_use"):
         train_cohort([BASE, BASE.replace(task="tool_use")], [tmp_path / "a", tmp_path / "b"], RT, TASK, MODELS)
-    with pytest.raises(UserError, match="share one task spec"):  # the completion budget is the task's
+    with pytest.raises(UserError, match="these differ: .*max_new_tokens=12"):  # the completion budget is the task's
         train_cohort([BASE, BASE.replace(max_new_tokens=12)], [tmp_path / "a", tmp_path / "b"], RT, TASK, MODELS)
-    with pytest.raises(UserError, match="equally many completions per step"):
+    with pytest.raises(UserError, match=r"completions per step .* these differ: .* 8\)"):
         train_cohort([BASE, BASE.replace(samples_per_prompt=4)], [tmp_path / "a", tmp_path / "b"], RT, TASK, MODELS)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
