@@ -48,9 +48,10 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
     every run resumable from its last checkpoint, as a single run is.
     """
     specs, run_dirs = list(specs), [Path(d) for d in run_dirs]
-    if not specs or len(specs) != len(run_dirs) or len({d.resolve() for d in run_dirs}) != len(run_dirs):
+    distinct = len({d.resolve() for d in run_dirs})
+    if not specs or len(specs) != len(run_dirs) or distinct != len(run_dirs):
         raise UserError(f"train_cohort needs one distinct run directory per spec, got {len(specs)} specs and "
-                        f"{len(run_dirs)} directories ({len(set(run_dirs))} distinct)")
+                        f"{len(run_dirs)} directories ({distinct} distinct)")
     kinds = sorted({str(cohort.key(s)) for s in specs})
     if len(kinds) > 1:
         raise UserError("the runs of a cohort share one task spec (task and completion budget), one models spec and "

@@ -56,9 +56,9 @@ every tool-use arm dipped first, supervised KD included (docs/LOG.md)."""
 _NOTEBOOK06 = RunSpec.from_dict(dict(
     task="arithmetic", divergence="jsd", steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=48,
     lr=5e-5, baseline="expected", eval_every=4, eval_n=16, eval_samples=1))
-"""Notebook 06 on CPU: SmolLM2-135M-Instruct's arithmetic answers through its chat template (about 18 tokens),
+"""Notebook 06 on CPU: SmolLM2-135M-Instruct's arithmetic answers through its chat template are short,
 so a 48-token budget leaves its completions whole; 4 steps of 2 prompts x 2 samples and 16 held-out items per
-evaluation (a run costs about half a minute on one core). The notebook sets the teacher and student paths."""
+evaluation. The notebook sets the teacher and student paths."""
 
 PRESETS = {
 "smoke": Preset(
