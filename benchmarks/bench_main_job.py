@@ -22,8 +22,8 @@ then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model
 - ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
 - ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
   student, per task; ``final_evaluation`` where ``final_eval_n`` differs;
-- ``step_noise``: ``noise.step_noise`` per notebook-09 variant and per notebook-04 arm (each batch decoded, scored
-  and differentiated);
+- ``step_noise``: ``noise.step_noise`` of every notebook-09 variant, and of every notebook-04 arm, in one call each
+  (each batch decoded and scored once, differentiated once per variant or arm);
 - ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``: forward and backward over the padded
   batch it runs), counted by the steps the cache recorded (``sft_steps_taken``); ``sft_check``: a
   warm-up's accuracy check every ``SFT_CHECK_EVERY`` steps (``lm.cache``).
@@ -105,8 +105,8 @@ schedule, arms and seeds stay the job's)."""
 @dataclass(frozen=True)
 class Study:
     """One notebook's runs on one task: the shared ``spec``, every run it trains (a run another notebook already
-    trained is read back there, so it counts once, where it is first trained), and notebook 09's step noise
-    (``noise_calls`` of ``noise_batches`` batches)."""
+    trained is read back there, so it counts once, where it is first trained), and its step noise (one call of
+    ``noise_calls`` trainers on ``noise_batches`` batches)."""
 
     notebook: str
     """The notebook's file name without its suffix, e.g. ``04_real_students``."""
@@ -355,9 +355,11 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
         row("final_evaluation", "every arm", final,
             *timed(lambda: evaluate(tr, spec.optim.steps, spec.eval.final_eval_n, final_sampled_n(spec)), device,
                    repeats=args.eval_repeats))
-    if study.noise_calls:
-        row("step_noise", spec.objective.method, study.noise_calls,
-            *timed(lambda: noise.step_noise(tr, study.noise_batches), device, tr.generator))
+    if study.noise_calls:  # one call for every arm or variant: each batch drawn and scored once, one backward each
+        noisy = [Trainer(spec, task, models.teacher, tr.student, models.tokenizer, runtime)
+                 for _ in range(study.noise_calls)]
+        row("step_noise", spec.objective.method, 1,
+            *timed(lambda: noise.step_noise(noisy, study.noise_batches), device, noisy[0].generator))
     return rows
 
 

@@ -155,7 +155,7 @@ def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFra
                               A2_share=float(ordered.iloc[max(0, int(f * len(ordered)) - 1)])) for f in fractions])
 
 
-def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
+def step_noise(trainer, n_batches: int = 8, step: int = 0):
     """Noise of one whole step's gradient under ``trainer.spec`` (any γ, baseline including leave-one-out,
     clip, reduction, a top-k teacher, and the full-vocabulary loss): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
     differentiated exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
@@ -168,22 +168,58 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0) -> dict:
     step), ``batches`` (K) and ``log_relative_variance_loo`` (the K leave-one-out values of that log, as text).
     Trainers with the same seed draw the same K batches whatever their estimator, so two variants' measurements
     are paired: compare them with ``stats.jackknife_log_ratio`` on the leave-one-out values, not as independent.
+
+    Several estimators at once: ``trainer`` a list of trainers of one student, teacher, seed and step prompts
+    (notebook 04's arms, notebook 09's variants), and a list of dicts comes back, one per trainer. Each batch is
+    then drawn (with the first trainer's generator) and scored once, and differentiated once per trainer through
+    the same student forward; the numbers are those of one call per trainer, since each would draw the same
+    batches (tested), at the cost of one call plus a backward per further trainer. Every trainer's generator ends
+    where the first's does.
     """
-    tr = trainer
-    if tr.spec.objective.method != "full_vocabulary":  # its step is noisy too: the contexts are sampled
-        _sampled_method(tr.spec, "step_noise")
+    trainers = list(trainer) if isinstance(trainer, (list, tuple)) else [trainer]
+    if not trainers:
+        raise UserError("step_noise needs a trainer or a non-empty list of them, got an empty list")
+    for tr in trainers:
+        if tr.spec.objective.method != "full_vocabulary":  # its step is noisy too: the contexts are sampled
+            _sampled_method(tr.spec, "step_noise")
     if not (isinstance(n_batches, int) and n_batches >= 2):
         raise UserError(f"n_batches must be an int >= 2, got {n_batches!r}")
-    params = [p for p in tr.student.parameters() if p.requires_grad]
-    grads, tokens = [], []
+    first = trainers[0]
+    _check_shared(trainers, step)
+    params = [p for p in first.student.parameters() if p.requires_grad]
+    grads, tokens = [[] for _ in trainers], []
     for _ in range(n_batches):
-        rollout = student_rollout(tr, step)
-        scores = opd.score(tr.teacher, tr.student, rollout, tr.runtime.scorer)
-        loss, _ = opd.loss(tr.spec.objective, tr.div, scores, rollout.mask_BT, tr.spec.optim.samples_per_prompt)
-        grads.append(_flat_grad(loss, params))
+        rollout = student_rollout(first, step)
+        scores = opd.score(first.teacher, first.student, rollout, first.runtime.scorer)
+        for g, tr in zip(grads, trainers):
+            loss, _ = opd.loss(tr.spec.objective, tr.div, scores, rollout.mask_BT, tr.spec.optim.samples_per_prompt)
+            g.append(_flat_grad(loss, params))
         tokens.append(rollout.n_sampled)
-    G = torch.stack(grads).double()
-    K = len(grads)
+    for tr in trainers[1:]:
+        tr.generator.set_state(first.generator.get_state())
+    out = [_step_noise_summary(torch.stack(g).double(), tokens) for g in grads]
+    return out if isinstance(trainer, (list, tuple)) else out[0]
+
+
+def _check_shared(trainers: list, step: int) -> None:
+    """Refuse trainers that would not draw and score the same batches as the first: another student or teacher
+    object, other prompts at ``step``, another sampling budget, seed or scorer."""
+    first = trainers[0]
+
+    def key(tr):
+        return (tr.spec.optim.seed, tr.max_new_tokens, tr.runtime.sampler, tr.runtime.scorer, tr.runtime.compile_decode,
+                [ex.prompt for ex in tr.batch(step)])
+    for i, tr in enumerate(trainers[1:], 1):
+        if tr.student is not first.student or tr.teacher is not first.teacher or key(tr) != key(first):
+            raise UserError(f"step_noise of several trainers draws each batch once for all of them, so they must "
+                            f"share the student and teacher objects, the seed, the step's prompts, the token budget "
+                            f"and the sampler and scorer; trainer {i} differs from trainer 0 (measure it in a call "
+                            f"of its own)")
+
+
+def _step_noise_summary(G: torch.Tensor, tokens: list) -> dict:
+    """``step_noise``'s dict from the K x P gradients ``G`` and the sampled tokens of each batch."""
+    K = G.shape[0]
     rv = _relative_variance(G)
     leave_one_out = torch.tensor([math.log(_relative_variance(torch.cat([G[:i], G[i + 1:]]))[0]) for i in range(K)])
     jackknife_se = float(((K - 1) / K * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())

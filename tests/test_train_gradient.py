@@ -184,3 +184,34 @@ def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baselin
     full = noise.step_noise(Trainer(config.replace(method="full_vocabulary", prompts_per_step=4), TASK, teacher,
                                     student, TOK), n_batches=4)  # noisy too: its contexts are sampled
     assert full["variance"] > 0 and full["log_relative_variance_se"] > 0
+
+
+def test_step_noise_of_several_trainers_is_one_call_per_trainer():
+    """noise.step_noise([t_1, ..., t_n]) draws and scores each batch once for every estimator: the numbers equal,
+    bit for bit, n calls with a trainer each (every one draws the same batches), top-k and full-vocabulary arms
+    included; trainers that would draw other batches are refused."""
+    from opdlab.step import Trainer
+
+    teacher, student = _model(1).eval(), _model(2).eval()
+    config = RunSpec.from_dict(dict(prompts_per_step=4, samples_per_prompt=2, steps=1, max_new_tokens=8,
+                                    divergence="forward_kl", baseline="expected"))
+    arms = [dict(method="opd_plus"), dict(method="opd", divergence="jsd", baseline="loo"),
+            dict(method="opd_plus", teacher_topk=1, baseline="tail"), dict(method="full_vocabulary")]
+
+    def trainers():
+        return [Trainer(config.replace(**arm), TASK, teacher, student, TOK) for arm in arms]
+    alone = [noise.step_noise(tr, n_batches=3) for tr in trainers()]
+    together = trainers()
+    shared = noise.step_noise(together, n_batches=3)
+    assert shared == alone  # every float of every dict, exactly
+    assert len({r["relative_variance"] for r in shared}) == len(arms)  # four estimators, four measurements
+    assert all(torch.equal(t.generator.get_state(), together[0].generator.get_state()) for t in together)
+    assert noise.step_noise(trainers()[:1], n_batches=3) == alone[:1]  # a list of one: a list back
+    with pytest.raises(ValueError, match="trainer 1 differs"):  # another seed draws other batches
+        noise.step_noise([Trainer(config, TASK, teacher, student, TOK),
+                          Trainer(config.replace(seed=1), TASK, teacher, student, TOK)], n_batches=2)
+    with pytest.raises(ValueError, match="trainer 1 differs"):  # another student object
+        noise.step_noise([Trainer(config, TASK, teacher, student, TOK),
+                          Trainer(config, TASK, teacher, _model(2).eval(), TOK)], n_batches=2)
+    with pytest.raises(ValueError, match="empty list"):
+        noise.step_noise([])
