@@ -34,7 +34,8 @@ def _fail(member: dict, step: int | None, err: BaseException) -> None:
         member["log"].write_json(ERROR_FILE, record)
 
 
-def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_after: int | None = None) -> list:
+def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_after: int | None = None,
+                 shared=None) -> list:
     """Train (or resume) R runs in lockstep, ``cohort_step`` stepping every run due at a step; each run writes its
     own run directory as ``train.train`` would, so it resumes, is read back and is swept like a single run.
 
@@ -45,7 +46,8 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
     step itself fails, the cohort stops and every run still going continues alone (``train.train``, from its last
     checkpoint), so the failing one fails alone. Returns, per run, its metrics DataFrame or the exception it
     failed with. Ctrl-C raises ``train.Interrupted`` naming every run's last checkpoint; a kill at any point leaves
-    every run resumable from its last checkpoint, as a single run is.
+    every run resumable from its last checkpoint, as a single run is. ``shared``: as ``train.train``'s, where
+    the evaluations of the initial students are kept.
     """
     specs, run_dirs = list(specs), [Path(d) for d in run_dirs]
     distinct = len({d.resolve() for d in run_dirs})
@@ -84,7 +86,7 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
             for m in list(alive):
                 if m["start"] == 0:
                     try:
-                        _evaluate_and_log(m["tr"], m["log"], m["tracker"], 0, m["spec"].optim.steps == 0)
+                        _evaluate_and_log(m["tr"], m["log"], m["tracker"], 0, m["spec"].optim.steps == 0, shared)
                     except RUN_ERRORS as err:
                         _fail(m, 0, err)
             first = min((m["start"] for m in alive if m["error"] is None), default=0)
@@ -113,7 +115,7 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
         for m in alive:
             if m["error"] is None:
                 try:
-                    train(m["spec"], m["dir"], runtime, task, models, stop_after=stop_after)
+                    train(m["spec"], m["dir"], runtime, task, models, stop_after=stop_after, shared=shared)
                 except RUN_ERRORS as err:
                     m["error"] = err
                     with contextlib.suppress(*RUN_ERRORS), RunLog(m["dir"], m["spec"]) as log:  # held elsewhere: not

@@ -60,7 +60,7 @@ from opdlab.files import write_atomic
 from opdlab.step import Trainer
 from opdlab.cohort import key as cohort_key
 from opdlab.cohort_train import RUN_ERRORS, train_cohort
-from opdlab.train import evaluate, final_sampled_n, load_models, train
+from opdlab.train import evaluate_start, final_sampled_n, load_models, train
 from opdlab.errors import UserError
 
 __all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "resolve_cohort", "item_results", "reference_items"]
@@ -107,14 +107,25 @@ def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat
     if len(group) == 1:
         (spec, run_dir), = group
         try:
-            train(spec, run_dir, runtime, task, models, heartbeat=heartbeat)
+            train(spec, run_dir, runtime, task, models, heartbeat=heartbeat, shared=_shared(run_dir))
         except RUN_ERRORS as err:
             if alone:
                 raise
             return [(run_dir, err)]
         return [(run_dir, None)]
-    out = train_cohort([s for s, _ in group], [d for _, d in group], runtime, task, models)
+    out = train_cohort([s for s, _ in group], [d for _, d in group], runtime, task, models,
+                       shared=_shared(group[0][1]))
     return [(d, r if isinstance(r, BaseException) else None) for (_, d), r in zip(group, out)]
+
+
+REFERENCES = "references"
+"""The sweep's folder in ``runs_dir`` for the reference evaluations and the runs' shared first evaluations."""
+
+
+def _shared(run_dir) -> Path:
+    """Where a sweep keeps its runs' evaluations of their initial students (``train.evaluate_start``), beside
+    its reference evaluations: the arms of one seed start from one student and evaluate it once."""
+    return Path(run_dir).parent / REFERENCES
 
 
 def resolve_cohort(cohort, device: str = "auto") -> int:
@@ -152,12 +163,12 @@ def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
                                     default=str).encode()).hexdigest()[:12]
     rows = []
     for role, model in (("teacher", models.teacher), ("student", models.student)):
-        path = Path(runs_dir) / "references" / f"{spec.task.task}-{role}-{key}.csv"
+        path = Path(runs_dir) / REFERENCES / f"{spec.task.task}-{role}-{key}.csv"
         if path.exists():
             items = pd.read_csv(path)
         else:
             tr = Trainer(spec, task, models.teacher, model.eval(), models.tokenizer, Runtime(progress=False))
-            _, items = evaluate(tr, 0, n, sampled_n)
+            _, items = evaluate_start(tr, n, sampled_n, Path(runs_dir) / REFERENCES)  # a run's first, maybe
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, items.to_csv(index=False))
         rows.append(dict(task=spec.task.task, role=role, value=float(items["correct"].mean()), items=len(items),

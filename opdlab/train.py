@@ -25,8 +25,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +39,8 @@ from tqdm.auto import tqdm
 from opdlab import distributed, divergences
 from opdlab.errors import UserError
 from opdlab.lm.cache import teacher_and_student
-from opdlab.lm.modeling import load_model
+from opdlab.files import write_atomic
+from opdlab.lm.modeling import load_model, weights_digest
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.tokenizer import check_compatible, check_task_tokenizer
 from opdlab.runlog import RunLog, fingerprint
@@ -46,7 +50,7 @@ from opdlab.spec import RunSpec, run_name
 from opdlab.step import EVAL_SEED, Models, Trainer, eval_examples, max_new_tokens, opd_step
 from opdlab.tracking import Tracker
 
-__all__ = ["train", "evaluate", "load_models", "run_name", "Interrupted", "ITEM_COLUMNS"]
+__all__ = ["train", "evaluate", "evaluate_start", "load_models", "run_name", "Interrupted", "ITEM_COLUMNS"]
 
 ITEM_COLUMNS = ("item", "item_id", "correct", "sampled_correct", "length", "hit_cap", "kl_reverse", "kl_forward",
                 "divergence")
@@ -245,13 +249,49 @@ def final_sampled_n(spec: RunSpec) -> int | None:
     return None if e.final_eval_sampled or not e.final_eval_n or e.final_eval_n <= e.eval_n else e.eval_n
 
 
-def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final: bool) -> None:
+def evaluate_start(tr: Trainer, n: int | None = None, sampled_n: int | None = None,
+                   shared: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
+    """``evaluate(tr, 0, n, sampled_n)`` of a run's initial student, kept in the folder ``shared`` for every run
+    that would compute the same numbers: the same teacher and initial student weights, task, evaluation, seed,
+    divergence, item counts and sampler (the arms of one seed in a sweep; a sweep's reference evaluation of the
+    warm-up where its items are a run's first). The first such run computes it and writes it atomically; the
+    others read it back, checked against its key, and a file that does not check out is computed again (said on
+    stderr). ``shared=None``: computed here, kept nowhere. The metrics' ``time_eval`` is this call's own time."""
+    if shared is None:
+        return evaluate(tr, 0, n, sampled_n)
+    s, t0 = tr.spec, time.perf_counter()
+    named = dict(teacher=weights_digest(tr.teacher), student=weights_digest(tr.student), task=asdict(s.task),
+                 eval=asdict(s.eval), n=n or s.eval.eval_n, sampled_n=sampled_n, max_new_tokens=tr.max_new_tokens,
+                 seed=s.optim.seed, divergence=s.objective.divergence, sampler=tr.runtime.sampler,
+                 compile_decode=tr.runtime.compile_decode, device=tr.device.type)
+    key = hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(shared) / f"start-{key}.json"
+    if path.exists():
+        try:
+            kept = json.loads(path.read_text())
+            items = pd.DataFrame(kept["items"])
+            if kept["key"] != key or list(items.columns) != list(ITEM_COLUMNS) or len(items) != named["n"]:
+                raise ValueError("its key, columns or item count differ")
+            return {**kept["metrics"], "time_eval": time.perf_counter() - t0}, items
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"{path} could not be used ({err}); evaluating again", file=sys.stderr)
+    metrics, items = evaluate(tr, 0, n, sampled_n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(dict(key=key, metrics={k: v for k, v in metrics.items() if k != "time_eval"},
+                                       items=items.to_dict(orient="list"))))
+    return metrics, items
+
+
+def _evaluate_and_log(tr: Trainer, log: RunLog | None, tracker, step: int, final: bool,
+                      shared: str | Path | None = None) -> None:
     """Rank 0: evaluate at ``step`` and write the metrics line and the per-item records; the final evaluation
-    covers ``final_eval_n`` items where the spec asks for more than ``eval_n`` (sampled on ``final_sampled_n``)."""
+    covers ``final_eval_n`` items where the spec asks for more than ``eval_n`` (sampled on ``final_sampled_n``).
+    At step 0 the evaluation is kept in and read from ``shared`` (``evaluate_start``)."""
     if log is None:
         return
     n = tr.spec.eval.final_eval_n if final and tr.spec.eval.final_eval_n else None
-    metrics, items = evaluate(tr, step, n, final_sampled_n(tr.spec) if n is not None else None)
+    sampled_n = final_sampled_n(tr.spec) if n is not None else None
+    metrics, items = evaluate_start(tr, n, sampled_n, shared) if step == 0 else evaluate(tr, step, n, sampled_n)
     _record(log, tracker, {"step": step, "kind": "eval", **metrics})
     log.write_items(step, items)
 
@@ -301,7 +341,8 @@ def stopped_message(run_dir: Path, saved: int, steps: int) -> str:
 
 
 def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, task=None,
-          models: Models | None = None, stop_after: int | None = None, heartbeat=None) -> pd.DataFrame:
+          models: Models | None = None, stop_after: int | None = None, heartbeat=None,
+          shared: str | Path | None = None) -> pd.DataFrame:
     """Run (or resume) OPD training as ``spec`` says, the way ``runtime`` says, writing ``run_dir``; return its
     metrics DataFrame.
 
@@ -315,6 +356,8 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
         stop_after: stop once this many steps are done (as if interrupted); for tests and benchmarks.
         heartbeat: None, or an ``opdlab.heartbeat.Heartbeat`` that prints a plain line (run, step) at most
             every ``heartbeat.every`` seconds (the sweep's in-process runs).
+        shared: None, or a folder where the evaluation of the initial student is kept for the other runs that
+            start from it (``evaluate_start``; the sweep's ``runs_dir/references``).
     """
     from opdlab.tasks import get_task
 
@@ -333,7 +376,7 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
         saved = start
         try:
             if start == 0:
-                _evaluate_and_log(tr, log, tracker, 0, steps == 0)
+                _evaluate_and_log(tr, log, tracker, 0, steps == 0, shared)
             end = steps if stop_after is None else min(steps, stop_after)
             o = spec.objective
             for step in tqdm(range(start, end), desc=f"OPD {o.divergence}/{o.method}", initial=start, total=steps,

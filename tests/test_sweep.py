@@ -196,3 +196,52 @@ def test_a_failed_run_of_a_cohort_sweep_is_named_after_the_others_finish(tmp_pat
     finished = [d for d in runs_dir.iterdir() if d.is_dir() and d.name != "references"
                 and read_metrics(d)["step"].max() == BASE.optim.steps]
     assert len(finished) == 3 and not any("-opd-s1-" in d.name for d in finished)
+
+
+def _start(run_dir):
+    """A run's step-0 metrics (less its own evaluation time) and its step-0 item records, as written."""
+    metrics = read_metrics(run_dir)
+    first = metrics[(metrics["kind"] == "eval") & (metrics["step"] == 0)].drop(columns=["time_eval", "run"])
+    return first.dropna(axis=1, how="all").reset_index(drop=True), (run_dir / "items" / "step_0.csv").read_text()
+
+
+def test_the_arms_of_a_seed_evaluate_their_start_once_and_write_what_alone_they_would(tmp_path):
+    """The sweep keeps each distinct start evaluation once (arms of one seed and divergence share it); every run
+    writes the step-0 metrics and item records that it writes trained alone, without sharing."""
+    from opdlab.train import train
+
+    runtime = RUNTIME.replace(cache=str(tmp_path / "cache"))
+    sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"], [0, 1], tmp_path / "runs", runtime, workers=1,
+          extra_arms=[("jsd", "opd_plus")])
+    kept = sorted((tmp_path / "runs" / "references").glob("start-*.json"))
+    # forward KL and JSD at two seeds each, and the references: the teacher and the warm-up (whose divergence,
+    # the base spec's reverse KL, no run here shares)
+    assert len(kept) == 2 * 2 + 2
+    for method, divergence, seed in [("opd", "forward_kl", 1), ("opd_plus", "jsd", 0)]:
+        spec = BASE.replace(method=method, divergence=divergence, seed=seed)
+        alone = tmp_path / f"alone-{method}-{seed}"
+        train(spec, alone, runtime)
+        (swept,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith(f"arithmetic-{divergence}-"
+                                                                                  f"{method}-s{seed}-")]
+        metrics, items = _start(swept)
+        metrics_alone, items_alone = _start(alone)
+        assert items == items_alone
+        pd.testing.assert_frame_equal(metrics, metrics_alone)
+
+
+def test_a_shared_start_that_does_not_check_out_is_evaluated_again(tmp_path, capsys):
+    from opdlab.train import train
+
+    runtime, shared = RUNTIME.replace(cache=str(tmp_path / "cache")), tmp_path / "shared"
+    spec = BASE.replace(divergence="forward_kl", steps=1)
+    train(spec, tmp_path / "a", runtime, shared=shared)
+    (kept,) = shared.glob("start-*.json")
+    for damage in (lambda text: text[:40], lambda text: text.replace('"key": "', '"key": "0', 1)):
+        kept.write_text(damage(kept.read_text()))
+        run_dir = tmp_path / f"b{len(list(tmp_path.glob('b*')))}"
+        train(spec.replace(method="opd"), run_dir, runtime, shared=shared)
+        assert "could not be used" in capsys.readouterr().err
+        assert _start(run_dir)[1] == _start(tmp_path / "a")[1]
+    train(spec.replace(method="opd", lr=1e-4), tmp_path / "c", runtime, shared=shared)  # kept again: read back
+    assert "could not be used" not in capsys.readouterr().err
+    assert _start(tmp_path / "c")[1] == _start(tmp_path / "a")[1]
