@@ -21,7 +21,8 @@ then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model
   parameter (memory-bound: its bound at the matmul peak is far from reachable);
 - ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
 - ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
-  student, per task; ``final_evaluation`` where ``final_eval_n`` differs;
+  student, per task, a start shared by the runs of one seed and divergence counted once; ``final_evaluation``
+  where ``final_eval_n`` differs;
 - ``step_noise``: ``noise.step_noise`` of every notebook-09 variant, and of every notebook-04 arm, in one call each
   (each batch decoded and scored once, differentiated once per variant or arm);
 - ``sft``: supervised steps of each teacher and warm-up recipe (``lm.sft``: forward and backward over the padded
@@ -115,6 +116,9 @@ class Study:
     runs: tuple
     noise_calls: int = 0
     noise_batches: int = 0
+    starts: int = 0
+    """Evaluations of initial students that these runs compute: runs of one seed and divergence share theirs
+    (``train.evaluate_start``), with each other and with an earlier study's runs."""
 
 
 def studies(tiny: bool = False) -> list[Study]:
@@ -125,19 +129,26 @@ def studies(tiny: bool = False) -> list[Study]:
     nb4, nb9 = resolve_notebook("04"), resolve_notebook("09")
     p4 = notebook_parameters(nb4)
     preset4 = presets.get(p4["preset"])
-    seen, out = set(), []
+    seen, started, out = set(), set(), []
 
     def new(specs) -> tuple:
         fresh = tuple(s for s in specs if run_name(s) not in seen)
         seen.update(run_name(s) for s in fresh)
         return fresh
 
+    def starts(specs) -> int:  # what train.evaluate_start keys on, less what a study's runs all share
+        keys = {(s.task, s.models, s.eval, s.optim.seed, s.objective.divergence) for s in specs} - started
+        started.update(keys)
+        return len(keys)
+
     base4 = preset4.spec.replace(**p4["overrides"])
     task_overrides = {t: {**preset4.per_task.get(t, {}), **p4["overrides"], **shrink} for t in p4["tasks"]}
     for t in p4["tasks"]:
         specs = runs(base4, [t], [], [], seeds(p4, preset4), task_overrides, p4["arms"])
         noisy = sum(arm["method"] != "supervised_kd" for arm in p4["arms"])  # its step-noise cell
-        out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), new(specs), noisy, p4["n_batches"]))
+        fresh = new(specs)
+        out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), fresh, noisy, p4["n_batches"],
+                         starts(fresh)))
     p9 = notebook_parameters(nb9)
     preset9 = presets.get(p9["preset"])
     base9 = preset9.spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
@@ -145,7 +156,8 @@ def studies(tiny: bool = False) -> list[Study]:
     trained = [dict(gamma=g, baseline="expected", log_u_clip=c) for c in p9["clips"] for g in p9["trained_gammas"]]
     specs = runs(base9, [base9.task.task], [base9.objective.divergence], ["opd_plus"], seeds(p9, preset9), None, (),
                  trained)
-    out.append(Study(nb9.stem, base9.task.task, base9, new(specs), noise_variants, p9["n_batches"]))
+    fresh = new(specs)
+    out.append(Study(nb9.stem, base9.task.task, base9, fresh, noise_variants, p9["n_batches"], starts(fresh)))
     return out
 
 
@@ -346,7 +358,7 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
             row(phase, kind_name(method, topk), count, seconds, flops)
     spec = study.spec
     tr = Trainer(spec, task, models.teacher, copy.deepcopy(models.student), models.tokenizer, runtime)
-    regular = sum(evaluations(s)[0] for s in study.runs)
+    regular = sum(evaluations(s)[0] for s in study.runs) - len(study.runs) + study.starts  # shared starts once
     final = sum(evaluations(s)[1] for s in study.runs)
     if regular:
         row("evaluation", "every arm", regular,
