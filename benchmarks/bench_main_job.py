@@ -3,10 +3,13 @@
 The job's training is notebook 04 (its preset and arms: tasks x arms x seeds, each run its own ``steps`` OPD steps
 and an evaluation every ``eval_every`` steps and at the end) and notebook 09 (its preset, trained variants x seeds,
 the runs notebook 04 already trained read back, and the step noise of every variant), on teachers and warm-up
-students trained once per recipe (``opdlab.lm.cache``). Every count is read
+students trained once per recipe (``opdlab.lm.cache``), and notebook 06 (its preset, methods x seeds, from
+SmolLM2-135M-Instruct to its layer-dropped student, whose supervised warm-up counts as that notebook's ``sft``;
+``--tiny`` leaves it out, as SmolLM2 has no tiny version). Every count is read
 from the presets and the notebooks' ``parameters`` cells (``notebook_runner.notebook_parameters``), never typed
-here. The other notebooks, the reference accuracies (the sweep's, and each newly trained model's held-out score)
-and what runs outside these phases (processes starting, checkpoints, plots) are not in the account.
+here. The other notebooks, SmolLM2's conversion, the reference accuracies (the sweep's, and each newly trained
+model's held-out score) and what runs outside these phases (processes starting, checkpoints, plots) are not in
+the account.
 
 What it measures, in one process at ``--threads`` threads (a sweep worker runs at one), on the real models:
 per notebook, task and arm kind (OPD+, OPD+ from a top-k teacher, stop-gradient OPD, full vocabulary, supervised
@@ -119,6 +122,9 @@ class Study:
     starts: int = 0
     """Evaluations of initial students that these runs compute: runs of one seed and divergence share theirs
     (``train.evaluate_start``), with each other and with an earlier study's runs."""
+    pretrained: dict | None = None
+    """Notebook 06's parameters, whose teacher (SmolLM2, converted) and layer-dropped, warmed-up student come from
+    ``opdlab.lm.pretrained`` (``with_pretrained`` resolves them); None for the task-trained models of 04 and 09."""
 
 
 def studies(tiny: bool = False) -> list[Study]:
@@ -158,7 +164,36 @@ def studies(tiny: bool = False) -> list[Study]:
                  trained)
     fresh = new(specs)
     out.append(Study(nb9.stem, base9.task.task, base9, fresh, noise_variants, p9["n_batches"], starts(fresh)))
+    if not tiny:  # notebook 06's models are SmolLM2's own: there is no tiny version of them
+        nb6 = resolve_notebook("06")
+        p6 = notebook_parameters(nb6)
+        preset6 = presets.get(p6["preset"])
+        base6 = preset6.spec.replace(**p6["overrides"])
+        specs = runs(base6, [base6.task.task], [base6.objective.divergence], p6["methods"], seeds(p6, preset6))
+        out.append(Study(nb6.stem, base6.task.task, base6, tuple(specs), starts=starts(specs), pretrained=p6))
     return out
+
+
+def with_pretrained(study: Study, runtime: Runtime) -> Study:
+    """Notebook 06's study with its teacher and student paths set as the notebook sets them (converted and warmed
+    up into the cache on a miss, as the notebook would)."""
+    from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher
+
+    p = study.pretrained
+    teacher = p["teacher_path"] or str(smollm2_teacher(runtime.cache, progress=False))
+    student = p["student_path"] or str(layer_dropped_student(
+        teacher, _layers(p, teacher), runtime.cache, warmup_task=get_task(study.task), warmup_steps=p["warmup_steps"],
+        warmup_lr=p["warmup_lr"], warmup_source=p["warmup_source"], progress=False))
+    paths = dict(teacher_path=teacher, student_path=student)
+    return dataclasses.replace(study, spec=study.spec.replace(**paths),
+                               runs=tuple(s.replace(**paths) for s in study.runs))
+
+
+def _layers(parameters: dict, teacher: str) -> tuple:
+    from opdlab.lm.modeling import load_model
+    from opdlab.lm.pretrained import spread_layers
+
+    return spread_layers(load_model(teacher)[0].config.num_hidden_layers, parameters["student_layers"])
 
 
 def seeds(parameters: dict, preset) -> list:
@@ -314,15 +349,19 @@ def measure_sft(recipe, models, task, device, warmup: int, steps: int) -> tuple[
     """``(seconds, FLOPs)`` of one supervised step of ``recipe`` from scratch: medians after ``warmup`` steps,
     the FLOPs counted on a replay of the same steps from the same initial weights."""
     model = build_model(recipe, models.tokenizer).to(device)
-    initial = copy.deepcopy(model)
+    return measure_sft_of(model, models.tokenizer, task, device, warmup, steps, recipe.sft_batch, recipe.sft_lr,
+                          recipe.seed)
 
+
+def measure_sft_of(model, tokenizer, task, device, warmup: int, steps: int, batch: int, lr: float,
+                   seed: int) -> tuple[float, float]:
+    """``measure_sft`` of a given ``model`` (left as it was) at ``batch`` and ``lr``."""
+    model, initial = copy.deepcopy(model), copy.deepcopy(model)
     clock = _StepTimes(device)
-    sft(model, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
-                      progress=False, heartbeat=clock)
+    sft(model, tokenizer, task, warmup + steps, batch, lr, seed, progress=False, heartbeat=clock)
     with flop_counter() as counter:
         replay = _StepTimes(device, counter)
-        sft(initial, models.tokenizer, task, warmup + steps, recipe.sft_batch, recipe.sft_lr,
-                          recipe.seed, progress=False, heartbeat=replay)
+        sft(initial, tokenizer, task, warmup + steps, batch, lr, seed, progress=False, heartbeat=replay)
     per_step = [b - a for a, b in zip(clock.ends, clock.ends[1:])][warmup:]
     per_flops = [b - a for a, b in zip(replay.flops, replay.flops[1:])][warmup:]
     return _median(per_step), _median(per_flops)
@@ -332,6 +371,8 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
     """Rows ``notebook, phase, task, arm, count, seconds_each, flops_each`` of one study; SFT rows for each
     cached recipe not yet in ``trained`` (a recipe trains once for the whole job)."""
     task = get_task(study.task)
+    if study.pretrained is not None:
+        study = with_pretrained(study, runtime)
     models = load_models(study.spec, task, runtime)
     device = next(models.student.parameters()).device
     rows = []
@@ -339,6 +380,19 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
     def row(phase, arm, count, seconds, flops):
         rows.append(dict(notebook=study.notebook, phase=phase, task=study.task, arm=arm, count=count,
                          seconds_each=seconds, flops_each=flops))
+
+    p = study.pretrained
+    if p is not None and p["student_path"] is None and p["warmup_steps"] and p["warmup_source"] == "task":
+        import inspect
+
+        from opdlab.lm.modeling import load_model
+        from opdlab.lm.pretrained import drop_layers, layer_dropped_student
+
+        bare = drop_layers(load_model(study.spec.models.teacher_path)[0], _layers(p, study.spec.models.teacher_path))
+        defaults = inspect.signature(layer_dropped_student).parameters  # the batch and seed the notebook leaves
+        row("sft", "warm-up", p["warmup_steps"], *measure_sft_of(
+            bare.to(device), models.tokenizer, task, device, args.warmup, args.steps,
+            defaults["warmup_batch"].default, p["warmup_lr"], defaults["seed"].default))
 
     for role, arm in (("teacher", "teacher"), ("student", "warm-up")):
         meta, recipe = models.meta.get(role, {}), study.spec.models.recipe(role)

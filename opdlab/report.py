@@ -332,8 +332,11 @@ def main_job(root: Path) -> str:
                 f"{threads} thread(s), each phase's measured cost times its count in the job, beside its model FLOPs "
                 f"at the fp32 matrix-multiply peak measured in the same process ({peak:.0f} GFLOP/s).", frame,
                 f"In all {measured:.1f} minutes measured against a bound of {bound:.1f} at peak: the job takes "
-                f"{measured / bound:.1f}× its bound. The sweep spreads the runs over its worker processes, so their "
-                f"wall time is about these minutes over the workers, and so is the bound.")
+                f"{measured / bound:.1f}× its bound. By notebook, measured (bound): " + ", ".join(
+                    f"{name} {row.seconds_total / 60:.1f} ({row.bound_seconds / 60:.1f})" for name, row in
+                    job.groupby("notebook")[["seconds_total", "bound_seconds"]].sum().iterrows()) +
+                ". The sweep spreads the runs over its worker processes, so their wall time is about these minutes "
+                "over the workers, and so is the bound.")
 
 
 def make_figures(root: Path) -> str:
