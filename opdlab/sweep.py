@@ -6,7 +6,8 @@
    (``train.load_models``), in this process with all its threads;
 2. their held-out greedy accuracies on the evaluation examples become the reference lines;
 3. every run is trained (``train.train``) in its own directory ``runs_dir/<train.run_name(config)>``; a
-   finished run is read back, an interrupted one resumes.
+   finished run is read back, an interrupted one resumes. The runs that start from one student (the arms of
+   a seed and divergence) evaluate that start once, kept in ``runs_dir/references`` (``train.evaluate_start``).
 
 Workers. An OPD step (sampling token by token, batches of 64 short sequences) keeps two cores busier as two
 single-threaded processes than as one process with two threads: for the default arithmetic student, 0.21 s
