@@ -1,4 +1,5 @@
 """The conda file stays in step with pyproject, and the README's two commands exist."""
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -41,3 +42,8 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell():
         nb = nbformat.read(path, as_version=4)
         assert not any(c.get("outputs") or c.get("execution_count") for c in nb.cells), f"{path.name} has outputs"
         assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), f"{path.name} lacks parameters"
+        # valid as written, cell ids included (nbformat fills missing ids in on reading, with a warning that
+        # future versions make an error): so check the file's own JSON
+        raw = json.loads(path.read_text())
+        assert all("id" in c for c in raw["cells"]), f"{path.name} has cells without an id"
+        nbformat.validate(nbformat.from_dict(raw))
