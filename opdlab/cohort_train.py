@@ -66,7 +66,7 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
     models = models if models is not None else load_models(specs[0], task, runtime)
     members = [dict(spec=s, dir=d, error=None, log=None, tracker=None) for s, d in zip(specs, run_dirs)]
     with contextlib.ExitStack() as stack:
-        for m in members:
+        for i, m in enumerate(members):
             try:
                 m["log"] = stack.enter_context(RunLog(m["dir"], m["spec"]))
                 m["tr"], m["start"], m["tracker"] = begin(m["spec"], m["dir"], runtime, task, models, m["log"])
@@ -79,6 +79,10 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
                     m["error"] = err
                 else:
                     _fail(m, 0, err)
+            except KeyboardInterrupt:  # the run directories are released as the stack unwinds
+                raise Interrupted(f"interrupted while setting up run {i + 1} of the cohort's {len(members)}, before "
+                                  "any of them took a step; run the cohort again to resume each run from its last "
+                                  f"checkpoint ({', '.join(str(d) for d in run_dirs)})") from None
         alive, shared_failure = [m for m in members if m["error"] is None], None
         if alive:
             cohort.check([m["tr"] for m in alive])  # one teacher, tokenizer, task, budget and batch: else none can start

@@ -184,3 +184,25 @@ def test_a_run_that_cannot_start_is_returned_and_the_others_train(tmp_path, alon
     assert isinstance(results[1], UserError) and not (dirs[1] / ERROR_FILE).exists()
     for r in (0, 2):
         same(results[r].drop(columns="run").filter(regex="^(?!time_)"), alone[r])
+
+
+def test_ctrl_c_while_a_cohort_sets_up_says_how_to_resume_and_releases_every_run(tmp_path, monkeypatch):
+    """An interrupt while the runs are being taken up (a checkpoint loading, say) is ``train.Interrupted`` naming
+    the runs, not a bare KeyboardInterrupt, and leaves no run directory locked: the cohort starts again."""
+    from opdlab import cohort_train
+    from opdlab.train import Interrupted
+
+    dirs, begin, calls = [tmp_path / f"r{i}" for i in range(3)], cohort_train.begin, []
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return begin(*args, **kwargs)
+    monkeypatch.setattr(cohort_train, "begin", interrupted_second)
+    with pytest.raises(Interrupted, match="setting up run 2 of the cohort's 3") as raised:
+        train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS)
+    assert all(str(d) in str(raised.value) for d in dirs)
+    monkeypatch.setattr(cohort_train, "begin", begin)
+    results = train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS, stop_after=1)
+    assert all(isinstance(r, pd.DataFrame) for r in results)
