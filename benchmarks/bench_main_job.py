@@ -142,8 +142,8 @@ def studies(tiny: bool = False) -> list[Study]:
         seen.update(run_name(s) for s in fresh)
         return fresh
 
-    def starts(specs) -> int:  # what train.evaluate_start keys on, less what a study's runs all share
-        keys = {(s.task, s.models, s.eval, s.optim.seed, s.objective.divergence) for s in specs} - started
+    def starts(specs, runs_dir) -> int:  # what train.evaluate_start keys on, less what a study's runs all share
+        keys = {(runs_dir, s.task, s.models, s.eval, s.optim.seed, s.objective.divergence) for s in specs} - started
         started.update(keys)
         return len(keys)
 
@@ -154,7 +154,7 @@ def studies(tiny: bool = False) -> list[Study]:
         noisy = sum(arm["method"] != "supervised_kd" for arm in p4["arms"])  # its step-noise cell
         fresh = new(specs)
         out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), fresh, noisy, p4["n_batches"],
-                         starts(fresh)))
+                         starts(fresh, p4["runs_dir"])))
     p9 = notebook_parameters(nb9)
     preset9 = presets.get(p9["preset"])
     base9 = preset9.spec.replace(**{"method": "opd_plus", **p9["overrides"], **shrink})
@@ -163,14 +163,16 @@ def studies(tiny: bool = False) -> list[Study]:
     specs = runs(base9, [base9.task.task], [base9.objective.divergence], ["opd_plus"], seeds(p9, preset9), None, (),
                  trained)
     fresh = new(specs)
-    out.append(Study(nb9.stem, base9.task.task, base9, fresh, noise_variants, p9["n_batches"], starts(fresh)))
+    out.append(Study(nb9.stem, base9.task.task, base9, fresh, noise_variants, p9["n_batches"],
+                     starts(fresh, p9["runs_dir"])))
     if not tiny:  # notebook 06's models are SmolLM2's own: there is no tiny version of them
         nb6 = resolve_notebook("06")
         p6 = notebook_parameters(nb6)
         preset6 = presets.get(p6["preset"])
         base6 = preset6.spec.replace(**p6["overrides"])
         specs = runs(base6, [base6.task.task], [base6.objective.divergence], p6["methods"], seeds(p6, preset6))
-        out.append(Study(nb6.stem, base6.task.task, base6, tuple(specs), starts=starts(specs), pretrained=p6))
+        out.append(Study(nb6.stem, base6.task.task, base6, tuple(specs), starts=starts(specs, p6["runs_dir"]),
+                         pretrained=p6))
     return out
 
 
@@ -424,8 +426,12 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
     if study.noise_calls:  # one call for every arm or variant: each batch drawn and scored once, one backward each
         noisy = [Trainer(spec, task, models.teacher, tr.student, models.tokenizer, runtime)
                  for _ in range(study.noise_calls)]
-        row("step_noise", spec.objective.method, 1,
-            *timed(lambda: noise.step_noise(noisy, study.noise_batches), device, noisy[0].generator))
+
+        def noise_call():  # every trainer's generator where the first's is (timed resets only the first's)
+            for t in noisy[1:]:
+                t.generator.set_state(noisy[0].generator.get_state())
+            return noise.step_noise(noisy, study.noise_batches)
+        row("step_noise", spec.objective.method, 1, *timed(noise_call, device, noisy[0].generator))
     return rows
 
 

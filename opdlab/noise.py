@@ -202,19 +202,21 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0):
 
 
 def _check_shared(trainers: list, step: int) -> None:
-    """Refuse trainers that would not draw and score the same batches as the first: another student or teacher
-    object, other prompts at ``step``, another sampling budget, seed or scorer."""
+    """Refuse trainers that would not draw and score the same batches as the first: another student, teacher,
+    tokenizer or task object, a generator in another state, other prompts at ``step``, another sampling budget,
+    sampler or scorer."""
     first = trainers[0]
 
     def key(tr):
-        return (tr.spec.optim.seed, tr.max_new_tokens, tr.runtime.sampler, tr.runtime.scorer, tr.runtime.compile_decode,
+        return (tr.max_new_tokens, tr.runtime.sampler, tr.runtime.scorer, tr.runtime.compile_decode,
                 [ex.prompt for ex in tr.batch(step)])
     for i, tr in enumerate(trainers[1:], 1):
-        if tr.student is not first.student or tr.teacher is not first.teacher or key(tr) != key(first):
+        if (any(getattr(tr, a) is not getattr(first, a) for a in ("student", "teacher", "tokenizer", "task"))
+                or not torch.equal(tr.generator.get_state(), first.generator.get_state()) or key(tr) != key(first)):
             raise UserError(f"step_noise of several trainers draws each batch once for all of them, so they must "
-                            f"share the student and teacher objects, the seed, the step's prompts, the token budget "
-                            f"and the sampler and scorer; trainer {i} differs from trainer 0 (measure it in a call "
-                            f"of its own)")
+                            f"share the student, teacher, tokenizer and task objects, the sampling generator's state "
+                            f"(the seed, before any draw), the step's prompts, the token budget and the sampler and "
+                            f"scorer; trainer {i} differs from trainer 0 (measure it in a call of its own)")
 
 
 def _step_noise_summary(G: torch.Tensor, tokens: list) -> dict:

@@ -252,33 +252,39 @@ def final_sampled_n(spec: RunSpec) -> int | None:
 def evaluate_start(tr: Trainer, n: int | None = None, sampled_n: int | None = None,
                    shared: str | Path | None = None) -> tuple[dict, pd.DataFrame]:
     """``evaluate(tr, 0, n, sampled_n)`` of a run's initial student, kept in the folder ``shared`` for every run
-    that would compute the same numbers: the same teacher and initial student weights, task, evaluation, seed,
-    divergence, item counts and sampler (the arms of one seed in a sweep; a sweep's reference evaluation of the
-    warm-up where its items are a run's first). The first such run computes it and writes it atomically; the
-    others read it back, checked against its key, and a file that does not check out is computed again (said on
-    stderr). ``shared=None``: computed here, kept nowhere. The metrics' ``time_eval`` is this call's own time."""
+    that would compute the same numbers: the same teacher and initial student weights, tokenizer, task spec,
+    evaluation, seed, divergence, item counts, sampler, device and thread count (the arms of one seed in a sweep).
+    The first such run computes it and writes it atomically; the others read it back, checked against its key and
+    with its columns' types, and a file that does not check out is computed again (said on stderr). The key
+    covers inputs, not code: after a change to the evaluation itself, delete the folder. ``shared=None``: computed
+    here, kept nowhere. The metrics' ``time_eval`` is this call's own time."""
     if shared is None:
         return evaluate(tr, 0, n, sampled_n)
     s, t0 = tr.spec, time.perf_counter()
     named = dict(teacher=weights_digest(tr.teacher), student=weights_digest(tr.student), task=asdict(s.task),
+                 tokenizer=[type(tr.tokenizer).__name__, len(tr.tokenizer), getattr(tr.tokenizer, "chat_template", None)],
                  eval=asdict(s.eval), n=n or s.eval.eval_n, sampled_n=sampled_n, max_new_tokens=tr.max_new_tokens,
                  seed=s.optim.seed, divergence=s.objective.divergence, sampler=tr.runtime.sampler,
-                 compile_decode=tr.runtime.compile_decode, device=tr.device.type)
+                 compile_decode=tr.runtime.compile_decode, device=tr.device.type, threads=torch.get_num_threads())
     key = hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(shared) / f"start-{key}.json"
     if path.exists():
         try:
             kept = json.loads(path.read_text())
-            items = pd.DataFrame(kept["items"])
+            items = pd.DataFrame(kept["items"]).astype(kept["dtypes"])
             if kept["key"] != key or list(items.columns) != list(ITEM_COLUMNS) or len(items) != named["n"]:
                 raise ValueError("its key, columns or item count differ")
             return {**kept["metrics"], "time_eval": time.perf_counter() - t0}, items
         except (OSError, ValueError, KeyError, TypeError) as err:
             print(f"{path} could not be used ({err}); evaluating again", file=sys.stderr)
     metrics, items = evaluate(tr, 0, n, sampled_n)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(dict(key=key, metrics={k: v for k, v in metrics.items() if k != "time_eval"},
-                                       items=items.to_dict(orient="list"))))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(dict(key=key, metrics=metrics, items=items.to_dict(orient="list"),
+                                           dtypes={c: str(t) for c, t in items.dtypes.items()})))
+    except OSError as err:  # the run has its evaluation: only the sharing is lost
+        print(f"the start evaluation could not be kept at {path} ({err}); the runs after this one evaluate "
+              "their own", file=sys.stderr)
     return metrics, items
 
 

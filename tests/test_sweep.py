@@ -245,3 +245,31 @@ def test_a_shared_start_that_does_not_check_out_is_evaluated_again(tmp_path, cap
     train(spec.replace(method="opd", lr=1e-4), tmp_path / "c", runtime, shared=shared)  # kept again: read back
     assert "could not be used" not in capsys.readouterr().err
     assert _start(tmp_path / "c")[1] == _start(tmp_path / "a")[1]
+
+
+def test_a_shared_start_reads_back_with_its_types(tmp_path, monkeypatch):
+    """Item records with float32 thirds (three samples per item), NaN, bools and digit-only ids: a run reading the
+    kept start gets the frame, and writes the CSV, of the run that computed it, byte for byte."""
+    import numpy as np
+
+    from opdlab import train as train_module
+    from opdlab.step import Trainer
+    from opdlab.tasks import get_task
+    from opdlab.train import ITEM_COLUMNS, evaluate_start, load_models
+
+    items = pd.DataFrame(dict(
+        item=[0, 1, 2], item_id=["000123456789", "abc", "0x1"], correct=[1, 0, 1],
+        sampled_correct=np.array([1 / 3, 2 / 3, 0], dtype=np.float32), length=[3, 4, 5], hit_cap=[False, True, False],
+        kl_reverse=[0.1, float("nan"), 1e-300], kl_forward=[1 / 3, 2.0, 0.0], divergence=[0.5, 0.25, 1.0]))
+    metrics = dict(greedy_accuracy=2 / 3, time_eval=0.5, sampled_items=3)
+    assert list(items.columns) == list(ITEM_COLUMNS)
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: (dict(metrics), items.copy()))
+    spec, task = BASE.replace(eval_n=3), get_task("arithmetic")
+    models = load_models(spec, task, RUNTIME.replace(cache=str(tmp_path / "cache")))
+    tr = Trainer(spec, task, models.teacher, models.student, models.tokenizer, RUNTIME)
+    evaluate_start(tr, None, None, tmp_path)
+    got_metrics, got = evaluate_start(tr, None, None, tmp_path)  # read back
+    assert len(list(tmp_path.glob("start-*.json"))) == 1
+    assert got.to_csv(index=False) == items.to_csv(index=False)
+    pd.testing.assert_frame_equal(got, items)
+    assert list(got_metrics) == list(metrics) and got_metrics["sampled_items"] == 3

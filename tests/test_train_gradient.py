@@ -213,5 +213,9 @@ def test_step_noise_of_several_trainers_is_one_call_per_trainer():
     with pytest.raises(ValueError, match="trainer 1 differs"):  # another student object
         noise.step_noise([Trainer(config, TASK, teacher, student, TOK),
                           Trainer(config, TASK, teacher, _model(2).eval(), TOK)], n_batches=2)
+    moved = trainers()[:2]  # trainer 1 has drawn already: alone it would draw other batches
+    noise.student_rollout(moved[1])
+    with pytest.raises(ValueError, match="trainer 1 differs"):
+        noise.step_noise(moved, n_batches=2)
     with pytest.raises(ValueError, match="empty list"):
         noise.step_noise([])
