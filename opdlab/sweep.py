@@ -169,7 +169,8 @@ def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
             items = pd.read_csv(path)
         else:
             tr = Trainer(spec, task, models.teacher, model.eval(), models.tokenizer, Runtime(progress=False))
-            _, items = evaluate_start(tr, n, sampled_n, Path(runs_dir) / REFERENCES)  # a run's first at its threads
+            # kept for the runs whose first evaluation this is (the warm-up's, where they run at this thread count)
+            _, items = evaluate_start(tr, n, sampled_n, Path(runs_dir) / REFERENCES)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, items.to_csv(index=False))
         rows.append(dict(task=spec.task.task, role=role, value=float(items["correct"].mean()), items=len(items),

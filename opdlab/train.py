@@ -261,8 +261,9 @@ def evaluate_start(tr: Trainer, n: int | None = None, sampled_n: int | None = No
     if shared is None:
         return evaluate(tr, 0, n, sampled_n)
     s, t0 = tr.spec, time.perf_counter()
+    tok = tr.tokenizer
     named = dict(teacher=weights_digest(tr.teacher), student=weights_digest(tr.student), task=asdict(s.task),
-                 tokenizer=[type(tr.tokenizer).__name__, len(tr.tokenizer), getattr(tr.tokenizer, "chat_template", None)],
+                 tokenizer=[type(tok).__name__, len(tok), getattr(tok, "chat_template", None)],
                  eval=asdict(s.eval), n=n or s.eval.eval_n, sampled_n=sampled_n, max_new_tokens=tr.max_new_tokens,
                  seed=s.optim.seed, divergence=s.objective.divergence, sampler=tr.runtime.sampler,
                  compile_decode=tr.runtime.compile_decode, device=tr.device.type, threads=torch.get_num_threads())
