@@ -1,4 +1,4 @@
-"""Benchmark: run-steps per second of a cohort (R runs stepped together, ``opdlab.cohort``) against today's
+"""Benchmark: run-steps per second of a cohort (R runs stepped together, ``opdlab.training.cohort``) against today's
 sweep workers, each stepping one run.
 
 What is measured, per size and task and R in {1, 2, 4, 8, 16, 32}: the wall time of one ``cohort.cohort_step`` of R
@@ -9,7 +9,7 @@ whether teacher and students score all runs in one forward or run by run (the de
 ``cohort.scores_together``: together on CUDA, run by run on CPU); sampling is always stacked. The runs mix notebook
 04's arms (reverse KL, forward KL, JSD, each stop-gradient and OPD+, with the preset's expected baseline and log u
 clip 2) and seeds. Beside it, the baseline: today's sweep, which gives each worker process one run
-(``opdlab.sweep.resolve_workers("auto")``: as many single-threaded workers as CPUs, here 2; on CUDA one process),
+(``opdlab.experiments.sweep.resolve_workers("auto")``: as many single-threaded workers as CPUs, here 2; on CUDA one process),
 all stepping ``step.opd_step`` at once; its run-steps per second is the sum over workers of 1 / (median step time).
 ``ratio`` = cohort / baseline: above 1 the cohort wins.
 
@@ -49,15 +49,15 @@ import torch
 
 from bench_train import matmul_peak, model_flops_per_token
 
-from opdlab import presets
-from opdlab.cohort import cohort_step, sample_runs
+from opdlab.config import presets
+from opdlab.training.cohort import cohort_step, sample_runs
 from opdlab.lm import packed
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.step import Trainer, opd_step
-from opdlab.sweep import resolve_workers
+from opdlab.training.step import Trainer, opd_step
+from opdlab.experiments.sweep import resolve_workers
 from opdlab.tasks import get_task
 
 _NB04 = presets.get("notebook04")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from opdlab.estimators import compute_advantages
-from opdlab.montecarlo import categorical_study, sequence_study
+from opdlab.core.estimators import compute_advantages
+from opdlab.experiments.montecarlo import categorical_study, sequence_study
 
 RESULTS = Path(__file__).resolve().parent / "results" / "estimators.json"
 

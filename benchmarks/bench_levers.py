@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_peers import SIZES, WARMUP, clock, make_case, run_case, summarise  # noqa: E402
 
-import opdlab.step as opdlab_step  # noqa: E402
-from opdlab.runtime import Runtime  # noqa: E402
+import opdlab.training.step as opdlab_step  # noqa: E402
+from opdlab.config.runtime import Runtime  # noqa: E402
 
 ARMS = ("opdlab", "compiled_decode", "transformers_sampler", "padded_scorer")
 PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer")

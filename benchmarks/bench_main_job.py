@@ -78,19 +78,21 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import matmul_peak  # noqa: E402
 
-from opdlab import noise, presets  # noqa: E402
+from opdlab.experiments import noise  # noqa: E402
+
+from opdlab.config import presets
 from opdlab.lm.cache import _target_reached  # noqa: E402
 from opdlab.lm.device import pick_device  # noqa: E402
 from opdlab.lm.modeling import build_model, count_parameters  # noqa: E402
-from opdlab.lm.recipe import SFT_CHECK_EVERY  # noqa: E402
+from opdlab.config.recipe import SFT_CHECK_EVERY  # noqa: E402
 from opdlab.lm.sft import sft  # noqa: E402
-from opdlab.notebook_runner import notebook_parameters, resolve_notebook  # noqa: E402
-from opdlab.runtime import Runtime  # noqa: E402
-from opdlab.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
-from opdlab.sweep import runs  # noqa: E402
-from opdlab.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
+from opdlab.app.notebooks import notebook_parameters, resolve_notebook  # noqa: E402
+from opdlab.config.runtime import Runtime  # noqa: E402
+from opdlab.config.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
+from opdlab.experiments.sweep import runs  # noqa: E402
+from opdlab.training.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
 from opdlab.tasks import get_task  # noqa: E402
-from opdlab.train import evaluate, final_sampled_n, load_models  # noqa: E402
+from opdlab.training.loop import evaluate, final_sampled_n, load_models  # noqa: E402
 
 COLUMNS = ("notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
            "gflops_per_s", "peak_fraction", "bound_seconds", "threads", "peak_gflops")

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from opdlab.presets import resolve
+from opdlab.config.presets import resolve
 from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
 from opdlab.tasks import get_task
-from opdlab.step import Trainer, opd_step
-from opdlab.train import load_models
+from opdlab.training.step import Trainer, opd_step
+from opdlab.training.loop import load_models
 
 
 def rss_bytes() -> int:

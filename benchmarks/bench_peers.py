@@ -4,7 +4,7 @@ What is measured: the wall time of one full optimizer update (sample completions
 with the teacher, the student's forward with gradient, loss, backward, gradient clipping, optimizer step) on
 the same random models and the same prompts, for each arm:
 
-- ``opd``: ``opdlab.train.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
+- ``opd``: ``opdlab.training.loop.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
   teacher and the student score with ``opdlab.lm.packed``, each distinct prompt once);
 - ``opd_compiled``: the same ``opd_step`` with ``Runtime.compile_decode``: the decoder's steps run through
   ``torch.compile`` (compiled in the first warm-up step, untimed: the `1st step s` column shows it);
@@ -12,7 +12,7 @@ the same random models and the same prompts, for each arm:
   (``Runtime(sampler="transformers")`` for this arm only): the difference to ``opd`` is the decoder alone;
 - ``plain``: the step as one writes it with ``transformers``: ``model.generate`` (do_sample, temperature 1,
   top_k 0, top_p 1, KV cache), a teacher forward without gradient, a student forward with gradient, the same
-  OPD+ reverse-KL advantage with the expected baseline (``opdlab.estimators``), REINFORCE loss, backward,
+  OPD+ reverse-KL advantage with the expected baseline (``opdlab.core.estimators``), REINFORCE loss, backward,
   clip_grad_norm 1.0, AdamW;
 - ``trl_gkd``: TRL's on-policy distillation trainer (``trl.DistillationTrainer``, the stable successor of
   ``GKDTrainer``; it always samples from the student, GKD's lmbda = 1) with beta = 1 (reverse KL, the
@@ -66,13 +66,13 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-import opdlab.step as opdlab_step
-from opdlab import divergences, estimators
-from opdlab.runtime import Runtime
-from opdlab.spec import ModelsSpec, RunSpec
+import opdlab.training.step as opdlab_step
+from opdlab.core import divergences, estimators
+from opdlab.config.runtime import Runtime
+from opdlab.config.spec import ModelsSpec, RunSpec
 from opdlab.lm.device import autocast, pick_device
 from opdlab.lm.modeling import build_model, count_parameters
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
@@ -401,7 +401,7 @@ def figure(res: dict, path: Path) -> None:
     batch, each bar annotated with plain / arm."""
     import matplotlib.pyplot as plt
 
-    from opdlab.plots import grid
+    from opdlab.app.plots import grid
 
     fig, axes = grid(len(res["cases"]), n_cols=2, size=(5.2, 3.4))
     for ax, c in zip(axes, res["cases"]):

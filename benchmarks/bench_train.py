@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from opdlab.presets import resolve
+from opdlab.config.presets import resolve
 from opdlab.lm import packed
 from opdlab.lm.modeling import count_parameters
 from opdlab.lm.sampling import sample
 from opdlab.tasks import get_task
-from opdlab.step import Trainer, opd_step
-from opdlab.train import load_models
+from opdlab.training.step import Trainer, opd_step
+from opdlab.training.loop import load_models
 
 PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer", "advantage", "bookkeeping")
 OVERHEAD = ("advantage", "bookkeeping")

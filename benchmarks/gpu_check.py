@@ -5,7 +5,7 @@ this order, within a total budget (``--budget-s``, 470 s):
 
 - ``tests``: the test files whose cases run on the device when CUDA is present (``TEST_FILES``; device "auto"
   picks CUDA) through pytest;
-- ``nb04``: a short notebook-04 run at GPU batch sizes through ``opdlab.train.train`` (forward KL, OPD+,
+- ``nb04``: a short notebook-04 run at GPU batch sizes through ``opdlab.training.loop.train`` (forward KL, OPD+,
   expected baseline, log u clip 2; 1024 sequences per step; teacher SFT and warm-up shortened to 600 steps so that
   a fresh machine trains them within the limit): held-out greedy accuracy before and after, step and sampling time;
 - ``gap``: the bf16 gap between the sampler's log-probability of each sampled token and the scorer's
@@ -66,20 +66,20 @@ class Skip(Exception):
 # ---- the one place that calls opdlab's training API (presets.resolve, train, load_models) ----
 
 def train_run(run_dir: Path, **fields):
-    """``opdlab.train.train`` on the spec and runtime of ``fields`` (flat RunSpec and Runtime fields); its
+    """``opdlab.training.loop.train`` on the spec and runtime of ``fields`` (flat RunSpec and Runtime fields); its
     metrics DataFrame."""
-    from opdlab.presets import resolve
-    from opdlab.train import train
+    from opdlab.config.presets import resolve
+    from opdlab.training.loop import train
     spec, runtime = resolve({"progress": False, **fields})
     return train(spec, run_dir, runtime)
 
 
 def run_models(**fields):
     """``(task, teacher, student, tokenizer, max_new_tokens)`` as a run of ``fields`` loads them."""
-    from opdlab.presets import resolve
-    from opdlab.step import max_new_tokens
+    from opdlab.config.presets import resolve
+    from opdlab.training.step import max_new_tokens
     from opdlab.tasks import get_task
-    from opdlab.train import load_models
+    from opdlab.training.loop import load_models
     spec, runtime = resolve({"progress": False, **fields})
     task = get_task(spec.task.task)
     models = load_models(spec, task, runtime)
@@ -166,8 +166,8 @@ def step_bench_cohort(a):
 
 def step_nb06(a):
     from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
-    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
-    from opdlab.presets import resolve
+    from opdlab.app.notebooks import notebook_parameters, resolve_notebook
+    from opdlab.config.presets import resolve
     from opdlab.tasks import get_task
     fields = dict(NB06_TOY if a.dry_run else NB06, device=a.device, cache=a.cache)
     spec, _ = resolve(fields)
@@ -195,7 +195,7 @@ def step_nb06(a):
 def _toy_teacher(work: Path, task) -> Path:
     """A tiny random 3-layer checkpoint over ``task``'s characters (the dry run's stand-in for SmolLM2)."""
     from opdlab.lm.modeling import build_model, save_model
-    from opdlab.lm.recipe import ModelRecipe
+    from opdlab.config.recipe import ModelRecipe
     from opdlab.lm.tokenizer import char_tokenizer
     tok = char_tokenizer(task.alphabet)
     return save_model(build_model(ModelRecipe(hidden=32, layers=3, heads=2, intermediate=64), tok), tok,

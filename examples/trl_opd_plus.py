@@ -20,7 +20,7 @@ from datasets import Dataset
 
 from opdlab.integrations.trl import OPDConfig, OPDTrainer
 from opdlab.lm.modeling import build_model, load_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
 

@@ -1,5 +1,5 @@
 import sys
 
-from opdlab.cli import main
+from opdlab.app.cli import main
 
 sys.exit(main())

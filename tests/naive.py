@@ -1,5 +1,5 @@
 """Independent references for the tests: advantages and baselines written as plain Python loops over floats,
-from the closed forms of docs/math.md §3 (not from ``opdlab.divergences``), so a test compares opdlab's
+from the closed forms of docs/math.md §3 (not from ``opdlab.core.divergences``), so a test compares opdlab's
 vectorised code against a second computation rather than against itself."""
 import math
 

@@ -1,6 +1,6 @@
 """Tests build runs from flat fields, as the CLI and notebooks do: ``make(**flat)`` is ``(RunSpec, Runtime)``
 through ``presets.resolve``, with progress bars off."""
-from opdlab.presets import resolve
+from opdlab.config.presets import resolve
 
 
 def make(**flat):

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from opdlab import cli
+from opdlab.app import cli
 from opdlab.errors import UserError
-from opdlab.estimators import compute_advantages, reinforce_loss
-from opdlab.train import train
+from opdlab.core.estimators import compute_advantages, reinforce_loss
+from opdlab.training.loop import train
 from test_rundir import CONFIG, RT, MODELS, TASK, cut, metrics
 
 
@@ -22,7 +22,7 @@ def full(tmp_path_factory):
 @pytest.fixture
 def cli_models(monkeypatch):
     """`opdlab train` with the tiny in-memory models of test_rundir instead of the cache's."""
-    monkeypatch.setattr("opdlab.train.load_models", lambda *a, **k: MODELS)
+    monkeypatch.setattr("opdlab.training.loop.load_models", lambda *a, **k: MODELS)
 
 
 def error(capsys) -> str:

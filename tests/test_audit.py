@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from opdlab import cli
+from opdlab.app import cli
 from opdlab.errors import UserError
-from opdlab.audit import (DIVERGENCES, audit, catalogue, estimator, expected_gradient, get_estimator,
+from opdlab.audit.expected import (DIVERGENCES, audit, catalogue, estimator, expected_gradient, get_estimator,
                           load_function, verdicts)
-from opdlab.toy import (expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
+from opdlab.exact.toy import (expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
                         make_sequence, sequence_estimator_moments)
 
 TOL = 1e-6
@@ -73,7 +73,7 @@ def test_return_to_go_follows_the_sequence_gradient(table):
 
 
 def test_audit_agrees_with_the_toy_module():
-    """opdlab.toy computes the OPD/OPD+ expectations by its own formulas; the audit's autograd must agree."""
+    """opdlab.exact.toy computes the OPD/OPD+ expectations by its own formulas; the audit's autograd must agree."""
     cat, seq = make_categorical(6, seed=3), make_sequence(3, 3, seed=4)
     for div in ("forward_kl", "jsd", "alpha:0.5"):
         for method in ("opd", "opd_plus"):

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlab import cli
-from opdlab.audit import EstimatorFunctionError, audit, estimator, expected_gradient, get_estimator, verdicts
-from opdlab.audit_catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd, nemo_rl_mixed_topk
-from opdlab.audit_docs import MARKERS, render, section
-from opdlab.audit_types import Estimator, Source, Term, target
+from opdlab.app import cli
+from opdlab.audit.expected import EstimatorFunctionError, audit, estimator, expected_gradient, get_estimator, verdicts
+from opdlab.audit.catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd, nemo_rl_mixed_topk
+from opdlab.report.audit_table import MARKERS, render, section
+from opdlab.audit.types import Estimator, Source, Term, target
 from opdlab.errors import UserError
 from opdlab.testing import assert_unbiased
-from opdlab.toy import make_categorical
+from opdlab.exact.toy import make_categorical
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6  # the audit is exact (enumeration, float64): errors are ~1e-12, far below this
@@ -52,7 +52,7 @@ def test_out_of_scope_entries_say_why():
     assert set(OUT_OF_SCOPE) == {"trl_sparse_gjsd_tail_bucket"}
     for name, reason in OUT_OF_SCOPE.items():
         assert name not in CATALOGUE
-        assert "sampled token's id" in reason and "opdlab.sparse" in reason and "197-238" in reason
+        assert "sampled token's id" in reason and "opdlab.core.sparse" in reason and "197-238" in reason
 
 
 def test_top_k_losses_renormalised_on_the_support_follow_no_divergence():

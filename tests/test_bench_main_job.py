@@ -14,18 +14,19 @@ import pandas as pd
 import pytest
 import torch
 
-import opdlab.step
-from opdlab import presets, report
+import opdlab.training.step
+from opdlab.config import presets
+from opdlab.report import render as report
 from opdlab.lm import packed
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits
 from opdlab.lm.sampling import sample as sample_completions
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.notebook_runner import notebook_parameters, resolve_notebook
-from opdlab.runtime import Runtime
-from opdlab.spec import RunSpec
-from opdlab.step import Models, Trainer, sample
+from opdlab.app.notebooks import notebook_parameters, resolve_notebook
+from opdlab.config.runtime import Runtime
+from opdlab.config.spec import RunSpec
+from opdlab.training.step import Models, Trainer, sample
 from opdlab.tasks import get_task
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job.py"
@@ -188,19 +189,19 @@ def test_evaluations_follow_the_training_loop(bench):
 
 def test_the_run_changes_no_attribute_of_opdlab(tiny):
     *_, (before, after, writes) = tiny
-    assert len(before) > 10 and "opdlab.step" in before  # the bench's imports were in place before the run
+    assert len(before) > 10 and "opdlab.training.step" in before  # the bench's imports were in place before the run
     assert changed_attributes(before, after) == [] and writes == []
 
 
 def test_a_changed_attribute_is_seen(monkeypatch):
     before = opdlab_attributes()
     with watch_opdlab() as writes:
-        monkeypatch.setattr(opdlab.step, "sample", lambda *args: None)  # what a wrapping benchmark would do
-        assert changed_attributes(before, opdlab_attributes()) == ["opdlab.step.sample"]
+        monkeypatch.setattr(opdlab.training.step, "sample", lambda *args: None)  # what a wrapping benchmark would do
+        assert changed_attributes(before, opdlab_attributes()) == ["opdlab.training.step.sample"]
         monkeypatch.undo()  # and then restore: the snapshot no longer shows it, the watch does
     assert changed_attributes(before, opdlab_attributes()) == []
-    assert writes == ["opdlab.step.sample", "opdlab.step.sample"]
-    assert type(opdlab.step) is types.ModuleType  # the watch is gone
+    assert writes == ["opdlab.training.step.sample", "opdlab.training.step.sample"]
+    assert type(opdlab.training.step) is types.ModuleType  # the watch is gone
 
 
 def test_the_report_region_states_the_bound_and_the_gap(tiny, tmp_path):

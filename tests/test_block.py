@@ -6,11 +6,11 @@ import torch
 from echo_tool import EchoTool
 from test_decoder import PROMPTS, TASK, TOK, model_of
 
-from opdlab.cohort import split_rollout
+from opdlab.training.cohort import split_rollout
 from opdlab.errors import UserError
 from opdlab.lm import block, decoder, packed
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, sample
 
 CASES = [("qwen3", 1), ("llama", 2)]

@@ -3,8 +3,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from opdlab import cli
-from opdlab.notebook_runner import check_parameters, notebook_parameters, resolve_notebook
+from opdlab.app import cli
+from opdlab.app.notebooks import check_parameters, notebook_parameters, resolve_notebook
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def _table(out: str) -> dict:
 
 
 def test_cli_toy_prints_the_exact_cosines(capsys, tmp_path):
-    from opdlab.montecarlo import estimator_cosines
+    from opdlab.experiments.montecarlo import estimator_cosines
 
     csv = tmp_path / "out" / "cosines.csv"
     assert cli.main(["toy", "-d", "reverse_kl", "forward_kl", "-d", "jsd", "--n-toys", "4", "--seed", "3",
@@ -137,7 +137,7 @@ def test_cli_toy_bad_numbers(capsys, argv, match):
 # -- opdlab eval -----------------------------------------------------------------------------------------------
 def _save_tiny(path, alphabet):
     from opdlab.lm.modeling import build_model, save_model
-    from opdlab.lm.recipe import ModelRecipe
+    from opdlab.config.recipe import ModelRecipe
     from opdlab.lm.tokenizer import char_tokenizer
 
     tok = char_tokenizer(alphabet)

@@ -1,4 +1,4 @@
-"""Cohorts (opdlab.cohort): a run stepped inside a cohort of mixed arms draws the same tokens, gets the same
+"""Cohorts (opdlab.training.cohort): a run stepped inside a cohort of mixed arms draws the same tokens, gets the same
 gradient and ends each step with the same metrics, weights and generator state as the same run stepped alone
 by step.opd_step, to float rounding; the comparison fails for another run (the counterfactual)."""
 import copy
@@ -7,12 +7,12 @@ import pytest
 import torch
 from test_decoder import TASK, TOK, model_of
 
-from opdlab.cohort import check, cohort_step, merge_rollouts, split_rollout
+from opdlab.training.cohort import check, cohort_step, merge_rollouts, split_rollout
 from opdlab.errors import UserError
 from opdlab.lm.sampling import sample
-from opdlab.runtime import Runtime
-from opdlab.spec import RunSpec
-from opdlab.step import Trainer, opd_step
+from opdlab.config.runtime import Runtime
+from opdlab.config.spec import RunSpec
+from opdlab.training.step import Trainer, opd_step
 
 BASE = RunSpec.from_dict(dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_n=4))
 ARMS = [  # divergence, method, γ, baseline, learning rate, clip, schedule and seed all differ

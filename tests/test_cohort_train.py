@@ -1,4 +1,4 @@
-"""Cohort training (opdlab.cohort_train.train_cohort): R runs of mixed arms trained in lockstep, each in its own run
+"""Cohort training (opdlab.training.cohort_loop.train_cohort): R runs of mixed arms trained in lockstep, each in its own run
 directory, end as each run alone ends, to float rounding, whatever the other members are; a run that fails fails
 alone, with its error recorded; a kill -9 at any point leaves every run resumable to the uninterrupted result."""
 import json
@@ -10,12 +10,12 @@ import time
 import pandas as pd
 import pytest
 
-from opdlab import cohort
-from opdlab.cohort_train import ERROR_FILE, train_cohort
+from opdlab.training import cohort
+from opdlab.training.cohort_loop import ERROR_FILE, train_cohort
 from opdlab.errors import UserError
-from opdlab.runread import read_items, read_metrics
-from opdlab.sweep import _last_step
-from opdlab.train import train
+from opdlab.rundir.reader import read_items, read_metrics
+from opdlab.experiments.sweep import _last_step
+from opdlab.training.loop import train
 from runs import make
 from test_rundir import ENV, MODELS, TASK, _wait_for_lock
 
@@ -78,7 +78,7 @@ def test_replacing_the_other_members_changes_nothing_in_a_run(tmp_path, alone):
 
 
 def test_a_run_that_fails_fails_alone_with_its_error_recorded(tmp_path, alone, monkeypatch):
-    from opdlab import train as train_module
+    from opdlab.training import loop as train_module
 
     real = train_module._evaluate_and_log
 
@@ -137,7 +137,7 @@ def test_a_cohort_refuses_bad_input_before_any_work(tmp_path):
 SCRIPT = """
 import sys
 from test_cohort_train import ARMS, RT, TASK, MODELS, specs
-from opdlab.cohort_train import train_cohort
+from opdlab.training.cohort_loop import train_cohort
 runs = [s.replace(steps=2 * s.optim.steps + 4) for s in specs(ARMS)]
 train_cohort(runs, [sys.argv[1] + f"/r{i}" for i in range(len(ARMS))], RT, TASK, MODELS)
 """
@@ -176,7 +176,7 @@ def test_kill_9_at_random_points_leaves_every_run_resumable_to_the_uninterrupted
 def test_a_run_that_cannot_start_is_returned_and_the_others_train(tmp_path, alone):
     """r1's directory is held by another writer: its error comes back (nothing recorded in a directory it could not
     take), the other runs end as they do alone."""
-    from opdlab.runlog import RunLog
+    from opdlab.rundir.writer import RunLog
 
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     with RunLog(dirs[1], specs(ARMS)[1]):
@@ -189,8 +189,8 @@ def test_a_run_that_cannot_start_is_returned_and_the_others_train(tmp_path, alon
 def test_ctrl_c_while_a_cohort_sets_up_says_how_to_resume_and_releases_every_run(tmp_path, monkeypatch):
     """An interrupt while the runs are being taken up (a checkpoint loading, say) is ``train.Interrupted`` naming
     the runs, not a bare KeyboardInterrupt, and leaves no run directory locked: the cohort starts again."""
-    from opdlab import cohort_train
-    from opdlab.train import Interrupted
+    from opdlab.training import cohort_loop as cohort_train
+    from opdlab.training.loop import Interrupted
 
     dirs, begin, calls = [tmp_path / f"r{i}" for i in range(3)], cohort_train.begin, []
 

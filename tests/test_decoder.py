@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from opdlab.lm import decoder
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import opdlab.step as step_module
-from opdlab import distributed
+import opdlab.training.step as step_module
+from opdlab.training import distributed
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import Rollout, sample
-from opdlab.runread import read_metrics
+from opdlab.rundir.reader import read_metrics
 from opdlab.tasks import get_task
-from opdlab.train import load_models, train
+from opdlab.training.loop import load_models, train
 from runs import make
 
 TASK = get_task("arithmetic")
@@ -26,7 +26,7 @@ FIELDS = dict(steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-STOP = ("import sys; from opdlab.presets import resolve; from opdlab.train import train\n"
+STOP = ("import sys; from opdlab.config.presets import resolve; from opdlab.training.loop import train\n"
         "spec, runtime = resolve({**eval(sys.argv[2]), 'progress': False})\n"
         "train(spec, sys.argv[1], runtime, stop_after=int(sys.argv[3]))\n")
 

@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opdlab.choices import FIXED_DIVERGENCES, check_trainable
-from opdlab.divergences import get, names
+from opdlab.config.choices import FIXED_DIVERGENCES, check_trainable
+from opdlab.core.divergences import get, names
 from opdlab.errors import UserError
-from opdlab.spec import RunSpec
+from opdlab.config.spec import RunSpec
 
 FIXED = list(FIXED_DIVERGENCES)
 FAMILY = ["gjsd:0.1", "gjsd:0.5", "gjsd:0.9", "alpha:-1", "alpha:0", "alpha:0.5", "alpha:1", "alpha:2"]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from naive import naive_advantages
-from opdlab.divergences import get
-from opdlab.estimators import (
+from opdlab.core.divergences import get
+from opdlab.core.estimators import (
     DEFAULT_REDUCTION, baselined_advantages, compute_advantages, discounted_future_sum,
     expected_advantage_baseline, full_vocabulary_loss, leave_one_out_baseline,
     reinforce_loss, token_advantages,
@@ -142,7 +142,7 @@ def test_reinforce_loss_gradient():
 def test_one_default_reduction_everywhere():
     import inspect
 
-    from opdlab.spec import Objective
+    from opdlab.config.spec import Objective
     assert DEFAULT_REDUCTION == "token" == Objective().reduction
     for fn in (reinforce_loss, full_vocabulary_loss):
         assert inspect.signature(fn).parameters["reduction"].default == DEFAULT_REDUCTION

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from opdlab.choices import REPRESENTATIVE_DIVERGENCES
-from opdlab.divergences import get, over_row_chunks
-from opdlab.estimators import compute_advantages, expected_advantage_baseline, full_vocabulary_loss
+from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
+from opdlab.core.divergences import get, over_row_chunks
+from opdlab.core.estimators import compute_advantages, expected_advantage_baseline, full_vocabulary_loss
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # gjsd:0 and gjsd:1 warn that they are identically zero

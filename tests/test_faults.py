@@ -14,12 +14,12 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from opdlab import cli, plots  # noqa: E402
+from opdlab.app import cli, plots  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
 from opdlab.files import check_digest, write_atomic  # noqa: E402
 from opdlab.lm import cache  # noqa: E402
-from opdlab.runlog import RunLog  # noqa: E402
-from opdlab.train import train  # noqa: E402
+from opdlab.rundir.writer import RunLog  # noqa: E402
+from opdlab.training.loop import train  # noqa: E402
 from test_integrity import RECIPE, entry  # noqa: E402
 from test_rundir import CONFIG, RT, HOLD, MODELS, SMALL, TASK, cut, metrics  # noqa: E402
 
@@ -135,7 +135,7 @@ def test_a_full_disk_while_a_checkpoint_is_saved_keeps_the_last_one(tmp_path, mo
 def test_a_full_disk_through_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
     run_dir = cut(tmp_path)
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", safetensors_full)
-    monkeypatch.setattr("opdlab.train.load_models", lambda *a, **k: MODELS)
+    monkeypatch.setattr("opdlab.training.loop.load_models", lambda *a, **k: MODELS)
     assert cli.main(["train", str(run_dir), "-q"]) == 2
     one_line(capsys, run_dir / "checkpoint")
 

@@ -1,4 +1,4 @@
-"""Notebook 04's questions and claims (opdlab.findings): labels, packing, the family of comparisons, and the
+"""Notebook 04's questions and claims (opdlab.experiments.comparisons): labels, packing, the family of comparisons, and the
 asserted claims on the committed data and on counterfactuals where they must fail."""
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab import findings, stats
+from opdlab.experiments import comparisons, stats
 from opdlab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,11 +14,11 @@ DATA = ROOT / "figures" / "data"
 
 
 def test_arm_labels():
-    assert findings.arm_label("opd_plus", "forward_kl") == "OPD+ forward KL"
-    assert findings.arm_label("opd", "jsd") == "stop-gradient Jensen-Shannon"
-    assert findings.arm_label("opd_plus", "jsd", 1.0) == "OPD+ Jensen-Shannon, top-1 teacher"
-    assert findings.arm_label("opd_plus", "jsd", float("nan")) == "OPD+ Jensen-Shannon"
-    assert findings.arm_label("supervised_kd", "reverse_kl") == "supervised KD"
+    assert comparisons.arm_label("opd_plus", "forward_kl") == "OPD+ forward KL"
+    assert comparisons.arm_label("opd", "jsd") == "stop-gradient Jensen-Shannon"
+    assert comparisons.arm_label("opd_plus", "jsd", 1.0) == "OPD+ Jensen-Shannon, top-1 teacher"
+    assert comparisons.arm_label("opd_plus", "jsd", float("nan")) == "OPD+ Jensen-Shannon"
+    assert comparisons.arm_label("supervised_kd", "reverse_kl") == "supervised KD"
 
 
 def test_pack_and_unpack_are_inverse(tmp_path):
@@ -26,22 +26,22 @@ def test_pack_and_unpack_are_inverse(tmp_path):
     frame = pd.DataFrame([dict(task="t", arm=a, seed=s, item=i, correct=int(rng.random() < 0.5))
                           for a in ("x", "y") for s in (0, 1) for i in range(37)])
     frame.loc[0:5, "correct"] = 0  # leading zeros: a plain read_csv would parse them away
-    findings.pack_items(frame).to_csv(tmp_path / "p.csv", index=False)
-    back = findings.unpack_items(findings.read_packed(tmp_path / "p.csv"))
+    comparisons.pack_items(frame).to_csv(tmp_path / "p.csv", index=False)
+    back = comparisons.unpack_items(comparisons.read_packed(tmp_path / "p.csv"))
     pd.testing.assert_frame_equal(back.sort_values(["arm", "seed", "item"]).reset_index(drop=True),
                                   frame.sort_values(["arm", "seed", "item"]).reset_index(drop=True),
                                   check_dtype=False)
     with pytest.raises(UserError, match="read_packed"):
-        findings.unpack_items(pd.read_csv(tmp_path / "p.csv"))
+        comparisons.unpack_items(pd.read_csv(tmp_path / "p.csv"))
 
 
 def test_the_family_asks_a_to_f():
-    jsd = findings.arm_label("opd_plus", "jsd")  # the registry's label: "OPD+ Jensen-Shannon"
+    jsd = comparisons.arm_label("opd_plus", "jsd")  # the registry's label: "OPD+ Jensen-Shannon"
     arms = ["OPD+ reverse KL", "OPD+ forward KL", jsd, "stop-gradient forward KL", "supervised KD",
-            "full vocabulary, reverse KL", "OPD+ forward KL, top-1 teacher", findings.WARM_UP, findings.TEACHER]
-    qs = findings.questions(arms)
-    assert ("a", "OPD+ forward KL, top-1 teacher", findings.WARM_UP) in qs
-    assert ("b", "stop-gradient forward KL", findings.WARM_UP) in qs
+            "full vocabulary, reverse KL", "OPD+ forward KL, top-1 teacher", comparisons.WARM_UP, comparisons.TEACHER]
+    qs = comparisons.questions(arms)
+    assert ("a", "OPD+ forward KL, top-1 teacher", comparisons.WARM_UP) in qs
+    assert ("b", "stop-gradient forward KL", comparisons.WARM_UP) in qs
     assert not any(q == "a" and a.startswith("stop-gradient") for q, a, _ in qs)  # "stop-" holds "top-"
     assert not any(q == "f" and a.startswith("stop-gradient") for q, a, _ in qs)
     assert ("c", "OPD+ forward KL", "OPD+ reverse KL") in qs and ("c", jsd, "OPD+ reverse KL") in qs
@@ -49,25 +49,25 @@ def test_the_family_asks_a_to_f():
     assert ("e", "OPD+ reverse KL", "full vocabulary, reverse KL") in qs
     assert ("f", "OPD+ forward KL, top-1 teacher", "OPD+ forward KL") in qs
     assert ("f", "OPD+ forward KL, top-1 teacher", "full vocabulary, reverse KL") in qs
-    assert not any(b == findings.WARM_UP and a == findings.TEACHER for _, a, b in qs)
+    assert not any(b == comparisons.WARM_UP and a == comparisons.TEACHER for _, a, b in qs)
 
 
 def _committed():
-    return findings.unpack_items(findings.read_packed(DATA / "04_items.csv"))
+    return comparisons.unpack_items(comparisons.read_packed(DATA / "04_items.csv"))
 
 
 def _not_claimed():
-    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+    from opdlab.app.notebooks import notebook_parameters, resolve_notebook
 
     return notebook_parameters(resolve_notebook("04"))["not_claimed"]
 
 
 def test_the_committed_claims_hold_and_the_tables_are_what_the_items_give():
     frame = _committed()
-    table = findings.ask(frame)
-    findings.check_claims(table, _not_claimed())  # the notebook's asserts, on its committed data
+    table = comparisons.ask(frame)
+    comparisons.check_claims(table, _not_claimed())  # the notebook's asserts, on its committed data
     with pytest.raises(UserError, match="not compared"):
-        findings.claims(table, ["no such arm"])
+        comparisons.claims(table, ["no such arm"])
     committed = pd.read_csv(DATA / "04_comparisons.csv")
     pd.testing.assert_frame_equal(table.reset_index(drop=True), committed, check_dtype=False, atol=1e-12)
 
@@ -76,32 +76,32 @@ def test_the_claims_fail_when_an_arm_is_no_better_than_the_warm_up():
     """Counterfactual: every trained arm's records replaced by the warm-up's (no real difference), and the
     stop-gradient arms' by the warm-up's: every claim (a) and (b) must fail."""
     frame = _committed()
-    warm = frame[frame["arm"] == findings.WARM_UP]
-    fake = [frame[frame["arm"].isin([findings.WARM_UP, findings.TEACHER])]]
+    warm = frame[frame["arm"] == comparisons.WARM_UP]
+    fake = [frame[frame["arm"].isin([comparisons.WARM_UP, comparisons.TEACHER])]]
     rng = np.random.default_rng(1)
     for arm in frame["arm"].unique():
-        if arm in (findings.WARM_UP, findings.TEACHER):
+        if arm in (comparisons.WARM_UP, comparisons.TEACHER):
             continue
         same = warm.assign(arm=arm).copy()
         flip = rng.random(len(same)) < 0.05  # some noise, no direction: a null arm
         same.loc[flip, "correct"] = 1 - same.loc[flip, "correct"]
         fake.append(same)
-    table = findings.ask(pd.concat(fake, ignore_index=True))
+    table = comparisons.ask(pd.concat(fake, ignore_index=True))
     with pytest.raises(AssertionError) as err:
-        findings.check_claims(table, _not_claimed())
+        comparisons.check_claims(table, _not_claimed())
     failed = str(err.value).count(" vs ")
-    assert failed >= len(findings.claims(table, _not_claimed())) - 1, str(err.value)  # one false positive at most
+    assert failed >= len(comparisons.claims(table, _not_claimed())) - 1, str(err.value)  # one false positive at most
     assert "stop-gradient" in str(err.value)
 
 
 def test_the_claims_fail_when_stop_gradient_does_not_fall():
     frame = _committed()
     stop = frame["arm"].str.startswith("stop-gradient")
-    warm = frame[frame["arm"] == findings.WARM_UP]
+    warm = frame[frame["arm"] == comparisons.WARM_UP]
     lifted = [warm.assign(arm=a) for a in frame.loc[stop, "arm"].unique()]
-    table = findings.ask(pd.concat([frame[~stop], *lifted], ignore_index=True))
+    table = comparisons.ask(pd.concat([frame[~stop], *lifted], ignore_index=True))
     with pytest.raises(AssertionError, match="stop-gradient forward KL"):
-        findings.check_claims(table, _not_claimed())
+        comparisons.check_claims(table, _not_claimed())
 
 
 def test_gaps_have_intervals_around_their_estimates():
@@ -112,11 +112,11 @@ def test_gaps_have_intervals_around_their_estimates():
 
 
 def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
-    from opdlab.notebook_runner import notebook_parameters, resolve_notebook
+    from opdlab.app.notebooks import notebook_parameters, resolve_notebook
 
     p = notebook_parameters(resolve_notebook("09"))
     variance = pd.read_csv(DATA / "09_noise.csv")
-    claims = findings.variance_claims(variance).set_index("claim")
+    claims = comparisons.variance_claims(variance).set_index("claim")
     asserted = claims.drop(index=p["not_claimed"])
     assert len(asserted) and asserted["holds"].all()  # the notebook's asserts, on its committed data
     committed = pd.read_csv(DATA / "09_claims.csv").set_index("claim")
@@ -133,13 +133,13 @@ def test_notebook_09_claims_hold_on_its_data_and_fail_on_a_counterfactual():
             row = part[part["gamma"] == 1.0].index[0]
             same.loc[row, "log_relative_variance_loo"] = " ".join(str(x) for x in loo + noise)
             same.loc[row, "relative_variance"] = float(np.exp(np.mean(loo + noise)))
-        held += findings.variance_claims(same).set_index("claim").loc["γ = 1 / γ = 0", "holds"]
+        held += comparisons.variance_claims(same).set_index("claim").loc["γ = 1 / γ = 0", "holds"]
     assert held <= 6, held  # a one-sided false claim at most ~2.5% of the time; 6 of 40 is far beyond it
 
 
 def test_notebook_06_claims_reproduce_from_its_items_and_fail_for_an_arm_that_did_not_move():
     items = pd.read_csv(DATA / "06_items.csv")
-    claims = findings.kl_claims(items, "opd_plus", "opd")
+    claims = comparisons.kl_claims(items, "opd_plus", "opd")
     pd.testing.assert_frame_equal(claims, pd.read_csv(DATA / "06_claims.csv"), check_dtype=False)
     assert len(claims) == 2 and claims["seeds"].min() >= 3  # the issue's floor for notebook 06
     # the asserted claim: OPD+ after against its own step 0 (the other, against stop-gradient OPD, is reported)
@@ -150,15 +150,15 @@ def test_notebook_06_claims_reproduce_from_its_items_and_fail_for_an_arm_that_di
     rng, held = np.random.default_rng(0), 0
     for _ in range(40):
         after = before.assign(step=4, kl_reverse=before["kl_reverse"] + rng.normal(0, 0.5, len(before)))
-        held += findings.kl_claims(pd.concat([before, after]), "opd_plus", None)["holds"].any()
+        held += comparisons.kl_claims(pd.concat([before, after]), "opd_plus", None)["holds"].any()
     assert held <= 4, held
     # the stop-gradient runs of other seeds do not pair with these
     other = items.assign(seed=items["seed"].where(items["method"] != "opd", items["seed"] + 10))
     with pytest.raises(UserError, match="not on the same seeds and items"):
-        findings.kl_claims(other, "opd_plus", "opd")
+        comparisons.kl_claims(other, "opd_plus", "opd")
     # and a seed's records must cover every item
     with pytest.raises(UserError, match="missing for some seed and item"):
-        findings.kl_claims(items.drop(items[(items["seed"] == 1) & (items["item"] == 0)].index), "opd_plus", "opd")
+        comparisons.kl_claims(items.drop(items[(items["seed"] == 1) & (items["item"] == 0)].index), "opd_plus", "opd")
 
 
 def test_jackknife_log_ratio_keeps_the_pairing_of_shared_batches():

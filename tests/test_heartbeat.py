@@ -7,8 +7,8 @@ import pytest
 from opdlab import heartbeat
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cached_model
-from opdlab.lm.recipe import ModelRecipe
-from opdlab.sweep import _last_step
+from opdlab.config.recipe import ModelRecipe
+from opdlab.experiments.sweep import _last_step
 from opdlab.tasks import get_task
 
 
@@ -92,8 +92,8 @@ def test_running_runs_are_those_whose_metrics_were_written_since_the_wait_began(
     import os
     import time
 
-    from opdlab.spec import RunSpec
-    from opdlab.sweep import _running
+    from opdlab.config.spec import RunSpec
+    from opdlab.experiments.sweep import _running
 
     old, new, bare = tmp_path / "old", tmp_path / "new", tmp_path / "bare"
     for d, steps in ((old, 2), (new, 3)):

@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from opdlab import findings
-from opdlab.notebook_runner import execute_notebook
+from opdlab.experiments import comparisons
+from opdlab.app.notebooks import execute_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,8 @@ def test_notebook_04_runs_with_small_parameters(tmp_path):
     assert set(curves["method"]) == {"opd", "opd_plus", "supervised_kd"} and set(curves["seed"]) == {0, 1}
     assert sorted(curves["step"].unique()) == [0, 1, 2]
     assert curves.loc[curves["method"] == "opd", "step"].max() == 1  # the arm's own steps
-    items = findings.unpack_items(findings.read_packed(figures / "data" / "04_items.csv"))
+    items = comparisons.unpack_items(comparisons.read_packed(figures / "data" / "04_items.csv"))
     assert items.groupby(["arm", "seed"])["item"].nunique().eq(16).all()  # the final evaluation's items
-    assert {findings.WARM_UP, findings.TEACHER, "OPD+ forward KL, top-1 teacher"} <= set(items["arm"])
+    assert {comparisons.WARM_UP, comparisons.TEACHER, "OPD+ forward KL, top-1 teacher"} <= set(items["arm"])
     table = pd.read_csv(figures / "data" / "04_comparisons.csv")
     assert set(table["question"]) == {"a", "b", "c", "d", "f"} and table["p_holm"].between(0, 1).all()

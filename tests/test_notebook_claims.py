@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab import montecarlo, noise, stats
+from opdlab.experiments import montecarlo, noise, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "figures" / "data"

@@ -139,7 +139,7 @@ def test_sampling_stops_at_end_of_turn_and_scores_in_eval_mode(teacher):
 @pytest.mark.parametrize("task", ["gsm_symbolic", "bfcl_simple"])
 def test_opd_trains_and_evaluates_end_to_end_with_real_checkpoints(task, teacher_dir, student_dir, tmp_path):
     pytest.importorskip("bfcl_eval") if task == "bfcl_simple" else pytest.importorskip("reasoning_gym")
-    from opdlab.train import max_new_tokens, train
+    from opdlab.training.loop import max_new_tokens, train
     config, runtime = make(task=task, divergence="jsd", method="opd_plus", baseline="expected", steps=2,
                          prompts_per_step=1, samples_per_prompt=2, max_new_tokens=6, eval_every=2, eval_n=2,
                          eval_samples=1, checkpoint_every=2, device="cpu", teacher_path=str(teacher_dir),

@@ -1,13 +1,13 @@
-"""The learning-rate protocol (opdlab.protocol): every arm x rate at a seed no result uses, scored on validation
+"""The learning-rate protocol (opdlab.experiments.protocol): every arm x rate at a seed no result uses, scored on validation
 items only, the best rate chosen per arm, and applied only to arms of the same design."""
 import pandas as pd
 import pytest
 
-from opdlab import protocol
+from opdlab.experiments import protocol
 from opdlab.errors import UserError
-from opdlab.presets import get
-from opdlab.runtime import Runtime
-from opdlab.step import eval_examples
+from opdlab.config.presets import get
+from opdlab.config.runtime import Runtime
+from opdlab.training.step import eval_examples
 from opdlab.tasks import get_task
 
 SMOKE = get("smoke").spec.replace(final_eval_n=12)
@@ -69,7 +69,7 @@ def test_design_sets_aside_rate_seed_and_evaluation_only():
 
 
 def test_run_names_written_before_eval_split_and_final_eval_sampled_existed_still_resolve():
-    from opdlab.spec import run_name
+    from opdlab.config.spec import run_name
 
     spec = get("notebook04").spec.replace(divergence="reverse_kl", method="opd_plus", seed=0, final_eval_sampled=True)
     assert run_name(spec) == "arithmetic-reverse_kl-opd_plus-s0-0b9b5a0b"  # a run directory of 2026-12-04

@@ -6,8 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from opdlab import report
-from opdlab.cli import main
+from opdlab.report import render as report
+from opdlab.app.cli import main
 from opdlab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

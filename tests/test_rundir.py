@@ -13,17 +13,17 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlab import cli
+from opdlab.app import cli
 from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.runlog import RunLog
-from opdlab.runread import read_metrics, read_records
+from opdlab.rundir.writer import RunLog
+from opdlab.rundir.reader import read_metrics, read_records
 from opdlab.tasks import get_task
-from opdlab.spec import RunSpec, run_name
-from opdlab.step import Models
-from opdlab.train import train
+from opdlab.config.spec import RunSpec, run_name
+from opdlab.training.step import Models
+from opdlab.training.loop import train
 from runs import make
 
 TASK = get_task("arithmetic")
@@ -67,7 +67,7 @@ def cut(tmp_path, steps=3):
 
 
 # -- one writer ------------------------------------------------------------------------------------------------
-HOLD = ("import sys; from opdlab.presets import resolve; from opdlab.runlog import RunLog; "
+HOLD = ("import sys; from opdlab.config.presets import resolve; from opdlab.rundir.writer import RunLog; "
         "log = RunLog(sys.argv[1], resolve(%s)[0]); print('locked', flush=True); sys.stdin.read()")
 
 
@@ -118,7 +118,7 @@ def test_a_failed_append_leaves_no_partial_line(tmp_path, monkeypatch, capsys):
     log.log({"step": 0, "kind": "eval", "x": 1.0})
     before = log.metrics_path.read_bytes()
     real_write = os.write
-    monkeypatch.setattr("opdlab.runlog.os.write", lambda fd, data: real_write(fd, data[:7]))  # a full disk
+    monkeypatch.setattr("opdlab.rundir.writer.os.write", lambda fd, data: real_write(fd, data[:7]))  # a full disk
     with pytest.raises(OSError) as err:
         log.log({"step": 1, "kind": "train", "x": 2.0})
     assert err.value.errno == errno.ENOSPC and log.metrics_path.read_bytes() == before
@@ -139,7 +139,7 @@ def test_a_resume_rewrites_metrics_atomically_and_refuses_lost_metrics(tmp_path,
         real_replace(src, dst)
 
     with monkeypatch.context() as m:
-        m.setattr("opdlab.runlog.os.replace", killed)  # interrupted while the resume rewrites metrics.jsonl
+        m.setattr("opdlab.rundir.writer.os.replace", killed)  # interrupted while the resume rewrites metrics.jsonl
         with pytest.raises(KeyboardInterrupt):
             train(CONFIG, run_dir, RT, TASK, MODELS)
     assert (run_dir / "metrics.jsonl").read_text() == before
@@ -246,7 +246,7 @@ def test_a_damaged_checkpoint_is_named(tmp_path, name):
 
 
 def test_a_non_finite_gradient_norm_stops_before_the_checkpoint(tmp_path, monkeypatch, capsys):
-    import opdlab.train as train_module
+    import opdlab.training.loop as train_module
 
     real = train_module.opd_step
 
@@ -303,7 +303,7 @@ def test_cli_train_refuses_bad_run_directories(tmp_path, capsys, monkeypatch):
     def read_only(path, *args, **kwargs):
         raise PermissionError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr("opdlab.runlog.os.open", read_only)  # root may write anywhere: stand in for a read-only disk
+    monkeypatch.setattr("opdlab.rundir.writer.os.open", read_only)  # root may write anywhere: stand in for a read-only disk
     assert cli.main(_train_argv(tmp_path / "ro")) == 2
     err = capsys.readouterr().err
     assert err == (f"opdlab train: error: read-only file system ({tmp_path / 'ro'}); the file system is "
@@ -366,7 +366,7 @@ def test_cli_toy_keeps_its_temperature_where_the_toys_are_exact(capsys, temperat
 
 # -- numerical domains -----------------------------------------------------------------------------------------
 def test_log_probabilities_above_zero_masks_outside_0_1_and_empty_batches_are_refused():
-    from opdlab.estimators import compute_advantages, reinforce_loss
+    from opdlab.core.estimators import compute_advantages, reinforce_loss
 
     logp_BT = torch.log_softmax(torch.randn(3, 5, 7) * 30, -1)[..., 0]
     compute_advantages("reverse_kl", logp_BT, logp_BT.flip(0), None, "opd_plus", 0.5)  # log_softmax's own output passes

@@ -4,17 +4,17 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlab import cli
+from opdlab.app import cli
 from opdlab.errors import UserError
-from opdlab.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
-from opdlab.montecarlo import DIVERGENCES
-from opdlab.divergences import CHUNK_ELEMENTS
-from opdlab.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_surrogate, sparse_terms,
+from opdlab.core.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
+from opdlab.experiments.montecarlo import DIVERGENCES
+from opdlab.core.divergences import CHUNK_ELEMENTS
+from opdlab.core.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_surrogate, sparse_terms,
                            tail_log_ratio, topk_payload)
-from opdlab.sparse_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
+from opdlab.exact.topk_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
                                sequence_topk_moments, sequence_topk_table, topk_table)
-from opdlab.symbolic import as_divergence
-from opdlab.toy import exact_gradient, exact_sequence_gradient, make_sequence, token_local_gradient
+from opdlab.exact.symbolic import as_divergence
+from opdlab.exact.toy import exact_gradient, exact_sequence_gradient, make_sequence, token_local_gradient
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -295,7 +295,7 @@ def test_sparse_terms_report_the_clip():
 
 def test_a_sympy_f_matches_its_registry_entry():
     L = torch.linspace(-3, 3, 13)
-    ours, registry = as_divergence("u*log(u)"), __import__("opdlab.divergences").divergences.get("forward_kl")
+    ours, registry = as_divergence("u*log(u)"), __import__("opdlab.core.divergences").core.divergences.get("forward_kl")
     for fn in ("f", "f_prime", "opd_plus_advantage"):
         torch.testing.assert_close(getattr(ours, fn)(L), getattr(registry, fn)(L))
     with pytest.raises(ValueError, match="convex"):

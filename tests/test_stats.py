@@ -1,10 +1,10 @@
-"""opdlab.stats on data whose answer is known: simulated arms with a known difference and with none, checked at
+"""opdlab.experiments.stats on data whose answer is known: simulated arms with a known difference and with none, checked at
 the nominal rate with tolerances of 3 binomial standard errors; hand cases for Holm, McNemar, Wilson, ANOVA."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab import stats
+from opdlab.experiments import stats
 from opdlab.errors import UserError
 
 ALPHA = 0.05

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from opdlab.errors import UserError
-from opdlab.runread import read_metrics
-from opdlab.sweep import item_results, resolve_workers, sweep
+from opdlab.rundir.reader import read_metrics
+from opdlab.experiments.sweep import item_results, resolve_workers, sweep
 from runs import make
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_auto_workers_is_one_process_on_cuda_and_the_cpus_on_cpu(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     assert resolve_workers("auto", "cpu") == 6
     assert resolve_workers(3, "cpu") == 3
-    monkeypatch.setattr("opdlab.sweep.pick_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr("opdlab.experiments.sweep.pick_device", lambda device: torch.device("cuda"))
     assert resolve_workers("auto", "cuda") == 1
 
 
@@ -129,7 +129,7 @@ def test_an_empty_list_is_refused_before_any_model_trains(tmp_path, name):
 
 def test_a_cache_path_that_is_a_file_is_refused_before_any_model_trains(tmp_path):
     from opdlab.tasks import get_task
-    from opdlab.train import load_models
+    from opdlab.training.loop import load_models
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
@@ -178,7 +178,7 @@ def test_a_sweep_in_cohorts_gives_the_runs_a_sweep_of_single_runs_gives(tmp_path
 
 
 def test_a_failed_run_of_a_cohort_sweep_is_named_after_the_others_finish(tmp_path, monkeypatch):
-    from opdlab import train as train_module
+    from opdlab.training import loop as train_module
 
     real = train_module._evaluate_and_log
 
@@ -208,7 +208,7 @@ def _start(run_dir):
 def test_the_arms_of_a_seed_evaluate_their_start_once_and_write_what_alone_they_would(tmp_path):
     """The sweep keeps each distinct start evaluation once (arms of one seed and divergence share it); every run
     writes the step-0 metrics and item records that it writes trained alone, without sharing."""
-    from opdlab.train import train
+    from opdlab.training.loop import train
 
     runtime = RUNTIME.replace(cache=str(tmp_path / "cache"))
     sweep(BASE, ["arithmetic"], ["forward_kl"], ["opd", "opd_plus"], [0, 1], tmp_path / "runs", runtime, workers=1,
@@ -230,7 +230,7 @@ def test_the_arms_of_a_seed_evaluate_their_start_once_and_write_what_alone_they_
 
 
 def test_a_shared_start_that_does_not_check_out_is_evaluated_again(tmp_path, capsys):
-    from opdlab.train import train
+    from opdlab.training.loop import train
 
     runtime, shared = RUNTIME.replace(cache=str(tmp_path / "cache")), tmp_path / "shared"
     spec = BASE.replace(divergence="forward_kl", steps=1)
@@ -252,10 +252,10 @@ def test_a_shared_start_reads_back_with_its_types(tmp_path, monkeypatch):
     kept start gets the frame, and writes the CSV, of the run that computed it, byte for byte."""
     import numpy as np
 
-    from opdlab import train as train_module
-    from opdlab.step import Trainer
+    from opdlab.training import loop as train_module
+    from opdlab.training.step import Trainer
     from opdlab.tasks import get_task
-    from opdlab.train import ITEM_COLUMNS, evaluate_start, load_models
+    from opdlab.training.loop import ITEM_COLUMNS, evaluate_start, load_models
 
     items = pd.DataFrame(dict(
         item=[0, 1, 2], item_id=["000123456789", "abc", "0x1"], correct=[1, 0, 1],

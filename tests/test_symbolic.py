@@ -1,11 +1,11 @@
-"""The sympy derivation (opdlab.symbolic) against the registry's closed forms."""
+"""The sympy derivation (opdlab.exact.symbolic) against the registry's closed forms."""
 import numpy as np
 import pytest
 import sympy as sp
 import torch
 
-from opdlab.divergences import get
-from opdlab.symbolic import (ALPHA, BETA, REGISTRY_NAMES, U, advantage_curves, advantage_table,
+from opdlab.core.divergences import get
+from opdlab.exact.symbolic import (ALPHA, BETA, REGISTRY_NAMES, U, advantage_curves, advantage_table,
                              constant_error_solution, derive, error_is_constant, parse_f, registry_expression)
 
 LOG_U = np.concatenate([np.linspace(-4, -0.05, 40), np.linspace(0.05, 4, 40)])  # off TV's kink at u = 1

@@ -1,4 +1,4 @@
-"""Estimators against exact gradients on enumerable toys (opdlab.toy, opdlab.montecarlo).
+"""Estimators against exact gradients on enumerable toys (opdlab.exact.toy, opdlab.experiments.montecarlo).
 
 Tolerances come from the standard error: a Monte Carlo mean matches when every coordinate is within
 5 SE of the exact value, and a mismatch is asserted as some coordinate more than 8 SE away.
@@ -6,10 +6,10 @@ Tolerances come from the standard error: a Monte Carlo mean matches when every c
 import pytest
 import torch
 
-from opdlab.divergences import get
-from opdlab.estimators import compute_advantages, reinforce_loss
-from opdlab.montecarlo import DIVERGENCES, categorical_study, estimator_cosines, sequence_study, training_study
-from opdlab.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient,
+from opdlab.core.divergences import get
+from opdlab.core.estimators import compute_advantages, reinforce_loss
+from opdlab.experiments.montecarlo import DIVERGENCES, categorical_study, estimator_cosines, sequence_study, training_study
+from opdlab.exact.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient,
                         expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
                         make_sequence, sample_gradients, sample_sequences, sequence_estimator_moments,
                         sequence_objective, sequence_sample_gradients, token_local_gradient, train_categorical)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from opdlab.errors import UserError
-from opdlab.runread import read_metrics
-from opdlab.runtime import Runtime
+from opdlab.rundir.reader import read_metrics
+from opdlab.config.runtime import Runtime
 from opdlab.tasks import get_task
-from opdlab.train import train
+from opdlab.training.loop import train
 from runs import make
 from test_train import SMALL, models_for_test
 

@@ -8,18 +8,18 @@ import torch
 
 from echo_tool import EchoTool
 from naive import naive_advantages
-from opdlab import estimators
+from opdlab.core import estimators
 from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.runread import read_metrics, results
+from opdlab.rundir.reader import read_metrics, results
 from opdlab.tasks import get_task
-from opdlab.spec import RunSpec
-from opdlab.step import Models, Trainer, opd_step
-from opdlab.train import train
+from opdlab.config.spec import RunSpec
+from opdlab.training.step import Models, Trainer, opd_step
+from opdlab.training.loop import train
 from runs import make, resign
 
 TASK = get_task("arithmetic")
@@ -151,7 +151,7 @@ def test_teacher_equal_to_student_gives_zero_divergence_and_zero_expected_gradie
     logits_BTV = completion_logits(student, r)
     logp_s_BT, logp_s_BTV = gather_logp(logits_BTV, r.completion_ids_BT)
     for name in ("reverse_kl", "forward_kl", "jsd"):
-        from opdlab.divergences import get
+        from opdlab.core.divergences import get
         div = get(name)
         assert div.exact(logp_t_BTV, logp_s_BTV.detach()).abs().max() < 1e-6
         opd = estimators.compute_advantages(div, logp_s_BT.detach(), logp_t_BT, r.mask_BT, "opd")
@@ -205,7 +205,7 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 
 
 def test_final_table_has_no_interval_for_a_single_seed():
-    from opdlab.plots.training import final_table, mean_band
+    from opdlab.app.plots.training import final_table, mean_band
     evals = pd.DataFrame(dict(task="t", divergence="jsd", method=["opd"] * 2 + ["opd_plus"] * 4,
                               seed=[0, 0, 0, 0, 1, 1], step=[0, 5] * 3, greedy_accuracy=[.5, .4, .5, .6, .5, .8],
                               run=["a", "a", "b", "b", "c", "c"]))

@@ -1,20 +1,22 @@
 """The training path itself against the exact gradient: at fixed (teacher-forced) contexts of a small model, the
 mean over many resampled tokens of the gradient of ``step.loss`` (what ``opd_step`` applies) equals
 the full-vocabulary gradient, within a tolerance from the standard error; stop-gradient forward KL does not.
-Also the reference methods and ``opdlab.noise``."""
+Also the reference methods and ``opdlab.experiments.noise``."""
 import math
 
 import pytest
 import torch
 
-from opdlab import divergences, estimators, noise
-from opdlab.spec import RunSpec
+from opdlab.core import divergences, estimators
+
+from opdlab.experiments import noise
+from opdlab.config.spec import RunSpec
 from opdlab.lm.modeling import build_model
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
-from opdlab.step import Scores, loss as step_loss
+from opdlab.training.step import Scores, loss as step_loss
 from runs import make
 
 TASK = get_task("arithmetic")
@@ -136,9 +138,9 @@ def test_reference_arms_train_end_to_end(tmp_path):
     from the student; both log no advantage statistics and lower their loss's own target on a fixed batch."""
     from test_train import SMALL, TASK as T, models_for_test
 
-    from opdlab.runread import read_metrics
-    from opdlab.step import Trainer, opd_step
-    from opdlab.train import train
+    from opdlab.rundir.reader import read_metrics
+    from opdlab.training.step import Trainer, opd_step
+    from opdlab.training.loop import train
 
     models = models_for_test()
     for method in ("supervised_kd", "full_vocabulary"):
@@ -164,7 +166,7 @@ def test_reference_arms_train_end_to_end(tmp_path):
 def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baseline, clip):
     """noise.step_noise: finite, positive numbers for every estimator setting opd_step takes (γ, leave-one-out,
     clip), and a relative variance that falls when the step holds 8x the prompts (the same student)."""
-    from opdlab.step import Trainer
+    from opdlab.training.step import Trainer
 
     teacher, student = _model(1).eval(), _model(2).eval()
     config = RunSpec.from_dict(dict(prompts_per_step=2, samples_per_prompt=2, steps=1, max_new_tokens=8,
@@ -190,7 +192,7 @@ def test_step_noise_of_several_trainers_is_one_call_per_trainer():
     """noise.step_noise([t_1, ..., t_n]) draws and scores each batch once for every estimator: the numbers equal,
     bit for bit, n calls with a trainer each (every one draws the same batches), top-k and full-vocabulary arms
     included; trainers that would draw other batches are refused."""
-    from opdlab.step import Trainer
+    from opdlab.training.step import Trainer
 
     teacher, student = _model(1).eval(), _model(2).eval()
     config = RunSpec.from_dict(dict(prompts_per_step=4, samples_per_prompt=2, steps=1, max_new_tokens=8,

@@ -13,12 +13,12 @@ pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from opdlab import divergences, estimators, sparse  # noqa: E402
-from opdlab.choices import FIXED_DIVERGENCES  # noqa: E402
+from opdlab.core import divergences, estimators, sparse  # noqa: E402
+from opdlab.config.choices import FIXED_DIVERGENCES  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
 from opdlab.integrations.trl import OPDConfig, OPDTrainer  # noqa: E402
 from opdlab.lm.modeling import build_model  # noqa: E402
-from opdlab.lm.recipe import ModelRecipe  # noqa: E402
+from opdlab.config.recipe import ModelRecipe  # noqa: E402
 from opdlab.lm.sampling import gather_logp  # noqa: E402
 from opdlab.lm.tokenizer import char_tokenizer  # noqa: E402
 
@@ -119,7 +119,7 @@ def test_loss_and_gradient_are_opdlabs_surrogate(tmp_path, divergence, method, e
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_a_top_k_teacher_runs_opdlabs_sparse_estimator_with_its_exact_limits(tmp_path, divergence):
     """teacher_topk: k = V is the full-vocabulary gradient, k = 0 (no baseline) sampled OPD+; in between the loss is
-    opdlab.sparse's surrogate on the same completions."""
+    opdlab.core.sparse's surrogate on the same completions."""
     trainer = _trainer(tmp_path, divergence=divergence, method="opd_plus", teacher_topk=0)
     inputs = _sampled(trainer)
     V = trainer.model.config.vocab_size

@@ -18,10 +18,10 @@ student; here the loss is opdlab's (docs/math.md §3-§5, arXiv 2606.01039 Eq. 7
 - ``method="full_vocabulary"``: ``L = (1/n) sum_t D_f(pi_T(.|c_t) || pi_theta(.|c_t))`` (exact at each visited
   context, the token-local gradient without sampling noise at the token);
 - ``teacher_topk=k`` with ``"opd_plus"``: only the teacher's top-k log-probabilities and the sampled token's
-  reach the estimator, as from a served teacher (``opdlab.sparse``: exact on the support, the tail from the
+  reach the estimator, as from a served teacher (``opdlab.core.sparse``: exact on the support, the tail from the
   sample, unbiased for every f; baselines ``none``, ``tail`` or ``loo``).
 
-The advantages come from ``opdlab.estimators.baselined_advantages`` and the losses from
+The advantages come from ``opdlab.core.estimators.baselined_advantages`` and the losses from
 ``estimators.reinforce_loss`` / ``estimators.full_vocabulary_loss``; nothing here re-derives them. Departures from
 TRL's loss: the student's (B, T, V) logits are materialised (TRL projects hidden states chunk by chunk), and the
 logits are those of the model's own forward (its logit scaling and soft-capping included) at temperature 1.
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opdlab import estimators, sparse
-from opdlab.choices import BASELINES, METHODS, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
-from opdlab.divergences import get as get_divergence
+from opdlab.core import estimators, sparse
+from opdlab.config.choices import BASELINES, METHODS, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
+from opdlab.core.divergences import get as get_divergence
 from opdlab.errors import UserError
 from opdlab.lm.sampling import gather_logp
 from opdlab.lm.tokenizer import check_compatible
@@ -103,7 +103,7 @@ def check_settings(args) -> None:
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
             raise UserError(f"OPDConfig.teacher_topk must be None or an int >= 0, got {topk!r}")
         if args.method != "opd_plus":
-            raise UserError(f"teacher_topk needs method='opd_plus' (the top-k estimator is OPD+'s, opdlab.sparse), "
+            raise UserError(f"teacher_topk needs method='opd_plus' (the top-k estimator is OPD+'s, opdlab.core.sparse), "
                             f"got {args.method!r}")
         _check_choice("baseline", args.baseline, SPARSE_BASELINES)  # 'expected' needs the whole teacher
     else:

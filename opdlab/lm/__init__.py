@@ -13,5 +13,5 @@
 
 Imports run one way: ``pretrained`` -> ``cache`` -> ``sft``, ``sampling``, ``modeling`` -> ``tokenizer``, ``device``,
 ``recipe``.
-This package file imports nothing, so ``opdlab.lm.recipe`` stays free of torch.
+This package file imports nothing, so ``opdlab.config.recipe`` stays free of torch.
 """

@@ -28,7 +28,7 @@ from opdlab.files import DIGEST_FILE, disk_errors, remove_tree, replace_dir, wri
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model, count_parameters, load_verified, record_digest, save_model
-from opdlab.lm.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
+from opdlab.config.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
 from opdlab.lm.sampling import greedy_accuracy
 from opdlab.lm.sft import sft
 from opdlab.lm.tokenizer import char_tokenizer, check_compatible

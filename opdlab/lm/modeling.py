@@ -23,7 +23,7 @@ import torch
 
 from opdlab.errors import UserError
 from opdlab.files import DigestMismatch, check_digest, disk_errors, write_digest
-from opdlab.lm.recipe import ModelRecipe
+from opdlab.config.recipe import ModelRecipe
 from opdlab.errors import UserError
 
 __all__ = ["build_model", "count_parameters", "save_model", "load_model", "load_verified", "quiet_progress",
@@ -53,7 +53,7 @@ def count_parameters(model) -> int:
 
 
 RUN_FILES = ("fingerprint.json", "metrics.jsonl")
-"""Files that mark a run directory (``opdlab.runlog``), whose model lives in its ``checkpoint/``."""
+"""Files that mark a run directory (``opdlab.rundir.writer``), whose model lives in its ``checkpoint/``."""
 
 
 def weights_digest(model) -> str:

@@ -136,7 +136,7 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
     Several runs at once: ``model`` a list of R models of one architecture and size, ``prompts`` R groups of
     equally many (run-major), ``generator`` a list of R generators; group r is sampled from model r with
     generator r (one stacked decoder, ``fast`` only), drawing what that model alone would draw from that
-    generator, up to float rounding of the logits; ``opdlab.cohort.sample_runs`` splits the result by run.
+    generator, up to float rounding of the logits; ``opdlab.training.cohort.sample_runs`` splits the result by run.
 
     ``temperature`` must stay 1.0 for the OPD estimator (``opd_step`` passes it explicitly); another value
     samples from softmax(logits / temperature), and the rollout's log-probabilities are then of that

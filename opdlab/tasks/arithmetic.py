@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import random
 
-from opdlab.tasks.base import Example, Score, Task, check_option, final_answer, is_int, parse_int
+from opdlab.config.checks import is_int
+from opdlab.tasks.base import Example, Score, Task, check_option, final_answer, parse_int
 
 
 class ArithmeticTask(Task):

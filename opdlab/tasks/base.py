@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from opdlab.config.checks import is_int
 from opdlab.errors import UserError
 
 SPLITS = ("train", "test")
@@ -193,11 +194,6 @@ def check_option(name: str, value, ok: bool, expected: str) -> None:
     """Raise a ValueError naming the option, its value, and what was expected, unless ``ok``."""
     if not ok:
         raise UserError(f"option {name}={value!r}: expected {expected}")
-
-
-def is_int(value) -> bool:
-    """An int that is not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # -- batch scoring -----------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from opdlab.tasks.base import Example, Score, Task, check_option, final_answer, is_int
+from opdlab.config.checks import is_int
+from opdlab.tasks.base import Example, Score, Task, check_option, final_answer
 from opdlab.tasks.calls import CALL_END, CALL_START, CallError, check_signature, format_call, match_call, parse_call
 
 RESULT_START, RESULT_END = "<result>", "</result>"
