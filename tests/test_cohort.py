@@ -5,14 +5,17 @@ import copy
 
 import pytest
 import torch
-from test_decoder import TASK, TOK, model_of
 
-from opdlab.training.cohort import check, cohort_step, merge_rollouts, split_rollout
-from opdlab.errors import UserError
-from opdlab.lm.sampling import sample
+from opdlab.config import choices
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import RunSpec
-from opdlab.training.step import Trainer, opd_step
+from opdlab.errors import UserError
+from opdlab.lm import sampling
+from opdlab.lm.sampling import sample
+from opdlab.training import step as opd
+from opdlab.training.cohort import check, cohort_step, merge_rollouts, split_rollout
+from opdlab.training.step import Models, Trainer, opd_step
+from test_decoder import TASK, TOK, model_of
 
 BASE = RunSpec.from_dict(dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_n=4))
 ARMS = [  # divergence, method, γ, baseline, learning rate, clip, schedule and seed all differ
@@ -62,6 +65,19 @@ def test_a_run_in_a_cohort_of_mixed_arms_steps_as_it_does_alone(arch, kv_heads, 
             assert error <= 1e-3 * sum(e.norm() ** 2 for _, e in moved) ** 0.5, (step, r)
     # the counterfactual: run 0 of the cohort against run 1 alone
     assert not torch.allclose(next(cohort[0].student.parameters()), next(alone[1].student.parameters()), atol=1e-3)
+
+
+def test_a_top_k_arm_scored_with_the_others_steps_as_it_does_alone():
+    """The stacked scorer hands the loss the scored tokens too: a top-k teacher's payload is built at them."""
+    arms = [dict(divergence="jsd", method="opd_plus", teacher_topk=2, baseline="tail", lr=1e-3, seed=5), ARMS[1]]
+    _, cohort = trainers_of(arms, "qwen3", 1)
+    alone = [clone(tr) for tr in cohort]
+    got = cohort_step(cohort, 0, score_together=True)
+    for r, solo in enumerate(alone):
+        want = opd_step(solo, 0)
+        assert {k: v for k, v in got[r].items() if not k.startswith("time_")} == pytest.approx(
+            {k: v for k, v in want.items() if not k.startswith("time_")}, rel=1e-5, abs=1e-6), r
+    assert got[0]["loss"] != pytest.approx(got[1]["loss"], rel=1e-3)  # the two runs are not one
 
 
 def test_the_other_members_change_nothing_in_a_run():
@@ -123,3 +139,37 @@ def test_the_cohort_benchmark_writes_its_columns_and_its_ratio_line(tmp_path):
     for r in rows:
         assert all(float(r[k]) > 0 for k in ("run_steps_per_s", "baseline_run_steps_per_s", "ratio", "gflops",
                                                "peak_fraction", "peak_rss_mb")), (r, done.stdout)
+
+
+# -- the step's pieces the cohort shares ---------------------------------------------------------------------------
+def test_each_models_gets_a_meta_of_its_own():
+    a, b = Models("t", "s", "k"), Models("t", "s", "k")
+    a.meta["teacher"] = {"path": "x"}
+    assert b.meta == {} and a.meta is not b.meta
+    given = {"student": {"path": "y"}}
+    teacher, student, tokenizer, meta = Models("t", "s", "k", given)
+    assert meta is given and (teacher, student, tokenizer) == ("t", "s", "k")
+    assert Models("t", "s", "k")._replace(teacher="u") == ("u", "s", "k", {})
+
+
+def test_the_two_completion_budgets_are_named_and_the_ones_committed_numbers_used():
+    examples = TASK.examples("train", 500, seed=0)
+    longest = max(len(ex.target) for ex in examples)
+    assert (sampling.RUN_BUDGET_MARGIN, sampling.CHECK_BUDGET_MARGIN) == (8, 16)
+    assert opd.max_new_tokens(TASK) == longest + 8
+    assert sampling.completion_budget(examples, sampling.CHECK_BUDGET_MARGIN) == longest + 16
+
+
+def test_the_evaluation_seeds_are_the_choices_ones():
+    assert opd.EVAL_SEED is choices.EVAL_SEED == 10_000 and choices.VALIDATION_SEED == 20_000
+    assert [ex.prompt for ex in opd.eval_examples(TASK, 3)] == [ex.prompt for ex in TASK.examples("test", 3,
+                                                                                                     seed=10_000)]
+
+
+def test_timed_adds_the_rate_and_the_phases_in_the_order_runs_record_them():
+    clock = opd.Clock(torch.device("cpu"))
+    clock.lap("sample")
+    clock.lap("sample")
+    record = opd.timed({"loss": 1.0, "tokens": 10}, 0.1, clock)
+    assert list(record) == ["loss", "tokens", "lr", "time_sample", "time_tokens_per_s"]
+    assert record["time_tokens_per_s"] == pytest.approx(10 / record["time_sample"])

@@ -4,12 +4,10 @@ import torch
 
 from naive import naive_advantages
 from opdlab.core.divergences import get
-from opdlab.core.estimators import (
-    DEFAULT_REDUCTION, baselined_advantages, compute_advantages, discounted_future_sum,
-    expected_advantage_baseline, full_vocabulary_loss, leave_one_out_baseline,
-    reinforce_loss, token_advantages,
-)
-
+from opdlab.core.estimators import (DEFAULT_REDUCTION, baselined_advantages, compute_advantages, discounted_future_sum,
+                                    expected_advantage_baseline, full_vocabulary_loss, leave_one_out_baseline, reduce,
+                                    reinforce_loss, token_advantages)
+from opdlab.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -137,6 +135,19 @@ def test_reinforce_loss_gradient():
     torch.testing.assert_close(grad, expected)
     token_loss = reinforce_loss(logp, A, mask)  # the default reduction divides by the unmasked tokens
     torch.testing.assert_close(token_loss, -(A * mask * logp).sum() / mask.sum())
+
+
+def test_reduce_divides_the_masked_sum_by_the_sequences_or_the_tokens():
+    x = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert float(reduce(x, mask, "sequence")) == (1 + 2 + 8) / 2
+    assert float(reduce(x, mask, "token")) == (1 + 2 + 8) / 3
+    assert float(reduce(x, None, "token")) == float(x.mean())
+    assert float(reduce(x, torch.zeros_like(x), "token")) == 0.0  # no token counts: divided by 1, not 0
+    for bad, phrase in ((dict(reduction="mean"), "unknown reduction"), (dict(mask_BT=2 * mask), "only 0 and 1"),
+                        (dict(x_BT=x[:0]), "empty batch")):
+        with pytest.raises(UserError, match=phrase):
+            reduce(**{**dict(x_BT=x, mask_BT=mask, reduction="token"), **bad})
 
 
 def test_one_default_reduction_everywhere():

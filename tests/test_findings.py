@@ -1,13 +1,15 @@
 """Notebook 04's questions and claims (opdlab.experiments.comparisons): labels, packing, the family of comparisons, and the
 asserted claims on the committed data and on counterfactuals where they must fail."""
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab.experiments import comparisons, stats
+from opdlab.core import objective
 from opdlab.errors import UserError
+from opdlab.experiments import comparisons, stats
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "figures" / "data"
@@ -36,20 +38,63 @@ def test_pack_and_unpack_are_inverse(tmp_path):
 
 
 def test_the_family_asks_a_to_f():
-    jsd = comparisons.arm_label("opd_plus", "jsd")  # the registry's label: "OPD+ Jensen-Shannon"
-    arms = ["OPD+ reverse KL", "OPD+ forward KL", jsd, "stop-gradient forward KL", "supervised KD",
-            "full vocabulary, reverse KL", "OPD+ forward KL, top-1 teacher", comparisons.WARM_UP, comparisons.TEACHER]
-    qs = comparisons.questions(arms)
-    assert ("a", "OPD+ forward KL, top-1 teacher", comparisons.WARM_UP) in qs
-    assert ("b", "stop-gradient forward KL", comparisons.WARM_UP) in qs
-    assert not any(q == "a" and a.startswith("stop-gradient") for q, a, _ in qs)  # "stop-" holds "top-"
-    assert not any(q == "f" and a.startswith("stop-gradient") for q, a, _ in qs)
-    assert ("c", "OPD+ forward KL", "OPD+ reverse KL") in qs and ("c", jsd, "OPD+ reverse KL") in qs
-    assert ("d", jsd, "supervised KD") in qs
-    assert ("e", "OPD+ reverse KL", "full vocabulary, reverse KL") in qs
-    assert ("f", "OPD+ forward KL, top-1 teacher", "OPD+ forward KL") in qs
-    assert ("f", "OPD+ forward KL, top-1 teacher", "full vocabulary, reverse KL") in qs
+    Arm = comparisons.Arm
+    rkl, fkl, jsd = Arm("opd_plus", "reverse_kl"), Arm("opd_plus", "forward_kl"), Arm("opd_plus", "jsd")
+    stop, kd = Arm("opd", "forward_kl"), Arm("supervised_kd", "reverse_kl")
+    full, topk = Arm("full_vocabulary", "reverse_kl"), Arm("opd_plus", "forward_kl", 1)
+    qs = comparisons.questions([rkl, fkl, jsd, stop, kd, full, topk, comparisons.WARM_UP, comparisons.TEACHER])
+    assert ("a", topk, comparisons.WARM_UP) in qs and ("a", kd, comparisons.WARM_UP) in qs
+    assert ("b", stop, comparisons.WARM_UP) in qs
+    assert not any(q in "af" and a.method == "opd" for q, a, _ in qs)
+    assert ("c", fkl, rkl) in qs and ("c", jsd, rkl) in qs
+    assert ("d", jsd, kd) in qs
+    assert ("e", rkl, full) in qs and not any(q == "e" and a != rkl for q, a, _ in qs)
+    assert ("f", topk, fkl) in qs and ("f", topk, full) in qs
     assert not any(b == comparisons.WARM_UP and a == comparisons.TEACHER for _, a, b in qs)
+    assert len(qs) == 6 + 1 + 2 + 3 + 1 + 2  # a: every arm but stop-gradient; f: top-k against two
+
+
+def test_arm_keys_come_from_the_runs_or_the_table():
+    curves = pd.read_csv(DATA / "04_curves.csv")
+    labels = list(curves["arm"].unique()) + [comparisons.WARM_UP]
+    keys = comparisons.arm_keys(labels, curves)
+    assert set(keys) == set(curves["arm"]) and comparisons.WARM_UP not in keys
+    assert keys["OPD+ forward KL, top-1 teacher"] == comparisons.Arm("opd_plus", "forward_kl", 1)
+    assert comparisons.arm_keys(labels) == keys  # the table's labels give the same keys
+    assert all(key.label == label for label, key in keys.items())
+    with pytest.raises(UserError, match="arms="):
+        comparisons.arm_keys(["an arm nobody labels so"])
+    with pytest.raises(UserError, match="does not name"):
+        comparisons.arm_keys(["supervised KD"], curves[curves["method"] != "supervised_kd"])
+    with pytest.raises(UserError, match="under one label"):
+        comparisons.arm_keys(["supervised KD"], curves.assign(arm="supervised KD"))
+
+
+def test_rewording_a_label_does_not_change_which_arms_are_compared(monkeypatch):
+    """Counterfactual: the arm names reworded so that what a label's text says is misleading (OPD+ arms named
+    like stop-gradient ones and back, the top-k suffix dropped into the middle): the same pairs of runs are
+    compared with the same numbers, only under the new names."""
+    curves, frame = pd.read_csv(DATA / "04_curves.csv"), _committed()
+    keys = comparisons.arm_keys(frame["arm"].unique(), curves)
+    before = comparisons.ask(frame, arms=curves)
+    table = dict(objective.TABLE)
+    for name, arm in (("opd_plus", "stop-gradient {divergence}"), ("opd", "OPD+ {divergence}"),
+                      ("full_vocabulary", "{divergence} with every token")):
+        monkeypatch.setitem(objective.TABLE, name, dataclasses.replace(table[name], arm=arm))
+    monkeypatch.setattr(objective, "TOPK_ARM", "top-{k} {arm}")
+    new = {label: key.label for label, key in keys.items()}
+    assert new["OPD+ forward KL"] == "stop-gradient forward KL" and new["stop-gradient forward KL"] == "OPD+ forward KL"
+    reworded = frame.assign(arm=frame["arm"].map(lambda a: new.get(a, a)))
+    after = comparisons.ask(reworded, arms=curves.assign(arm=curves["arm"].map(new)))
+    back = {v: k for k, v in new.items()}
+    after = after.assign(a=after["a"].map(lambda a: back.get(a, a)), b=after["b"].map(lambda b: back.get(b, b)))
+    columns = ["task", "question", "a", "b", "estimate", "p", "p_holm"]
+
+    def rows(t):
+        return t[columns].sort_values(columns[:4]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rows(after), rows(before))
+    assert set(before["question"]) == set("abcdef")  # every letter is asked: a rewording that moved one would show
+    assert comparisons.arm_keys(reworded["arm"].unique()) == {new[k]: v for k, v in keys.items()}
 
 
 def _committed():
@@ -70,6 +115,8 @@ def test_the_committed_claims_hold_and_the_tables_are_what_the_items_give():
         comparisons.claims(table, ["no such arm"])
     committed = pd.read_csv(DATA / "04_comparisons.csv")
     pd.testing.assert_frame_equal(table.reset_index(drop=True), committed, check_dtype=False, atol=1e-12)
+    keyed = comparisons.ask(frame, arms=pd.read_csv(DATA / "04_curves.csv"))  # the runs' own keys: the same
+    pd.testing.assert_frame_equal(keyed.reset_index(drop=True), committed, check_dtype=False, atol=1e-12)
 
 
 def test_the_claims_fail_when_an_arm_is_no_better_than_the_warm_up():

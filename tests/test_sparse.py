@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from opdlab.app import cli
-from opdlab.errors import UserError
-from opdlab.core.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
-from opdlab.experiments.montecarlo import DIVERGENCES
 from opdlab.core.divergences import CHUNK_ELEMENTS
+from opdlab.core.estimators import baselined_advantages, full_vocabulary_loss, reinforce_loss
 from opdlab.core.sparse import (PEER_FORMS, TopK, payload_on_support, sparse_loss, sparse_surrogate, sparse_terms,
-                           tail_log_ratio, topk_payload)
-from opdlab.exact.topk_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
-                               sequence_topk_moments, sequence_topk_table, topk_table)
+                                tail_log_ratio, topk_payload)
+from opdlab.errors import UserError
 from opdlab.exact.symbolic import as_divergence
+from opdlab.exact.topk_toy import (categorical_peer_gradient, categorical_topk_moments, make_near_teacher,
+                                   sequence_topk_moments, sequence_topk_table, topk_table)
 from opdlab.exact.toy import exact_gradient, exact_sequence_gradient, make_sequence, token_local_gradient
+from opdlab.experiments.montecarlo import DIVERGENCES
 
 pytestmark = pytest.mark.usefixtures("float64")
 

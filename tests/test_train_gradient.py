@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from opdlab.core import divergences, estimators
-
-from opdlab.experiments import noise
-from opdlab.config.spec import RunSpec
-from opdlab.lm.modeling import build_model
 from opdlab.config.recipe import ModelRecipe
+from opdlab.config.spec import RunSpec
+from opdlab.core import divergences, estimators
+from opdlab.errors import UserError
+from opdlab.experiments import noise
+from opdlab.lm.modeling import build_model
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
@@ -136,11 +136,10 @@ def test_token_noise_reports_an_unbiased_estimator_and_its_noise_scale(setting):
 def test_reference_arms_train_end_to_end(tmp_path):
     """``supervised_kd`` samples from the teacher (its completions score like the teacher's), ``full_vocabulary``
     from the student; both log no advantage statistics and lower their loss's own target on a fixed batch."""
-    from test_train import SMALL, TASK as T, models_for_test
-
     from opdlab.rundir.reader import read_metrics
-    from opdlab.training.step import Trainer, opd_step
     from opdlab.training.loop import train
+    from opdlab.training.step import Trainer, opd_step
+    from test_train import SMALL, TASK as T, models_for_test
 
     models = models_for_test()
     for method in ("supervised_kd", "full_vocabulary"):
@@ -181,7 +180,7 @@ def test_step_noise_measures_whole_steps_and_falls_with_the_batch(gamma, baselin
     assert big["variance"] < small["variance"] / 4 and big["relative_variance"] < small["relative_variance"] / 2
     with pytest.raises(ValueError, match="n_batches"):
         noise.step_noise(Trainer(config, TASK, teacher, student, TOK), n_batches=1)
-    with pytest.raises(ValueError, match="sampled estimator"):  # its completions come from the teacher
+    with pytest.raises(UserError, match="the student's own samples"):  # its completions come from the teacher
         noise.step_noise(Trainer(config.replace(method="supervised_kd"), TASK, teacher, student, TOK))
     full = noise.step_noise(Trainer(config.replace(method="full_vocabulary", prompts_per_step=4), TASK, teacher,
                                     student, TOK), n_batches=4)  # noisy too: its contexts are sampled

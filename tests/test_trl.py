@@ -13,12 +13,12 @@ pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
-from opdlab.core import divergences, estimators, sparse  # noqa: E402
 from opdlab.config.choices import FIXED_DIVERGENCES  # noqa: E402
+from opdlab.config.recipe import ModelRecipe  # noqa: E402
+from opdlab.core import divergences, estimators, sparse  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
 from opdlab.integrations.trl import OPDConfig, OPDTrainer  # noqa: E402
 from opdlab.lm.modeling import build_model  # noqa: E402
-from opdlab.config.recipe import ModelRecipe  # noqa: E402
 from opdlab.lm.sampling import gather_logp  # noqa: E402
 from opdlab.lm.tokenizer import char_tokenizer  # noqa: E402
 

@@ -12,8 +12,10 @@ import warnings
 
 from opdlab.errors import UserError
 
-__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS", "LR_SCHEDULES", "DEFAULT_REDUCTION", "FIXED_DIVERGENCES", "DIVERGENCE_FAMILIES", "REPRESENTATIVE_DIVERGENCES",
-           "parse_divergence", "allowed_divergences", "check_method", "check_baseline", "check_trainable", "GJSD_MIN_WEIGHT"]
+__all__ = ["METHODS", "REFERENCE_METHODS", "TRAIN_METHODS", "BASELINES", "SPARSE_BASELINES", "REDUCTIONS",
+           "LR_SCHEDULES", "DEFAULT_REDUCTION", "EVAL_SPLITS", "EVAL_SEED", "VALIDATION_SEED", "FIXED_DIVERGENCES",
+           "DIVERGENCE_FAMILIES", "REPRESENTATIVE_DIVERGENCES", "parse_divergence", "allowed_divergences",
+           "check_method", "check_baseline", "check_trainable", "GJSD_MIN_WEIGHT"]
 
 METHODS = ("opd", "opd_plus")
 """``"opd"``: the stop-gradient advantage -f(u); ``"opd_plus"``: w_f(u) = -f(u) + u f'(u) (docs/math.md §3)."""
@@ -25,16 +27,22 @@ distributions; no sampling noise at the token), and ``"supervised_kd"``, cross-e
 from the teacher (sequence-level knowledge distillation, off-policy)."""
 
 TRAIN_METHODS = METHODS + REFERENCE_METHODS
-"""What ``Objective.method`` accepts."""
+"""What ``Objective.method`` accepts; what each one samples, minimises, logs and is called is
+``opdlab.core.objective.TABLE``."""
 
 BASELINES = ("none", "expected", "loo")
 """``"none"``; ``"expected"``: the exact per-context mean of the advantage over the vocabulary; ``"loo"``: the
 mean advantage of the other samples of the same group at the same position (docs/math.md §5)."""
 
 EVAL_SPLITS = ("test", "validation")
+"""Where a run's evaluation items come from (``EvalSpec.eval_split``)."""
+
+EVAL_SEED = 10_000
+"""The test items' stream (``step.eval_examples``): the held-out items are the same for every run, so that
+methods compare on one set."""
+
 VALIDATION_SEED = 20_000
 """The validation items' stream (``step.eval_examples``); no run trains with this seed (``Optim`` refuses it)."""
-"""Where a run's evaluation items come from (``EvalSpec.eval_split``)."""
 
 SPARSE_BASELINES = ("none", "tail", "loo")
 """Baselines of OPD+ from a top-k teacher (``opdlab.core.sparse``): ``"tail"`` is w_f at the tail's aggregate ratio
@@ -42,13 +50,14 @@ u_bar = (1 - Q_S) / (1 - Pi_S), corrected on the support; ``"expected"`` needs t
 there (docs/math.md §8)."""
 
 REDUCTIONS = ("token", "sequence")
-LR_SCHEDULES = ("constant", "cosine")
-"""Learning rate of distillation against step: constant, or a linear warm-up over the first 5% of steps then a
-cosine decay to 10% of ``lr`` (``lm.sft.warmup_cosine_lr``, the schedule supervised training uses)."""
 """How a surrogate sums its per-token terms: ``"token"`` divides by the number of unmasked tokens in the batch,
 ``"sequence"`` by the number of sequences. Only ``"sequence"`` is unbiased: with it gamma = 1 estimates the
 sequence gradient grad J and gamma = 0 the token-local one; ``"token"`` rescales each batch by a random count
 (docs/math.md §4)."""
+
+LR_SCHEDULES = ("constant", "cosine")
+"""Learning rate of distillation against step: constant, or a linear warm-up over the first 5% of steps then a
+cosine decay to 10% of ``lr`` (``lm.sft.warmup_cosine_lr``, the schedule supervised training uses)."""
 
 DEFAULT_REDUCTION = "token"
 """The reduction of ``Objective`` and of every surrogate loss when none is named."""
@@ -73,7 +82,7 @@ def allowed_divergences() -> str:
 def parse_divergence(name: str) -> tuple[str, float | None]:
     """``(key, None)`` for a fixed divergence, ``(family, parameter)`` for ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
 
-    Raises a TypeError for a name that is not a string, and a ValueError that lists the allowed names for an
+    Raises a TypeError for a name that is not a string, and a UserError that lists the allowed names for an
     unknown name or states the allowed range for a family parameter that is malformed or out of range. The
     registry accepts the endpoints gjsd:0 and gjsd:1 (identically zero; the family is continuous there) with a
     warning; ``check_trainable`` refuses them, and weights within float32 precision of them, for training.
@@ -132,13 +141,13 @@ def check_trainable(name: str) -> None:
 
 
 def check_method(method: str) -> None:
-    """Raise a ValueError unless ``method`` is one of ``METHODS``."""
+    """Raise a UserError unless ``method`` is one of ``METHODS``."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
 def check_baseline(baseline: str) -> None:
-    """Raise a ValueError unless ``baseline`` is one of ``BASELINES``."""
+    """Raise a UserError unless ``baseline`` is one of ``BASELINES``."""
     if baseline not in BASELINES:
         raise UserError(f"unknown baseline {baseline!r}; allowed: 'none', 'expected' (exact per-context mean of "
                          "the advantage), 'loo' (leave-one-out over the other samples)")

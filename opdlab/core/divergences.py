@@ -402,7 +402,8 @@ def _fixed() -> dict[str, Divergence]:
         Divergence("tv", "total variation", "½|u-1|", "½ sign(u-1)",
                    lambda L: half * torch.expm1(L).abs(), lambda L: half * torch.sign(L),
                    lambda L: half * torch.sign(L),
-                   weighted=(lambda lp, L: half * _p_expm1(lp, L).abs(), lambda lp, L: half * torch.sign(L) * lp.exp())),
+                   weighted=(lambda lp, L: half * _p_expm1(lp, L).abs(),
+                             lambda lp, L: half * torch.sign(L) * lp.exp())),
         Divergence("hellinger", "squared Hellinger", "(√u-1)²", "√u - 1",
                    lambda L: torch.expm1(L / 2) ** 2, lambda L: -torch.expm1(-L / 2),
                    lambda L: torch.expm1(L / 2),
@@ -431,8 +432,8 @@ def names() -> list[str]:
 def get(name: str | Divergence) -> Divergence:
     """Look up a divergence by name: one of ``names()``, or ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
 
-    Raises a ValueError that lists the allowed names for an unknown name, and one that states the
-    allowed range for a family parameter that is malformed or out of range.
+    Raises a UserError that lists the allowed names for an unknown name, and one that states the allowed range
+    for a family parameter that is malformed or out of range (a TypeError for a name that is not a string).
     """
     if isinstance(name, Divergence):
         return name

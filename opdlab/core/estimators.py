@@ -36,7 +36,7 @@ from opdlab.errors import UserError
 __all__ = [
     "Advantages", "compute_advantages", "baselined_advantages", "token_advantages", "discounted_future_sum",
     "clip_log_u", "expected_advantage_baseline", "leave_one_out_baseline", "less_leave_one_out",
-    "full_vocabulary_loss",
+    "full_vocabulary_loss", "reduce",
     "reinforce_loss", "supervised_loss", "METHODS", "BASELINES", "REDUCTIONS", "DEFAULT_REDUCTION",
 ]
 
@@ -291,7 +291,10 @@ def leave_one_out_baseline(A_BT: torch.Tensor, mask_BT: torch.Tensor | None = No
     return b_PGT.reshape(B, T)
 
 
-def _reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def reduce(x_BT: torch.Tensor, mask_BT: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """``sum_{b,t} mask_bt x_bt / n``: n = B for ``"sequence"``, the unmasked tokens (at least 1) for ``"token"``
+    (docs/math.md §4); every surrogate of this module and of ``sparse`` reduces through it. A UserError for an
+    unknown reduction, an empty batch or a mask that holds other values than 0 and 1."""
     if reduction not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}")
     if x_BT.numel() == 0:
@@ -314,7 +317,7 @@ def reinforce_loss(logp_student_BT, A_BT, mask_BT=None, reduction=DEFAULT_REDUCT
     if logp_student_BT.shape != A_BT.shape:
         raise UserError(f"shapes do not match: logp_student_BT {tuple(logp_student_BT.shape)}, "
                          f"A_BT {tuple(A_BT.shape)}")
-    return -_reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
+    return -reduce(A_BT.detach() * logp_student_BT, mask_BT, reduction)
 
 
 def supervised_loss(logp_student_BT, mask_BT=None, reduction=DEFAULT_REDUCTION) -> torch.Tensor:
@@ -324,7 +327,7 @@ def supervised_loss(logp_student_BT, mask_BT=None, reduction=DEFAULT_REDUCTION) 
     the forward KL sum_t KL(pi_T || pi_theta)(c_t) over the teacher's contexts, an off-policy reference for
     OPD. ``n`` is the number of unmasked tokens (``"token"``) or of sequences (``"sequence"``).
     """
-    return -_reduce(logp_student_BT, mask_BT, reduction)
+    return -reduce(logp_student_BT, mask_BT, reduction)
 
 
 def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, reduction=DEFAULT_REDUCTION):
@@ -338,4 +341,4 @@ def full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT=None, 
     div = get(div)
     _check_full(logp_student_BTV, logp_teacher_BTV)
     D_BT = div.exact(logp_teacher_BTV.detach(), logp_student_BTV)
-    return _reduce(D_BT, mask_BT, reduction)
+    return reduce(D_BT, mask_BT, reduction)

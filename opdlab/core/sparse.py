@@ -34,8 +34,8 @@ import torch
 
 from opdlab.config.choices import DEFAULT_REDUCTION, SPARSE_BASELINES
 from opdlab.core.divergences import Divergence, get, over_row_chunks, validate_log_probs
+from opdlab.core.estimators import clip_log_u, compute_advantages, less_leave_one_out, reduce
 from opdlab.errors import UserError
-from opdlab.core.estimators import _reduce, clip_log_u, compute_advantages, less_leave_one_out
 
 __all__ = ["TopK", "topk_payload", "payload_on_support", "SparseTerms", "sparse_terms", "sparse_surrogate",
            "sparse_loss", "renormalised_divergence", "tail_bucket_divergence", "no_tail_divergence",
@@ -238,7 +238,7 @@ def sparse_surrogate(div: Divergence | str, logp_student_BTV: torch.Tensor, toke
     ids = payload.ids_BTK.to(torch.int64)
     exact_BT = (terms.weight_BTK * logp_student_BTV.gather(-1, ids)).sum(-1)
     sampled_BT = terms.A_BT * logp_student_BTV.gather(-1, tokens_BT[..., None].to(torch.int64))[..., 0]
-    return -_reduce(exact_BT + sampled_BT, mask_BT, reduction), terms
+    return -reduce(exact_BT + sampled_BT, mask_BT, reduction), terms
 
 
 def sparse_loss(div: Divergence | str, logp_student_BTV: torch.Tensor, tokens_BT: torch.Tensor, payload: TopK,

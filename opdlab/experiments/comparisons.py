@@ -6,25 +6,27 @@
   item by item and seed by seed.
 * ``pack_items``/``unpack_items``: the same records as one row per run, ``correct`` a string of 0/1 in item
   order: compact enough to commit, and everything a paired test needs.
-* ``questions``/``ask``: the family of comparisons, (a)-(f), with Holm over the whole family, and ``gaps``:
-  the fraction of the warm-up -> teacher gap each arm closes, with a bootstrap interval.
+* ``questions``/``ask``: the family of comparisons, (a)-(f), with Holm over the whole family, chosen on each
+  arm's key ``Arm(method, divergence, teacher_topk)`` (never on its label's text), and ``gaps``: the fraction of
+  the warm-up -> teacher gap each arm closes, with a bootstrap interval.
 * ``claims``/``check_claims``: what the notebook asserts, each claim an interval that excludes zero after Holm;
   a failed claim raises with the numbers, so a counterfactual (arms with no real difference) fails it.
 """
 from __future__ import annotations
 
-import re
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from opdlab.experiments import stats
+from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
+from opdlab.core import objective
 from opdlab.errors import UserError
-from opdlab.core.divergences import title as divergence_title
+from opdlab.experiments import stats
 
-__all__ = ["WARM_UP", "TEACHER", "arm_label", "final_items", "pack_items", "read_packed", "unpack_items", "questions",
-           "ask", "gaps", "claims", "check_claims", "findings", "power", "step_costs",
-           "variance_claims", "kl_claims"]
+__all__ = ["WARM_UP", "TEACHER", "Arm", "arm_label", "arm_keys", "LOOKUP_TOPK", "final_items", "pack_items",
+           "read_packed", "unpack_items", "questions", "ask", "gaps", "claims", "check_claims", "findings", "power",
+           "step_costs", "variance_claims", "kl_claims"]
 
 WARM_UP, TEACHER = "warm-up student", "teacher"
 """The two reference models' arm names."""
@@ -40,17 +42,76 @@ _FAMILIES = {
 """What each letter of the family asks."""
 
 
+class Arm(NamedTuple):
+    """What an arm is, as ``questions`` chooses arms: its method, divergence and top-k teacher (None: the whole
+    teacher distribution)."""
+
+    method: str
+    divergence: str
+    teacher_topk: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``arm_label`` of this arm."""
+        return arm_label(*self)
+
+
+def _topk_or_none(teacher_topk) -> int | None:
+    """``teacher_topk`` as a record holds it (None, NaN from a CSV, a float or an int) as None or an int."""
+    if teacher_topk is None or (isinstance(teacher_topk, float) and np.isnan(teacher_topk)):
+        return None
+    return int(teacher_topk)
+
+
 def arm_label(method: str, divergence: str, teacher_topk=None) -> str:
     """``OPD+ forward KL``, ``stop-gradient Jensen-Shannon`` (the registry's label of each divergence), ``full
     vocabulary, reverse KL``, ``supervised KD``; ``OPD+ forward KL, top-1 teacher`` for a run that sees only the
-    teacher's top-k."""
-    name = divergence_title(divergence)
-    label = {"opd_plus": f"OPD+ {name}", "opd": f"stop-gradient {name}",
-             "full_vocabulary": f"full vocabulary, {name}", "supervised_kd": "supervised KD"}.get(method,
-                                                                                          f"{method}, {name}")
-    if teacher_topk is not None and not (isinstance(teacher_topk, float) and np.isnan(teacher_topk)):
-        label += f", top-{int(teacher_topk)} teacher"
-    return label
+    teacher's top-k (``core.objective.arm_label``; NaN ``teacher_topk``, as a CSV holds None, is None)."""
+    return objective.arm_label(method, divergence, _topk_or_none(teacher_topk))
+
+
+def _arm(method, divergence, teacher_topk) -> Arm:
+    return Arm(method, divergence, _topk_or_none(teacher_topk))
+
+
+LOOKUP_TOPK = 64
+"""The largest ``teacher_topk`` that ``arm_keys`` finds from a label alone."""
+
+
+def _keys_by_label() -> dict[str, Arm]:
+    keys = {}
+    for name, method in objective.TABLE.items():
+        topks = (None, *range(LOOKUP_TOPK + 1)) if method.topk_loss is not None else (None,)
+        for divergence in REPRESENTATIVE_DIVERGENCES:
+            for k in topks:
+                keys.setdefault(arm_label(name, divergence, k), Arm(name, divergence, k))
+    return keys
+
+
+def arm_keys(labels, arms: pd.DataFrame | None = None) -> dict[str, Arm]:
+    """Each arm label's ``Arm``, the references (``WARM_UP``, ``TEACHER``) left out: from ``arms``, a frame with
+    columns ``arm, method, divergence, teacher_topk`` (notebook 04's ``04_curves.csv``, a sweep's evaluations),
+    or where it is None the label that ``arm_label`` gives an arm of a method of ``core.objective.TABLE`` on one
+    of ``REPRESENTATIVE_DIVERGENCES`` with ``teacher_topk`` None or at most ``LOOKUP_TOPK``. A UserError names
+    a label that neither gives, or one that ``arms`` gives two keys."""
+    labels = [a for a in dict.fromkeys(labels) if a not in (WARM_UP, TEACHER)]
+    if arms is None:
+        known = _keys_by_label()
+        missing = [a for a in labels if a not in known]
+        if missing:
+            raise UserError(f"no arm of {', '.join(objective.TABLE)} on {', '.join(REPRESENTATIVE_DIVERGENCES)} "
+                            f"(top-k up to {LOOKUP_TOPK}) is labelled {missing}: pass arms=, a frame with columns "
+                            "arm, method, divergence, teacher_topk naming each arm")
+        return {a: known[a] for a in labels}
+    given = arms.drop_duplicates(["arm", "method", "divergence", "teacher_topk"])
+    twice = given[given["arm"].duplicated()]["arm"].tolist()
+    if twice:
+        raise UserError(f"arms names two (method, divergence, teacher_topk) under one label: {twice}")
+    keys = {r.arm: _arm(r.method, r.divergence, r.teacher_topk) for r in given.itertuples()}
+    missing = [a for a in labels if a not in keys]
+    if missing:
+        raise UserError(f"arms does not name the arms {missing}; it names {sorted(keys)}")
+    return {a: keys[a] for a in labels}
 
 
 def final_items(items: pd.DataFrame, references: pd.DataFrame) -> pd.DataFrame:
@@ -108,37 +169,38 @@ def unpack_items(packed: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def _topk(label: str) -> bool:
-    return re.search(r", top-\d+ teacher$", label) is not None
+def questions(arms) -> list[tuple[str, object, object]]:
+    """The family ``(letter, A, B)`` over the ``Arm``s present (and the references ``WARM_UP``, ``TEACHER``), as
+    notebook 04 asks it (see ``_FAMILIES``), chosen on the arms' keys alone; within a letter the arms come in the
+    order of their labels."""
+    arms = {a for a in arms if isinstance(a, Arm)}
 
-
-def questions(arms) -> list[tuple[str, str, str]]:
-    """The family ``(letter, A, B)`` over the arms present, as notebook 04 asks it (see ``_FAMILIES``)."""
-    arms = set(arms)
-    opd_plus = sorted(a for a in arms if a.startswith("OPD+ ") and not _topk(a))
-    topk = sorted(a for a in arms if _topk(a))
-    full = sorted(a for a in arms if a.startswith("full vocabulary, "))
-    kd = arm_label("supervised_kd", "reverse_kl")
-    stop = sorted(a for a in arms if a.startswith("stop-gradient "))
-    out = [("a", a, WARM_UP) for a in sorted(opd_plus + topk + full + [kd]) if a in arms]
+    def of(method, topk=False):
+        return sorted((a for a in arms if a.method == method and (a.teacher_topk is not None) == topk),
+                      key=lambda a: a.label)
+    opd_plus, stop, full, kd = of("opd_plus"), of("opd"), of("full_vocabulary"), of("supervised_kd")
+    topk = sorted((a for a in arms if a.teacher_topk is not None), key=lambda a: a.label)
+    out = [("a", a, WARM_UP) for a in sorted(opd_plus + topk + full + kd, key=lambda a: a.label)]
     out += [("b", a, WARM_UP) for a in stop]
-    rkl = arm_label("opd_plus", "reverse_kl")
-    out += [("c", arm_label("opd_plus", d), rkl) for d in ("forward_kl", "jsd")
-            if arm_label("opd_plus", d) in arms and rkl in arms]
-    out += [("d", a, kd) for a in opd_plus if kd in arms]
-    out += [("e", a, f) for f in full for a in opd_plus if a == "OPD+ " + f.split(", ", 1)[1]]
+    rkl = Arm("opd_plus", "reverse_kl")
+    out += [("c", Arm("opd_plus", d), rkl) for d in ("forward_kl", "jsd") if Arm("opd_plus", d) in arms
+            and rkl in arms]
+    out += [("d", a, k) for a in opd_plus for k in kd]
+    out += [("e", a, f) for f in full for a in opd_plus if a.divergence == f.divergence]
     for a in topk:
-        sampled = a.rsplit(", top-", 1)[0]
-        out += [("f", a, b) for b in [sampled, *full] if b in arms]
+        out += [("f", a, b) for b in [a._replace(teacher_topk=None), *full] if b in arms]
     return out
 
 
-def ask(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+def ask(frame: pd.DataFrame, alpha: float = 0.05, arms: pd.DataFrame | None = None) -> pd.DataFrame:
     """``stats.compare`` over ``questions`` of each task's arms, one Holm family over all of them, with a
-    ``question`` letter and what it asks."""
+    ``question`` letter and what it asks. Each arm label's key is ``arm_keys(labels, arms)``; the comparisons
+    name the arms by the frame's labels."""
     tables = []
     for task, part in frame.groupby("task", sort=True):
-        family = questions(part["arm"].unique())
+        keys = arm_keys(part["arm"].unique(), arms)
+        labels = {key: label for label, key in keys.items()} | {WARM_UP: WARM_UP, TEACHER: TEACHER}
+        family = [(q, labels[a], labels[b]) for q, a, b in questions(keys.values())]
         if not family:
             raise UserError(f"{task}: no question can be asked of the arms {sorted(part['arm'].unique())}")
         t = stats.compare(part.drop(columns="task"), [(a, b) for _, a, b in family], alpha)
@@ -147,8 +209,8 @@ def ask(frame: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
     table["p_holm"] = stats.holm(table["p"].to_numpy(), alpha)  # one family across tasks
     table["verdict"] = [stats.verdict(r, r["a"], r["b"], alpha) for r in table.to_dict("records")]
     table["asks"] = table["question"].map(_FAMILIES)
-    return table[["task", "question", "asks", "a", "b", "seeds", "items", "estimate", "se", "lo", "hi", "p", "p_holm",
-                  "mde", "verdict"]]
+    return table[["task", "question", "asks", "a", "b", "seeds", "items", "estimate", "se", "lo", "hi", "p",
+                  "p_holm", "mde", "verdict"]]
 
 
 def gaps(frame: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -206,7 +268,8 @@ def findings(table: pd.DataFrame, arms: pd.DataFrame) -> list[str]:
     return out
 
 
-def power(frame: pd.DataFrame, table: pd.DataFrame, seeds: int, target: float, alpha: float = 0.05) -> pd.DataFrame:
+def power(frame: pd.DataFrame, table: pd.DataFrame, seeds: int, target: float,
+          alpha: float = 0.05) -> pd.DataFrame:
     """For each comparison of ``table`` between two trained arms (questions c-f): the measured variance
     components of its per-item difference, the difference detectable at ``seeds`` seeds and this many items,
     and the fewest seeds (2-64) that detect ``target`` (``stats.plan``; NaN where none does)."""
@@ -252,8 +315,9 @@ def variance_claims(variance: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame
 
     def pooled(a, b, keys):
         m = a.merge(b, on=keys, suffixes=("_a", "_b"))
-        return stats.jackknife_log_ratio(loo(m["log_relative_variance_loo_a"]), loo(m["log_relative_variance_loo_b"]),
-                                         np.log(m["relative_variance_a"]), np.log(m["relative_variance_b"]), alpha)
+        return stats.jackknife_log_ratio(loo(m["log_relative_variance_loo_a"]),
+                                         loo(m["log_relative_variance_loo_b"]), np.log(m["relative_variance_a"]),
+                                         np.log(m["relative_variance_b"]), alpha)
 
     rows = [dict(claim="no clip / clip", **pooled(v[~v["clip"]], v[v["clip"]], ["gamma", "baseline"])),
             dict(claim="γ = 1 / γ = 0", **pooled(v[v["gamma"] == 1.0], v[v["gamma"] == 0.0], ["baseline", "clip"]))]

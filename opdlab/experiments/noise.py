@@ -15,8 +15,8 @@ takes the gradient of ``step.loss`` (the loss ``opd_step`` applies) for each dra
 - the per-weight signal-to-noise ratio ``|g_i| / sd(g_hat_i)``: under Adam every weight moves by about lr per
   step whatever its SNR, so weights with SNR << 1 take random steps of that size.
 
-``sampled_tokens`` and ``tail_share`` describe the heavy tail of log u = log pi_T - log pi_theta at the sampled tokens: tokens the
-student samples and the teacher all but rules out carry a large share of the squared advantage.
+``sampled_tokens`` and ``tail_share`` describe the heavy tail of log u = log pi_T - log pi_theta at the sampled
+tokens: tokens the student samples and the teacher all but rules out carry a large share of the squared advantage.
 """
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ import math
 import pandas as pd
 import torch
 
-from opdlab.core import divergences, estimators
-
-from opdlab.training import step as opd
-from opdlab.lm.sampling import Rollout
+from opdlab.core import divergences, estimators, objective
 from opdlab.errors import UserError
+from opdlab.lm.sampling import Rollout
+from opdlab.training import step as opd
 
 __all__ = ["student_rollout", "token_noise", "noise_table", "predicted_cosine", "cosine_curves", "sampled_tokens",
            "tail_share", "step_noise"]
@@ -41,10 +40,16 @@ def student_rollout(trainer, step: int = 0) -> Rollout:
     return opd.sample(trainer, trainer.batch(step))
 
 
+def _require(spec, what: str, measures: str, **where) -> None:
+    """Refuse (UserError) a spec whose method is not one of ``objective.names(**where)``."""
+    allowed = objective.names(**where)
+    if spec.objective.method not in allowed:
+        raise UserError(f"{what} measures {measures}; method must be one of {allowed}, "
+                        f"got {spec.objective.method!r}")
+
+
 def _sampled_method(spec, what: str) -> None:
-    if spec.objective.method not in estimators.METHODS:
-        raise UserError(f"{what} measures a sampled estimator; method must be one of {estimators.METHODS}, "
-                         f"got {spec.objective.method!r}")
+    _require(spec, what, "a sampled estimator", sampled=True)
 
 
 def _flat_grad(loss: torch.Tensor, params: list) -> torch.Tensor:
@@ -83,7 +88,7 @@ def token_noise(spec, teacher, student, rollout: Rollout, n_resamples: int = 64,
     for _ in range(n_resamples):
         y_BT = torch.multinomial(probs_NV, 1, generator=generator).reshape(ids_BT.shape)
         redrawn = opd.Scores(logp_teacher_BTV.gather(-1, y_BT[..., None]).squeeze(-1), logp_teacher_BTV,
-                             logp_student_BTV.gather(-1, y_BT[..., None]).squeeze(-1), logp_student_BTV)
+                             logp_student_BTV.gather(-1, y_BT[..., None]).squeeze(-1), logp_student_BTV, y_BT)
         loss, _ = opd.loss(o, div, redrawn, mask_BT, spec.optim.samples_per_prompt)
         g_hat = _flat_grad(loss, params)
         total += g_hat
@@ -130,7 +135,8 @@ def cosine_curves(table: pd.DataFrame, tokens=None) -> pd.DataFrame:
     import numpy as np
 
     tokens = np.geomspace(100, 1e6, 200) if tokens is None else np.asarray(tokens, dtype=float)
-    return pd.concat([pd.DataFrame(dict(variant=row.variant, tokens=tokens, cosine=predicted_cosine(row.B_noise, tokens)))
+    return pd.concat([pd.DataFrame(dict(variant=row.variant, tokens=tokens,
+                                        cosine=predicted_cosine(row.B_noise, tokens)))
                       for row in table.itertuples()], ignore_index=True)
 
 
@@ -159,8 +165,9 @@ def tail_share(tokens: pd.DataFrame, fractions=(0.01, 0.05, 0.25)) -> pd.DataFra
 
 def step_noise(trainer, n_batches: int = 8, step: int = 0):
     """Noise of one whole step's gradient under ``trainer.spec`` (any γ, baseline including leave-one-out,
-    clip, reduction, a top-k teacher, and the full-vocabulary loss): ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and
-    differentiated exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
+    clip, reduction, a top-k teacher, and the full-vocabulary loss; any method that samples from the student):
+    ``n_batches`` fresh rollouts of the same prompts (the prompts of ``step``), each scored and differentiated
+    exactly as ``opd_step`` does, at the trainer's current student. Unlike ``token_noise`` the
     contexts are redrawn too, so this is the variance an optimizer step sees.
 
     Returns ``relative_variance`` = tr Cov[g_hat] / |E g_hat|^2 (scale-free, so estimators whose steps differ in
@@ -181,9 +188,8 @@ def step_noise(trainer, n_batches: int = 8, step: int = 0):
     trainers = list(trainer) if isinstance(trainer, (list, tuple)) else [trainer]
     if not trainers:
         raise UserError("step_noise needs a trainer or a non-empty list of them, got an empty list")
-    for tr in trainers:
-        if tr.spec.objective.method != "full_vocabulary":  # its step is noisy too: the contexts are sampled
-            _sampled_method(tr.spec, "step_noise")
+    for tr in trainers:  # the full-vocabulary step is noisy too: its contexts are the student's samples
+        _require(tr.spec, "step_noise", "a step on the student's own samples", samples_from="student")
     if not (isinstance(n_batches, int) and n_batches >= 2):
         raise UserError(f"n_batches must be an int >= 2, got {n_batches!r}")
     first = trainers[0]
@@ -225,7 +231,8 @@ def _step_noise_summary(G: torch.Tensor, tokens: list) -> dict:
     """``step_noise``'s dict from the K x P gradients ``G`` and the sampled tokens of each batch."""
     K = G.shape[0]
     rv = _relative_variance(G)
-    leave_one_out = torch.tensor([math.log(_relative_variance(torch.cat([G[:i], G[i + 1:]]))[0]) for i in range(K)])
+    leave_one_out = torch.tensor([math.log(_relative_variance(torch.cat([G[:i], G[i + 1:]]))[0])
+                                  for i in range(K)])
     jackknife_se = float(((K - 1) / K * (leave_one_out - leave_one_out.mean()).pow(2).sum()).sqrt())
     return dict(relative_variance=rv[0], variance=rv[1], signal=rv[2], log_relative_variance_se=jackknife_se,
                 grad_norm=float(G.norm(dim=1).mean()), tokens=sum(tokens) / K, batches=K,

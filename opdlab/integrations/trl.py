@@ -21,8 +21,9 @@ student; here the loss is opdlab's (docs/math.md §3-§5, arXiv 2606.01039 Eq. 7
   reach the estimator, as from a served teacher (``opdlab.core.sparse``: exact on the support, the tail from the
   sample, unbiased for every f; baselines ``none``, ``tail`` or ``loo``).
 
-The advantages come from ``opdlab.core.estimators.baselined_advantages`` and the losses from
-``estimators.reinforce_loss`` / ``estimators.full_vocabulary_loss``; nothing here re-derives them. Departures from
+The loss is ``opdlab.core.objective.loss``, the one the training step minimises (its advantages from
+``estimators.baselined_advantages``, its losses ``estimators.reinforce_loss`` / ``estimators.full_vocabulary_loss`` /
+``sparse.sparse_surrogate``); nothing here re-derives them. Departures from
 TRL's loss: the student's (B, T, V) logits are materialised (TRL projects hidden states chunk by chunk), and the
 logits are those of the model's own forward (its logit scaling and soft-capping included) at temperature 1.
 
@@ -40,8 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opdlab.core import estimators, sparse
-from opdlab.config.choices import BASELINES, METHODS, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
+from opdlab.config.choices import BASELINES, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
+from opdlab.core import objective
 from opdlab.core.divergences import get as get_divergence
 from opdlab.errors import UserError
 from opdlab.lm.sampling import gather_logp
@@ -55,8 +56,9 @@ except ImportError as err:  # the extra is optional; say how to get it
 
 __all__ = ["OPDConfig", "OPDTrainer", "INTEGRATION_METHODS", "SAMPLING_SETTINGS", "check_settings", "opd_loss"]
 
-INTEGRATION_METHODS = METHODS + ("full_vocabulary",)
-"""``"opd"`` and ``"opd_plus"`` estimate from the sampled token; ``"full_vocabulary"`` is exact at each context."""
+INTEGRATION_METHODS = objective.names(samples_from="student")
+"""The methods that learn from the student's own samples (TRL generates from the student): ``"opd"`` and
+``"opd_plus"`` estimate from the sampled token; ``"full_vocabulary"`` is exact at each context."""
 
 SAMPLING_SETTINGS = {"top_k": 0, "top_p": 1.0, "min_p": None, "repetition_penalty": 1.0}
 """TRL's sampling settings, at the values that sample from pi_theta itself. Any other value draws tokens from
@@ -102,9 +104,9 @@ def check_settings(args) -> None:
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 0:
             raise UserError(f"OPDConfig.teacher_topk must be None or an int >= 0, got {topk!r}")
-        if args.method != "opd_plus":
-            raise UserError(f"teacher_topk needs method='opd_plus' (the top-k estimator is OPD+'s, opdlab.core.sparse), "
-                            f"got {args.method!r}")
+        if objective.get(args.method).topk_loss is None:
+            raise UserError(f"teacher_topk needs {_either(objective.names_with_topk())} (the top-k estimator is "
+                            f"OPD+'s, opdlab.core.sparse), got {args.method!r}")
         _check_choice("baseline", args.baseline, SPARSE_BASELINES)  # 'expected' needs the whole teacher
     else:
         _check_choice("baseline", args.baseline, BASELINES)
@@ -123,23 +125,30 @@ def check_settings(args) -> None:
     if sampling["temperature"] != 1.0:
         raise UserError(f"temperature={sampling['temperature']}: opdlab's objectives are at temperature 1 and its "
                         "estimators sample from pi_theta itself; set temperature=1.0")
-    if args.method == "full_vocabulary":
+    if not objective.get(args.method).sampled:
         if args.gamma != 0.0 or args.baseline != "none":
-            raise UserError(f"method='full_vocabulary' is exact at each context and has no advantages: gamma "
-                            f"({args.gamma}) and baseline ({args.baseline!r}) apply to 'opd' and 'opd_plus' only")
+            raise UserError(f"method={args.method!r} does not estimate from the sampled token and has no "
+                            f"advantages: gamma ({args.gamma}) and baseline ({args.baseline!r}) apply to "
+                            f"{_either(objective.names(sampled=True))} only")
         return
     changed = {k: sampling[k] for k, v in SAMPLING_SETTINGS.items() if k in sampling and sampling[k] != v}
     if sampling.get("do_sample", True) is False or sampling.get("num_beams", 1) != 1:
         changed.update({k: sampling[k] for k in ("do_sample", "num_beams") if k in sampling})
     if changed:
+        exact = [m for m in INTEGRATION_METHODS if not objective.get(m).sampled]
         raise UserError(f"method={args.method!r} estimates from tokens sampled from pi_theta itself, but "
                         f"{changed} samples from another policy (allowed: {SAMPLING_SETTINGS}, do_sample=True, "
-                        "num_beams=1); only method='full_vocabulary' accepts these settings")
+                        f"num_beams=1); only {_either(exact)} accepts these settings")
 
 
 def _check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise UserError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _either(methods) -> str:
+    """``method='a' or method='b'``, for messages."""
+    return " or ".join(f"method={m!r}" for m in methods)
 
 
 def opd_loss(args, logits_student_BTV, logits_teacher_BTV, ids_BT, mask_BT, denominator=None):
@@ -155,19 +164,9 @@ def opd_loss(args, logits_student_BTV, logits_teacher_BTV, ids_BT, mask_BT, deno
     logp_student_BT, logp_student_BTV = gather_logp(logits_student_BTV.float(), ids_BT)
     logp_teacher_BT, logp_teacher_BTV = gather_logp(logits_teacher_BTV.float().detach(), ids_BT)
     mask_BT = mask_BT.to(logp_student_BT.dtype)
+    scores = objective.Scores(logp_teacher_BT, logp_teacher_BTV, logp_student_BT, logp_student_BTV, ids_BT)
     reduction = args.reduction if denominator is None else "sequence"
-    if args.method == "full_vocabulary":
-        adv = None
-        loss = estimators.full_vocabulary_loss(div, logp_student_BTV, logp_teacher_BTV, mask_BT, reduction)
-    elif getattr(args, "teacher_topk", None) is not None:  # only what a served teacher sends reaches the estimator
-        payload = sparse.topk_payload(logits_teacher_BTV.float().detach(), ids_BT, args.teacher_topk)
-        loss, adv = sparse.sparse_surrogate(div, logp_student_BTV, ids_BT, payload, mask_BT, args.gamma,
-                                            args.baseline, None, args.log_u_clip, reduction)
-    else:
-        adv = estimators.baselined_advantages(div, logp_student_BT.detach(), logp_teacher_BT, mask_BT, args.method,
-                                              args.gamma, args.baseline, logp_student_BTV.detach(), logp_teacher_BTV,
-                                              None, args.log_u_clip)
-        loss = estimators.reinforce_loss(logp_student_BT, adv.A_BT, mask_BT, reduction)
+    loss, adv = objective.loss(args, div, scores, mask_BT, None, reduction)
     if denominator is not None:  # "sequence" divided by B: undo it, divide by the global normaliser
         loss = loss * (ids_BT.shape[0] / denominator)
     with torch.no_grad():
@@ -272,7 +271,9 @@ class OPDTrainer(DistillationTrainer):
         n, metrics = max(s["n_tokens"], 1.0), self._metrics["train" if self.model.training else "eval"]
         metrics["opd/exact_divergence"].append(s["divergence_sum"] / n)
         metrics["opd/log_u_mean"].append(s["log_u_sum"] / n)
-        if self.args.method != "full_vocabulary":
+        logs = objective.get(self.args.method).logs
+        if "clip_fraction" in logs:
             metrics["opd/clip_fraction"].append(s["n_clipped"] / n)
+        if "adv_mean" in logs:
             metrics["opd/adv_mean"].append(s["adv_sum"] / n)
         return out

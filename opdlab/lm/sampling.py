@@ -33,7 +33,25 @@ from opdlab.lm import decoder, packed
 from opdlab.lm.device import autocast
 from opdlab.lm.tokenizer import collate, per_tokenizer, prompt_ids, stop_ids
 
-__all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy"]
+__all__ = ["Rollout", "sample", "completion_logits", "gather_logp", "greedy_accuracy", "sampled_accuracy",
+           "completion_budget", "RUN_BUDGET_MARGIN", "CHECK_BUDGET_MARGIN"]
+
+RUN_BUDGET_MARGIN = 8
+"""Tokens past the longest of 500 training targets that a run samples (``step.max_new_tokens``: training,
+evaluation, ``opdlab eval``). Every committed run and its figures were sampled with this budget."""
+
+CHECK_BUDGET_MARGIN = 16
+"""Tokens past the longest target of the examples scored that ``sampled_accuracy`` allows when given no budget:
+the model cache's SFT stopping check and its held-out accuracy (``lm.cache``). It differs from
+``RUN_BUDGET_MARGIN`` because the check decides when supervised training stops, so it fixes the cached teacher
+and warm-up weights behind every committed number; making the two one margin would move those weights or every
+run's completions."""
+
+
+def completion_budget(examples, margin: int) -> int:
+    """``max_e len(e.target) + margin``: a completion budget in tokens from targets measured in characters (a
+    token holds at least one character, so a completion as long as its target fits)."""
+    return max(len(ex.target) for ex in examples) + margin
 
 
 @dataclass
@@ -267,8 +285,8 @@ def sampled_accuracy(model, tokenizer, task, examples, k: int = 1, greedy: bool 
                      max_new_tokens: int | None = None, batch: int = 128,
                      compiled: bool = False) -> tuple[float, list[Rollout]]:
     """avg@k: the mean accuracy of k completions per example (greedy: k = 1), and the rollouts drawn;
-    ``compiled`` as in ``sample``."""
-    max_new_tokens = max_new_tokens or max(len(ex.target) for ex in examples) + 16  # characters: >= tokens
+    ``max_new_tokens`` None: ``completion_budget(examples, CHECK_BUDGET_MARGIN)``; ``compiled`` as in ``sample``."""
+    max_new_tokens = max_new_tokens or completion_budget(examples, CHECK_BUDGET_MARGIN)
     prompts = [ex.prompt for ex in examples for _ in range(k)]
     refs = [ex for ex in examples for _ in range(k)]
     correct, rollouts = 0, []

@@ -5,14 +5,16 @@ one, with the model work batched across runs:
 
 1. sampling: the R students decode together (``lm.decoder.KVDecoder`` over ``lm.block``'s stacked weights),
    each run its own prompts with its own generator, drawing the tokens it would draw alone (``sample_runs``);
-   runs whose method samples from the teacher (``supervised_kd``) decode together from the teacher;
+   runs whose method samples from the teacher (``objective.Method.samples_from``: ``supervised_kd``) decode
+   together from the teacher;
 2. the teacher scores every run's samples in one forward (``teacher_logits``);
 3. the students' logits with gradient come from one stacked packed forward (``student_logits``); steps 2 and 3
    run run by run instead where that is faster (``scores_together``: on CPU);
 4. each run's surrogate is its own (``step.loss``: divergence, method, γ, baseline, clip); one
    backward of their sum gives each run its own gradient, since run r's loss depends on run r's parameters only
    (scored run by run, each run's backward follows its forward, so one run's activations are held at a time);
-5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate.
+5. each run clips by its own gradient norm and steps its own AdamW at its own learning rate
+   (``step.apply_gradients``), and its metrics are ``step.step_metrics`` of its own ``step.step_values``.
 
 What each run keeps for itself: its spec, optimizer state, learning rate, generator, prompts and metrics. So a
 run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever the other
@@ -25,11 +27,12 @@ from __future__ import annotations
 
 import torch
 
+from opdlab.core.objective import get as get_method
 from opdlab.errors import UserError
 from opdlab.lm import packed
-from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
-from opdlab.lm.sampling import sample as sample_completions
-from opdlab.training.step import Scores, Trainer, _Clock, _step_values, _train_metrics, loss, sample, score, step_lr
+from opdlab.lm.sampling import Rollout, completion_logits, gather_logp, sample as sample_completions
+from opdlab.training.step import (Clock, Scores, Trainer, apply_gradients, backward, loss, sample, score, step_metrics,
+                                  step_values, timed)
 
 __all__ = ["key", "check", "scores_together", "sample_runs", "split_rollout", "merge_rollouts", "teacher_logits",
            "student_logits", "cohort_step"]
@@ -110,10 +113,7 @@ def sample_runs(models: list, tokenizer, prompts: list[list[str]], task, max_new
 def scores_together(device: torch.device) -> bool:
     """Whether a cohort scores all runs in one forward on ``device`` (``cohort_step``'s default): on CUDA, where
     one run leaves the chip idle; not on CPU, where notebook 04's products already run near the peak and R runs'
-    activations at once leave the caches (measured once, on a shared 2-core machine, one thread: a stacked student
-    forward and backward of 8 notebook-04 runs took 2.2 times as long as 8 single ones, its elementwise products
-    3.4 times as long, its matrix products about as long; ``benchmarks/bench_cohort.py --scoring`` measures
-    both ways)."""
+    activations at once leave the caches (``benchmarks/bench_cohort.py --scoring`` measures both ways)."""
     return device.type == "cuda"
 
 
@@ -139,19 +139,19 @@ def student_logits(students: list, rollouts: list[Rollout]) -> list[torch.Tensor
 
 def _sample(trainers: list[Trainer], examples: list[list]) -> list[Rollout]:
     """Step 1: every run's rollout. Runs that sample from their student decode together, as do runs that sample
-    from the teacher (``supervised_kd``); a run whose runtime asks for the ``transformers`` sampler samples alone
-    (``step.sample``)."""
+    from the teacher (``objective.Method.samples_from``); a run whose runtime asks for the ``transformers``
+    sampler samples alone (``step.sample``)."""
     first, rollouts = trainers[0], [None] * len(trainers)
     for r, tr in enumerate(trainers):
         tr.student.eval()
         if tr.runtime.sampler != "fast":
             rollouts[r] = sample(tr, examples[r])
-    for from_teacher in (False, True):
+    for source in ("student", "teacher"):
         group = [r for r, tr in enumerate(trainers) if rollouts[r] is None
-                 and (tr.spec.objective.method == "supervised_kd") == from_teacher]
+                 and get_method(tr.spec.objective.method).samples_from == source]
         if not group:
             continue
-        models = [trainers[r].teacher if from_teacher else trainers[r].student for r in group]
+        models = [getattr(trainers[r], source) for r in group]
         got = sample_runs(models, first.tokenizer, [[ex.prompt for ex in examples[r]] for r in group], first.task,
                           first.max_new_tokens, [trainers[r].generator for r in group],
                           compiled=any(trainers[r].runtime.compile_decode for r in group))
@@ -167,27 +167,29 @@ def _losses(trainers: list[Trainer], rollouts: list[Rollout], together: bool, cl
     run (``step.score``), each backward right after its forward, so that one run's activations are held at a
     time."""
     first = trainers[0]
-    objectives = [(tr.spec.objective, tr.div, tr.spec.optim.samples_per_prompt) for tr in trainers]
-    for tr in trainers:
-        tr.optimizer.zero_grad(set_to_none=True)
+
+    def loss_of(tr, scores, rollout):
+        return loss(tr.spec.objective, tr.div, scores, rollout.mask_BT, tr.spec.optim.samples_per_prompt)
+
     if not together or any(tr.runtime.scorer != "packed" for tr in trainers):
         scores, losses = [], []
-        for tr, r, (objective, div, G) in zip(trainers, rollouts, objectives):
+        for tr, r in zip(trainers, rollouts):
             scores.append(score(tr.teacher, tr.student, r, tr.runtime.scorer, clock))
-            losses.append(loss(objective, div, scores[-1], r.mask_BT, G))
+            losses.append(loss_of(tr, scores[-1], r))
             clock.lap("advantage")
-            losses[-1][0].backward()
-            clock.lap("student_backward")
+            backward(tr, losses[-1][0], clock)
         return scores, losses
+    for tr in trainers:
+        tr.optimizer.zero_grad(set_to_none=True)
     lt = [gather_logp(x, r.completion_ids_BT) for x, r in
           zip(teacher_logits(first.teacher, rollouts, first.tokenizer.pad_token_id), rollouts)]
     clock.lap("teacher")
     ls = [gather_logp(x, r.completion_ids_BT) for x, r in
           zip(student_logits([tr.student for tr in trainers], rollouts), rollouts)]
     clock.lap("student_forward")
-    scores = [Scores(t_BT, t_BTV, s_BT, s_BTV) for (t_BT, t_BTV), (s_BT, s_BTV) in zip(lt, ls)]
-    losses = [loss(objective, div, sc, r.mask_BT, G)
-              for (objective, div, G), sc, r in zip(objectives, scores, rollouts)]
+    scores = [Scores(t_BT, t_BTV, s_BT, s_BTV, r.completion_ids_BT) for (t_BT, t_BTV), (s_BT, s_BTV), r
+              in zip(lt, ls, rollouts)]
+    losses = [loss_of(tr, sc, r) for tr, sc, r in zip(trainers, scores, rollouts)]
     clock.lap("advantage")
     torch.stack([value for value, _ in losses]).sum().backward()
     clock.lap("student_backward")
@@ -199,22 +201,15 @@ def cohort_step(trainers: list[Trainer], step: int, score_together: bool | None 
     keys of ``step.opd_step``'s. ``score_together`` (None: ``scores_together(device)``) scores all runs in one
     teacher forward and one stacked student forward; False scores run by run (sampling stays stacked)."""
     check(trainers)
-    first, clock = trainers[0], _Clock(trainers[0].device)
+    first, clock = trainers[0], Clock(trainers[0].device)
     together = scores_together(first.device) if score_together is None else score_together
     examples = [tr.batch(step) for tr in trainers]
     rollouts = _sample(trainers, examples)
     clock.lap("sample")
     scores, losses = _losses(trainers, rollouts, together, clock)
-    # the rest of step 4 for every run: its own clip, learning rate and AdamW step, as step.update does for one
-    norms, lrs = [], [step_lr(tr.spec, step) for tr in trainers]
-    for tr, lr in zip(trainers, lrs):
-        norms.append(float(torch.nn.utils.clip_grad_norm_(tr.student.parameters(), tr.spec.optim.grad_clip)))
-        for group in tr.optimizer.param_groups:
-            group["lr"] = lr
-        tr.optimizer.step()
+    norms, lrs = zip(*[apply_gradients(tr, step) for tr in trainers])  # the rest of step 4, run by run
     clock.lap("optimizer")
-    metrics = [_train_metrics([_step_values(tr, ex, r, adv, value, sc)], norm)
-               for tr, ex, r, (value, adv), sc, norm in zip(trainers, examples, rollouts, losses, scores, norms)]
+    metrics = [step_metrics([step_values(tr, ex, r, terms, value, sc)], norm)
+               for tr, ex, r, (value, terms), sc, norm in zip(trainers, examples, rollouts, losses, scores, norms)]
     clock.lap("bookkeeping")
-    seconds = max(sum(clock.times.values()), 1e-9)
-    return [{**m, "lr": lr, **clock.times, "time_tokens_per_s": m["tokens"] / seconds} for m, lr in zip(metrics, lrs)]
+    return [timed(m, lr, clock) for m, lr in zip(metrics, lrs)]

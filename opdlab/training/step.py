@@ -7,15 +7,17 @@ Read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 1):
    reference arm samples from the teacher instead.
 2. ``score``: the teacher's ``logp_teacher_BT = log pi_T(y_t|c_t)`` under no_grad, and the student's
    ``logp_student_BT`` with gradient, from aligned logits (eval mode, as it sampled).
-3. ``loss``: advantages ``A_t = a(u_t) - sum_{s>t} gamma^(s-t) f(u_s) - b(c_t)``, ``log u = logp_teacher -
-   logp_student``, with a = -f (``opd``) or a = w_f = -f + u f' (``opd_plus``) and the objective's baseline
-   (``estimators.baselined_advantages``); never z-scored; the REINFORCE surrogate
-   ``L = -sum A_t log pi_theta(y_t|c_t) / n`` (docs/math.md §3-§6). The reference methods have their own losses.
-4. ``update``: backward, gradients summed over ranks, clip, the step's learning rate, AdamW step.
+3. ``loss``: the objective's loss (``core.objective.loss``, the one table of what each method minimises): for
+   OPD / OPD+ advantages ``A_t = a(u_t) - sum_{s>t} gamma^(s-t) f(u_s) - b(c_t)``, ``log u = logp_teacher -
+   logp_student``, with a = -f (``opd``) or a = w_f = -f + u f' (``opd_plus``) and the objective's baseline,
+   never z-scored, in the REINFORCE surrogate ``L = -sum A_t log pi_theta(y_t|c_t) / n`` (docs/math.md §3-§6).
+   The reference methods have their own losses.
+4. ``update``: backward, gradients summed over ranks (``backward``), then clip, the step's learning rate, AdamW
+   step (``apply_gradients``).
 
-``opd_step`` runs the four on a ``Trainer`` and returns the step's metrics; ``train``, ``noise``, the
-benchmarks and cohorts call the same functions. Which sampler and scorer run is the ``Runtime``'s choice
-(``runtime.SAMPLERS``, ``SCORERS``), passed explicitly.
+``opd_step`` runs the four on a ``Trainer`` and returns the step's metrics (``step_values``, ``step_metrics``,
+``timed``); ``train``, ``noise``, the benchmarks and cohorts call the same functions. Which sampler and scorer
+run is the ``Runtime``'s choice (``runtime.SAMPLERS``, ``SCORERS``), passed explicitly.
 """
 from __future__ import annotations
 
@@ -25,31 +27,38 @@ from typing import NamedTuple
 
 import torch
 
-from opdlab.config.choices import VALIDATION_SEED
-from opdlab.training import distributed
-from opdlab.core import divergences, estimators, sparse
-from opdlab.lm.sampling import Rollout, completion_logits, gather_logp
-from opdlab.lm.sampling import sample as sample_completions
-from opdlab.lm.sft import warmup_cosine_lr
-from opdlab.lm.tokenizer import stop_ids
+from opdlab.config.choices import EVAL_SEED, VALIDATION_SEED
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import Objective, RunSpec
+from opdlab.core import divergences
+from opdlab.core.objective import Scores, Terms, get as get_method, loss as objective_loss
+from opdlab.lm.sampling import (RUN_BUDGET_MARGIN, Rollout, completion_budget, completion_logits, gather_logp,
+                                sample as sample_completions)
+from opdlab.lm.sft import warmup_cosine_lr
+from opdlab.lm.tokenizer import stop_ids
+from opdlab.training import distributed
 
-__all__ = ["Models", "Trainer", "Scores", "sample", "score", "loss", "update", "opd_step", "max_new_tokens",
+__all__ = ["Models", "Trainer", "Scores", "Clock", "sample", "score", "loss", "backward", "apply_gradients",
+           "update", "step_lr", "opd_step", "step_values", "step_metrics", "timed", "max_new_tokens",
            "eval_examples", "EVAL_SEED"]
 
-EVAL_SEED = 10_000  # the held-out examples are the same for every run, so methods compare on one set
 
-
-class Models(NamedTuple):
-    """The models of a run: ``teacher``, ``student`` (the starting weights; ``train`` copies it),
-    ``tokenizer`` (shared), and ``meta`` (where each came from, recorded in run.json). A named tuple, so
-    ``teacher, student, tokenizer, meta = models`` works too."""
-
+class _ModelFields(NamedTuple):
     teacher: torch.nn.Module
     student: torch.nn.Module
     tokenizer: object
-    meta: dict = {}
+    meta: dict
+
+
+class Models(_ModelFields):
+    """The models of a run: ``teacher``, ``student`` (the starting weights; ``train`` copies it),
+    ``tokenizer`` (shared), and ``meta`` (where each came from, recorded in run.json; a new empty dict of its
+    own when not given). A named tuple, so ``teacher, student, tokenizer, meta = models`` works too."""
+
+    __slots__ = ()
+
+    def __new__(cls, teacher, student, tokenizer, meta: dict | None = None):
+        return super().__new__(cls, teacher, student, tokenizer, {} if meta is None else meta)
 
 
 def eval_examples(task, n: int, seed: int = EVAL_SEED, split: str = "test") -> list:
@@ -63,8 +72,9 @@ def eval_examples(task, n: int, seed: int = EVAL_SEED, split: str = "test") -> l
 
 
 def max_new_tokens(task) -> int:
-    """A completion budget for ``task``: the longest of 500 training targets (tool results included) + 8."""
-    return max(len(ex.target) for ex in task.examples("train", 500, seed=0)) + 8
+    """A run's completion budget for ``task``: the longest of 500 training targets (tool results included) +
+    ``sampling.RUN_BUDGET_MARGIN``."""
+    return completion_budget(task.examples("train", 500, seed=0), RUN_BUDGET_MARGIN)
 
 
 @dataclass
@@ -113,21 +123,10 @@ class Trainer:
         return [ex for ex in mine for _ in range(G)]
 
 
-@dataclass
-class Scores:
-    """Step 2's output: log-probabilities of the sampled tokens (``_BT``) and over the vocabulary (``_BTV``),
-    the teacher's without gradient, the student's with it."""
-
-    logp_teacher_BT: torch.Tensor
-    logp_teacher_BTV: torch.Tensor
-    logp_student_BT: torch.Tensor
-    logp_student_BTV: torch.Tensor
-    ids_BT: torch.Tensor | None = None
-    """The scored tokens (a top-k teacher's payload is built at them)."""
-
-
-class _Clock:
-    """Wall-clock time per phase (synchronising CUDA so that asynchronous kernels are charged correctly)."""
+class Clock:
+    """Wall-clock seconds per phase, summed in ``times`` under ``time_<phase>`` (synchronising CUDA so that
+    asynchronous kernels are charged to the phase that launched them); ``lap(phase)`` charges the time since the
+    last lap (or since the clock was made) to ``phase``."""
 
     def __init__(self, device):
         self.device, self.times, self.t = device, {}, time.perf_counter()
@@ -147,9 +146,10 @@ def _lap(clock, phase):
 
 def sample(tr: Trainer, examples: list, generator: torch.Generator | None = None) -> Rollout:
     """Step 1: one completion per example at temperature 1, no top-k / top-p, tools executed, from the student
-    (from the teacher for ``supervised_kd``), with ``tr.generator`` unless another is given."""
+    (from the teacher for a method whose ``samples_from`` is the teacher: ``supervised_kd``), with
+    ``tr.generator`` unless another is given."""
     tr.student.eval()
-    model = tr.teacher if tr.spec.objective.method == "supervised_kd" else tr.student
+    model = tr.teacher if get_method(tr.spec.objective.method).samples_from == "teacher" else tr.student
     rt = tr.runtime
     return sample_completions(model, tr.tokenizer, [ex.prompt for ex in examples], tr.task, tr.max_new_tokens,
                               tr.generator if generator is None else generator, greedy=False, temperature=1.0,
@@ -172,28 +172,11 @@ def score(teacher, student, rollout: Rollout, scorer: str = "packed", clock=None
 
 
 def loss(objective: Objective, div, scores: Scores, mask_BT: torch.Tensor,
-         samples_per_prompt: int) -> tuple[torch.Tensor, estimators.Advantages | sparse.SparseTerms | None]:
+         samples_per_prompt: int) -> tuple[torch.Tensor, Terms]:
     """Step 3: the loss whose gradient the step follows, and the advantages behind it (None for the reference
-    methods). ``"opd"`` / ``"opd_plus"``: ``estimators.baselined_advantages`` (γ, baseline, log u clip) in the
-    REINFORCE surrogate, the student's log-probabilities detached inside the advantage; ``"full_vocabulary"``:
-    ``estimators.full_vocabulary_loss`` (the exact token-local gradient at the visited contexts);
-    ``"supervised_kd"``: ``estimators.supervised_loss`` on completions the teacher sampled. With
-    ``teacher_topk`` set, OPD+ from the teacher's top-k log-probabilities and the sampled token's alone
-    (``sparse.sparse_surrogate``: exact on the support, the tail from the sample); the teacher's full
-    distribution is used only to build that payload and to monitor the exact divergence."""
-    o, s = objective, scores
-    if o.teacher_topk is not None:  # only what a served teacher sends reaches the estimator
-        payload = sparse.topk_payload(s.logp_teacher_BTV, s.ids_BT, o.teacher_topk)
-        return sparse.sparse_surrogate(div, s.logp_student_BTV, s.ids_BT, payload, mask_BT, o.gamma, o.baseline,
-                                       samples_per_prompt, o.log_u_clip, o.reduction)
-    if o.method == "full_vocabulary":
-        return estimators.full_vocabulary_loss(div, s.logp_student_BTV, s.logp_teacher_BTV, mask_BT, o.reduction), None
-    if o.method == "supervised_kd":
-        return estimators.supervised_loss(s.logp_student_BT, mask_BT, o.reduction), None
-    adv = estimators.baselined_advantages(div, s.logp_student_BT.detach(), s.logp_teacher_BT, mask_BT, o.method,
-                                          o.gamma, o.baseline, s.logp_student_BTV.detach(), s.logp_teacher_BTV,
-                                          samples_per_prompt, o.log_u_clip)
-    return estimators.reinforce_loss(s.logp_student_BT, adv.A_BT, mask_BT, o.reduction), adv
+    methods): ``core.objective.loss`` of the objective's method (with ``teacher_topk``, OPD+ from the teacher's
+    top-k), the ``"loo"`` baseline over the ``samples_per_prompt`` samples of each prompt."""
+    return objective_loss(objective, div, scores, mask_BT, samples_per_prompt)
 
 
 def step_lr(spec: RunSpec, step: int) -> float:
@@ -202,13 +185,17 @@ def step_lr(spec: RunSpec, step: int) -> float:
     return o.lr if o.lr_schedule == "constant" else warmup_cosine_lr(step, o.steps, o.lr)
 
 
-def update(tr: Trainer, loss_value: torch.Tensor, step: int, clock=None) -> tuple[float, float]:
-    """Step 4: backward, the gradient summed over ranks, clip to ``grad_clip``, the step's learning rate,
-    AdamW step. Returns ``(grad_norm before clipping, lr)``."""
+def backward(tr: Trainer, loss_value: torch.Tensor, clock=None) -> None:
+    """Step 4's first half: the student's gradient of ``loss_value`` (from zero), summed over the ranks."""
     tr.optimizer.zero_grad(set_to_none=True)
     loss_value.backward()
     distributed.sum_gradients(tr.student.parameters(), tr.world)
     _lap(clock, "student_backward")
+
+
+def apply_gradients(tr: Trainer, step: int, clock=None) -> tuple[float, float]:
+    """Step 4's second half, on the gradient in the student's ``.grad``: clip to ``grad_clip``, set the learning
+    rate of ``step`` (``step_lr``), AdamW step. Returns ``(grad_norm before clipping, lr)``."""
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.student.parameters(), tr.spec.optim.grad_clip)
     lr = step_lr(tr.spec, step)
     for group in tr.optimizer.param_groups:
@@ -218,28 +205,41 @@ def update(tr: Trainer, loss_value: torch.Tensor, step: int, clock=None) -> tupl
     return float(grad_norm), lr
 
 
+def update(tr: Trainer, loss_value: torch.Tensor, step: int, clock=None) -> tuple[float, float]:
+    """Step 4: ``backward`` then ``apply_gradients``. Returns ``(grad_norm before clipping, lr)``."""
+    backward(tr, loss_value, clock)
+    return apply_gradients(tr, step, clock)
+
+
 def opd_step(tr: Trainer, step: int) -> dict:
-    """One OPD / OPD+ update on the prompts of ``step`` (the four functions above); returns its metrics."""
-    clock, spec = _Clock(tr.device), tr.spec
+    """One update on the prompts of ``step`` (the four functions above); returns its metrics."""
+    clock, spec = Clock(tr.device), tr.spec
     examples = tr.batch(step)
     rollout = sample(tr, examples)
     clock.lap("sample")
     scores = score(tr.teacher, tr.student, rollout, tr.runtime.scorer, clock)
-    value, adv = loss(spec.objective, tr.div, scores, rollout.mask_BT, spec.optim.samples_per_prompt)
+    value, terms = loss(spec.objective, tr.div, scores, rollout.mask_BT, spec.optim.samples_per_prompt)
     value = distributed.global_loss(value, rollout.mask_BT, spec.objective.reduction, tr.world)
     clock.lap("advantage")
     grad_norm, lr = update(tr, value, step, clock)
-    values = _step_values(tr, examples, rollout, adv, value, scores)
-    metrics = _train_metrics(distributed.gather(values, tr.world), grad_norm)
+    values = step_values(tr, examples, rollout, terms, value, scores)
+    metrics = step_metrics(distributed.gather(values, tr.world), grad_norm)
     clock.lap("bookkeeping")
-    seconds = sum(clock.times.values())
-    return {**metrics, "lr": lr, **clock.times, "time_tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
+    return timed(metrics, lr, clock)
 
 
-def _step_values(tr, examples, rollout, adv, loss_value, scores: Scores) -> dict:
+def timed(metrics: dict, lr: float, clock: Clock) -> dict:
+    """A step's record: ``metrics``, its learning rate, the clock's phase times and the sampled tokens per second
+    of their sum (``time_tokens_per_s``)."""
+    seconds = max(sum(clock.times.values()), 1e-9)
+    return {**metrics, "lr": lr, **clock.times, "time_tokens_per_s": metrics["tokens"] / seconds}
+
+
+def step_values(tr: Trainer, examples: list, rollout: Rollout, terms: Terms, loss_value: torch.Tensor,
+                scores: Scores) -> dict:
     """What the step's metrics are computed from, for this rank's share of the batch: its part of the loss,
-    the masked exact divergence and the mask (flattened), sequence lengths, correctness, and the advantages
-    and log u at unmasked tokens with the clip counts (for the methods that have advantages)."""
+    the masked exact divergence and the mask (flattened), sequence lengths, correctness, and, where the method
+    has advantages (``terms`` not None), the advantages and log u at unmasked tokens with the clip counts."""
     mask_BT = rollout.mask_BT
     D_BT = tr.div.exact(scores.logp_teacher_BTV, scores.logp_student_BTV.detach())
     logp_BTV = scores.logp_student_BTV.detach()
@@ -247,22 +247,24 @@ def _step_values(tr, examples, rollout, adv, loss_value, scores: Scores) -> dict
     ends = rollout.attention_BT.sum(1).clamp_min(1) - 1
     last_B = rollout.completion_ids_BT.gather(1, ends[:, None]).squeeze(1)
     stopped = torch.isin(last_B, torch.tensor(stop_ids(tr.tokenizer), device=last_B.device))
+    truncated = (~stopped) & (rollout.attention_BT.sum(1) >= tr.max_new_tokens)
     values = dict(loss=loss_value.detach(), D=(D_BT * mask_BT).reshape(-1), mask=mask_BT.reshape(-1),
                   H=(entropy_BT * mask_BT).reshape(-1), lengths=mask_BT.sum(1), tokens=rollout.n_sampled,
-                  stopped=stopped.float(), truncated=((~stopped) & (rollout.attention_BT.sum(1) >= tr.max_new_tokens)).float(),
+                  stopped=stopped.float(), truncated=truncated.float(),
                   correct=[tr.task.score(ex, t).correct for ex, t in zip(examples, rollout.texts)])
-    if adv is not None:
-        values.update(A=adv.A_BT[mask_BT > 0], log_u=adv.log_u_BT[mask_BT > 0], n_clipped=adv.n_clipped,
-                      n_tokens=adv.n_tokens)
+    if terms is not None:
+        values.update(A=terms.A_BT[mask_BT > 0], log_u=terms.log_u_BT[mask_BT > 0], n_clipped=terms.n_clipped,
+                      n_tokens=terms.n_tokens)
     return values
 
 
-def _train_metrics(parts: list[dict], grad_norm: float) -> dict:
-    """The step's metrics from the ranks' ``_step_values`` (in rank order; one part in one process): the
-    global batch's loss (the sum of the ranks' parts), mean exact divergence per unmasked token, advantage
-    statistics over all unmasked tokens, the student's mean per-token entropy, sampled tokens, mean completion
-    length, the fractions of completions that ended at a stop token (``eos_rate``) and that ran into the token
-    budget without one (``truncation_rate``), and accuracy."""
+def step_metrics(parts: list[dict], grad_norm: float) -> dict:
+    """The step's metrics from the ranks' ``step_values`` (in rank order; one part in one process): the
+    global batch's loss (the sum of the ranks' parts), mean exact divergence per unmasked token, the
+    ``objective.ADVANTAGE_METRICS`` over all unmasked tokens (where the method has advantages), the student's
+    mean per-token entropy, sampled tokens, mean completion length, the fractions of completions that ended at a
+    stop token (``eos_rate``) and that ran into the token budget without one (``truncation_rate``), and
+    accuracy."""
     def cat(key):
         return torch.cat([p[key] for p in parts])
 

@@ -1,8 +1,10 @@
 """Plotting: tidy DataFrame in, matplotlib Figure out. ``save_figure`` writes PNG and SVG.
 
 Submodules hold the figures of one part of the project (``plots.toy``: notebooks 01-03, ``plots.training``:
-notebook 04, ``plots.teaching``: notebook 05 and its widgets); every function
-takes a tidy DataFrame (the same one written to ``figures/data/*.csv``) and returns a Figure.
+notebook 04, ``plots.teaching``: notebook 05 and its widgets, ``plots.audit``: notebook 07, ``plots.noise``:
+notebooks 08 and 09); every function takes a tidy DataFrame (the same one written to ``figures/data/*.csv``) and
+returns a Figure. A method's colour and line style are ``METHOD_STYLE``'s, its legend label
+``core.objective.label``'s.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from opdlab.files import disk_errors, temporary_name
 
 __all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir", "grid", "divergence_title"]
 
-METHOD_STYLE = {
+METHOD_STYLE = {  # one per key of core.objective.LABELS (tests/test_objective.py)
     "opd": dict(color="#d62728", linestyle="--"),
     "opd_plus": dict(color="#1f77b4", linestyle="-"),
     "full_vocabulary": dict(color="#2ca02c", linestyle="-."),
