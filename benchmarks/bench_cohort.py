@@ -46,19 +46,18 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_train import matmul_peak, model_flops_per_token
 
 from opdlab.config import presets
-from opdlab.training.cohort import cohort_step, sample_runs
+from opdlab.config.recipe import ModelRecipe
+from opdlab.experiments.sweep import resolve_workers
 from opdlab.lm import packed
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.training.step import Trainer, opd_step
-from opdlab.experiments.sweep import resolve_workers
 from opdlab.tasks import get_task
+from opdlab.training.cohort import cohort_step, sample_runs
+from opdlab.training.step import Trainer, opd_step
 
 _NB04 = presets.get("notebook04")
 SIZES = {  # name: (teacher recipe, student recipe)

@@ -78,21 +78,21 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import matmul_peak  # noqa: E402
 
-from opdlab.experiments import noise  # noqa: E402
-
-from opdlab.config import presets
-from opdlab.lm.cache import _target_reached  # noqa: E402
-from opdlab.lm.device import pick_device  # noqa: E402
-from opdlab.lm.modeling import build_model, count_parameters  # noqa: E402
-from opdlab.config.recipe import SFT_CHECK_EVERY  # noqa: E402
-from opdlab.lm.sft import sft  # noqa: E402
 from opdlab.app.notebooks import notebook_parameters, resolve_notebook  # noqa: E402
+from opdlab.config import presets
+from opdlab.config.recipe import SFT_CHECK_EVERY  # noqa: E402
 from opdlab.config.runtime import Runtime  # noqa: E402
 from opdlab.config.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
+from opdlab.experiments import noise  # noqa: E402
 from opdlab.experiments.sweep import runs  # noqa: E402
-from opdlab.training.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
+from opdlab.lm.cache import target_reached  # noqa: E402
+from opdlab.lm.device import pick_device  # noqa: E402
+from opdlab.lm.modeling import build_model, count_parameters  # noqa: E402
+from opdlab.lm.sft import sft  # noqa: E402
 from opdlab.tasks import get_task  # noqa: E402
-from opdlab.training.loop import evaluate, final_sampled_n, load_models  # noqa: E402
+from opdlab.training.evaluate import evaluate, final_sampled_n  # noqa: E402
+from opdlab.training.models import load_models  # noqa: E402
+from opdlab.training.step import Trainer, loss, opd_step, sample, score, update  # noqa: E402
 
 COLUMNS = ("notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
            "gflops_per_s", "peak_fraction", "bound_seconds", "threads", "peak_gflops")
@@ -123,7 +123,7 @@ class Study:
     noise_batches: int = 0
     starts: int = 0
     """Evaluations of initial students that these runs compute: runs of one seed and divergence share theirs
-    (``train.evaluate_start``), with each other and with an earlier study's runs."""
+    (``references.evaluate_start``), with each other and with an earlier study's runs."""
     pretrained: dict | None = None
     """Notebook 06's parameters, whose teacher (SmolLM2, converted) and layer-dropped, warmed-up student come from
     ``opdlab.lm.pretrained`` (``with_pretrained`` resolves them); None for the task-trained models of 04 and 09."""
@@ -144,7 +144,7 @@ def studies(tiny: bool = False) -> list[Study]:
         seen.update(run_name(s) for s in fresh)
         return fresh
 
-    def starts(specs, runs_dir) -> int:  # what train.evaluate_start keys on, less what a study's runs all share
+    def starts(specs, runs_dir) -> int:  # what references.evaluate_start keys on, less what a study's runs all share
         keys = {(runs_dir, s.task, s.models, s.eval, s.optim.seed, s.objective.divergence) for s in specs} - started
         started.update(keys)
         return len(keys)
@@ -406,7 +406,7 @@ def measure_study(study: Study, runtime: Runtime, args, trained: set) -> list[di
         taken = meta["sft_steps_taken"]
         row("sft", arm, taken, *measure_sft(recipe, models, task, device, args.warmup, args.steps))
         if recipe.sft_target is not None and taken >= SFT_CHECK_EVERY:
-            check = _target_reached(task, models.tokenizer, recipe)
+            check = target_reached(task, models.tokenizer, recipe)
             model = models.student if role == "student" else models.teacher
             with torch.no_grad():
                 row("sft_check", arm, taken // SFT_CHECK_EVERY, *timed(lambda: check(model.eval()), device))

@@ -26,8 +26,8 @@ import torch
 from opdlab.config.presets import resolve
 from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
 from opdlab.tasks import get_task
+from opdlab.training.models import load_models
 from opdlab.training.step import Trainer, opd_step
-from opdlab.training.loop import load_models
 
 
 def rss_bytes() -> int:

@@ -4,7 +4,7 @@ What is measured: the wall time of one full optimizer update (sample completions
 with the teacher, the student's forward with gradient, loss, backward, gradient clipping, optimizer step) on
 the same random models and the same prompts, for each arm:
 
-- ``opd``: ``opdlab.training.loop.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
+- ``opd``: ``opdlab.training.step.opd_step`` as it runs (the sampler decodes with ``opdlab.lm.decoder.KVDecoder``, the
   teacher and the student score with ``opdlab.lm.packed``, each distinct prompt once);
 - ``opd_compiled``: the same ``opd_step`` with ``Runtime.compile_decode``: the decoder's steps run through
   ``torch.compile`` (compiled in the first warm-up step, untimed: the `1st step s` column shows it);
@@ -67,12 +67,12 @@ import transformers
 from transformers import TrainerCallback
 
 import opdlab.training.step as opdlab_step
-from opdlab.core import divergences, estimators
+from opdlab.config.recipe import ModelRecipe
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import ModelsSpec, RunSpec
+from opdlab.core import divergences, estimators
 from opdlab.lm.device import autocast, pick_device
 from opdlab.lm.modeling import build_model, count_parameters
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task

@@ -30,8 +30,8 @@ from opdlab.lm import packed
 from opdlab.lm.modeling import count_parameters
 from opdlab.lm.sampling import sample
 from opdlab.tasks import get_task
+from opdlab.training.models import load_models
 from opdlab.training.step import Trainer, opd_step
-from opdlab.training.loop import load_models
 
 PHASES = ("sample", "teacher", "student_forward", "student_backward", "optimizer", "advantage", "bookkeeping")
 OVERHEAD = ("advantage", "bookkeeping")

@@ -77,9 +77,9 @@ def train_run(run_dir: Path, **fields):
 def run_models(**fields):
     """``(task, teacher, student, tokenizer, max_new_tokens)`` as a run of ``fields`` loads them."""
     from opdlab.config.presets import resolve
-    from opdlab.training.step import max_new_tokens
     from opdlab.tasks import get_task
-    from opdlab.training.loop import load_models
+    from opdlab.training.models import load_models
+    from opdlab.training.step import max_new_tokens
     spec, runtime = resolve({"progress": False, **fields})
     task = get_task(spec.task.task)
     models = load_models(spec, task, runtime)
@@ -165,9 +165,9 @@ def step_bench_cohort(a):
 
 
 def step_nb06(a):
-    from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
     from opdlab.app.notebooks import notebook_parameters, resolve_notebook
     from opdlab.config.presets import resolve
+    from opdlab.lm.pretrained import layer_dropped_student, smollm2_teacher, spread_layers
     from opdlab.tasks import get_task
     fields = dict(NB06_TOY if a.dry_run else NB06, device=a.device, cache=a.cache)
     spec, _ = resolve(fields)
@@ -194,8 +194,8 @@ def step_nb06(a):
 
 def _toy_teacher(work: Path, task) -> Path:
     """A tiny random 3-layer checkpoint over ``task``'s characters (the dry run's stand-in for SmolLM2)."""
-    from opdlab.lm.modeling import build_model, save_model
     from opdlab.config.recipe import ModelRecipe
+    from opdlab.lm.modeling import build_model, save_model
     from opdlab.lm.tokenizer import char_tokenizer
     tok = char_tokenizer(task.alphabet)
     return save_model(build_model(ModelRecipe(hidden=32, layers=3, heads=2, intermediate=64), tok), tok,

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from opdlab.app import cli
-from opdlab.errors import UserError
 from opdlab.core.estimators import compute_advantages, reinforce_loss
+from opdlab.errors import UserError
 from opdlab.training.loop import train
-from test_rundir import CONFIG, RT, MODELS, TASK, cut, metrics
+from test_rundir import CONFIG, MODELS, RT, TASK, cut, metrics
 
 
 @pytest.fixture(scope="module")

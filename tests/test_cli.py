@@ -136,8 +136,8 @@ def test_cli_toy_bad_numbers(capsys, argv, match):
 
 # -- opdlab eval -----------------------------------------------------------------------------------------------
 def _save_tiny(path, alphabet):
-    from opdlab.lm.modeling import build_model, save_model
     from opdlab.config.recipe import ModelRecipe
+    from opdlab.lm.modeling import build_model, save_model
     from opdlab.lm.tokenizer import char_tokenizer
 
     tok = char_tokenizer(alphabet)

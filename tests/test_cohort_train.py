@@ -1,5 +1,5 @@
-"""Cohort training (opdlab.training.cohort_loop.train_cohort): R runs of mixed arms trained in lockstep, each in its own run
-directory, end as each run alone ends, to float rounding, whatever the other members are; a run that fails fails
+"""Cohort training (opdlab.training.cohort_loop.train_cohort): R runs of mixed arms trained in lockstep, each in its
+own run directory, end as each run alone ends, to float rounding, whatever the other members are; a run that fails fails
 alone, with its error recorded; a kill -9 at any point leaves every run resumable to the uninterrupted result."""
 import json
 import random
@@ -10,11 +10,11 @@ import time
 import pandas as pd
 import pytest
 
-from opdlab.training import cohort
-from opdlab.training.cohort_loop import ERROR_FILE, train_cohort
 from opdlab.errors import UserError
-from opdlab.rundir.reader import read_items, read_metrics
-from opdlab.experiments.sweep import _last_step
+from opdlab.rundir.layout import ERROR as ERROR_FILE
+from opdlab.rundir.reader import last_step, read_items, read_metrics
+from opdlab.training import cohort
+from opdlab.training.cohort_loop import train_cohort
 from opdlab.training.loop import train
 from runs import make
 from test_rundir import ENV, MODELS, TASK, _wait_for_lock
@@ -80,14 +80,14 @@ def test_replacing_the_other_members_changes_nothing_in_a_run(tmp_path, alone):
 def test_a_run_that_fails_fails_alone_with_its_error_recorded(tmp_path, alone, monkeypatch):
     from opdlab.training import loop as train_module
 
-    real = train_module._evaluate_and_log
+    real = train_module.evaluate_and_log
 
     def full_disk_for_r1(tr, log, tracker, step, final):
         if log is not None and log.dir.name == "r1" and step == 2:
             raise OSError(28, "No space left on device", str(log.dir / "items"))
         return real(tr, log, tracker, step, final)
 
-    monkeypatch.setattr(train_module, "_evaluate_and_log", full_disk_for_r1)
+    monkeypatch.setattr(train_module, "evaluate_and_log", full_disk_for_r1)
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     results = train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS)
     assert isinstance(results[1], OSError)
@@ -97,7 +97,7 @@ def test_a_run_that_fails_fails_alone_with_its_error_recorded(tmp_path, alone, m
         same(results[r].drop(columns="run").filter(regex="^(?!time_)"), alone[r])
     # the failed run resumes from its last checkpoint (step 1: its evaluation at step 2 failed before step 2's
     # checkpoint) once the disk has room, to the uninterrupted end
-    monkeypatch.setattr(train_module, "_evaluate_and_log", real)
+    monkeypatch.setattr(train_module, "evaluate_and_log", real)
     train_cohort(specs(ARMS[:3]), dirs, RT, TASK, MODELS)
     same(metrics(dirs[1]), alone[1])
     assert not (dirs[1] / ERROR_FILE).exists()
@@ -166,7 +166,7 @@ def test_kill_9_at_random_points_leaves_every_run_resumable_to_the_uninterrupted
     rng, cut = random.Random(3), 0
     for _ in range(3):  # at random points of the first two thirds of what is left (a resume starts further on)
         run(tmp_path / "cut", kill_after=rng.uniform(0.0, 0.66 * seconds))
-        cut += any(_last_step(str(tmp_path / "cut" / f"r{i}")) < n for i, n in enumerate(steps))
+        cut += any(last_step(str(tmp_path / "cut" / f"r{i}")) < n for i, n in enumerate(steps))
     assert cut >= 2, cut  # the kills landed before the end, not after it
     run(tmp_path / "cut")
     for i in range(len(ARMS)):
@@ -187,7 +187,7 @@ def test_a_run_that_cannot_start_is_returned_and_the_others_train(tmp_path, alon
 
 
 def test_ctrl_c_while_a_cohort_sets_up_says_how_to_resume_and_releases_every_run(tmp_path, monkeypatch):
-    """An interrupt while the runs are being taken up (a checkpoint loading, say) is ``train.Interrupted`` naming
+    """An interrupt while the runs are being taken up (a checkpoint loading, say) is ``loop.Interrupted`` naming
     the runs, not a bare KeyboardInterrupt, and leaves no run directory locked: the cohort starts again."""
     from opdlab.training import cohort_loop as cohort_train
     from opdlab.training.loop import Interrupted

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import opdlab.training.step as step_module
-from opdlab.training import distributed
 from opdlab.lm.modeling import load_model
 from opdlab.lm.sampling import Rollout, sample
 from opdlab.rundir.reader import read_metrics
 from opdlab.tasks import get_task
-from opdlab.training.loop import load_models, train
+from opdlab.training import distributed
+from opdlab.training.loop import train
+from opdlab.training.models import load_models
 from runs import make
 
 TASK = get_task("arithmetic")

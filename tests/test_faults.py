@@ -21,7 +21,7 @@ from opdlab.lm import cache  # noqa: E402
 from opdlab.rundir.writer import RunLog  # noqa: E402
 from opdlab.training.loop import train  # noqa: E402
 from test_integrity import RECIPE, entry  # noqa: E402
-from test_rundir import CONFIG, RT, HOLD, MODELS, SMALL, TASK, cut, metrics  # noqa: E402
+from test_rundir import CONFIG, HOLD, MODELS, RT, SMALL, TASK, cut, metrics  # noqa: E402
 
 ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"
 """What safetensors raises on a full disk (measured on a 200 kB tmpfs)."""

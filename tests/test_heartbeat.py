@@ -5,10 +5,10 @@ import json
 import pytest
 
 from opdlab import heartbeat
+from opdlab.config.recipe import ModelRecipe
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cached_model
-from opdlab.config.recipe import ModelRecipe
-from opdlab.experiments.sweep import _last_step
+from opdlab.rundir.reader import last_step as _last_step
 from opdlab.tasks import get_task
 
 

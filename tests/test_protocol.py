@@ -3,12 +3,12 @@ items only, the best rate chosen per arm, and applied only to arms of the same d
 import pandas as pd
 import pytest
 
-from opdlab.experiments import protocol
-from opdlab.errors import UserError
 from opdlab.config.presets import get
 from opdlab.config.runtime import Runtime
-from opdlab.training.step import eval_examples
+from opdlab.errors import UserError
+from opdlab.experiments import protocol
 from opdlab.tasks import get_task
+from opdlab.training.step import eval_examples
 
 SMOKE = get("smoke").spec.replace(final_eval_n=12)
 ARMS = [{"divergence": "forward_kl", "method": "opd_plus"}, {"divergence": "jsd", "method": "opd", "steps": 1}]

@@ -8,22 +8,23 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from opdlab.app import cli
+from opdlab.config.recipe import ModelRecipe
+from opdlab.config.spec import RunSpec, run_name
 from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
-from opdlab.rundir.writer import RunLog
 from opdlab.rundir.reader import read_metrics, read_records
+from opdlab.rundir.writer import RunLog
 from opdlab.tasks import get_task
-from opdlab.config.spec import RunSpec, run_name
-from opdlab.training.step import Models
 from opdlab.training.loop import train
+from opdlab.training.step import Models
 from runs import make
 
 TASK = get_task("arithmetic")
@@ -489,3 +490,19 @@ def test_edited_per_item_records_are_refused_on_resume_and_the_advice_works(tmp_
     shutil.rmtree(run_dir / "checkpoint")
     train(CONFIG, run_dir, RT, TASK, MODELS)
     assert metrics(run_dir).equals(full)
+
+
+def test_a_run_directory_names_its_checkpoint_as_its_model(tmp_path):
+    from opdlab.rundir import layout
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "before_layers"
+    run = tmp_path / "run"
+    shutil.copytree(fixture / "full", run)
+    assert layout.model_dir(run) == run / "checkpoint"          # a run directory: its checkpoint
+    assert layout.model_dir(run / "checkpoint") == run / "checkpoint"  # a model directory: itself
+    shutil.rmtree(run / "checkpoint")
+    with pytest.raises(FileNotFoundError, match="is a run directory without a checkpoint yet"):
+        layout.model_dir(run)
+    (run / "fingerprint.json").unlink()
+    (run / "metrics.jsonl").unlink()
+    assert layout.model_dir(run) == run                         # no longer a run: the path as given

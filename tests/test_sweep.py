@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from opdlab.errors import UserError
-from opdlab.rundir.reader import read_metrics
 from opdlab.experiments.sweep import item_results, resolve_workers, sweep
+from opdlab.rundir.reader import read_metrics
 from runs import make
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_an_empty_list_is_refused_before_any_model_trains(tmp_path, name):
 
 def test_a_cache_path_that_is_a_file_is_refused_before_any_model_trains(tmp_path):
     from opdlab.tasks import get_task
-    from opdlab.training.loop import load_models
+    from opdlab.training.models import load_models
 
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a directory"):
@@ -180,14 +180,14 @@ def test_a_sweep_in_cohorts_gives_the_runs_a_sweep_of_single_runs_gives(tmp_path
 def test_a_failed_run_of_a_cohort_sweep_is_named_after_the_others_finish(tmp_path, monkeypatch):
     from opdlab.training import loop as train_module
 
-    real = train_module._evaluate_and_log
+    real = train_module.evaluate_and_log
 
     def disk_full_for_opd_s1(tr, log, tracker, step, final):
         if log is not None and "-opd-s1-" in log.dir.name and step == 1:
             raise OSError(28, "No space left on device", str(log.dir))
         return real(tr, log, tracker, step, final)
 
-    monkeypatch.setattr(train_module, "_evaluate_and_log", disk_full_for_opd_s1)
+    monkeypatch.setattr(train_module, "evaluate_and_log", disk_full_for_opd_s1)
     runs_dir = tmp_path / "runs"
     with pytest.raises(UserError, match=r"1 of 4 runs failed \(each alone, the others are done\): "
                                         r"arithmetic-forward_kl-opd-s1-\w+: OSError: .*No space left.*error\.json"):
@@ -252,10 +252,12 @@ def test_a_shared_start_reads_back_with_its_types(tmp_path, monkeypatch):
     kept start gets the frame, and writes the CSV, of the run that computed it, byte for byte."""
     import numpy as np
 
-    from opdlab.training import loop as train_module
-    from opdlab.training.step import Trainer
     from opdlab.tasks import get_task
-    from opdlab.training.loop import ITEM_COLUMNS, evaluate_start, load_models
+    from opdlab.training import references
+    from opdlab.training.evaluate import ITEM_COLUMNS
+    from opdlab.training.models import load_models
+    from opdlab.training.references import evaluate_start
+    from opdlab.training.step import Trainer
 
     items = pd.DataFrame(dict(
         item=[0, 1, 2], item_id=["000123456789", "abc", "0x1"], correct=[1, 0, 1],
@@ -263,7 +265,7 @@ def test_a_shared_start_reads_back_with_its_types(tmp_path, monkeypatch):
         kl_reverse=[0.1, float("nan"), 1e-300], kl_forward=[1 / 3, 2.0, 0.0], divergence=[0.5, 0.25, 1.0]))
     metrics = dict(greedy_accuracy=2 / 3, time_eval=0.5, sampled_items=3)
     assert list(items.columns) == list(ITEM_COLUMNS)
-    monkeypatch.setattr(train_module, "evaluate", lambda *args: (dict(metrics), items.copy()))
+    monkeypatch.setattr(references, "evaluate", lambda *args: (dict(metrics), items.copy()))
     spec, task = BASE.replace(eval_n=3), get_task("arithmetic")
     models = load_models(spec, task, RUNTIME.replace(cache=str(tmp_path / "cache")))
     tr = Trainer(spec, task, models.teacher, models.student, models.tokenizer, RUNTIME)
@@ -273,3 +275,45 @@ def test_a_shared_start_reads_back_with_its_types(tmp_path, monkeypatch):
     assert got.to_csv(index=False) == items.to_csv(index=False)
     pd.testing.assert_frame_equal(got, items)
     assert list(got_metrics) == list(metrics) and got_metrics["sampled_items"] == 3
+
+
+def test_auto_cohort_is_read_for_the_device_asked_for(monkeypatch):
+    from opdlab.experiments import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "AUTO_COHORT", {"cpu": 1, "cuda": 4})
+    assert sweep_module.resolve_cohort("auto", "cpu") == 1
+    monkeypatch.setattr(sweep_module, "pick_device", lambda device: torch.device("cuda"))
+    assert sweep_module.resolve_cohort("auto", "cuda") == 4
+    assert sweep_module.resolve_cohort(3, "cuda") == 3
+
+
+def test_auto_cohort_refuses_a_device_that_is_not_one():
+    from opdlab.experiments.sweep import resolve_cohort
+
+    with pytest.raises(UserError, match="bad device 'gpu9'.*allowed: 'auto', 'cpu'"):
+        resolve_cohort("auto", "gpu9")
+
+
+def test_a_sweep_builds_each_task_spec_once_and_loads_its_models_from_it(tmp_path, monkeypatch):
+    """The task specs (``base`` with each task's overrides) are built once, by the same code that builds the
+    runs, and the models of each task are loaded from that spec; training is stubbed out."""
+    from opdlab.config.spec import RunSpec
+    from opdlab.experiments import sweep as sweep_module
+
+    real, built, loaded = RunSpec.replace, [], []
+
+    def replace(self, **flat):
+        if "task" in flat:
+            built.append(flat["task"])
+        return real(self, **flat)
+
+    monkeypatch.setattr(RunSpec, "replace", replace)
+    monkeypatch.setattr(sweep_module, "load_models", lambda spec, task, runtime: loaded.append(spec) or None)
+    monkeypatch.setattr(sweep_module, "_references", lambda spec, task, models, runs_dir: [dict(value=0.0)] * 2)
+    monkeypatch.setattr(sweep_module, "_run", lambda group, *args, **kwargs: [(d, None) for _, d in group])
+    monkeypatch.setattr(sweep_module, "_finished", lambda *args: [])
+    overrides = {"tool_use": {"max_new_tokens": 12}}
+    sweep(BASE, ["arithmetic", "tool_use"], ["forward_kl"], ["opd", "opd_plus"], [0, 1], tmp_path / "runs",
+          RUNTIME, task_overrides=overrides, workers=1)
+    assert built == ["arithmetic", "tool_use"]
+    assert loaded == [real(BASE, task="arithmetic"), real(BASE, task="tool_use", max_new_tokens=12)]

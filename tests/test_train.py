@@ -8,18 +8,18 @@ import torch
 
 from echo_tool import EchoTool
 from naive import naive_advantages
+from opdlab.config.recipe import ModelRecipe
+from opdlab.config.spec import RunSpec
 from opdlab.core import estimators
 from opdlab.errors import UserError
 from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, gather_logp, sample
 from opdlab.lm.sft import warmup_cosine_lr
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.rundir.reader import read_metrics, results
 from opdlab.tasks import get_task
-from opdlab.config.spec import RunSpec
-from opdlab.training.step import Models, Trainer, opd_step
 from opdlab.training.loop import train
+from opdlab.training.step import Models, Trainer, opd_step
 from runs import make, resign
 
 TASK = get_task("arithmetic")

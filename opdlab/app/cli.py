@@ -20,9 +20,9 @@
                  [--traceback]           what a per-token estimator's expected gradient follows, exactly on toys;
                                          an exception in --function is one line (function, type, file:line)
 
-Each command is a thin wrapper: ``toy`` over ``opdlab.experiments.montecarlo.estimator_cosines`` (notebook 02's cosines),
-``eval`` over ``lm.modeling.load_model``, ``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` /
-``summarize``.
+Each command is a thin wrapper: ``toy`` over ``opdlab.experiments.montecarlo.estimator_cosines`` (notebook 02's
+cosines), ``train`` over ``opdlab.training.loop.train``, ``eval`` over ``lm.modeling.load_model``,
+``lm.sampling.sampled_accuracy`` and ``tasks.score_batch`` / ``summarize``.
 Bad input (an unknown divergence or task, a missing or damaged checkpoint, a tokenizer that cannot write the
 task, a run directory in use or holding another run, a disk that is full or read-only) prints one line
 ``opdlab <command>: error: ...`` saying what is wrong and what is allowed, and exits with status 2. Ctrl-C
@@ -145,9 +145,9 @@ def _toy_topk(args, names) -> int:
 
 
 def _cmd_train(args) -> int:
-    from opdlab.training.distributed import world
     from opdlab.config.presets import resolve
     from opdlab.rundir.reader import stored_config, stored_runtime
+    from opdlab.training.distributed import world
     from opdlab.training.loop import train
 
     if not args.run_dir.strip():
@@ -170,10 +170,12 @@ def _cmd_train(args) -> int:
 
 def _checkpoint_dir(path: str) -> Path:
     """``path``, or its ``checkpoint/`` when ``path`` is a run directory written by ``opdlab train``."""
+    from opdlab.rundir import layout
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {path}")
-    return path / "checkpoint" if (path / "checkpoint" / "config.json").exists() else path
+    return layout.model_dir(path)
 
 
 def _eval_rows(task, examples, rollouts, k: int, decoding: str):
@@ -193,12 +195,12 @@ def _cmd_eval(args) -> int:
     import pandas as pd
     import torch
 
+    from opdlab.config.spec import EvalSpec
     from opdlab.lm.device import pick_device
     from opdlab.lm.modeling import load_model
     from opdlab.lm.sampling import sampled_accuracy
     from opdlab.lm.tokenizer import check_task_tokenizer
     from opdlab.tasks import get_task, summarize
-    from opdlab.config.spec import EvalSpec
     from opdlab.training.step import EVAL_SEED, eval_examples, max_new_tokens
 
     seed = EVAL_SEED if args.seed is None else args.seed
@@ -231,8 +233,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    from opdlab.audit.expected import (EstimatorFunctionError, audit, catalogue, estimator, format_verdicts, load_function,
-                              verdicts)
+    from opdlab.audit.expected import (EstimatorFunctionError, audit, catalogue, estimator, format_verdicts,
+                                       load_function, verdicts)
 
     entries = catalogue()
     if args.list:

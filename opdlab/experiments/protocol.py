@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdlab.config.runtime import Runtime
+from opdlab.config.spec import RunSpec
 from opdlab.errors import UserError
 from opdlab.experiments.comparisons import arm_label
 from opdlab.rundir.reader import stored_config
-from opdlab.config.runtime import Runtime
-from opdlab.config.spec import RunSpec
 
 __all__ = ["PROTOCOL_SEED", "choose_lr", "design", "apply"]
 

@@ -3,68 +3,70 @@
 ``sweep`` works in three phases:
 
 1. the teacher and the warm-up student of each task are loaded from the cache or trained
-   (``train.load_models``), in this process with all its threads;
+   (``training.models.load_models``), in this process with all its threads;
 2. their held-out greedy accuracies on the evaluation examples become the reference lines;
-3. every run is trained (``train.train``) in its own directory ``runs_dir/<train.run_name(config)>``; a
-   finished run is read back, an interrupted one resumes. The runs that start from one student (the arms of
-   a seed and divergence) evaluate that start once, kept in ``runs_dir/references`` (``train.evaluate_start``).
+3. every run is trained (``training.loop.train``) in its own directory ``runs_dir/<config.spec.run_name(spec)>``;
+   a finished run is read back, an interrupted one resumes. The runs that start from one student (the arms of
+   a seed and divergence) evaluate that start once, kept in ``runs_dir/references``
+   (``training.references.evaluate_start``).
 
-Workers. An OPD step (sampling token by token, batches of 64 short sequences) keeps two cores busier as two
-single-threaded processes than as one process with two threads: for the default arithmetic student, 0.21 s
-per step with 2 threads against two concurrent steps of 0.28 s with 1 thread each, 1.5x the throughput. So
-the runs go to ``workers`` spawned processes, each with ``cpu_count // workers`` threads. Supervised
-training (batches of 64 whole sequences) is the other way round: 0.114 s per arithmetic-teacher step with 2
-threads, 0.198 s with 1, so phase 1 stays in this process. ``workers="auto"`` is the number of CPUs on
-CPU and 1 on CUDA (one process owns the GPU); there are never more workers than runs. With ``workers=1``
+Workers. An OPD step (sampling token by token, batches of short sequences) keeps the cores busier as
+single-threaded processes than as one process with several threads, so the runs go to ``workers`` spawned
+processes, each with ``cpu_count // workers`` threads. Supervised training (batches of whole sequences) is the
+other way round, so phase 1 stays in this process. ``workers="auto"`` is the number of CPUs on CPU and 1 on
+CUDA (one process owns the GPU); there are never more workers than runs. With ``workers=1``
 everything runs in this process with per-run progress bars. A run's numbers depend on its thread count
 only through floating-point summation order, so a rerun with the same ``workers`` reproduces them exactly.
 
 Cohorts. ``cohort=R`` steps up to R runs of one task, pair of models and batch size together in one process
-(``cohort_train.train_cohort``): each run still writes its own directory, resumes and is read back as a run alone
-does, and ends as it would alone, to float rounding. ``cohort="auto"`` is 1 (no cohorts) on CPU, where
-``benchmarks/bench_cohort.py`` found every size slower than the worker processes, and on CUDA until that
-benchmark has run there. A run of a cohort that fails fails alone (its ``error.json`` says why); the sweep
-finishes the others and then names every failed run.
+(``training.cohort_loop.train_cohort``): each run still writes its own directory, resumes and is read back as a
+run alone does, and ends as it would alone, to float rounding. ``cohort="auto"`` is ``AUTO_COHORT`` of the
+device's type: 1 (no cohorts) on CPU, where ``benchmarks/bench_cohort.py`` found every size slower than the
+worker processes, and on CUDA until that benchmark has run there. A run of a cohort that fails fails alone (its
+``error.json`` says why); the sweep finishes the others and then names every failed run.
 
 Progress. With ``progress`` on, the sweep prints plain lines (``opdlab notebooks`` streams them live): one per
 finished run and, between those, one naming the step each running run has reached, at most
 ``heartbeat.EVERY`` seconds apart.
 
-Under a launcher (``torchrun --nproc_per_node N``, ``opdlab.training.distributed``) every process runs the sweep, and the
-runs go one after another, each data-parallel over the N processes (``workers`` must be 1 or ``"auto"``); rank
+Under a launcher (``torchrun --nproc_per_node N``, ``opdlab.training.distributed``) every process runs the sweep,
+and the runs go one after another, each data-parallel over the N processes (``workers`` must be 1 or ``"auto"``); rank
 0 prints.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict
 import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from opdlab.training import distributed
-from opdlab.heartbeat import Heartbeat
-from opdlab.lm.device import pick_device
-from opdlab.rundir.reader import CONFIG_COLUMNS, read_items, read_metrics, results, stored_config
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import RunSpec, run_name
-from opdlab.tasks import get_task
+from opdlab.errors import UserError
 from opdlab.files import write_atomic
-from opdlab.training.step import Trainer
+from opdlab.heartbeat import Heartbeat
+from opdlab.lm.device import pick_device
+from opdlab.rundir import layout
+from opdlab.rundir.reader import CONFIG_COLUMNS, last_step, read_items, read_metrics, results, stored_config
+from opdlab.tasks import get_task
+from opdlab.training import distributed
 from opdlab.training.cohort import key as cohort_key
 from opdlab.training.cohort_loop import RUN_ERRORS, train_cohort
-from opdlab.training.loop import evaluate_start, final_sampled_n, load_models, train
-from opdlab.errors import UserError
+from opdlab.training.evaluate import final_sampled_n
+from opdlab.training.loop import train
+from opdlab.training.models import load_models
+from opdlab.training.references import evaluate_start
+from opdlab.training.step import Trainer
 
-__all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "resolve_cohort", "item_results", "reference_items"]
+__all__ = ["sweep", "runs", "arm_fields", "resolve_workers", "resolve_cohort", "item_results", "reference_items",
+           "reference_key", "AUTO_COHORT"]
 
 
 def resolve_workers(workers, device: str = "auto") -> int:
@@ -74,7 +76,7 @@ def resolve_workers(workers, device: str = "auto") -> int:
     if ranks > 1:
         if workers not in ("auto", 1):
             raise UserError(f"workers = {workers!r} under a launcher with {ranks} processes: each run is already "
-                             "shared by them, one run at a time; use workers=1 or 'auto'")
+                            "shared by them, one run at a time; use workers=1 or 'auto'")
         return 1
     if workers == "auto":
         return 1 if pick_device(device).type == "cuda" else max(1, os.cpu_count() or 1)
@@ -102,8 +104,8 @@ def _init_worker(threads: int, parent: int | None = None) -> None:
 
 def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat=None,
          alone: bool = True) -> list[tuple]:
-    """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``train.train``), several as
-    one cohort (``cohort_train.train_cohort``). Returns ``(run_dir, exception or None)`` per run; a run trained alone
+    """Train (or resume, or read back) a group of ``(spec, run_dir)``: one run alone (``loop.train``), several as
+    one cohort (``cohort_loop.train_cohort``). Returns ``(run_dir, exception or None)`` per run; a run trained alone
     raises its failure where ``alone`` (a sweep without cohorts), else it is returned like a cohort member's."""
     if len(group) == 1:
         (spec, run_dir), = group
@@ -119,23 +121,24 @@ def _run(group: list[tuple], runtime: Runtime, task=None, models=None, heartbeat
     return [(d, r if isinstance(r, BaseException) else None) for (_, d), r in zip(group, out)]
 
 
-REFERENCES = "references"
-"""The sweep's folder in ``runs_dir`` for the reference evaluations and the runs' shared first evaluations."""
-
-
 def _shared(run_dir) -> Path:
-    """Where a sweep keeps its runs' evaluations of their initial students (``train.evaluate_start``), beside
-    its reference evaluations: the arms of one seed start from one student and evaluate it once."""
-    return Path(run_dir).parent / REFERENCES
+    """Where a sweep keeps its runs' evaluations of their initial students (``references.evaluate_start``),
+    beside its reference evaluations: the arms of one seed start from one student and evaluate it once."""
+    return layout.references(Path(run_dir).parent)
+
+
+AUTO_COHORT = {"cpu": 1, "cuda": 1}
+"""``cohort="auto"`` by device type (a type not named: 1): the size ``benchmarks/bench_cohort.py`` showed to pay,
+1 on CPU, where every cohort size measured was slower than the sweep's worker processes
+(``benchmarks/results/cohort.csv``), and 1 on CUDA until the benchmark has been run there."""
 
 
 def resolve_cohort(cohort, device: str = "auto") -> int:
-    """Runs per cohort (``opdlab.training.cohort_loop.train_cohort``): ``cohort`` itself (a positive int), or for ``"auto"``
-    the size ``benchmarks/bench_cohort.py`` showed to pay on this kind of device: 1 on CPU, where every cohort
-    size measured was slower than the sweep's worker processes (``benchmarks/results/cohort.csv``), and 1 on
-    CUDA until the benchmark has been run there (pass a size to use cohorts)."""
+    """Runs per cohort (``opdlab.training.cohort_loop.train_cohort``): ``cohort`` itself (a positive int), or for
+    ``"auto"`` ``AUTO_COHORT`` of the type of ``pick_device(device)`` (pass a size to use cohorts). A
+    ``UserError`` for another value, or for a device ``pick_device`` refuses."""
     if cohort == "auto":
-        return 1
+        return AUTO_COHORT.get(pick_device(device).type, 1)
     if isinstance(cohort, bool) or not isinstance(cohort, int) or cohort < 1:
         raise UserError(f"cohort must be a positive int or 'auto', got {cohort!r}")
     return cohort
@@ -152,25 +155,31 @@ def _groups(jobs: list[tuple], size: int) -> list[list[tuple]]:
     return [same[i:i + size] for same in kinds.values() for i in range(0, len(same), size)]
 
 
-def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
-    """The teacher's and the warm-up student's held-out greedy accuracy on the items of a run's final evaluation
-    (``final_eval_n`` items where the spec asks for more than ``eval_n``, as ``train.evaluate`` scores them), and
-    the path of their per-item records (``train.evaluate``'s, sampled on ``train.final_sampled_n`` of the items),
-    written once to ``runs_dir/references/`` (named by the task, the models' spec, the item count, the split and
-    the samples per item) and read back after."""
+def reference_key(spec: RunSpec) -> str:
+    """12 hex digits standing for what a sweep's reference records of ``spec``'s task depend on: the task spec,
+    the models' spec, the item count of the final evaluation, the split, the samples per item and, where only
+    some items are sampled, their count (``evaluate.final_sampled_n``)."""
     n, sampled_n = spec.eval.final_eval_n or spec.eval.eval_n, final_sampled_n(spec)
     named = [asdict(spec.task), asdict(spec.models), n, spec.eval.eval_split, spec.eval.eval_samples]
-    key = hashlib.sha256(json.dumps(named + ([] if sampled_n is None else [sampled_n]), sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+    return layout.key(named + ([] if sampled_n is None else [sampled_n]), 12)
+
+
+def _references(spec: RunSpec, task, models, runs_dir: Path) -> list[dict]:
+    """The teacher's and the warm-up student's held-out greedy accuracy on the items of a run's final evaluation
+    (``final_eval_n`` items where the spec asks for more than ``eval_n``, as ``evaluate.evaluate`` scores them),
+    and the path of their per-item records (``evaluate.evaluate``'s, sampled on ``evaluate.final_sampled_n`` of
+    the items), written once to ``layout.reference_items(runs_dir, task, role, reference_key(spec))`` and read
+    back after."""
+    n, sampled_n, key = spec.eval.final_eval_n or spec.eval.eval_n, final_sampled_n(spec), reference_key(spec)
     rows = []
     for role, model in (("teacher", models.teacher), ("student", models.student)):
-        path = Path(runs_dir) / REFERENCES / f"{spec.task.task}-{role}-{key}.csv"
+        path = layout.reference_items(runs_dir, spec.task.task, role, key)
         if path.exists():
             items = pd.read_csv(path)
         else:
             tr = Trainer(spec, task, models.teacher, model.eval(), models.tokenizer, Runtime(progress=False))
             # kept for the runs whose first evaluation this is (the warm-up's, where they run at this thread count)
-            _, items = evaluate_start(tr, n, sampled_n, Path(runs_dir) / REFERENCES)
+            _, items = evaluate_start(tr, n, sampled_n, layout.references(runs_dir))
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, items.to_csv(index=False))
         rows.append(dict(task=spec.task.task, role=role, value=float(items["correct"].mean()), items=len(items),
@@ -186,12 +195,12 @@ def arm_fields(arm) -> dict:
     if isinstance(arm, (list, tuple)) and len(arm) == 2:
         return dict(divergence=arm[0], method=arm[1])
     raise UserError(f"an arm is a (divergence, method) pair or a dict of flat RunSpec fields naming divergence and "
-                     f"method (and not task or seed, which the sweep sets), got {arm!r}")
+                    f"method (and not task or seed, which the sweep sets), got {arm!r}")
 
 
 def item_results(run_dirs) -> pd.DataFrame:
-    """Every per-item evaluation record of ``run_dirs`` (``runread.read_items``) with the columns that tell runs
-    apart (``runread.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read. The
+    """Every per-item evaluation record of ``run_dirs`` (``reader.read_items``) with the columns that tell runs
+    apart (``reader.CONFIG_COLUMNS``, from each run's config) and ``run``: the frame paired comparisons read. The
     records' own ``divergence`` (the run's divergence to the teacher per item) is ``exact_divergence`` here, since
     ``divergence`` names the run's divergence."""
     frames = []
@@ -213,6 +222,13 @@ def runs(base: RunSpec, tasks, divergences, methods, seeds, task_overrides: dict
          variants=None) -> list[RunSpec]:
     """Every run of a ``sweep`` with these arguments, in its order (see ``sweep``); a ``UserError`` for an empty
     list, a malformed arm or variant, or two runs with the same spec."""
+    return _plan(base, tasks, divergences, methods, seeds, task_overrides, extra_arms, variants)[1]
+
+
+def _plan(base: RunSpec, tasks, divergences, methods, seeds, task_overrides, extra_arms,
+          variants) -> tuple[list[RunSpec], list[RunSpec]]:
+    """``(configs, specs)``: each task's spec (``base`` with the task and its overrides), built once, and every
+    run of the sweep (``runs``)."""
     for name, values in (("tasks", tasks), ("divergences", divergences), ("methods", methods), ("seeds", seeds)):
         empty_ok = name in ("divergences", "methods") and extra_arms  # the arms may all be extra_arms
         if not isinstance(values, (list, tuple)) or not (values or empty_ok):
@@ -227,14 +243,14 @@ def runs(base: RunSpec, tasks, divergences, methods, seeds, task_overrides: dict
     elif (not isinstance(variants, (list, tuple)) or not variants
           or not all(isinstance(v, dict) and not grid & set(v) for v in variants)):
         raise UserError(f"variants must be a non-empty list of dicts of flat RunSpec fields other than "
-                         f"{sorted(grid)}, got {variants!r}")
+                        f"{sorted(grid)}, got {variants!r}")
     specs = [c.replace(**{**arm, **v}, seed=s) for c in configs for arm in arms for v in variants for s in seeds]
     names = [run_name(spec) for spec in specs]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise UserError(f"two runs of this sweep would share the directory {twice[0]}: their specs are the "
-                         "same; drop the duplicate seed, arm or variant")
-    return specs
+                        "same; drop the duplicate seed, arm or variant")
+    return configs, specs
 
 
 def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Path, runtime: Runtime | None = None,
@@ -252,27 +268,26 @@ def sweep(base: RunSpec, tasks, divergences, methods, seeds, runs_dir: str | Pat
     ``cohort``: runs stepped together in one process (``resolve_cohort``); a run of a cohort that fails fails
     alone, and the sweep names every such run once the others are done.
 
-    ``evals`` holds every evaluation record of every run (``runread.results``); ``references`` has rows
+    ``evals`` holds every evaluation record of every run (``reader.results``); ``references`` has rows
     ``task, role, value, items, path``: the teacher's and the warm-up student's held-out greedy accuracy on the
     items of the runs' final evaluation, and the CSV of their per-item records (``reference_items`` reads them).
     A run whose directory already holds a finished run is read back, not retrained.
     """
     runtime = runtime or Runtime()
-    specs = runs(base, tasks, divergences, methods, seeds, task_overrides, extra_arms, variants)
+    configs, specs = _plan(base, tasks, divergences, methods, seeds, task_overrides, extra_arms, variants)
     workers = resolve_workers(workers, runtime.device)
     progress = runtime.progress and distributed.world().is_main
-    configs = [base.replace(task=t, **(task_overrides or {}).get(t, {})) for t in tasks]
     jobs = [(run, str(Path(runs_dir) / run_name(run))) for run in specs]
     size = resolve_cohort(cohort, runtime.device)
     groups = _groups(jobs, size) if jobs else []
     workers = min(workers, len(groups)) or 1
     refs, loaded = [], {}
-    for config in configs:  # supervised training wants every thread of one process: 1.75x from 2 threads
+    for config in configs:  # supervised training wants every thread of one process
         task, start = get_task(config.task.task), time.perf_counter()
         loaded[config.task.task] = task, load_models(config, task, runtime.replace(progress=progress))
         refs += _references(config, task, loaded[config.task.task][1], Path(runs_dir))
-        _log(progress, f"{config.task.task}: teacher {refs[-2]['value']:.2f}, warm-up student {refs[-1]['value']:.2f} "
-                       f"held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
+        _log(progress, f"{config.task.task}: teacher {refs[-2]['value']:.2f}, warm-up student "
+                       f"{refs[-1]['value']:.2f} held-out greedy accuracy ({time.perf_counter() - start:.0f} s)")
     failed = []
     if workers == 1:
         beat, done = Heartbeat(enabled=progress), 0
@@ -298,7 +313,7 @@ def _finished(progress: bool, done: int, n: int, run_dir: str, err) -> list[str]
     if err is None:
         _log(progress, _summary(done, n, run_dir))
         return []
-    recorded = " (recorded in its error.json)" if (Path(run_dir) / "error.json").exists() else ""
+    recorded = f" (recorded in its {layout.ERROR})" if (Path(run_dir) / layout.ERROR).exists() else ""
     return [f"{Path(run_dir).name}: {type(err).__name__}: {err}{recorded}"]
 
 
@@ -352,25 +367,10 @@ def _running(done: int, n: int, running: list[tuple], since: float) -> str:
     a queued run may have metrics from an earlier sweep that it resumes or reads back."""
     parts = []
     for run, run_dir in running:
-        metrics = Path(run_dir) / "metrics.jsonl"
+        metrics = Path(run_dir) / layout.METRICS
         try:
             if metrics.stat().st_mtime >= since:
-                parts.append(f"{Path(run_dir).name} step {_last_step(run_dir)}/{run.optim.steps}")
+                parts.append(f"{Path(run_dir).name} step {last_step(run_dir)}/{run.optim.steps}")
         except OSError:
             continue
     return f"{done}/{n} runs done; running: " + (", ".join(parts) if parts else "(starting)")
-
-
-def _last_step(run_dir: str) -> int:
-    """The step of the last complete record in ``run_dir``'s metrics.jsonl, 0 before the first (a line being
-    written, or a file not there yet, counts as the step before)."""
-    try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return 0

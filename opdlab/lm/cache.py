@@ -23,18 +23,17 @@ from pathlib import Path
 
 import torch
 
+from opdlab.config.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
 from opdlab.errors import UserError
 from opdlab.files import DIGEST_FILE, disk_errors, remove_tree, replace_dir, write_atomic
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.device import pick_device
 from opdlab.lm.modeling import build_model, count_parameters, load_verified, record_digest, save_model
-from opdlab.config.recipe import SFT_CHECK_EVERY, SFT_CHECK_N, ModelRecipe
 from opdlab.lm.sampling import greedy_accuracy
 from opdlab.lm.sft import sft
 from opdlab.lm.tokenizer import char_tokenizer, check_compatible
-from opdlab.errors import UserError
 
-__all__ = ["cache_dir", "cached_model", "teacher_and_student"]
+__all__ = ["cache_dir", "cached_model", "teacher_and_student", "target_reached"]
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -67,7 +66,7 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
         print(f"training the {role} for {name}: {recipe.sft_steps} SFT steps, {count_parameters(model):,} "
               f"parameters, cached at {path}", flush=True)
     losses = sft(model, tokenizer, task, recipe.sft_steps, recipe.sft_batch, recipe.sft_lr, recipe.seed,
-                 desc=f"{role} SFT ({name})", progress=progress, stop=_target_reached(task, tokenizer, recipe),
+                 desc=f"{role} SFT ({name})", progress=progress, stop=target_reached(task, tokenizer, recipe),
                  check_every=SFT_CHECK_EVERY, heartbeat=Heartbeat(enabled=progress))
     examples = task.examples("test", eval_n, seed=recipe.seed + 10_000)
     meta = dict(role=role, task=name, recipe=asdict(recipe), parameters=count_parameters(model),
@@ -75,7 +74,8 @@ def cached_model(task, recipe: ModelRecipe, role: str, device: str | torch.devic
                 greedy_accuracy=greedy_accuracy(model.eval(), tokenizer, task, examples))
     if recipe.sft_target is not None and progress:
         print(f"{role} for {name}: stopped after {len(losses)} of {recipe.sft_steps} SFT steps (target "
-              f"{recipe.sft_target:g} on training prompts), held-out accuracy {meta['greedy_accuracy']:.2f}", flush=True)
+              f"{recipe.sft_target:g} on training prompts), held-out accuracy {meta['greedy_accuracy']:.2f}",
+              flush=True)
     return _write_entry(model, tokenizer, meta, path, role, name, recipe, key, device)
 
 
@@ -171,7 +171,7 @@ def _remove_orphans(path: Path) -> None:
             pass
 
 
-def _target_reached(task, tokenizer, recipe: ModelRecipe):
+def target_reached(task, tokenizer, recipe: ModelRecipe):
     """The ``stop`` function of a recipe with an ``sft_target`` (None without one): greedy accuracy on
     ``SFT_CHECK_N`` training-split examples (a seed of their own) at least the target."""
     if recipe.sft_target is None:

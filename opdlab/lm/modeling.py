@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
-from opdlab.errors import UserError
-from opdlab.files import DigestMismatch, check_digest, disk_errors, write_digest
 from opdlab.config.recipe import ModelRecipe
 from opdlab.errors import UserError
+from opdlab.files import DigestMismatch, check_digest, disk_errors, write_digest
 
 __all__ = ["build_model", "count_parameters", "save_model", "load_model", "load_verified", "quiet_progress",
-           "TOKENIZER_FILES", "weights_digest", "record_digest", "torch_bytes", "RUN_FILES"]
+           "TOKENIZER_FILES", "weights_digest", "record_digest", "torch_bytes"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 """A checkpoint's tokenizer is one of these (fast tokenizer, sentencepiece model, or a BPE vocabulary)."""
@@ -50,10 +49,6 @@ def build_model(recipe: ModelRecipe, tokenizer):
 def count_parameters(model) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-RUN_FILES = ("fingerprint.json", "metrics.jsonl")
-"""Files that mark a run directory (``opdlab.rundir.writer``), whose model lives in its ``checkpoint/``."""
 
 
 def weights_digest(model) -> str:
@@ -129,25 +124,19 @@ def load_verified(path: str | os.PathLike, device: str | torch.device = "cpu", d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "checkpoint" / "config.json").exists() and any((path / f).exists() for f in RUN_FILES):
-        raise FileNotFoundError(f"{path} is a run directory without a checkpoint yet (a run saves one every "
-                                "checkpoint_every steps, into checkpoint/): resume it with `opdlab train "
-                                f"{path}` and load it once it has one")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model checkpoint at {path} (expected a config.json from save_pretrained)")
-    hint = (f"; {path} looks like a run directory, its model is in {path / 'checkpoint'}"
-            if (path / "checkpoint" / "config.json").exists() else "")
     record = check_digest(path, what, remedy)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer beside the model at {path} (expected {' or '.join(TOKENIZER_FILES)}, "
-                                f"as save_pretrained writes it){hint}")
+                                "as save_pretrained writes it)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
     except Exception as err:  # transformers, tokenizers and safetensors each raise their own kind
         raise UserError(f"{path} is not a loadable model checkpoint ({type(err).__name__}: "
-                         f"{(str(err).splitlines() or [''])[0]}){hint}") from None
+                         f"{(str(err).splitlines() or [''])[0]})") from None
     same_dtype = record is not None and record.get("dtype") == str(next(model.parameters()).dtype)
     if same_dtype and record.get("weights") not in (None, weights_digest(model)):
         raise DigestMismatch(path, ["the weights as loaded"], what, remedy)

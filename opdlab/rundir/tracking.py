@@ -13,8 +13,10 @@ from pathlib import Path
 
 from opdlab.config.runtime import check_reporters
 from opdlab.errors import UserError
+from opdlab.rundir import layout
 
 __all__ = ["Tracker"]
+
 
 class Tracker:
     """The trackers of one run (none: a no-op). ``log(record)`` sends a metrics record's numeric values;
@@ -30,7 +32,8 @@ class Tracker:
                 except ImportError as err:
                     raise UserError("report_to tensorboard needs the tensorboard package: "
                                     "pip install 'opdlab[tracking]'") from err
-                writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start + 1 if start else None)
+                writer = SummaryWriter(log_dir=str(Path(run_dir) / layout.TENSORBOARD),
+                                       purge_step=start + 1 if start else None)
                 self.writers.append(("tensorboard", writer))
             else:
                 try:

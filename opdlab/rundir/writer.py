@@ -1,18 +1,7 @@
 """A run directory written: its config, metrics as JSON lines, the versions it ran with, and a resumable
 checkpoint (``opdlab.rundir.reader`` reads it back).
 
-Layout of ``runs/<name>/``::
-
-    config.json       the RunSpec, flat (plus the models' origin and the Runtime in run.json)
-    fingerprint.json  what determines the run: the config and sha256 digests of the teacher's and the initial
-                      student's weights
-    versions.json     python, torch, transformers, opdlab, platform, device
-    metrics.jsonl     one JSON object per line: {"step": s, "kind": "train" | "eval", ...}
-    items/step_N.csv  one record per held-out item of the evaluation at step N (``train.ITEM_COLUMNS``)
-    checkpoint/       model (save_pretrained), state.pt: optimizer, RNG states, step, fingerprint; digest.json:
-                      the sha256 of each of its files and of the weights (``opdlab.files``)
-    lock              the pid of the process writing the run, for messages; flocked too, as older versions did, to
-                      keep their writers out (the lock no deletion can break is on the directory itself)
+The files are named, and the layout described, in ``opdlab.rundir.layout``.
 
 Nothing is lost or mixed:
 
@@ -50,16 +39,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from opdlab.config.spec import LEGACY_RUNTIME_FIELDS, RunSpec
 from opdlab.errors import UserError
 from opdlab.files import DIGEST_FILE, DigestMismatch, disk_errors, remove_tree, replace_dir, restore_dir, write_atomic
 from opdlab.lm.modeling import load_verified, record_digest, save_model, torch_bytes, weights_digest
-from opdlab.rundir.reader import _read_json, read_records, stored_config
-from opdlab.config.spec import LEGACY_RUNTIME_FIELDS, RunSpec
+from opdlab.rundir import layout
+from opdlab.rundir.reader import read_json, read_records, stored_config
 
 __all__ = ["RunLog", "versions", "weights_digest", "fingerprint"]
-
-TEMPORARY = ("checkpoint.tmp*", ".*.tmp*")
-"""Names of the temporary copies an interrupted write leaves; removed when the next process takes the lock."""
 
 
 def versions(device: str | None = None) -> dict:
@@ -105,8 +92,9 @@ def _differences(recorded: dict, current: dict) -> list[str]:
         out = _differences(recorded.get("config", {}), current.get("config", {}))
         return out + [f"{role} weights (sha256 {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]})"
                       for role in ("teacher", "student") if recorded.get(role) != current.get(role)]
+    keys = sorted((set(recorded) | set(current)) - set(LEGACY_RUNTIME_FIELDS))
     return [f"{key} ({recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
-            for key in sorted((set(recorded) | set(current)) - set(LEGACY_RUNTIME_FIELDS)) if recorded.get(key) != current.get(key)]
+            for key in keys if recorded.get(key) != current.get(key)]
 
 
 def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str, defaults: dict) -> None:
@@ -128,16 +116,16 @@ def _check_same(run_dir: Path, recorded: dict | None, current: dict, source: str
 
 def _check_config_file(run_dir: Path, defaults: dict) -> None:
     """Refuse a config.json edited after the run started: it must equal the config in fingerprint.json."""
-    config = _read_json(run_dir / "config.json")
-    started = (_read_json(run_dir / "fingerprint.json") or {}).get("config")
+    config = read_json(run_dir / layout.CONFIG)
+    started = (read_json(run_dir / layout.FINGERPRINT) or {}).get("config")
     if config is None or started is None:
         return
     diff = _differences({**defaults, **started}, {**defaults, **config})
     if diff:
-        raise UserError(f"{run_dir / 'config.json'} was changed after the run started: it differs from the config "
-                        f"the run started with (in {run_dir / 'fingerprint.json'}) in {', '.join(diff)}; a run "
-                        "continues only with the config it started with: undo the change, or delete config.json "
-                        "(it is written again from fingerprint.json), or start a new run directory")
+        raise UserError(f"{run_dir / layout.CONFIG} was changed after the run started: it differs from the config "
+                        f"the run started with (in {run_dir / layout.FINGERPRINT}) in {', '.join(diff)}; a run "
+                        f"continues only with the config it started with: undo the change, or delete {layout.CONFIG} "
+                        f"(it is written again from {layout.FINGERPRINT}), or start a new run directory")
 
 
 def _json_line(record: dict) -> tuple[str, list[str]]:
@@ -148,10 +136,15 @@ def _json_line(record: dict) -> tuple[str, list[str]]:
     return json.dumps(record, allow_nan=False), bad
 
 
+def _records_text(records) -> str:
+    """metrics.jsonl's text of ``records`` as a resume writes it back (one ``json.dumps`` line each)."""
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
 def _run_dir(run_dir) -> Path:
     if not isinstance(run_dir, (str, os.PathLike)) or str(run_dir).strip() == "":
         raise UserError(f"run directory {run_dir!r} is invalid: expected a non-empty path "
-                         "(a new directory, or one that holds a run to resume)")
+                        "(a new directory, or one that holds a run to resume)")
     path = Path(run_dir)
     if path.exists() and not path.is_dir():
         raise UserError(f"run directory {path} is a file: expected a directory (new, or holding a run to resume)")
@@ -167,7 +160,7 @@ def _lock(run_dir: Path) -> tuple[int, ...]:
 
     held = []
     try:
-        for path in (run_dir, run_dir / "lock"):
+        for path in (run_dir, run_dir / layout.LOCK):
             fd = os.open(path, os.O_RDONLY) if path == run_dir else os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             held.append(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,7 +170,7 @@ def _lock(run_dir: Path) -> tuple[int, ...]:
         for fd in held:
             os.close(fd)
         try:
-            holder = (run_dir / "lock").read_text().strip() or "unknown"
+            holder = (run_dir / layout.LOCK).read_text().strip() or "unknown"
         except OSError:
             holder = "unknown"
         raise UserError(f"{run_dir} is being written by another process (pid {holder}); a run directory has "
@@ -204,7 +197,7 @@ class RunLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.dir)
         try:
-            for pattern in TEMPORARY:
+            for pattern in layout.TEMPORARY:
                 for orphan in self.dir.glob(pattern):
                     remove_tree(orphan)
             self._defaults = RunSpec.defaults()
@@ -213,8 +206,8 @@ class RunLog:
         except BaseException:
             self.close()
             raise
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.checkpoint_dir = self.dir / "checkpoint"
+        self.metrics_path = self.dir / layout.METRICS
+        self.checkpoint_dir = layout.checkpoint_dir(self.dir)
         self.config, self.fingerprint, self.checkpoint = config, None, None
 
     def __enter__(self) -> "RunLog":
@@ -233,18 +226,18 @@ class RunLog:
         """Check ``fingerprint`` against the recorded one and the checkpoint's (refusing a different one), read
         the checkpoint into ``self.checkpoint``; then record the fingerprint, the config, the versions and ``run``
         (run.json). Nothing is recorded before the models are known and agree."""
-        _check_same(self.dir, _read_json(self.dir / "fingerprint.json"), fingerprint, "fingerprint.json",
+        _check_same(self.dir, read_json(self.dir / layout.FINGERPRINT), fingerprint, layout.FINGERPRINT,
                     self._defaults)
         self.checkpoint = self._load_checkpoint()
         if self.checkpoint is not None:
             _check_same(self.dir, self.checkpoint[0].get("fingerprint"), fingerprint, "its checkpoint",
                         self._defaults)
         self.fingerprint = fingerprint
-        write_atomic(self.dir / "config.json", self.config.to_json())
-        self.write_json("fingerprint.json", fingerprint)
-        self.write_json("versions.json", versions(device))
+        write_atomic(self.dir / layout.CONFIG, self.config.to_json())
+        self.write_json(layout.FINGERPRINT, fingerprint)
+        self.write_json(layout.VERSIONS, versions(device))
         if run is not None:
-            self.write_json("run.json", run)
+            self.write_json(layout.RUN, run)
 
     def write_json(self, name: str, obj: dict) -> None:
         write_atomic(self.dir / name, json.dumps(obj, indent=2, default=str))
@@ -252,8 +245,9 @@ class RunLog:
     def write_items(self, step: int, items: pd.DataFrame) -> None:
         """The per-item records of the evaluation at ``step``, written atomically to ``items/step_<step>.csv``
         (a resumed run writes the same file again with the same content)."""
-        (self.dir / "items").mkdir(exist_ok=True)
-        write_atomic(self.dir / "items" / f"step_{step}.csv", items.to_csv(index=False))
+        path = layout.items_file(self.dir, step)
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, items.to_csv(index=False))
 
     def log(self, record: dict) -> list[str]:
         """Append one metrics record (a flat dict with ``step`` and ``kind``) as a whole line, or nothing if the
@@ -287,9 +281,9 @@ class RunLog:
         trained = [r["step"] for r in keep if r["kind"] == "train"]
         if step >= 0 and trained != list(range(1, step + 1)):
             raise UserError(f"{self.metrics_path} does not hold the train records of steps 1..{step} that its "
-                             f"checkpoint has done (it holds {len(trained)}): the run's early metrics are lost; "
-                             "start it over in a new run directory")
-        text = "".join(json.dumps(r) + "\n" for r in keep)
+                            f"checkpoint has done (it holds {len(trained)}): the run's early metrics are lost; "
+                            "start it over in a new run directory")
+        text = _records_text(keep)
         recorded = (self.checkpoint or ({},))[0].get("metrics_sha256") if step >= 0 else None
         if recorded is not None and hashlib.sha256(text.encode()).hexdigest() != recorded:
             raise UserError(f"{self.metrics_path}: its records of steps 0..{step} are not the ones the checkpoint "
@@ -299,16 +293,16 @@ class RunLog:
         write_atomic(self.metrics_path, text)
         recorded = (self.checkpoint or ({},))[0].get("items_sha256") if step >= 0 else None
         if recorded is not None and self._items_digest(step) != recorded:
-            raise UserError(f"{self.dir / 'items'}: the per-item records of the evaluations up to step {step} are not "
-                            "the ones the checkpoint recorded (a file was edited, damaged or removed since; the "
-                            "checkpoint holds their sha256): restore them from a copy, or delete the checkpoint "
+            raise UserError(f"{self.dir / layout.ITEMS}: the per-item records of the evaluations up to step {step} "
+                            "are not the ones the checkpoint recorded (a file was edited, damaged or removed since; "
+                            "the checkpoint holds their sha256): restore them from a copy, or delete the checkpoint "
                             f"(`rm -r {self.checkpoint_dir}`) to start the run over from step 0")
 
     def _items_digest(self, step: int) -> str:
         """sha256 over the per-item record files of the evaluations at steps up to ``step`` (names and bytes)."""
         digest = hashlib.sha256()
-        for path in sorted(self.dir.glob("items/step_*.csv"), key=lambda p: int(p.stem.split("_")[1])):
-            if int(path.stem.split("_")[1]) <= step:
+        for at, path in layout.item_files(self.dir):
+            if at <= step:
                 digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         return digest.hexdigest()
 
@@ -316,7 +310,7 @@ class RunLog:
         """sha256 of the metric records of steps up to ``step``, as ``truncate_after`` writes them back."""
         if not self.metrics_path.exists():
             return None
-        text = "".join(json.dumps(r) + "\n" for r in read_records(self.metrics_path) if r["step"] <= step)
+        text = _records_text(r for r in read_records(self.metrics_path) if r["step"] <= step)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def save_checkpoint(self, model, tokenizer, optimizer, step: int, rng: dict) -> None:
@@ -324,14 +318,14 @@ class RunLog:
         with the digest of them all (``digest.json``), written to a temporary directory and renamed into place.
         A failed write (a full disk: an OSError naming the path) leaves the previous checkpoint as it was and no
         temporary directory."""
-        tmp = self.dir / f"checkpoint.tmp{os.getpid()}"
+        tmp = self.dir / f"{layout.CHECKPOINT}.tmp{os.getpid()}"
         remove_tree(tmp)
         state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "fingerprint": self.fingerprint,
                  "digested": True, "metrics_sha256": self._metrics_digest(step),
                  "items_sha256": self._items_digest(step)}
         try:
             with disk_errors(self.checkpoint_dir, rename=True):
-                save_model(model, tokenizer, tmp, files={"state.pt": torch_bytes(state)},
+                save_model(model, tokenizer, tmp, files={layout.STATE: torch_bytes(state)},
                            facts={"step": step})
             replace_dir(tmp, self.checkpoint_dir)
         finally:
@@ -343,7 +337,7 @@ class RunLog:
         UserError naming the checkpoint when they do not, or when it cannot be read. A checkpoint written before
         digests existed gets its digest recorded now (said on stderr)."""
         restore_dir(self.checkpoint_dir)  # interrupted between the renames of save_checkpoint
-        path = self.checkpoint_dir / "state.pt"
+        path = self.checkpoint_dir / layout.STATE
         if not path.exists():
             return None
         what = f"the checkpoint {self.checkpoint_dir}"

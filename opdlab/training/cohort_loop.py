@@ -1,5 +1,5 @@
 """Cohort training: R runs trained in lockstep by ``cohort.cohort_step``, each in its own run directory as
-``train.train`` writes it, so that a run of a cohort resumes, is read back and is swept like a run alone."""
+``loop.train`` writes it, so that a run of a cohort resumes, is read back and is swept like a run alone."""
 from __future__ import annotations
 
 import contextlib
@@ -9,16 +9,17 @@ from pathlib import Path
 
 import torch
 
-from opdlab.training import cohort
-from opdlab.errors import UserError
-from opdlab.rundir.writer import RunLog
-from opdlab.rundir.reader import read_metrics
 from opdlab.config.runtime import Runtime
+from opdlab.errors import UserError
+from opdlab.rundir import layout
+from opdlab.rundir.reader import read_metrics
+from opdlab.rundir.writer import RunLog
 from opdlab.tasks import get_task
-from opdlab.training.loop import (ERROR_FILE, Interrupted, _evaluate_and_log, begin, finish_step, load_models,
-                          stopped_message, train)
+from opdlab.training import cohort
+from opdlab.training.loop import Interrupted, begin, evaluate_and_log, finish_step, stopped_message, train
+from opdlab.training.models import load_models
 
-__all__ = ["train_cohort", "RUN_ERRORS", "ERROR_FILE"]
+__all__ = ["train_cohort", "RUN_ERRORS"]
 
 RUN_ERRORS = (UserError, OSError, RuntimeError, ValueError)
 """What a run's own work may raise and fail alone with (bad numbers, a full disk, torch refusing an input);
@@ -26,27 +27,27 @@ programming errors (TypeError, AttributeError, ...) keep their traceback and sto
 
 
 def _fail(member: dict, step: int | None, err: BaseException) -> None:
-    """Record why ``member`` failed at ``step`` in its run directory (``ERROR_FILE``), drop it from the cohort."""
+    """Record why ``member`` failed at ``step`` in its run directory (``layout.ERROR``), drop it from the cohort."""
     member["error"] = err
     record = dict(step=step, type=type(err).__name__, message=str(err),
                   traceback="".join(traceback.format_exception(err)) if not isinstance(err, UserError) else None)
     with contextlib.suppress(OSError):  # a disk too full for the record too: the error is still returned
-        member["log"].write_json(ERROR_FILE, record)
+        member["log"].write_json(layout.ERROR, record)
 
 
 def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_after: int | None = None,
                  shared=None) -> list:
     """Train (or resume) R runs in lockstep, ``cohort_step`` stepping every run due at a step; each run writes its
-    own run directory as ``train.train`` would, so it resumes, is read back and is swept like a single run.
+    own run directory as ``loop.train`` would, so it resumes, is read back and is swept like a single run.
 
     The runs share one task and one pair of models (their ``task`` and ``models`` specs must be equal) and may
     differ in anything else. A run resumed at step s joins the cohort at step s; one of fewer steps leaves it at
     its end. Failure stays inside one run: a run whose own step fails (a non-finite gradient norm, its
-    evaluation, its checkpoint write) is recorded in its ``ERROR_FILE`` and leaves the cohort; where the shared
-    step itself fails, the cohort stops and every run still going continues alone (``train.train``, from its last
+    evaluation, its checkpoint write) is recorded in its ``layout.ERROR`` and leaves the cohort; where the shared
+    step itself fails, the cohort stops and every run still going continues alone (``loop.train``, from its last
     checkpoint), so the failing one fails alone. Returns, per run, its metrics DataFrame or the exception it
-    failed with. Ctrl-C raises ``train.Interrupted`` naming every run's last checkpoint; a kill at any point leaves
-    every run resumable from its last checkpoint, as a single run is. ``shared``: as ``train.train``'s, where
+    failed with. Ctrl-C raises ``loop.Interrupted`` naming every run's last checkpoint; a kill at any point leaves
+    every run resumable from its last checkpoint, as a single run is. ``shared``: as ``loop.train``'s, where
     the evaluations of the initial students are kept.
     """
     specs, run_dirs = list(specs), [Path(d) for d in run_dirs]
@@ -85,12 +86,12 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
                                   f"checkpoint ({', '.join(str(d) for d in run_dirs)})") from None
         alive, shared_failure = [m for m in members if m["error"] is None], None
         if alive:
-            cohort.check([m["tr"] for m in alive])  # one teacher, tokenizer, task, budget and batch: else none can start
+            cohort.check([m["tr"] for m in alive])  # one teacher, tokenizer, task, budget, batch: else none starts
         try:
             for m in list(alive):
                 if m["start"] == 0:
                     try:
-                        _evaluate_and_log(m["tr"], m["log"], m["tracker"], 0, m["spec"].optim.steps == 0, shared)
+                        evaluate_and_log(m["tr"], m["log"], m["tracker"], 0, m["spec"].optim.steps == 0, shared)
                     except RUN_ERRORS as err:
                         _fail(m, 0, err)
             first = min((m["start"] for m in alive if m["error"] is None), default=0)
@@ -109,7 +110,8 @@ def train_cohort(specs, run_dirs, runtime=None, task=None, models=None, stop_aft
                     break
                 for m, values in zip(due, metrics):
                     try:
-                        m["saved"] = finish_step(m["tr"], m["log"], m["tracker"], values, step + 1, m["saved"], m["dir"])
+                        m["saved"] = finish_step(m["tr"], m["log"], m["tracker"], values, step + 1, m["saved"],
+                                                 m["dir"])
                     except RUN_ERRORS as err:
                         _fail(m, step + 1, err)
         except KeyboardInterrupt:

@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 
 from opdlab.config.choices import REDUCTIONS
-from opdlab.lm.device import pick_device
 from opdlab.errors import UserError
+from opdlab.lm.device import pick_device
 
-__all__ = ["World", "world", "device", "join", "rank_seed", "check_share", "share", "global_loss", "sum_gradients", "gather",
-           "from_main", "main_first", "TIMEOUT"]
+__all__ = ["World", "world", "device", "join", "rank_seed", "check_share", "share", "global_loss", "sum_gradients",
+           "gather", "from_main", "main_first", "TIMEOUT"]
 
 TIMEOUT = datetime.timedelta(hours=1)
 """How long a rank waits in a collective: long enough for rank 0 to train a cache miss or evaluate."""
