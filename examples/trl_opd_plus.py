@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from opdlab.config.recipe import ModelRecipe
 from opdlab.integrations.trl import OPDConfig, OPDTrainer
 from opdlab.lm.modeling import build_model, load_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
 

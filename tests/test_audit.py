@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from opdlab.app import cli
-from opdlab.errors import UserError
 from opdlab.audit.expected import (DIVERGENCES, audit, catalogue, estimator, expected_gradient, get_estimator,
-                          load_function, verdicts)
+                                   load_function, verdicts)
+from opdlab.errors import UserError
 from opdlab.exact.toy import (expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
-                        make_sequence, sequence_estimator_moments)
+                              make_sequence, sequence_estimator_moments)
 
 TOL = 1e-6
 

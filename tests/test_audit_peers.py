@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from opdlab.app import cli
-from opdlab.audit.expected import EstimatorFunctionError, audit, estimator, expected_gradient, get_estimator, verdicts
 from opdlab.audit.catalogue import CATALOGUE, OUT_OF_SCOPE, SOURCES, iw_opd, nemo_rl_mixed_topk
-from opdlab.report.audit_table import MARKERS, render, section
+from opdlab.audit.expected import EstimatorFunctionError, audit, estimator, expected_gradient, get_estimator, verdicts
 from opdlab.audit.types import Estimator, Source, Term, target
 from opdlab.errors import UserError
-from opdlab.testing import assert_unbiased
 from opdlab.exact.toy import make_categorical
+from opdlab.report.audit_table import MARKERS, render, section
+from opdlab.testing import assert_unbiased
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6  # the audit is exact (enumeration, float64): errors are ~1e-12, far below this

@@ -5,9 +5,9 @@ import contextlib
 import importlib
 import io
 import math
-import types
 import re
 import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -15,19 +15,18 @@ import pytest
 import torch
 
 import opdlab.training.step
-from opdlab.config import presets
-from opdlab.report import render as report
-from opdlab.lm import packed
-from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
-from opdlab.lm.sampling import completion_logits
-from opdlab.lm.sampling import sample as sample_completions
-from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.app.notebooks import notebook_parameters, resolve_notebook
+from opdlab.config import presets
+from opdlab.config.recipe import ModelRecipe
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import RunSpec
-from opdlab.training.step import Models, Trainer, sample
+from opdlab.lm import packed
+from opdlab.lm.modeling import build_model
+from opdlab.lm.sampling import completion_logits, sample as sample_completions
+from opdlab.lm.tokenizer import char_tokenizer
+from opdlab.report import render as report
 from opdlab.tasks import get_task
+from opdlab.training.step import Models, Trainer, sample
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job.py"
 COLUMNS = ["notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",

@@ -3,15 +3,15 @@ scoring equals that run's model alone to float rounding, gradients included, for
 it catches a run given another run's weights (the counterfactual)."""
 import pytest
 import torch
-from echo_tool import EchoTool
-from test_decoder import PROMPTS, TASK, TOK, model_of
 
-from opdlab.training.cohort import split_rollout
+from echo_tool import EchoTool
+from opdlab.config.recipe import ModelRecipe
 from opdlab.errors import UserError
 from opdlab.lm import block, decoder, packed
 from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import completion_logits, sample
+from opdlab.training.cohort import split_rollout
+from test_decoder import PROMPTS, TASK, TOK, model_of
 
 CASES = [("qwen3", 1), ("llama", 2)]
 

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
-from echo_tool import EchoTool
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from echo_tool import EchoTool
+from opdlab.config.recipe import ModelRecipe
 from opdlab.lm import decoder
 from opdlab.lm.modeling import build_model
-from opdlab.config.recipe import ModelRecipe
 from opdlab.lm.sampling import sample
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task

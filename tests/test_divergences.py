@@ -5,13 +5,12 @@ import warnings
 import mpmath
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from opdlab.config.choices import FIXED_DIVERGENCES, check_trainable
+from opdlab.config.spec import RunSpec
 from opdlab.core.divergences import get, names
 from opdlab.errors import UserError
-from opdlab.config.spec import RunSpec
 
 FIXED = list(FIXED_DIVERGENCES)
 FAMILY = ["gjsd:0.1", "gjsd:0.5", "gjsd:0.9", "alpha:-1", "alpha:0", "alpha:0.5", "alpha:1", "alpha:2"]

@@ -2,8 +2,8 @@
 import pandas as pd
 import pytest
 
-from opdlab.experiments import comparisons
 from opdlab.app.notebooks import execute_notebook
+from opdlab.experiments import comparisons
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Notebooks 01-03, 07, 08 and 09 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts included."""
+"""Notebooks 01-03, 07, 08 and 09 run headlessly with papermill (cwd = notebooks/) on tiny parameters, asserts
+included."""
 from pathlib import Path
 
 import pytest

@@ -2,11 +2,11 @@
 over the padded layout, with shared prompts, tool results, rows of different lengths, GQA and both archs."""
 import pytest
 import torch
-from echo_tool import EchoTool
-from test_decoder import PROMPTS, TASK, TOK, model_of
 
+from echo_tool import EchoTool
 from opdlab.lm import packed
 from opdlab.lm.sampling import completion_logits, sample
+from test_decoder import PROMPTS, TASK, TOK, model_of
 
 
 def rollout_of(model, task, prompts, seed=7):

@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from opdlab.report import render as report
 from opdlab.app.cli import main
 from opdlab.errors import UserError
+from opdlab.report import render as report
 
 ROOT = Path(__file__).resolve().parents[1]
 

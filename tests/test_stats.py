@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab.experiments import stats
 from opdlab.errors import UserError
+from opdlab.experiments import stats
 
 ALPHA = 0.05
 TAU, OMEGA = 0.03, 0.05  # seed effect per arm (sd), item x arm interaction (sd)

@@ -6,7 +6,7 @@ import torch
 
 from opdlab.core.divergences import get
 from opdlab.exact.symbolic import (ALPHA, BETA, REGISTRY_NAMES, U, advantage_curves, advantage_table,
-                             constant_error_solution, derive, error_is_constant, parse_f, registry_expression)
+                                   constant_error_solution, derive, error_is_constant, parse_f, registry_expression)
 
 LOG_U = np.concatenate([np.linspace(-4, -0.05, 40), np.linspace(0.05, 4, 40)])  # off TV's kink at u = 1
 FAMILY_MEMBERS = ("gjsd:0.25", "gjsd:0.9", "alpha:-1", "alpha:0", "alpha:0.3", "alpha:1", "alpha:2")

@@ -8,11 +8,13 @@ import torch
 
 from opdlab.core.divergences import get
 from opdlab.core.estimators import compute_advantages, reinforce_loss
-from opdlab.experiments.montecarlo import DIVERGENCES, categorical_study, estimator_cosines, sequence_study, training_study
 from opdlab.exact.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient,
-                        expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
-                        make_sequence, sample_gradients, sample_sequences, sequence_estimator_moments,
-                        sequence_objective, sequence_sample_gradients, token_local_gradient, train_categorical)
+                              expected_estimator_gradient, expected_sequence_estimator_gradient, make_categorical,
+                              make_sequence, prefix_log_probs, sample_gradients, sample_sequences,
+                              sequence_estimator_moments, sequence_objective, sequence_sample_gradients,
+                              token_local_gradient, train_categorical)
+from opdlab.experiments.montecarlo import (DIVERGENCES, categorical_study, estimator_cosines, sequence_study,
+                                           training_study)
 
 N_MC = 200_000
 N_SEQ = 60_000  # sequences cost more per sample
@@ -138,6 +140,17 @@ def test_sequence_objective_is_the_expected_sum_of_f(seq_toy):
     torch.testing.assert_close(sequence_objective(div, seq_toy), brute)
 
 
+def test_prefix_log_probs_sum_the_log_probs_along_each_path(seq_toy):
+    tokens_SH, nodes_SH, depth_N, _ = seq_toy.tree
+    logp_NV = seq_toy.logp_student_NV
+    logp_N = prefix_log_probs(logp_NV, seq_toy)
+    for s, t in [(0, 0), (5, 2), (15, 3), (9, 1)]:  # every prefix y_<t of sequence s, by walking its path
+        walked = sum((logp_NV[nodes_SH[s, r], tokens_SH[s, r]] for r in range(t)), torch.zeros((), dtype=torch.float64))
+        torch.testing.assert_close(logp_N[nodes_SH[s, t]], walked)
+    mass_H = torch.zeros(seq_toy.horizon, dtype=torch.float64).index_add_(0, depth_N, logp_N.exp())
+    torch.testing.assert_close(mass_H, torch.ones_like(mass_H))  # the prefixes of one length partition the paths
+
+
 @pytest.mark.parametrize("baseline", ["expected", "loo"])
 @pytest.mark.parametrize("gamma", [0.0, 1.0])
 def test_sequence_baselines_keep_the_mean_and_lower_the_variance(seq_toy, baseline, gamma):
@@ -225,6 +238,7 @@ def test_expected_gradient_training_matches_its_definition(toy):
     (lambda: SequenceToy(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64), 3),
      "needs"),
     (lambda: exact_gradient("kl", make_categorical()), "unknown divergence"),
+    (lambda: prefix_log_probs(torch.zeros(2, 2, dtype=torch.float64), make_sequence()), "logp_student_NV"),
 ])
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from opdlab.config.runtime import Runtime
 from opdlab.errors import UserError
 from opdlab.rundir.reader import read_metrics
-from opdlab.config.runtime import Runtime
 from opdlab.tasks import get_task
 from opdlab.training.loop import train
 from runs import make

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlab.exact import toy
-
 from opdlab.app import widgets
 from opdlab.app.plots import teaching as figures
+from opdlab.exact import toy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

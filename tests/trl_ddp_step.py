@@ -11,11 +11,10 @@ import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_trl import ALPHABET, PROMPTS, _recipe  # noqa: E402
-
 from opdlab.integrations.trl import OPDConfig, OPDTrainer  # noqa: E402
 from opdlab.lm.modeling import build_model  # noqa: E402
 from opdlab.lm.tokenizer import char_tokenizer  # noqa: E402
+from test_trl import ALPHABET, PROMPTS, _recipe  # noqa: E402
 
 
 class RecordingTrainer(OPDTrainer):

@@ -43,7 +43,7 @@ def resolve_notebook(name: str | os.PathLike, directory: Path = NOTEBOOKS_DIR) -
 
 
 def notebook_parameters(path: Path) -> dict[str, object]:
-    """Name -> default value of the notebook's ``parameters`` cell (a ValueError if it has none)."""
+    """Name -> default value of the notebook's ``parameters`` cell (a UserError if it has none)."""
     import ast
 
     import nbformat
@@ -145,7 +145,7 @@ def execute_notebook(name: str | os.PathLike, parameters: dict | None = None,
 
     The executed copy goes to ``output_dir`` (default ``notebooks/_executed/``, ignored by git), so the
     committed notebooks stay without outputs. Figures go wherever the notebook's ``figures_dir`` says. A cell
-    that raises becomes a ValueError of one line (``failure_message``).
+    that raises becomes a UserError of one line (``failure_message``).
     """
     import papermill as pm
 

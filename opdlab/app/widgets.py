@@ -20,10 +20,9 @@ import warnings
 
 import ipywidgets as widgets
 
-from opdlab.core import divergences
-
-from opdlab.exact import toy
 from opdlab.app.plots import teaching as figures
+from opdlab.core import divergences
+from opdlab.exact import toy
 
 __all__ = ["divergence_explorer", "DivergenceExplorer", "categorical_playground", "CategoricalPlayground",
            "training_race", "TrainingRace", "FAMILIES", "resolve_divergence"]
@@ -37,7 +36,7 @@ _DIVERGENCE_CHOICES = tuple(n for n in divergences.names() if ":" not in n) + FA
 def resolve_divergence(name: str, parameter: float) -> divergences.Divergence:
     """The divergence a widget's two boxes name: ``name`` itself, or ``"<family>:<parameter>"`` for a bare family.
 
-    Raises ValueError (with the registry's list of allowed names and ranges) for a bad choice.
+    Raises UserError (with the registry's list of allowed names and ranges) for a bad choice.
     """
     key = (name or "").strip().lower()
     if key in FAMILIES:

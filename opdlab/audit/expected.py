@@ -48,8 +48,8 @@ from opdlab.audit.catalogue import CATALOGUE
 from opdlab.audit.types import (ARGUMENTS, DIVERGENCES, KINDS, MODES, TARGETS, Estimator, Objective, Source, Term,
                                 arguments, target)
 from opdlab.errors import UserError
-from opdlab.exact.toy import (CategoricalToy, SequenceToy, _prefix_log_probs, exact_gradient, exact_sequence_gradient,
-                        make_categorical, make_sequence, sequence_log_probs, token_local_gradient)
+from opdlab.exact.toy import (CategoricalToy, SequenceToy, exact_gradient, exact_sequence_gradient, make_categorical,
+                              make_sequence, prefix_log_probs, sequence_log_probs, token_local_gradient)
 
 __all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Source", "Term", "Estimator", "estimator",
            "catalogue", "get_estimator", "load_function", "expected_gradient", "audit", "cosine_summary", "verdicts",
@@ -242,7 +242,7 @@ def _objective_gradient(objective: Objective, toy, scope: str) -> torch.Tensor:
         return grad
     theta = toy.logits_student_NV.detach().clone().requires_grad_(True)
     logp_NV = torch.log_softmax(theta, -1)
-    P_N = _prefix_log_probs(logp_NV, toy).exp()
+    P_N = prefix_log_probs(logp_NV, toy).exp()
     P_N = P_N.detach() if scope == "token_local" else P_N
     (grad,) = torch.autograd.grad((P_N * objective.exact(toy.logp_teacher_NV, logp_NV)).sum(), theta)
     return grad.reshape(-1)

@@ -22,9 +22,9 @@ from typing import Callable
 
 import torch
 
+from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
 from opdlab.core.divergences import get
 from opdlab.errors import UserError
-from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
 
 __all__ = ["MODES", "ARGUMENTS", "KINDS", "TARGETS", "DIVERGENCES", "Source", "Term", "Estimator", "Objective",
            "target", "arguments", "low_mass_mask"]

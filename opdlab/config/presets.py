@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opdlab.errors import UserError
 from opdlab.config.spec import RunSpec
+from opdlab.errors import UserError
 
 __all__ = ["Preset", "PRESETS", "get", "names", "resolve"]
 
@@ -50,8 +50,8 @@ fallback; notebook 04 gives each arm the rate its protocol chose (``opdlab.exper
 ``figures/data/04_lr_protocol.csv``)."""
 
 _TOOL_USE_04 = dict(teacher_sft_steps=700, student_warmup_steps=400, student_warmup_target=0.55, lr=3e-4)
-"""Tool use's teacher and warm-up train for fewer steps (its task saturates sooner) and distil at 3e-4: at 1e-3
-every tool-use arm dipped first, supervised KD included (docs/LOG.md)."""
+"""Tool use's teacher and warm-up train for fewer steps (its task saturates sooner) and distil at 3e-4
+(docs/LOG.md)."""
 
 _NOTEBOOK06 = RunSpec.from_dict(dict(
     task="arithmetic", divergence="jsd", steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=48,

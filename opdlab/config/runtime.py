@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields, replace
 
-from opdlab.errors import UserError
 from opdlab.config.checks import is_int
+from opdlab.errors import UserError
 
 __all__ = ["Runtime", "SAMPLERS", "SCORERS", "REPORTERS", "check_reporters"]
 
@@ -48,7 +48,7 @@ class Runtime:
     """torch's intra-op threads for this process; None leaves torch's setting as it is."""
     compile_decode: bool = False
     """Sample through a ``torch.compile``d decode step (``lm.decoder``): the same tokens to float rounding,
-    about 1.37x faster sampling on CPU once compiled (about 10-15 s per process and model size)."""
+    compiled once per process and model size."""
     sampler: str = "fast"
     """Which sampler runs, one of ``SAMPLERS``."""
     scorer: str = "packed"

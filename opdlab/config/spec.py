@@ -24,11 +24,11 @@ import json
 import math
 from dataclasses import dataclass, fields
 
-from opdlab.config.choices import (BASELINES, DEFAULT_REDUCTION, EVAL_SPLITS, LR_SCHEDULES, REDUCTIONS, SPARSE_BASELINES,
-                             TRAIN_METHODS, VALIDATION_SEED, check_trainable)
-from opdlab.errors import UserError
-from opdlab.config.recipe import ARCHITECTURES, ModelRecipe
 from opdlab.config.checks import is_int
+from opdlab.config.choices import (BASELINES, DEFAULT_REDUCTION, EVAL_SPLITS, LR_SCHEDULES, REDUCTIONS,
+                                   SPARSE_BASELINES, TRAIN_METHODS, VALIDATION_SEED, check_trainable)
+from opdlab.config.recipe import ARCHITECTURES, ModelRecipe
+from opdlab.errors import UserError
 
 __all__ = ["RunSpec", "TaskSpec", "Objective", "Optim", "ModelsSpec", "EvalSpec", "PARTS", "LEGACY_RUNTIME_FIELDS",
            "run_name"]
@@ -100,7 +100,7 @@ class Objective:
     """``"token"`` divides the summed terms by the number of unmasked tokens, ``"sequence"`` by the number of
     sequences; only ``"sequence"`` keeps the estimate unbiased (docs/math.md §4)."""
     teacher_topk: int | None = None
-    """None: the teacher's whole distribution is at hand (today's estimators). k >= 0: the teacher sends only its
+    """None: the teacher's whole distribution is at hand. k >= 0: the teacher sends only its
     top-k log-probabilities at each position and that of the sampled token, as a served teacher does, and OPD+ is
     estimated from that alone, exactly on the support and from the sample on the tail (``opdlab.core.sparse``,
     docs/math.md §8); k = 0 is one-sample OPD+. Baselines then: ``"none"``, ``"tail"`` or ``"loo"``."""
@@ -180,7 +180,7 @@ class ModelsSpec:
     """Supervised warm-up steps of the student (with ``student_warmup_target``, the most it may take)."""
     student_warmup_target: float | None = None
     """None, or end the warm-up at the first check (every 25 steps) where the student's greedy accuracy on 128
-    training-split prompts reaches this value (``lm.recipe.ModelRecipe.sft_target``)."""
+    training-split prompts reaches this value (``opdlab.config.recipe.ModelRecipe.sft_target``)."""
     sft_batch: int = 64
     """Sequences per supervised step (teacher and warm-up)."""
     sft_lr: float = 5e-3
@@ -206,7 +206,7 @@ class ModelsSpec:
     def recipe(self, role: str) -> ModelRecipe:
         """The ``ModelRecipe`` of ``"teacher"`` or ``"student"``."""
         if role not in ("teacher", "student"):
-            raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+            raise UserError(f"role must be 'teacher' or 'student', got {role!r}")
         teacher = role == "teacher"
         hidden = self.teacher_hidden if teacher else self.student_hidden
         return ModelRecipe(
@@ -241,7 +241,8 @@ class EvalSpec:
 
     def __post_init__(self):
         _ints(self, ("eval_every", "eval_n", "eval_samples"), 1)
-        _check(isinstance(self.final_eval_sampled, bool), "final_eval_sampled", self.final_eval_sampled, "True or False")
+        _check(isinstance(self.final_eval_sampled, bool), "final_eval_sampled", self.final_eval_sampled,
+               "True or False")
         _check(self.eval_split in EVAL_SPLITS, "eval_split", self.eval_split, f"one of {EVAL_SPLITS}")
         _check(self.final_eval_n is None or (is_int(self.final_eval_n) and self.final_eval_n >= 1), "final_eval_n",
                self.final_eval_n, "None or an int >= 1")
@@ -259,7 +260,7 @@ assert len(_FIELD_PART) == sum(len(fields(cls)) for cls in PARTS.values()), "fie
 
 LEGACY_RUNTIME_FIELDS = ("cache", "device", "compile_decode", "checkpoint_every")
 """Keys that run directories written before the spec/runtime split carry in their ``config.json``: they say how
-that run was computed, not what, so reading such a directory ignores them (``runlog``)."""
+that run was computed, not what, so reading such a directory ignores them (``opdlab.rundir.writer``)."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import sympy as sp
 import torch
 from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
+from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
 from opdlab.core.divergences import Divergence, get
 from opdlab.errors import UserError
-from opdlab.config.choices import REPRESENTATIVE_DIVERGENCES
 
 __all__ = ["U", "Derivation", "parse_f", "derive", "constant_error_solution", "error_is_constant",
            "registry_expression", "REGISTRY_NAMES", "advantage_table", "advantage_curves", "check_f",
@@ -49,7 +49,7 @@ def parse_f(text: str | sp.Expr) -> sp.Expr:
     """f(u) from a string like ``"u*log(u)"`` or ``"(sqrt(u) - 1)^2"`` (or a sympy expression, returned as is).
 
     Allowed names: u, the functions log/ln, exp, sqrt, Abs/abs, sign, the constants pi and E, and the
-    parameters alpha, beta, c, k. ``^`` means power. Anything else raises a ValueError naming what was wrong.
+    parameters alpha, beta, c, k. ``^`` means power. Anything else raises a UserError naming what was wrong.
     """
     if isinstance(text, sp.Basic):
         return sp.sympify(text).subs(sp.Symbol("u"), U)
@@ -88,7 +88,7 @@ def _numeric(expr: sp.Expr, u: np.ndarray) -> np.ndarray:
 
 
 def check_f(f: sp.Expr, parameters: dict | None = None, log_u_range: float = 6.0, n_points: int = 400) -> None:
-    """Raise a ValueError unless f(1) = 0 and f is convex on u in [e^-range, e^range].
+    """Raise a UserError unless f(1) = 0 and f is convex on u in [e^-range, e^range].
 
     f(1) = 0 is checked symbolically. Convexity is checked numerically (slopes between neighbouring grid
     points must not decrease), after substituting ``parameters``; it is skipped while symbols other than u

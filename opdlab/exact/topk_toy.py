@@ -21,12 +21,12 @@ import pandas as pd
 import torch
 
 from opdlab.core.divergences import Divergence, get
-from opdlab.errors import UserError
 from opdlab.core.estimators import full_vocabulary_loss
 from opdlab.core.sparse import PEER_FORMS, TopK, sparse_loss, sparse_terms, topk_payload
+from opdlab.errors import UserError
 from opdlab.exact.toy import (CategoricalToy, SequenceToy, as_generator, exact_gradient, expected_estimator_gradient,
-                        make_categorical, make_sequence, sequence_estimator_moments, sequence_log_probs,
-                        token_local_gradient)
+                              make_categorical, make_sequence, sequence_estimator_moments, sequence_log_probs,
+                              token_local_gradient)
 
 __all__ = ["make_near_teacher", "categorical_topk_moments", "categorical_peer_gradient", "sequence_topk_moments",
            "sequence_topk_payload", "topk_table", "sequence_topk_table", "TOPK_COLUMNS"]

@@ -42,7 +42,8 @@ __all__ = [
     "CategoricalToy", "make_categorical", "exact_gradient", "expected_estimator_gradient", "sample_gradients",
     "train_categorical", "SequenceToy", "make_sequence", "sequence_objective", "exact_sequence_gradient",
     "token_local_gradient", "sample_sequences", "sequence_sample_gradients",
-    "expected_sequence_estimator_gradient", "sequence_estimator_moments", "sequence_log_probs", "as_generator",
+    "expected_sequence_estimator_gradient", "sequence_estimator_moments", "sequence_log_probs", "prefix_log_probs",
+    "as_generator",
 ]
 
 DTYPE = torch.float64
@@ -298,8 +299,16 @@ def make_sequence(vocab_size: int = 3, horizon: int = 4, seed: int = 0, temperat
     return SequenceToy(logits_student, torch.log_softmax(logits_teacher, -1), horizon)
 
 
-def _prefix_log_probs(logp_student_NV: torch.Tensor, toy: SequenceToy) -> torch.Tensor:
-    """``log P_theta(c)`` for every node c (differentiable): the student log-probability of its prefix."""
+def prefix_log_probs(logp_student_NV: torch.Tensor, toy: SequenceToy) -> torch.Tensor:
+    """Log-probability of reaching every prefix node, differentiable through ``logp_student_NV``; shape (N,).
+
+    For the node c = y_<t (depth t), ``log P_theta(c) = sum_{s<t} log pi_theta(y_s | y_<s)``, read off the
+    rows of ``logp_student_NV`` (log pi_theta(. | node), shape (N, V) like ``toy.logits_student_NV``) along
+    the prefix's path in ``toy.tree``; the root (t = 0) has ``log P_theta = 0``.
+    """
+    if tuple(logp_student_NV.shape) != tuple(toy.logits_student_NV.shape):
+        raise UserError(f"logp_student_NV must have the toy's shape (N, V) = {tuple(toy.logits_student_NV.shape)}, "
+                         f"got {tuple(logp_student_NV.shape)}")
     tokens_SH, nodes_SH, depth_N, rep_N = toy.tree
     logp_SH = logp_student_NV[nodes_SH, tokens_SH]
     before_SH = torch.cumsum(logp_SH, -1) - logp_SH  # sum_{s<t}
@@ -312,7 +321,7 @@ def sequence_objective(div: Divergence | str, toy: SequenceToy, logits_student_N
     div = get(div)
     logits = toy.logits_student_NV if logits_student_NV is None else logits_student_NV
     logp_student = torch.log_softmax(logits, -1)
-    P_N = _prefix_log_probs(logp_student, toy).exp()
+    P_N = prefix_log_probs(logp_student, toy).exp()
     if detach_prefix:
         P_N = P_N.detach()
     return (P_N * div.exact(toy.logp_teacher_NV, logp_student)).sum()

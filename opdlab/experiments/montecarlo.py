@@ -24,13 +24,13 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 import torch
 
-from opdlab.experiments import stats
-from opdlab.core.divergences import get
 from opdlab.config.choices import METHODS, REPRESENTATIVE_DIVERGENCES
-from opdlab.exact.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
-                        make_categorical, sequence_estimator_moments, make_sequence, sample_gradients,
-                        sequence_sample_gradients, token_local_gradient, train_categorical)
+from opdlab.core.divergences import get
 from opdlab.errors import UserError
+from opdlab.exact.toy import (as_generator, exact_gradient, exact_sequence_gradient, expected_estimator_gradient,
+                              make_categorical, make_sequence, sample_gradients, sequence_estimator_moments,
+                              sequence_sample_gradients, token_local_gradient, train_categorical)
+from opdlab.experiments import stats
 
 __all__ = ["DIVERGENCES", "categorical_study", "estimator_cosines", "sequence_study", "training_study",
            "summarise_estimates", "cosine", "bias_claims"]
@@ -174,11 +174,12 @@ def bias_claims(study: pd.DataFrame, n_repeats: int, unbiased: Callable[[pd.Data
     """Test the claim ``unbiased(rows)`` (True: E[g] = grad D_f; False: biased) for every toy x divergence x
     method of a ``categorical_study``, on all its draws: at the largest n the estimate is the mean of
     K = n_repeats * n samples, its offset ``bias = ||mean - grad D_f||`` and its standard error
-    ``sqrt(variance / K)`` (``variance`` = per-sample tr Cov). ``opdlab.experiments.stats.bias_claims`` gives p, Holm within
-    each family of claims, and ``holds``; rows also carry toy_seed, divergence, method, n_draws.
+    ``sqrt(variance / K)`` (``variance`` = per-sample tr Cov). ``opdlab.experiments.stats.bias_claims`` gives p, Holm
+    within each family of claims, and ``holds``; rows also carry toy_seed, divergence, method, n_draws.
     """
     last = study[study.n_samples == study.n_samples.max()].reset_index(drop=True)
     k = int(n_repeats) * int(last.n_samples.iloc[0])
     claims = stats.bias_claims(last.divergence + " " + last.method, last.bias, (last.variance / k) ** 0.5, k,
                                unbiased(last), alpha)
-    return pd.concat([last[["toy_seed", "divergence", "method"]], claims.drop(columns="name")], axis=1).assign(n_draws=k)
+    frame = pd.concat([last[["toy_seed", "divergence", "method"]], claims.drop(columns="name")], axis=1)
+    return frame.assign(n_draws=k)

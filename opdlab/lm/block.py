@@ -16,10 +16,7 @@ slice of a stacked forward is run r's model alone, to float rounding. The stacke
 ``torch.stack`` of the models' own parameters (for one model a view, but for the concatenated q/k/v and gate/up
 weights), so under autograd the gradient of each run lands on its own model's parameters, exactly (the backward
 of a stack is a slice). For R = 1 every product is the ``F.linear`` of the unstacked code, bit for bit; for
-R > 1 a product is one ``torch.bmm`` over runs. The copy is made on every stacked forward; at notebook 04's
-student size it was 0.2-0.6% of a stacked forward and backward of 1-8 runs (measured once, on a shared
-machine), so weights kept stacked between steps, with their gradients written back to each model, would save
-nothing worth that bookkeeping.
+R > 1 a product is one ``torch.bmm`` over runs. The copy is made on every stacked forward.
 
 The q/k/v and gate/up projections run as one product each (their weights concatenated when stacked). Tied
 embeddings stay tied: the output head is the stacked input embedding. The rotary tables are the first model's

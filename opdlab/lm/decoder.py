@@ -10,8 +10,8 @@ rounding and the sampler draws the same tokens from the same generator state (te
 
 Layout. The cache holds ``(runs, slots, H_kv, L_max, D)`` keys and values per layer, L_max = P + max_new_tokens
 (one run: slots are the batch's rows). Column j of the cache is column j of ``Rollout.full()``: a left-padded
-prompt then the completion. ``valid_RSL`` marks the columns a query may attend to (real prompt tokens and every completion column written so far); a padded
-prompt column attends to itself only, so that no softmax is empty.
+prompt then the completion. ``valid_RSL`` marks the columns a query may attend to (real prompt tokens and every
+completion column written so far); a padded prompt column attends to itself only, so that no softmax is empty.
 
 Compiled step. ``KVDecoder(..., compiled=True)`` runs each decode step (two slots or more) through one
 ``torch.compile``d function instead: the same arithmetic with the per-token Python and op dispatch fused away.
@@ -19,10 +19,9 @@ So that one graph serves every token, it attends over the whole cache (columns n
 padding) plus the new key, and returns the new keys and values, which are written into the cache outside it
 (an in-place cache write inside the compiled function costs a copy of the cache per token). The batch and cache
 length are dynamic dimensions, so dropping finished rows and a new prompt length compile nothing new; a new
-model size or device does (about 10-15 s on 2 CPU cores, less where inductor's on-disk cache already holds it);
-a last single row decodes eagerly (a size-1 dimension would be compiled apart). Logits agree with the eager
-step to float rounding, so the sampler draws the same tokens unless a draw falls within that rounding of a
-boundary (none did in the tests, ``tests/test_decoder.py``, nor in any benchmark).
+model size or device does; a last single row decodes eagerly (a size-1 dimension would be compiled apart).
+Logits agree with the eager step to float rounding, so the sampler draws the same tokens unless a draw falls
+within that rounding of a boundary (``tests/test_decoder.py``).
 
 Runs. ``KVDecoder([m_1, ..., m_R], R * B, ...)`` decodes R models of one architecture and size at once, B rows
 each (the batch's rows run-major: rows r B .. (r + 1) B - 1 are run r's), every product one ``torch.bmm`` over
@@ -69,8 +68,8 @@ class KVDecoder:
     def __init__(self, model, batch: int, max_len: int, compiled: bool = False):
         models = list(model) if isinstance(model, (list, tuple)) else [model]
         if not all(supports(m) for m in models):
-            raise ValueError(f"KVDecoder supports Qwen3/Llama causal LMs with full attention; got "
-                             f"{', '.join(sorted({type(m).__name__ for m in models}))}")
+            raise UserError(f"KVDecoder supports Qwen3/Llama causal LMs with full attention; got "
+                            f"{', '.join(sorted({type(m).__name__ for m in models}))}")
         if batch % len(models):
             raise UserError(f"KVDecoder of {len(models)} models needs a batch of whole runs (a multiple of "
                             f"{len(models)} rows), got {batch}")

@@ -11,7 +11,7 @@ __all__ = ["pick_device", "autocast"]
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"`` gives CUDA when present, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` name one. A ValueError
+    """``"auto"`` gives CUDA when present, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` name one. A UserError
     says so when torch does not know the string, or it asks for CUDA (or a CUDA device) this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,11 +28,7 @@ and size), in one forward: each run's packing is padded to the longest run's tok
 once. Run r's logits and gradients equal model r's alone to float rounding (``tests/test_block.py``); padded
 tokens attend to themselves and are never read.
 
-Measured (one thread, cached notebook 04 models, one process alternating): teacher scoring 0.26 -> 0.16 s and
-the student's forward + backward 0.52 -> 0.34 s on arithmetic (64 prompts x 4); 0.43 -> 0.32 and 0.97 -> 0.69 s
-on tool use (32 x 4). Supervised training keeps the padded forward: its rows share no prompt and carry little
-padding, and the packed forward was no faster there (130 against 134 ms per step on arithmetic, 386 against
-362 on tool use, 2 threads).
+Supervised training keeps the padded forward: its rows share no prompt and carry little padding.
 """
 from __future__ import annotations
 
@@ -106,8 +102,7 @@ def pack_rollout(rollout) -> tuple[Packing, torch.Tensor]:
 def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[idx]`` (rows of ``x`` at indices of any shape) by ``index_select``, whose backward is an ``index_add``:
     on CPU it sums a repeated row's gradients in index order, as the backward of ``x[idx]`` (an accumulating
-    ``index_put``) does on one thread, at any thread count, and in a fraction of the time (that backward was a
-    fifth of an OPD step at 4.6M / 1.1M)."""
+    ``index_put``) does on one thread, at any thread count."""
     return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from opdlab.errors import UserError
 from opdlab.files import remove_tree
 from opdlab.heartbeat import Heartbeat
 from opdlab.lm.cache import cache_dir
 from opdlab.lm.modeling import count_parameters, load_model, quiet_progress, save_model
-from opdlab.errors import UserError
 
 __all__ = ["SMOLLM2_PACKAGE", "SMOLLM2_FILE", "smollm2_gguf", "smollm2_teacher", "convert_gguf", "spread_layers",
            "layer_dropped_student", "drop_layers", "teacher_answers", "WARMUP_SOURCES"]

@@ -112,7 +112,7 @@ def collate(rows: list[list[int]], pad_id: int, left: bool = True) -> torch.Tens
 
 
 def check_compatible(teacher, student, teacher_tokenizer, student_tokenizer) -> None:
-    """Raise a ValueError unless teacher and student share a tokenizer and a vocabulary.
+    """Raise a UserError unless teacher and student share a tokenizer and a vocabulary.
 
     OPD compares pi_T(y_t|c_t) and pi_theta(y_t|c_t) for the same token ids, so both models must read and
     write the same token ids: the same vocabulary (token -> id map) and output heads of the same size.
@@ -131,7 +131,7 @@ def check_compatible(teacher, student, teacher_tokenizer, student_tokenizer) -> 
 
 
 def check_task_tokenizer(model, tokenizer, task, path) -> None:
-    """Raise a ValueError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
+    """Raise a UserError unless ``tokenizer`` can write every character of ``task.alphabet`` (none becomes
     <unk>) and every token id it can produce has a row in the model's embedding. ``path`` names the checkpoint
     in the message. A task for pretrained tokenizers has no alphabet: there at most ``UNK_LIMIT`` of the tokens
     of a few training examples may be <unk>."""

@@ -13,8 +13,9 @@ See :mod:`opdlab.tasks.base` for the interface (:class:`Example`, :class:`Score`
 """
 from __future__ import annotations
 
-from opdlab.tasks.base import Example, Score, Task, score_batch, split_of, summarize
 from opdlab.errors import UserError
+from opdlab.tasks.base import Example, Score, Task, score_batch, split_of, summarize
+
 
 def _arithmetic(**options):
     from opdlab.tasks.arithmetic import ArithmeticTask
@@ -45,7 +46,7 @@ TASK_NAMES = tuple(_BUILDERS)
 def get_task(name: str, **options) -> Task:
     """The task called ``name`` built with ``options``.
 
-    Raises ValueError for an unknown name (listing :data:`TASK_NAMES`) or for options the task does not take
+    Raises UserError for an unknown name (listing :data:`TASK_NAMES`) or for options the task does not take
     or does not accept; ImportError with an install hint when an external task's package is missing.
     """
     if name not in _BUILDERS:

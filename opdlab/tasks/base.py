@@ -191,7 +191,7 @@ def parse_int(text: str | None) -> int | None:
 
 
 def check_option(name: str, value, ok: bool, expected: str) -> None:
-    """Raise a ValueError naming the option, its value, and what was expected, unless ``ok``."""
+    """Raise a UserError naming the option, its value, and what was expected, unless ``ok``."""
     if not ok:
         raise UserError(f"option {name}={value!r}: expected {expected}")
 

@@ -15,10 +15,10 @@ import random
 import re
 
 from opdlab.config.checks import is_int
+from opdlab.errors import UserError
 from opdlab.tasks.base import SPLITS, Example, Score, Task, check_option, final_answer, split_of
 from opdlab.tasks.calls import (CALL_END, CALL_START, CallError, check_signature, format_call, match_call, parse_call,
                                 type_ok)
-from opdlab.errors import UserError
 
 INSTALL_HINT = "pip install -e .[pretrained]"
 

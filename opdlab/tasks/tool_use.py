@@ -12,9 +12,7 @@ Tools (typed, keyword arguments only):
   ``Q:3 km in m?``;
 - ``capital(country: string)``: a look-up in an embedded table of 108 countries, asked in six phrasings
   (``Q:capital of Peru?``, ``Q:Peru's capital?``, ``Q:Peru: capital?``, ...), so most countries
-  appear in both splits and the model has to learn to copy the name rather than memorise whole prompts (with
-  32 countries and 3 phrasings a 0.9M-parameter teacher memorised the training prompts and got only 36% of
-  held-out capital questions right).
+  appear in both splits and the model has to learn to copy the name rather than memorise whole prompts.
 
 The model writes a call ending in ``</call>`` (:attr:`call_end`); the harness calls :meth:`tool_result`,
 which parses the call with ``ast``, checks it against the tool's signature, really runs the tool and returns

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from opdlab.errors import UserError
+
 __all__ = ["cosine_heatmap_figure"]
 
 
@@ -16,8 +18,8 @@ def cosine_heatmap_figure(frame: pd.DataFrame, kind: str | None = None, target: 
     kind = kind or frame["kind"].iloc[0]
     d = frame[(frame["kind"] == kind) & (frame["target"] == target)]
     if d.empty:
-        raise ValueError(f"no rows for kind={kind!r}, target={target!r}; the frame has kinds "
-                         f"{sorted(frame['kind'].unique())} and targets {sorted(frame['target'].unique())}")
+        raise UserError(f"no rows for kind={kind!r}, target={target!r}; the frame has kinds "
+                        f"{sorted(frame['kind'].unique())} and targets {sorted(frame['target'].unique())}")
     rows = list(dict.fromkeys(d["estimator"]))
     cols = list(dict.fromkeys(d["divergence"]))
     table = d.groupby(["estimator", "divergence"], sort=False)["cosine"].mean().unstack().reindex(index=rows,

@@ -1,8 +1,9 @@
 """Figures of notebooks 08 and 09: the noise of the sampled OPD estimator on a real student.
 
-``cosine_figure`` takes the frames of ``opdlab.experiments.noise.cosine_curves`` and ``opdlab.experiments.noise.noise_table``;
-``log_u_figure`` the frame of ``opdlab.experiments.noise.sampled_tokens``; ``tradeoff_figure`` a frame of final accuracies
-beside ``opdlab.experiments.noise.step_noise`` measurements. All return a Figure.
+``cosine_figure`` takes the frames of ``opdlab.experiments.noise.cosine_curves`` and
+``opdlab.experiments.noise.noise_table``; ``log_u_figure`` the frame of ``opdlab.experiments.noise.sampled_tokens``;
+``tradeoff_figure`` a frame of final accuracies beside ``opdlab.experiments.noise.step_noise`` measurements. All return
+a Figure.
 """
 from __future__ import annotations
 

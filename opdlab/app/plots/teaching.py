@@ -16,12 +16,12 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from opdlab.exact import symbolic
-from opdlab.exact import toy as toys
-from opdlab.core.divergences import Divergence, get
-from opdlab.config.choices import METHODS
-from opdlab.experiments.montecarlo import cosine
 from opdlab.app.plots import method_style
+from opdlab.config.choices import METHODS
+from opdlab.core.divergences import Divergence, get
+from opdlab.errors import UserError
+from opdlab.exact import symbolic, toy as toys
+from opdlab.experiments.montecarlo import cosine
 
 __all__ = ["ADVANTAGE_QUANTITIES", "advantage_curves_frame", "plot_advantage_curves", "categorical_frame",
            "plot_categorical", "training_race_frame", "plot_training_race", "figure_png"]
@@ -42,10 +42,10 @@ def advantage_curves_frame(divergence: str | Divergence, log_u_min: float = -3.0
 
     The curves are ``opdlab.exact.symbolic.advantage_curves`` (sympy's derivation, checked against the registry)
     with f = -(-f) added. Columns: ``divergence``, ``label``, ``log_u``, ``u``, ``quantity`` (a key of
-    ADVANTAGE_QUANTITIES), ``value``. Raises ValueError for an unknown divergence or an invalid range.
+    ADVANTAGE_QUANTITIES), ``value``. Raises UserError for an unknown divergence or an invalid range.
     """
     if not (np.isfinite(log_u_min) and np.isfinite(log_u_max)) or not log_u_min < log_u_max:
-        raise ValueError(f"the log u range must be finite with min < max, got [{log_u_min}, {log_u_max}]")
+        raise UserError(f"the log u range must be finite with min < max, got [{log_u_min}, {log_u_max}]")
     wide = symbolic.advantage_curves([get(divergence)], float(log_u_min), float(log_u_max), int(n_points))
     wide["f"] = -wide["opd"]
     return wide.melt(id_vars=["divergence", "label", "log_u", "u"], value_vars=list(ADVANTAGE_QUANTITIES),
@@ -163,7 +163,7 @@ def training_race_frame(divergence: str | Divergence, toy: toys.CategoricalToy, 
     and method; columns as ``opdlab.exact.toy.train_categorical``)."""
     div = get(divergence)
     if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
-        raise ValueError(f"the learning rate must be a positive number, got {lr!r}")
+        raise UserError(f"the learning rate must be a positive number, got {lr!r}")
     return pd.concat([toys.train_categorical(div, method, toy, steps=steps, n_samples=n_samples, lr=lr,
                                              seed=seed) for method in METHODS], ignore_index=True)
 
