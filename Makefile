@@ -29,7 +29,7 @@ figures: setup
 test: setup browser
 	$(PY) -m pytest
 
-# Debian's Chromium for tests/test_browser.py (driven by Playwright from pip; never `playwright install`).
+# Debian's Chromium for tests/app/test_browser.py (driven by Playwright from pip; never `playwright install`).
 # As root it is installed when missing; otherwise the browser test skips (it fails instead when CI is set).
 browser:
 	@if ! command -v chromium >/dev/null; then \

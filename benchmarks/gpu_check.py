@@ -45,7 +45,7 @@ STEPS = ("tests", "nb04", "gap", "bench_peers", "bench_cohort", "nb06")
 LIMITS_S = dict(tests=150, nb04=110, gap=30, bench_peers=70, bench_cohort=40, nb06=120)
 """Each step's time limit on CUDA; the total budget cuts the last ones shorter where earlier ones ran long."""
 BUDGET_S = 470
-TEST_FILES = ("tests/test_decoder.py", "tests/test_packed.py", "tests/test_train.py", "tests/test_extreme_logits.py")
+TEST_FILES = ("tests/lm/test_decoder.py", "tests/lm/test_packed.py", "tests/training/test_train.py", "tests/core/test_extreme_logits.py")
 
 NB04 = dict(task="arithmetic", divergence="forward_kl", method="opd_plus", baseline="expected", log_u_clip=2.0,
             lr=1e-3, lr_schedule="cosine", steps=20, prompts_per_step=256, samples_per_prompt=4, eval_every=20,

@@ -3,7 +3,7 @@
 Notation (docs/math.md §1): student pi (the sampler), teacher q, y ~ pi(.|c), u = q(y)/pi(y), log u =
 logp_teacher - logp_student. Each function returns one value per sampled token, shape (B, T); its gradient
 mode says what the training code does with it (``opdlab.audit.expected``). ``follows`` is the hand derivation of the
-expected gradient, checked by ``tests/test_audit.py`` on exact toys; None where there is none to state.
+expected gradient, checked by ``tests/audit/test_audit.py`` on exact toys; None where there is none to state.
 
 Every entry carries a ``Source`` (``opdlab.audit.sources``): repository, path, the commit read, the line range,
 a short verbatim excerpt and the defaults it models. Scale factors (a KL coefficient, token-mean against

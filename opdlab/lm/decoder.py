@@ -6,7 +6,7 @@ products than the ``transformers`` forward spends around them: building the caus
 ``DynamicCache``, dispatching through attention interfaces and output classes. ``KVDecoder`` reads the model's own
 weights (``opdlab.lm.block.stack``, built when the decoder is) and runs only the arithmetic of a Qwen3/Llama block
 (``opdlab.lm.block``), in the same order as ``transformers`` does it, so its logits agree with the model's to float
-rounding and the sampler draws the same tokens from the same generator state (tested in ``tests/test_decoder.py``).
+rounding and the sampler draws the same tokens from the same generator state (tested in ``tests/lm/test_decoder.py``).
 
 Layout. The cache holds ``(runs, slots, H_kv, L_max, D)`` keys and values per layer, L_max = P + max_new_tokens
 (one run: slots are the batch's rows). Column j of the cache is column j of ``Rollout.full()``: a left-padded
@@ -21,13 +21,13 @@ padding) plus the new key, and returns the new keys and values, which are writte
 length are dynamic dimensions, so dropping finished rows and a new prompt length compile nothing new; a new
 model size or device does; a last single row decodes eagerly (a size-1 dimension would be compiled apart).
 Logits agree with the eager step to float rounding, so the sampler draws the same tokens unless a draw falls
-within that rounding of a boundary (``tests/test_decoder.py``).
+within that rounding of a boundary (``tests/lm/test_decoder.py``).
 
 Runs. ``KVDecoder([m_1, ..., m_R], R * B, ...)`` decodes R models of one architecture and size at once, B rows
 each (the batch's rows run-major: rows r B .. (r + 1) B - 1 are run r's), every product one ``torch.bmm`` over
 runs. Each run keeps its own rows: when rows end, every run's live rows move to the front of its slots and the
 slots shrink to the most any run still has; a run with fewer live rows fills its slots with ended ones, which
-are computed and never read. Run r's logits equal model r's alone to float rounding (``tests/test_block.py``).
+are computed and never read. Run r's logits equal model r's alone to float rounding (``tests/lm/test_block.py``).
 
 Supported: ``transformers``' ``Qwen3ForCausalLM`` and ``LlamaForCausalLM`` (grouped-query attention, optional
 biases, any rotary type the model's own ``rotary_emb`` computes) without sliding windows. ``supports(model)``

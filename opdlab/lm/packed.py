@@ -18,14 +18,14 @@ gradient of a shared prompt token is the sum over the completions that attend to
 forward. Logits are computed only at the positions asked for.
 
 The arithmetic is that of ``transformers`` in the same order (``opdlab.lm.block``), so the logits agree with the
-padded forward to float rounding (``tests/test_packed.py``). Positions count real tokens (``sampling.positions``).
+padded forward to float rounding (``tests/lm/test_packed.py``). Positions count real tokens (``sampling.positions``).
 Supported models: those of ``decoder.supports`` whose attention has no dropout active (the packed path applies
 none).
 
 Runs. ``stacked_completion_logits(models, rollouts)`` scores R rollouts, rollout r by model r (one architecture
 and size), in one forward: each run's packing is padded to the longest run's tokens, rows and row length
 (``stack_packings``), every product is one ``torch.bmm`` over runs, and attention runs over all runs' rows at
-once. Run r's logits and gradients equal model r's alone to float rounding (``tests/test_block.py``); padded
+once. Run r's logits and gradients equal model r's alone to float rounding (``tests/lm/test_block.py``); padded
 tokens attend to themselves and are never read.
 
 Supervised training keeps the padded forward: its rows share no prompt and carry little padding.

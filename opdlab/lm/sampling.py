@@ -147,7 +147,7 @@ def sample(model, tokenizer, prompts: list[str], task=None, max_new_tokens: int 
 
     ``fast`` (None: wherever ``decoder.supports(model)``) decodes with ``decoder.KVDecoder``, a static KV cache
     and the bare arithmetic of the model's blocks, instead of the ``transformers`` forward; both draw the same
-    tokens from the same generator state up to float rounding of the logits (``tests/test_decoder.py``);
+    tokens from the same generator state up to float rounding of the logits (``tests/lm/test_decoder.py``);
     ``compiled`` runs its decode steps through ``torch.compile`` (``KVDecoder(compiled=True)``; ignored without
     ``fast``).
 

@@ -18,10 +18,11 @@ one, with the model work batched across runs:
 
 What each run keeps for itself: its spec, optimizer state, learning rate, generator, prompts and metrics. So a
 run's tokens, gradient and metrics equal those of the same run stepped alone to float rounding, whatever the other
-members are (``tests/test_cohort.py``). The members must share one teacher, tokenizer, task and completion budget,
-and students of one architecture and size (``check``). A run whose runtime asks for the ``transformers`` sampler or
-the padded scorer gets it: the cohort then samples or scores run by run. Phase times (``time_*``) are the cohort's:
-every member reports the wall time of the step it shared (and its own tokens over it).
+members are (``tests/training/test_cohort.py``). The members must share one teacher, tokenizer, task and
+completion budget, and students of one architecture and size (``check``). A run whose runtime asks for the
+``transformers`` sampler or the padded scorer gets it: the cohort then samples or scores run by run. Phase times
+(``time_*``) are the cohort's: every member reports the wall time of the step it shared (and its own tokens over
+it).
 """
 from __future__ import annotations
 

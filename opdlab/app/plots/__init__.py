@@ -20,7 +20,7 @@ from opdlab.files import disk_errors, temporary_name
 
 __all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir", "grid", "divergence_title"]
 
-METHOD_STYLE = {  # one per key of core.objective.LABELS (tests/test_objective.py)
+METHOD_STYLE = {  # one per key of core.objective.LABELS (tests/core/test_objective.py)
     "opd": dict(color="#d62728", linestyle="--"),
     "opd_plus": dict(color="#1f77b4", linestyle="-"),
     "full_vocabulary": dict(color="#2ca02c", linestyle="-."),

@@ -13,6 +13,7 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from test_integrity import RECIPE, entry  # noqa: E402
 
 from opdlab.app import cli, plots  # noqa: E402
 from opdlab.errors import UserError  # noqa: E402
@@ -20,8 +21,7 @@ from opdlab.files import check_digest, write_atomic  # noqa: E402
 from opdlab.lm import cache  # noqa: E402
 from opdlab.rundir.writer import RunLog  # noqa: E402
 from opdlab.training.loop import train  # noqa: E402
-from test_integrity import RECIPE, entry  # noqa: E402
-from test_rundir import CONFIG, HOLD, MODELS, RT, SMALL, TASK, cut, metrics  # noqa: E402
+from rundirs import CONFIG, HOLD, MODELS, RT, SMALL, TASK, cut, metrics  # noqa: E402
 
 ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"
 """What safetensors raises on a full disk (measured on a 200 kB tmpfs)."""

@@ -114,7 +114,8 @@ def test_a_compile_that_cannot_run_here_says_so_in_one_line(tmp_path):
             "try:\n    sample(model_of('qwen3'), TOK, ['Q:1+2=', 'Q:3='], TASK, 4, torch.Generator(), compiled=True)\n"
             "except ValueError as err:\n    print('ValueError:', err)\n")
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "c"),
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert "ValueError: compile_decode: torch.compile could not compile the decode step here" in out.stdout, \
         out.stdout + out.stderr[-2000:]

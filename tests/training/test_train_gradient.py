@@ -136,10 +136,11 @@ def test_token_noise_reports_an_unbiased_estimator_and_its_noise_scale(setting):
 def test_reference_arms_train_end_to_end(tmp_path):
     """``supervised_kd`` samples from the teacher (its completions score like the teacher's), ``full_vocabulary``
     from the student; both log no advantage statistics and lower their loss's own target on a fixed batch."""
+    from test_train import SMALL, TASK as T, models_for_test
+
     from opdlab.rundir.reader import read_metrics
     from opdlab.training.loop import train
     from opdlab.training.step import Trainer, opd_step
-    from test_train import SMALL, TASK as T, models_for_test
 
     models = models_for_test()
     for method in ("supervised_kd", "full_vocabulary"):

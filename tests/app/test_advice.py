@@ -9,7 +9,7 @@ from opdlab.app import cli
 from opdlab.core.estimators import compute_advantages, reinforce_loss
 from opdlab.errors import UserError
 from opdlab.training.loop import train
-from test_rundir import CONFIG, MODELS, RT, TASK, cut, metrics
+from rundirs import CONFIG, MODELS, RT, TASK, cut, metrics
 
 
 @pytest.fixture(scope="module")

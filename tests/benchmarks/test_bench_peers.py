@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_peers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_peers.py"
 OPDLAB_ARMS = ("opd", "opd_compiled", "opd_hf_sampler", "plain")
 
 

@@ -28,7 +28,7 @@ from opdlab.report import render as report
 from opdlab.tasks import get_task
 from opdlab.training.step import Models, Trainer, sample
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_main_job.py"
 COLUMNS = ["notebook", "phase", "task", "arm", "count", "seconds_each", "seconds_total", "gflop_total",
            "gflops_per_s", "peak_fraction", "bound_seconds"]
 LAST_LINE = re.compile(r"main job: measured ([\d.]+) min, bound at peak ([\d.]+) min")

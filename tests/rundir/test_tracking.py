@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from test_train import SMALL, models_for_test
 
 from opdlab.config.runtime import Runtime
 from opdlab.errors import UserError
@@ -12,7 +13,6 @@ from opdlab.rundir.reader import read_metrics
 from opdlab.tasks import get_task
 from opdlab.training.loop import train
 from runs import make
-from test_train import SMALL, models_for_test
 
 pytest.importorskip("tensorboard")
 

@@ -10,7 +10,7 @@ import pytest
 
 from opdlab.experiments import montecarlo, noise, stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "figures" / "data"
 ALPHA = 0.05
 

@@ -22,7 +22,7 @@ from opdlab.lm.modeling import build_model  # noqa: E402
 from opdlab.lm.sampling import gather_logp  # noqa: E402
 from opdlab.lm.tokenizer import char_tokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALPHABET = "0123456789+-= "
 PROMPTS = ["1+2=", "13-4=", "7+70=", "5 5=", "9-9=", "2+22="]
 RTOL = 1e-5  # float32 rounding of two forwards that order their sums differently, relative to the gradient's size
@@ -283,10 +283,10 @@ def test_without_trl_the_import_says_how_to_get_it():
 @pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["token"])  # "sequence" passes too (about 30 s more)
 def test_two_processes_step_along_the_global_batchs_gradient(tmp_path, reduction):
-    """Two gloo processes, one SGD step at lr 1 without clipping (tests/trl_ddp_step.py): the update is minus the
+    """Two gloo processes, one SGD step at lr 1 without clipping (tests/integrations/trl_ddp_step.py): the update is minus the
     gradient of opdlab's surrogate over both ranks' completions together, normalised by the global batch."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "trl_ddp_step.py"), str(tmp_path), "forward_kl", reduction]
+           str(ROOT / "tests" / "integrations" / "trl_ddp_step.py"), str(tmp_path), "forward_kl", reduction]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,7 +11,7 @@ from opdlab.core import objective
 from opdlab.errors import UserError
 from opdlab.experiments import comparisons, stats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "figures" / "data"
 
 

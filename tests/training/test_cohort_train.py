@@ -16,8 +16,8 @@ from opdlab.rundir.reader import last_step, read_items, read_metrics
 from opdlab.training import cohort
 from opdlab.training.cohort_loop import train_cohort
 from opdlab.training.loop import train
+from rundirs import ENV, MODELS, TASK, wait_for_lock
 from runs import make
-from test_rundir import ENV, MODELS, TASK, _wait_for_lock
 
 pytestmark = pytest.mark.slow
 
@@ -146,13 +146,14 @@ train_cohort(runs, [sys.argv[1] + f"/r{i}" for i in range(len(ARMS))], RT, TASK,
 def test_kill_9_at_random_points_leaves_every_run_resumable_to_the_uninterrupted_end(tmp_path):
     import os
 
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(os.path.dirname(__file__)), ENV.get("PYTHONPATH", "")])}
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ENV.get("PYTHONPATH", "")])}
 
     def run(where, kill_after=None) -> float:
         """Seconds from taking the lock to the end (or the kill)."""
         proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(where)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
-        _wait_for_lock(where / "r0", proc)
+        wait_for_lock(where / "r0", proc)
         t0 = time.perf_counter()
         if kill_after is not None:
             time.sleep(kill_after)

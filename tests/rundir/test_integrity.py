@@ -15,8 +15,8 @@ from opdlab.files import DigestMismatch, check_digest, write_digest
 from opdlab.lm import cache
 from opdlab.lm.modeling import load_model, save_model, weights_digest
 from opdlab.training.loop import train
+from rundirs import CLI_FIELDS, CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny
 from runs import make, resign
-from test_rundir import CLI_FIELDS, CONFIG, MODELS, RT, TASK, TOK, cut, metrics, tiny
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from opdlab.exact.toy import make_categorical
 from opdlab.report.audit_table import MARKERS, render, section
 from opdlab.testing import assert_unbiased
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6  # the audit is exact (enumeration, float64): errors are ~1e-12, far below this
 
 

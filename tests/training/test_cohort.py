@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from test_decoder import TASK, TOK, model_of
 
 from opdlab.config import choices
 from opdlab.config.runtime import Runtime
@@ -15,7 +16,6 @@ from opdlab.lm.sampling import sample
 from opdlab.training import step as opd
 from opdlab.training.cohort import check, cohort_step, merge_rollouts, split_rollout
 from opdlab.training.step import Models, Trainer, opd_step
-from test_decoder import TASK, TOK, model_of
 
 BASE = RunSpec.from_dict(dict(steps=2, prompts_per_step=3, samples_per_prompt=2, max_new_tokens=12, eval_n=4))
 ARMS = [  # divergence, method, γ, baseline, learning rate, clip, schedule and seed all differ
@@ -125,7 +125,7 @@ def test_the_cohort_benchmark_writes_its_columns_and_its_ratio_line(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "cohort.csv"
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_cohort.py"), "--case", "tiny/arithmetic",
                            "--R", "1", "3", "--steps", "1", "--threads", "1", "--out", str(out)],

@@ -6,7 +6,7 @@ import pytest
 
 pm = pytest.importorskip("papermill")
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 TINY_MODELS = dict(teacher_hidden=32, teacher_layers=1, teacher_sft_steps=4, student_hidden=16, student_layers=1,
                    student_warmup_steps=2)

@@ -30,7 +30,7 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "05_teaching.ipynb"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("OPDLAB_CHROMIUM", "/usr/bin/chromium")

@@ -15,42 +15,16 @@ import pytest
 import torch
 
 from opdlab.app import cli
-from opdlab.config.recipe import ModelRecipe
-from opdlab.config.spec import RunSpec, run_name
+from opdlab.config.spec import run_name
 from opdlab.errors import UserError
-from opdlab.lm.modeling import build_model
-from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.rundir.reader import read_metrics, read_records
 from opdlab.rundir.writer import RunLog
 from opdlab.tasks import get_task
 from opdlab.training.loop import train
 from opdlab.training.step import Models
+from rundirs import (CLI_FIELDS, CONFIG, ENV, HOLD, MODELS, RT, SMALL, TASK, TOK, cut, metrics, params, tiny,
+                     wait_for_lock)
 from runs import make
-
-TASK = get_task("arithmetic")
-TOK = char_tokenizer(TASK.alphabet + "<>()")
-SMALL = dict(steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=10, eval_every=2, eval_n=4,
-             eval_samples=1, checkpoint_every=2, device="cpu", lr=3e-3)
-CONFIG, RT = make(**SMALL)
-# the same tiny run from the command line: models trained into a cache once per module (see `cache`)
-CLI_FIELDS = dict(SMALL, steps=6, checkpoint_every=1, eval_every=3, teacher_hidden=16, teacher_layers=1,
-                  teacher_sft_steps=5, student_hidden=16, student_layers=1, student_warmup_steps=2, sft_batch=8)
-
-
-def tiny(seed):
-    return build_model(ModelRecipe(hidden=16, layers=1, heads=1, intermediate=32, seed=seed), TOK).eval()
-
-
-MODELS = Models(tiny(0), tiny(1), TOK, {})
-
-
-def params(fields):
-    """``-p FIELD VALUE`` arguments of ``opdlab train`` for a dict of RunSpec and Runtime fields."""
-    return sum((["-p", k, str(v)] for k, v in fields.items()), [])
-
-
-def metrics(run_dir):
-    return read_metrics(run_dir, volatile=False).drop(columns="run")
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +35,7 @@ def full(tmp_path_factory):
     return metrics(run_dir)
 
 
-def cut(tmp_path, steps=3):
-    """A run of CONFIG that stopped after ``steps`` steps (checkpoint at step 2)."""
-    train(CONFIG, tmp_path / "run", RT, TASK, MODELS, stop_after=steps)
-    return tmp_path / "run"
-
-
 # -- one writer ------------------------------------------------------------------------------------------------
-HOLD = ("import sys; from opdlab.config.presets import resolve; from opdlab.rundir.writer import RunLog; "
-        "log = RunLog(sys.argv[1], resolve(%s)[0]); print('locked', flush=True); sys.stdin.read()")
-
-
 def test_a_second_process_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, full, capsys):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD % repr(SMALL), str(run_dir)], stdin=subprocess.PIPE,
@@ -388,7 +352,6 @@ def test_log_probabilities_above_zero_masks_outside_0_1_and_empty_batches_are_re
 
 
 # -- real interruptions ------------------------------------------------------------------------------------------
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -416,18 +379,6 @@ def _wait_for_metrics(run_dir, proc, timeout=60):
     while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").stat().st_size:
         assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()
         time.sleep(0.02)
-
-
-def _wait_for_lock(run_dir, proc, timeout=60):
-    """Until ``proc`` holds the run directory (it writes its pid into the lock file), or has ended."""
-    t0 = time.time()
-    while proc.poll() is None and time.time() - t0 < timeout:
-        try:
-            if (run_dir / "lock").read_text() == str(proc.pid):
-                return
-        except FileNotFoundError:
-            pass
-        time.sleep(0.01)
 
 
 def _longer(argv, steps):
@@ -464,7 +415,7 @@ def test_kill_9_at_random_points_again_and_again_still_ends_equal(tmp_path, cli_
     run_dir, rng = tmp_path / "run", random.Random(12)
     for _ in range(4):
         proc = _start(argv, run_dir)
-        _wait_for_lock(run_dir, proc)
+        wait_for_lock(run_dir, proc)
         time.sleep(rng.uniform(0.0, 2.0))  # loading, sampling, evaluation, mid-checkpoint, between renames...
         proc.kill()
         proc.communicate()
@@ -495,7 +446,7 @@ def test_edited_per_item_records_are_refused_on_resume_and_the_advice_works(tmp_
 def test_a_run_directory_names_its_checkpoint_as_its_model(tmp_path):
     from opdlab.rundir import layout
 
-    fixture = Path(__file__).resolve().parent / "fixtures" / "before_layers"
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "before_layers"
     run = tmp_path / "run"
     shutil.copytree(fixture / "full", run)
     assert layout.model_dir(run) == run / "checkpoint"          # a run directory: its checkpoint

@@ -10,7 +10,7 @@ from opdlab.app.cli import main
 from opdlab.errors import UserError
 from opdlab.report import render as report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_committed_documents_are_what_the_data_gives():

@@ -188,7 +188,7 @@ def test_notebook_05_runs_under_papermill_and_saves_its_figures(tmp_path):
     """Papermill keeps no widget state: the figures of a headless run come from the plain calls."""
     import papermill as pm
 
-    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    notebooks = Path(__file__).resolve().parents[2] / "notebooks"
     figures_dir = tmp_path / "figures"
     pm.execute_notebook(str(notebooks / "05_teaching.ipynb"), str(tmp_path / "05_teaching.ipynb"),
                         parameters=dict(divergence="alpha", parameter=0.5, n_tokens=5, steps=30, n_samples=16,

@@ -1,8 +1,8 @@
-"""One OPDTrainer step under torchrun (gloo, CPU), for tests/test_trl.py: plain SGD at lr 1 without clipping, so
+"""One OPDTrainer step under torchrun (gloo, CPU), for tests/integrations/test_trl.py: plain SGD at lr 1 without clipping, so
 the update is minus the gradient DDP averaged. Each rank saves the completions it sampled; rank 0 saves the
 student's weights before and after.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trl_ddp_step.py OUT DIVERGENCE REDUCTION
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/integrations/trl_ddp_step.py OUT DIVERGENCE REDUCTION
 """
 import sys
 from pathlib import Path

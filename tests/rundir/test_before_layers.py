@@ -16,7 +16,7 @@ from opdlab.app import cli
 from opdlab.rundir import layout
 from opdlab.rundir.reader import read_items, read_metrics, read_records, results, stored_config, stored_runtime
 
-FIXTURE = Path(__file__).parent / "fixtures" / "before_layers"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "before_layers"
 STEPS, STOPPED = 4, 2  # the run's steps, and where the stopped run stopped (its last checkpoint)
 
 
