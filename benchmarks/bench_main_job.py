@@ -6,7 +6,7 @@ the runs notebook 04 already trained read back, and the step noise of every vari
 students trained once per recipe (``opdlab.lm.cache``), and notebook 06 (its preset, methods x seeds, from
 SmolLM2-135M-Instruct to its layer-dropped student, whose supervised warm-up counts as that notebook's ``sft``;
 ``--tiny`` leaves it out, as SmolLM2 has no tiny version). Every count is read
-from the presets and the notebooks' ``parameters`` cells (``notebook_runner.notebook_parameters``), never typed
+from the presets and the notebooks' ``parameters`` cells (``opdlab.app.notebooks.notebook_parameters``), never typed
 here. The other notebooks, SmolLM2's conversion, the reference accuracies (the sweep's, and each newly trained
 model's held-out score) and what runs outside these phases (processes starting, checkpoints, plots) are not in
 the account.
@@ -23,8 +23,8 @@ then ``--steps`` timed ``opd_step``s, and per phase the median seconds and model
 - ``optimizer``: gradient clip and AdamW, counted as ``ADAMW_FLOPS_PER_PARAMETER`` elementwise FLOPs per
   parameter (memory-bound: its bound at the matmul peak is far from reachable);
 - ``rest``: advantages, masking and metrics (no model FLOPs are counted for it);
-- ``evaluation``: ``train.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the warm-up
-  student, per task, a start shared by the runs of one seed and divergence counted once; ``final_evaluation``
+- ``evaluation``: ``training.evaluate.evaluate`` (greedy and sampled decoding, teacher and student scoring) on the
+  warm-up student, per task, a start shared by the runs of one seed and divergence counted once; ``final_evaluation``
   where ``final_eval_n`` differs;
 - ``step_noise``: ``noise.step_noise`` of every notebook-09 variant, and of every notebook-04 arm, in one call each
   (each batch decoded and scored once, differentiated once per variant or arm);
@@ -83,6 +83,7 @@ from opdlab.config import presets
 from opdlab.config.recipe import SFT_CHECK_EVERY  # noqa: E402
 from opdlab.config.runtime import Runtime  # noqa: E402
 from opdlab.config.spec import ModelsSpec, RunSpec, run_name  # noqa: E402
+from opdlab.core import objective  # noqa: E402
 from opdlab.experiments import noise  # noqa: E402
 from opdlab.experiments.sweep import runs  # noqa: E402
 from opdlab.lm.cache import target_reached  # noqa: E402
@@ -153,7 +154,7 @@ def studies(tiny: bool = False) -> list[Study]:
     task_overrides = {t: {**preset4.per_task.get(t, {}), **p4["overrides"], **shrink} for t in p4["tasks"]}
     for t in p4["tasks"]:
         specs = runs(base4, [t], [], [], seeds(p4, preset4), task_overrides, p4["arms"])
-        noisy = sum(arm["method"] != "supervised_kd" for arm in p4["arms"])  # its step-noise cell
+        noisy = sum(objective.get(arm["method"]).samples_from == "student" for arm in p4["arms"])  # step noise
         fresh = new(specs)
         out.append(Study(nb4.stem, t, base4.replace(task=t, **task_overrides[t]), fresh, noisy, p4["n_batches"],
                          starts(fresh, p4["runs_dir"])))
@@ -219,7 +220,7 @@ def kind_name(method: str, topk) -> str:
 
 
 def evaluations(spec: RunSpec) -> tuple[int, int]:
-    """``(regular, final)`` evaluations of one run, as ``train.train`` schedules them: step 0, every
+    """``(regular, final)`` evaluations of one run, as ``training.loop.train`` schedules them: step 0, every
     ``eval_every`` steps and the last step; the last is counted apart where ``final_eval_n`` changes its size."""
     steps, every = spec.optim.steps, spec.eval.eval_every
     total = 1 + sum(1 for done in range(1, steps + 1) if done % every == 0 or done == steps)

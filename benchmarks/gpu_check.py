@@ -63,7 +63,7 @@ class Skip(Exception):
     """A step that cannot run here, and why (a missing optional package or file)."""
 
 
-# ---- the one place that calls opdlab's training API (presets.resolve, train, load_models) ----
+# ---- the one place that calls opdlab's training API (presets.resolve, loop.train, models.load_models) ----
 
 def train_run(run_dir: Path, **fields):
     """``opdlab.training.loop.train`` on the spec and runtime of ``fields`` (flat RunSpec and Runtime fields); its

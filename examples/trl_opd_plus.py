@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 
 from opdlab.config.recipe import ModelRecipe
-from opdlab.integrations.trl import OPDConfig, OPDTrainer
+from opdlab.integrations.trl import INTEGRATION_METHODS, OPDConfig, OPDTrainer
 from opdlab.lm.modeling import build_model, load_model
 from opdlab.lm.tokenizer import char_tokenizer
 from opdlab.tasks import get_task
@@ -39,7 +39,7 @@ def models(teacher_dir: str | None, student_dir: str | None, task):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--divergence", default="forward_kl")
-    p.add_argument("--method", default="opd_plus", choices=["opd", "opd_plus", "full_vocabulary"])
+    p.add_argument("--method", default="opd_plus", choices=INTEGRATION_METHODS)
     p.add_argument("--baseline", default="none")
     p.add_argument("--gamma", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=5)

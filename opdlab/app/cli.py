@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from opdlab.errors import UserError
+from opdlab.rundir import layout
 
 __all__ = ["main", "build_parser"]
 
@@ -170,8 +171,6 @@ def _cmd_train(args) -> int:
 
 def _checkpoint_dir(path: str) -> Path:
     """``path``, or its ``checkpoint/`` when ``path`` is a run directory written by ``opdlab train``."""
-    from opdlab.rundir import layout
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such directory: {path}")
@@ -312,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv = sub.add_parser("divergences", help="list the f-divergences in the registry")
     dv.set_defaults(func=_cmd_divergences)
     tr = sub.add_parser("train", help="train a student by OPD/OPD+ (resumes if RUN_DIR holds a checkpoint)")
-    tr.add_argument("run_dir", help="run directory: config.json, metrics.jsonl, checkpoint/")
+    tr.add_argument("run_dir", help=f"run directory: {layout.CONFIG}, {layout.METRICS}, {layout.CHECKPOINT}/")
     tr.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("FIELD", "VALUE"),
                     help="a RunSpec or Runtime field, or preset NAME (e.g. -p preset smoke -p divergence forward_kl)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

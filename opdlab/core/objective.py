@@ -18,7 +18,8 @@ this table; none of them branches on a method's name. Losses (docs/math.md ยง3-ย
 
 Adding a method touches: its name in ``config.choices`` (``METHODS`` if it estimates from the sampled token,
 else ``REFERENCE_METHODS``); its loss function (``core.estimators``) and its ``Method`` here; its colour and line
-style in ``app.plots.METHOD_STYLE``; and ``experiments.comparisons.questions`` only if it joins a family there.
+style in ``app.plots.METHOD_STYLE``; ``experiments.comparisons.questions`` only if it joins a family there; and
+``config.spec.Objective`` only if it takes ``teacher_topk`` (docs/architecture.md, "Where things are said once").
 """
 from __future__ import annotations
 

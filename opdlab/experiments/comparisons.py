@@ -162,7 +162,7 @@ def unpack_items(packed: pd.DataFrame) -> pd.DataFrame:
     bad = [r.arm for r in packed.itertuples() if not isinstance(r.correct, str) or len(r.correct) != r.items]
     if bad:
         raise UserError(f"packed items of {bad[:3]} do not hold one 0/1 character per item: read the CSV with "
-                        "findings.read_packed (its correct column as text)")
+                        "comparisons.read_packed (its correct column as text)")
     rows = [pd.DataFrame(dict(task=r.task, arm=r.arm, seed=int(r.seed), item=np.arange(len(str(r.correct))),
                               correct=np.frombuffer(str(r.correct).encode(), np.uint8) - ord("0")))
             for r in packed.itertuples()]
@@ -289,7 +289,7 @@ def power(frame: pd.DataFrame, table: pd.DataFrame, seeds: int, target: float,
 
 
 def step_costs(train: pd.DataFrame) -> pd.DataFrame:
-    """Per task and arm, from the runs' training records (``runread.results(..., kind="train")``): the median over
+    """Per task and arm, from the runs' training records (``rundir.reader.results(..., kind="train")``): the median over
     each run's steps of its seconds per step (every ``time_`` lap; the rates left out), then the median over the
     arm's runs, and its sampled tokens per step."""
     laps = [c for c in train.columns if c.startswith("time_") and not c.endswith("_per_s")]

@@ -18,8 +18,8 @@ Nothing is lost or mixed:
   temporary directory renamed into place, so an interruption leaves the old version or the new one; temporary
   copies left by an interruption are removed on the next start;
 - a run records its fingerprint and refuses, naming what differs, to continue under another one (the fields of
-  ``spec.LEGACY_RUNTIME_FIELDS`` that older directories recorded, which said how a run was computed and not
-  what, never count; the ``Runtime`` is not part of the fingerprint at all).
+  ``config.spec.LEGACY_RUNTIME_FIELDS`` that older directories recorded, which said how a run was computed and
+  not what, never count; the ``Runtime`` is not part of the fingerprint at all).
 
 On resume, metric lines logged after the checkpoint's step are dropped (they are recomputed), so a resumed
 run's metrics.jsonl equals an uninterrupted one's. Non-finite metric values are written as ``null`` and named
@@ -86,8 +86,8 @@ def fingerprint(config, teacher, student) -> dict:
 
 def _differences(recorded: dict, current: dict) -> list[str]:
     """``field (recorded -> current)`` for each entry of two fingerprints (or configs) that differs; the fields of
-    ``spec.LEGACY_RUNTIME_FIELDS`` (how a run was computed, which directories written before the spec/runtime
-    split recorded in their config) never count."""
+    ``config.spec.LEGACY_RUNTIME_FIELDS`` (how a run was computed, which directories written before the
+    spec/runtime split recorded in their config) never count."""
     if "config" in recorded or "config" in current:
         out = _differences(recorded.get("config", {}), current.get("config", {}))
         return out + [f"{role} weights (sha256 {str(recorded.get(role))[:12]} -> {str(current.get(role))[:12]})"

@@ -16,8 +16,9 @@ Read top to bottom (OPD+ paper, arXiv 2606.01039, Alg. 1):
    step (``apply_gradients``).
 
 ``opd_step`` runs the four on a ``Trainer`` and returns the step's metrics (``step_values``, ``step_metrics``,
-``timed``); ``train``, ``noise``, the benchmarks and cohorts call the same functions. Which sampler and scorer
-run is the ``Runtime``'s choice (``runtime.SAMPLERS``, ``SCORERS``), passed explicitly.
+``timed``); the loop (``loop.train``), the noise study (``experiments.noise``), the benchmarks and the cohorts
+(``cohort``) call the same functions. Which sampler and scorer run is the ``Runtime``'s choice
+(``config.runtime.SAMPLERS``, ``SCORERS``), passed explicitly.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _ModelFields(NamedTuple):
 
 
 class Models(_ModelFields):
-    """The models of a run: ``teacher``, ``student`` (the starting weights; ``train`` copies it),
+    """The models of a run: ``teacher``, ``student`` (the starting weights; ``loop.train`` copies it),
     ``tokenizer`` (shared), and ``meta`` (where each came from, recorded in run.json; a new empty dict of its
     own when not given). A named tuple, so ``teacher, student, tokenizer, meta = models`` works too."""
 
@@ -158,7 +159,7 @@ def sample(tr: Trainer, examples: list, generator: torch.Generator | None = None
 
 def score(teacher, student, rollout: Rollout, scorer: str = "packed", clock=None) -> Scores:
     """Step 2: the teacher's log-probabilities under no_grad and the student's with gradient, for the tokens
-    of ``rollout``, by the ``scorer`` of ``runtime.SCORERS``; the student in eval mode, as it sampled (with
+    of ``rollout``, by the ``scorer`` of ``config.runtime.SCORERS``; the student in eval mode, as it sampled (with
     dropout the scored policy would be another one than the sampler)."""
     fast = None if scorer == "packed" else False
     ids_BT = rollout.completion_ids_BT

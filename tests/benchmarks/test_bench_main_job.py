@@ -20,6 +20,7 @@ from opdlab.config import presets
 from opdlab.config.recipe import ModelRecipe
 from opdlab.config.runtime import Runtime
 from opdlab.config.spec import RunSpec
+from opdlab.core import objective
 from opdlab.lm import packed
 from opdlab.lm.modeling import build_model
 from opdlab.lm.sampling import completion_logits, sample as sample_completions
@@ -261,7 +262,7 @@ def test_each_phase_is_charged_to_the_model_that_ran_it(bench, method):
             completion_logits(models.teacher, rollout, False)
     assert plain.get_total_flops() == teacher[0] < flops["teacher"]
     # decoding: what sampling these tokens costs the model that sampled them (the teacher for supervised_kd)
-    sampler, other = (models.teacher, models.student) if method == "supervised_kd" else (models.student,
+    sampler, other = (models.teacher, models.student) if objective.get(method).samples_from == "teacher" else (models.student,
                                                                                        models.teacher)
     decoded = {}
     for model in (sampler, other):

@@ -107,10 +107,10 @@ def final_table(evals: pd.DataFrame, metric: str = "greedy_accuracy") -> pd.Data
 
 
 def comparisons_figure(table: pd.DataFrame, note: str | None = None) -> plt.Figure:
-    """Each paired comparison of ``findings.ask`` as a point (the difference in accuracy, in points) with its 95%
-    interval, one row per question; filled where Holm rejects, hollow where it does not, and gray ticks at ± the
-    smallest difference the design detects. Two panels with their own scales: against the warm-up (a, b) and
-    between trained arms (c-f), whose differences are an order of magnitude smaller."""
+    """Each paired comparison of ``experiments.comparisons.ask`` as a point (the difference in accuracy, in
+    points) with its 95% interval, one row per question; filled where Holm rejects, hollow where it does not,
+    and gray ticks at ± the smallest difference the design detects. Two panels with their own scales: against
+    the warm-up (a, b) and between trained arms (c-f), whose differences are an order of magnitude smaller."""
     rows = table.reset_index(drop=True)
     parts = [(title, rows[rows["question"].isin(qs)]) for title, qs in
              (("against the warm-up student", ("a", "b")), ("between trained arms", ("c", "d", "e", "f")))]
