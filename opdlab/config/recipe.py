@@ -62,6 +62,9 @@ class ModelRecipe:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden % self.heads:
             raise UserError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if (self.hidden // self.heads) % 2:
+            raise UserError(f"hidden / heads ({self.hidden} / {self.heads}) must be even: rotary position embeddings "
+                            "turn pairs of dimensions")
         for name in ("sft_steps", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise UserError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")

@@ -113,17 +113,17 @@ class Objective:
         _check(self.method in TRAIN_METHODS, "method", self.method, f"one of {TRAIN_METHODS}")
         _check(self.teacher_topk is None or (is_int(self.teacher_topk) and self.teacher_topk >= 0), "teacher_topk",
                self.teacher_topk, "None (the whole teacher distribution) or an int >= 0")
-        if self.teacher_topk is not None:
-            _check(self.method == "opd_plus", "method", self.method,
-                   "'opd_plus' with teacher_topk: the top-k estimator is OPD+'s (opdlab.core.sparse)")
-            _check(self.baseline in SPARSE_BASELINES, "baseline", self.baseline,
-                   f"one of {SPARSE_BASELINES} with teacher_topk: 'expected' needs the teacher's whole distribution")
-            return
-        _check(self.baseline in BASELINES, "baseline", self.baseline, f"one of {BASELINES}")
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"one of {REDUCTIONS}")
         _check(_number(self.gamma) and 0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")
         _check(self.log_u_clip is None or (_number(self.log_u_clip) and self.log_u_clip > 0),
                "log_u_clip", self.log_u_clip, "None or a positive finite number")
+        if self.teacher_topk is None:
+            _check(self.baseline in BASELINES, "baseline", self.baseline, f"one of {BASELINES}")
+            return
+        _check(self.method == "opd_plus", "method", self.method,
+               "'opd_plus' with teacher_topk: the top-k estimator is OPD+'s (opdlab.core.sparse)")
+        _check(self.baseline in SPARSE_BASELINES, "baseline", self.baseline,
+               f"one of {SPARSE_BASELINES} with teacher_topk: 'expected' needs the teacher's whole distribution")
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,9 @@ class ModelsSpec:
         _ints(self, ("teacher_sft_steps", "student_warmup_steps"), 0)
         _ints(self, ("teacher_hidden", "teacher_layers", "student_hidden", "student_layers", "sft_batch"), 1)
         for name in ("teacher_hidden", "student_hidden"):
-            _check(getattr(self, name) % 32 == 0 or getattr(self, name) < 32, name, getattr(self, name),
-                   "a multiple of 32 (heads of width 32), or less than 32 for a single head")
+            _check(getattr(self, name) % 32 == 0 or (getattr(self, name) < 32 and getattr(self, name) % 2 == 0), name,
+                   getattr(self, name), "a multiple of 32 (heads of width 32), or an even number below 32 for a single "
+                   "head (rotary position embeddings turn pairs of dimensions)")
         _positive(self, ("sft_lr",))
         _check(self.student_warmup_target is None
                or (_number(self.student_warmup_target) and 0 < self.student_warmup_target <= 1),

@@ -70,6 +70,9 @@ def _check_pair(logp_student_BT, logp_teacher_BT, mask_BT):
     if logp_student_BT.numel() == 0:
         raise UserError(f"empty batch: log-probabilities of shape {tuple(logp_student_BT.shape)}; advantages need "
                          "at least one sequence and one position")
+    if mask_BT is not None and not isinstance(mask_BT, torch.Tensor):
+        raise UserError(f"mask_BT must be None or a torch tensor of shape {tuple(logp_student_BT.shape)}, got "
+                        f"{type(mask_BT).__name__}")
     if mask_BT is not None and tuple(mask_BT.shape) != tuple(logp_student_BT.shape):
         raise UserError(f"mask_BT has shape {tuple(mask_BT.shape)}, expected {tuple(logp_student_BT.shape)}")
     _check_mask(mask_BT)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from opdlab.config.choices import BASELINES, REDUCTIONS, SPARSE_BASELINES, allowed_divergences
+from opdlab.config.choices import BASELINES, REDUCTIONS, SPARSE_BASELINES, allowed_divergences, check_trainable
 from opdlab.core import objective
 from opdlab.core.divergences import get as get_divergence
 from opdlab.errors import UserError
@@ -97,6 +97,7 @@ def check_settings(args) -> None:
     setting only the full-vocabulary loss accepts (``SAMPLING_SETTINGS``, or gamma / a baseline there)."""
     try:
         get_divergence(args.divergence)
+        check_trainable(args.divergence)  # as the run spec: an objective that trains nothing is refused
     except (TypeError, ValueError) as err:
         raise UserError(f"OPDConfig.divergence: {err}") from None
     _check_choice("method", args.method, INTEGRATION_METHODS)

@@ -180,6 +180,11 @@ def train(spec: RunSpec, run_dir: str | Path, runtime: Runtime | None = None, ta
     """
     from opdlab.tasks import get_task
 
+    if not isinstance(spec, RunSpec):
+        raise UserError(f"train's spec must be a RunSpec, got {type(spec).__name__}: build one from flat settings "
+                        "with opdlab.config.presets.resolve({...}) (which also returns the Runtime)")
+    if not (runtime is None or isinstance(runtime, Runtime)):
+        raise UserError(f"train's runtime must be None or a Runtime, got {runtime!r}: e.g. Runtime(device='cpu')")
     runtime = runtime or Runtime()
     if runtime.threads is not None:
         torch.set_num_threads(runtime.threads)

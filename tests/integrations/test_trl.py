@@ -225,6 +225,9 @@ def test_training_logs_the_estimators_statistics(tmp_path):
     (dict(method="opd_plus", teacher_topk=8, baseline="expected"), "none, tail, loo"),
     (dict(method="opd", teacher_topk=8), "method='opd_plus'"),
     (dict(method="opd_plus", teacher_topk=-1), "int >= 0"),
+    (dict(divergence="gjsd:0"), "trains nothing"),       # refused as the run spec refuses it (check_trainable)
+    (dict(divergence="gjsd:1"), "trains nothing"),
+    (dict(divergence="gjsd:1e-9"), "trains nothing"),
 ])
 def test_bad_settings_are_refused_by_name(tmp_path, setting, phrase):
     with pytest.raises(UserError, match=None) as err:
