@@ -82,7 +82,7 @@ def run(args) -> dict:
     btv = B * args.max_new_tokens * V * 4
     return dict(device=str(tr.device), batch=B, max_new_tokens=args.max_new_tokens, vocabulary=V,
                 student_layers=args.student_layers, completion_length=metrics["completion_length"],
-                step_seconds=sum(v for k, v in metrics.items() if k.startswith("time_")),
+                step_seconds=sum(v for k, v in metrics.items() if k.startswith("time_") and not k.endswith("_per_s")),
                 peak_step_bytes=peak, btv_float32_bytes=btv, peak_in_btv_tensors=peak / btv)
 
 
