@@ -33,7 +33,7 @@ import torch
 from opdlab.config.choices import DIVERGENCE_FAMILIES, FIXED_DIVERGENCES, parse_divergence
 from opdlab.errors import UserError
 
-__all__ = ["Divergence", "get", "names", "title", "validate_log_probs"]
+__all__ = ["Divergence", "get", "names", "validate_log_probs"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 Fn2 = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -432,8 +432,7 @@ def names() -> list[str]:
 def get(name: str | Divergence) -> Divergence:
     """Look up a divergence by name: one of ``names()``, or ``"gjsd:<beta>"`` / ``"alpha:<alpha>"``.
 
-    Raises a UserError that lists the allowed names for an unknown name, and one that states the allowed range
-    for a family parameter that is malformed or out of range (a TypeError for a name that is not a string).
+    A UserError lists the allowed names for an unknown name or states the allowed range of a bad family parameter.
     """
     if isinstance(name, Divergence):
         return name
@@ -449,11 +448,3 @@ def get(name: str | Divergence) -> Divergence:
     return Divergence(f"alpha:{value:g}", f"Amari α={value:g}", "(u^α - αu - (1-α))/(α(α-1))",
                       "(u^α - 1)/α", f, fp, w, parameter=value, bounded_weight=value <= 0.0,
                       weighted=_amari_weighted(value))
-
-
-def title(name: str) -> str:
-    """The registry's human-readable label of a divergence name (the name itself if unknown)."""
-    try:
-        return get(name).label
-    except (ValueError, TypeError):
-        return str(name)

@@ -29,11 +29,11 @@ from typing import Callable, Union
 import torch
 
 from opdlab.core import estimators, sparse
-from opdlab.core.divergences import title as divergence_title
+from opdlab.core.divergences import get as get_divergence
 from opdlab.errors import UserError
 
 __all__ = ["Scores", "Terms", "Method", "TABLE", "ADVANTAGE_METRICS", "TOPK_ARM", "get", "names", "names_with_topk",
-           "loss", "LABELS", "label", "arm_label"]
+           "loss", "LABELS", "label", "arm_label", "divergence_title"]
 
 
 @dataclass
@@ -167,6 +167,14 @@ def names_with_topk() -> tuple[str, ...]:
 LABELS = {**{m.name: m.label for m in TABLE.values()},
           **{f"{m.name}_topk": m.topk_label for m in TABLE.values() if m.topk_label is not None}}
 """A method's legend label, the same in every figure and table (``<method>_topk``: from a top-k teacher)."""
+
+
+def divergence_title(name: str) -> str:
+    """The registry's human-readable label of a divergence name (the name itself if unknown)."""
+    try:
+        return get_divergence(name).label
+    except (ValueError, TypeError):
+        return str(name)
 
 
 def label(method: str) -> str:

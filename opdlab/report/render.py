@@ -24,8 +24,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from opdlab.core.divergences import title as divergence_title
-from opdlab.core.objective import label as method_label
+from opdlab.core.objective import divergence_title, label as method_label
 from opdlab.errors import UserError
 from opdlab.report.format import (data as _data, doc as _doc, f as _f, interval as _interval, p as _p, pct as _pct,
                                   points as _points, prose as _prose, table as _table)

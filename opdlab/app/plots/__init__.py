@@ -14,8 +14,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from opdlab.core.divergences import title as divergence_title
-from opdlab.core.objective import label
+from opdlab.core.objective import divergence_title, label
 from opdlab.files import disk_errors, temporary_name
 
 __all__ = ["save_figure", "save_data", "METHOD_STYLE", "method_style", "figures_dir", "grid", "divergence_title"]
